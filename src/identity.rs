@@ -1,0 +1,218 @@
+//! Who a client claims to be: the WIoTP client-ID grammar (`a:`, `A:`, `d:`, `g:`).
+//!
+//! Parsing is pure and allocation-light; it runs once per CONNECT. Whether the claim is true is
+//! `auth`'s business, and what the identity may do is `decision`'s.
+
+use thiserror::Error;
+
+/// The longest client ID accepted, in bytes (PRODUCT.md §2).
+pub const MAX_CLIENT_ID_BYTES: usize = 256;
+/// The longest org, app, type, device or instance ID, in characters.
+pub const MAX_ID_PART_CHARS: usize = 36;
+/// The username devices and gateways present.
+pub const TOKEN_AUTH_USERNAME: &str = "use-token-auth";
+
+/// The class of client, from the first letter of its client ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientClass {
+    /// `a:ORG:APP`
+    Application,
+    /// `A:ORG:APP` or `A:ORG:APP:INSTANCE`
+    ScalableApplication,
+    /// `d:ORG:TYPE:ID`
+    Device,
+    /// `g:ORG:TYPE:ID`
+    Gateway,
+}
+
+impl ClientClass {
+    /// Applications of both kinds.
+    pub fn is_application(self) -> bool {
+        matches!(self, ClientClass::Application | ClientClass::ScalableApplication)
+    }
+
+    /// The lowercase name used in logs, metrics and limits.
+    pub fn name(self) -> &'static str {
+        match self {
+            ClientClass::Application | ClientClass::ScalableApplication => "application",
+            ClientClass::Device => "device",
+            ClientClass::Gateway => "gateway",
+        }
+    }
+}
+
+/// A parsed client ID.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Identity {
+    /// The class.
+    pub class: ClientClass,
+    /// The org ID.
+    pub org: String,
+    /// For applications, the app ID; for devices and gateways, the device type.
+    pub first: String,
+    /// For devices and gateways, the device ID; for `A:ORG:APP:INSTANCE`, the instance.
+    pub second: Option<String>,
+    /// The client ID exactly as presented.
+    pub client_id: String,
+}
+
+impl Identity {
+    /// The app ID of an application.
+    pub fn app_id(&self) -> Option<&str> {
+        self.class.is_application().then_some(self.first.as_str())
+    }
+
+    /// The device type of a device or gateway.
+    pub fn device_type(&self) -> Option<&str> {
+        (!self.class.is_application()).then_some(self.first.as_str())
+    }
+
+    /// The device ID of a device or gateway.
+    pub fn device_id(&self) -> Option<&str> {
+        if self.class.is_application() {
+            None
+        } else {
+            self.second.as_deref()
+        }
+    }
+
+    /// The instance of an `A:ORG:APP:INSTANCE` application.
+    pub fn instance(&self) -> Option<&str> {
+        if self.class == ClientClass::ScalableApplication {
+            self.second.as_deref()
+        } else {
+            None
+        }
+    }
+
+    /// The topic (without org prefix) of this client's monitoring messages.
+    pub fn mon_topic(&self) -> String {
+        match self.class {
+            ClientClass::Application | ClientClass::ScalableApplication => {
+                format!("iot-2/app/{}/mon", self.first)
+            }
+            ClientClass::Device | ClientClass::Gateway => {
+                format!("iot-2/type/{}/id/{}/mon", self.first, self.second.as_deref().unwrap_or(""))
+            }
+        }
+    }
+}
+
+/// Why a client ID is not acceptable (closing code 166).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum IdentityError {
+    /// Empty client ID.
+    #[error("empty client ID")]
+    Empty,
+    /// Longer than [`MAX_CLIENT_ID_BYTES`].
+    #[error("client ID longer than {MAX_CLIENT_ID_BYTES} bytes")]
+    TooLong,
+    /// Not `a:`, `A:`, `d:` or `g:`.
+    #[error("client ID must start with a:, A:, d: or g:")]
+    UnknownClass,
+    /// Wrong number of `:`-separated parts for the class.
+    #[error("client ID has the wrong number of parts")]
+    WrongParts,
+    /// A part is empty, too long or has a character outside `[A-Za-z0-9._-]`.
+    #[error("client ID part {0} is not 1 to 36 characters of [A-Za-z0-9._-]")]
+    BadPart(&'static str),
+}
+
+/// Parses a client ID per PRODUCT.md §2.
+pub fn parse_client_id(client_id: &str) -> Result<Identity, IdentityError> {
+    if client_id.is_empty() {
+        return Err(IdentityError::Empty);
+    }
+    if client_id.len() > MAX_CLIENT_ID_BYTES {
+        return Err(IdentityError::TooLong);
+    }
+    let mut parts = client_id.split(':');
+    let class = match parts.next() {
+        Some("a") => ClientClass::Application,
+        Some("A") => ClientClass::ScalableApplication,
+        Some("d") => ClientClass::Device,
+        Some("g") => ClientClass::Gateway,
+        _ => return Err(IdentityError::UnknownClass),
+    };
+    let org = parts.next().ok_or(IdentityError::WrongParts)?;
+    let first = parts.next().ok_or(IdentityError::WrongParts)?;
+    let second = parts.next();
+    if parts.next().is_some() {
+        return Err(IdentityError::WrongParts);
+    }
+    match (class, second) {
+        (ClientClass::Application, Some(_)) => return Err(IdentityError::WrongParts),
+        (ClientClass::Device | ClientClass::Gateway, None) => {
+            return Err(IdentityError::WrongParts)
+        }
+        _ => {}
+    }
+    check_part(org, "org")?;
+    check_part(first, if class.is_application() { "app" } else { "type" })?;
+    if let Some(second) = second {
+        check_part(second, if class.is_application() { "instance" } else { "id" })?;
+    }
+    Ok(Identity {
+        class,
+        org: org.to_string(),
+        first: first.to_string(),
+        second: second.map(str::to_string),
+        client_id: client_id.to_string(),
+    })
+}
+
+/// Whether `part` is 1 to 36 characters of `[A-Za-z0-9._-]`.
+pub fn is_valid_id_part(part: &str) -> bool {
+    (1..=MAX_ID_PART_CHARS).contains(&part.len())
+        && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn check_part(part: &str, name: &'static str) -> Result<(), IdentityError> {
+    if is_valid_id_part(part) {
+        Ok(())
+    } else {
+        Err(IdentityError::BadPart(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_class() {
+        let app = parse_client_id("a:myorg1:app-1").unwrap();
+        assert_eq!((app.class, app.org.as_str(), app.app_id()), (ClientClass::Application, "myorg1", Some("app-1")));
+        let scalable = parse_client_id("A:myorg1:app:inst.2").unwrap();
+        assert_eq!(scalable.instance(), Some("inst.2"));
+        assert_eq!(parse_client_id("A:myorg1:app").unwrap().instance(), None);
+        let device = parse_client_id("d:myorg1:sensor:dev_001").unwrap();
+        assert_eq!((device.device_type(), device.device_id()), (Some("sensor"), Some("dev_001")));
+        assert_eq!(device.mon_topic(), "iot-2/type/sensor/id/dev_001/mon");
+        assert_eq!(parse_client_id("g:o:gw:1").unwrap().class, ClientClass::Gateway);
+        assert_eq!(app.mon_topic(), "iot-2/app/app-1/mon");
+    }
+
+    #[test]
+    fn rejects_malformed_ids() {
+        for bad in [
+            "",
+            "x:org:app",
+            "a:org",
+            "a:org:app:extra",
+            "d:org:type",
+            "d:org:type:id:more",
+            "a::app",
+            "a:org:ap p",
+            "a:org:app/x",
+            "a:org:+",
+            "d:org:type:#",
+            "a:org:\u{0}",
+            "A:org:app:",
+            "a:org:1234567890123456789012345678901234567",
+        ] {
+            assert!(parse_client_id(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert_eq!(parse_client_id(&"a".repeat(300)), Err(IdentityError::TooLong));
+    }
+}
