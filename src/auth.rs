@@ -96,7 +96,12 @@ impl Verifier {
 
     /// Verifies `presented` against `stored` for the identity `key` (for example the client ID or
     /// API key). Fast hashes verify inline; argon2id runs on the pool.
-    pub async fn verify(&self, key: &str, stored: &TokenHash, presented: &[u8]) -> Result<bool, AuthError> {
+    pub async fn verify(
+        &self,
+        key: &str,
+        stored: &TokenHash,
+        presented: &[u8],
+    ) -> Result<bool, AuthError> {
         todo!()
     }
 

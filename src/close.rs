@@ -127,7 +127,14 @@ const fn row(
     v5_connack: Option<u8>,
     v5_disconnect: Option<u8>,
 ) -> CloseRow {
-    CloseRow { code, number, reason, v3, v5_connack, v5_disconnect }
+    CloseRow {
+        code,
+        number,
+        reason,
+        v3,
+        v5_connack,
+        v5_disconnect,
+    }
 }
 
 impl CloseCode {
@@ -166,12 +173,20 @@ pub struct CloseReason {
 impl CloseReason {
     /// A close with this code and no detail.
     pub const fn new(code: CloseCode) -> Self {
-        CloseReason { code, v5_reason: None, detail: None, bad_credentials: false }
+        CloseReason {
+            code,
+            v5_reason: None,
+            detail: None,
+            bad_credentials: false,
+        }
     }
 
     /// A close with this code and a detail for the reason string.
     pub fn with_detail(code: CloseCode, detail: impl Into<Cow<'static, str>>) -> Self {
-        CloseReason { detail: Some(detail.into()), ..Self::new(code) }
+        CloseReason {
+            detail: Some(detail.into()),
+            ..Self::new(code)
+        }
     }
 
     /// Overrides the MQTT 5 reason code.
@@ -182,7 +197,10 @@ impl CloseReason {
 
     /// 180 for wrong credentials: CONNACK 4 (MQTT 3) or 0x86 (MQTT 5).
     pub fn bad_credentials(detail: impl Into<Cow<'static, str>>) -> Self {
-        CloseReason { bad_credentials: true, ..Self::with_detail(CloseCode::NotAuthorized, detail) }
+        CloseReason {
+            bad_credentials: true,
+            ..Self::with_detail(CloseCode::NotAuthorized, detail)
+        }
     }
 
     /// 105 Malformed Packet.
@@ -284,7 +302,11 @@ mod tests {
     #[test]
     fn every_code_has_exactly_one_row() {
         for code in ALL {
-            assert_eq!(TABLE.iter().filter(|row| row.code == *code).count(), 1, "{code:?}");
+            assert_eq!(
+                TABLE.iter().filter(|row| row.code == *code).count(),
+                1,
+                "{code:?}"
+            );
         }
         assert_eq!(TABLE.len(), ALL.len());
     }
@@ -292,21 +314,39 @@ mod tests {
     #[test]
     fn connect_refusals_follow_product_table() {
         assert_eq!(CloseReason::new(C::InvalidClientId).v3_connack(), Some(2));
-        assert_eq!(CloseReason::new(C::InvalidClientId).v5_connack(), Some(0x85));
+        assert_eq!(
+            CloseReason::new(C::InvalidClientId).v5_connack(),
+            Some(0x85)
+        );
         assert_eq!(CloseReason::bad_credentials("x").v3_connack(), Some(4));
         assert_eq!(CloseReason::bad_credentials("x").v5_connack(), Some(0x86));
         assert_eq!(CloseReason::new(C::NotAuthorized).v3_connack(), Some(5));
         assert_eq!(CloseReason::new(C::NotAuthorized).v5_connack(), Some(0x87));
         assert_eq!(CloseReason::new(C::ServerUnavailable).v3_connack(), Some(3));
-        assert_eq!(CloseReason::new(C::ServerUnavailable).v5_connack(), Some(0x88));
+        assert_eq!(
+            CloseReason::new(C::ServerUnavailable).v5_connack(),
+            Some(0x88)
+        );
     }
 
     #[test]
     fn disconnects_follow_product_table() {
-        assert_eq!(CloseReason::new(C::InvalidTopic).v5_disconnect(), Some(0x90));
-        assert_eq!(CloseReason::new(C::InvalidTopic).v5(0x8F).v5_disconnect(), Some(0x8F));
-        assert_eq!(CloseReason::new(C::MessageTooLarge).v5_disconnect(), Some(0x95));
-        assert_eq!(CloseReason::new(C::ClientIdReused).v5_disconnect(), Some(0x8E));
+        assert_eq!(
+            CloseReason::new(C::InvalidTopic).v5_disconnect(),
+            Some(0x90)
+        );
+        assert_eq!(
+            CloseReason::new(C::InvalidTopic).v5(0x8F).v5_disconnect(),
+            Some(0x8F)
+        );
+        assert_eq!(
+            CloseReason::new(C::MessageTooLarge).v5_disconnect(),
+            Some(0x95)
+        );
+        assert_eq!(
+            CloseReason::new(C::ClientIdReused).v5_disconnect(),
+            Some(0x8E)
+        );
         assert_eq!(CloseReason::protocol_error("x").v5_disconnect(), Some(0x82));
         assert_eq!(CloseReason::new(C::ClosedByClient).v5_disconnect(), None);
     }
@@ -314,7 +354,10 @@ mod tests {
     #[test]
     fn reason_string_appends_detail() {
         let reason = CloseReason::with_detail(C::NotAuthorized, "publish to iot-2/x");
-        assert_eq!(reason.reason_string(), "The operation is not authorized: publish to iot-2/x");
+        assert_eq!(
+            reason.reason_string(),
+            "The operation is not authorized: publish to iot-2/x"
+        );
         assert_eq!(reason.number(), 180);
     }
 }

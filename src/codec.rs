@@ -126,8 +126,12 @@ impl CodecError {
         match self {
             CodecError::Malformed(what) => CloseReason::malformed(*what),
             CodecError::ProtocolError(what) => CloseReason::protocol_error(*what),
-            CodecError::BadLength(what) => CloseReason::with_detail(CloseCode::InvalidLength, *what),
-            CodecError::InvalidTopic(what) => CloseReason::with_detail(CloseCode::InvalidTopic, *what),
+            CodecError::BadLength(what) => {
+                CloseReason::with_detail(CloseCode::InvalidLength, *what)
+            }
+            CodecError::InvalidTopic(what) => {
+                CloseReason::with_detail(CloseCode::InvalidTopic, *what)
+            }
             CodecError::TooLarge { declared, max } => {
                 let code = if in_connect {
                     CloseCode::InitialPacketTooLarge

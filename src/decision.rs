@@ -1,1 +1,390 @@
-//! TODO
+//! What an authenticated identity may do: publish to a topic, subscribe to a filter.
+//!
+//! Every check is a pure function of (principal, topic) and answers `Ok(())` or the
+//! [`CloseReason`] that denies it, so the rules are tested without sockets and the session only
+//! does I/O. Topic *syntax* (wildcard placement, UTF-8, NUL) was already checked by the codec: a
+//! topic that reaches this module is valid MQTT, so every denial here is 180.
+
+use std::sync::Arc;
+
+use crate::close::{CloseCode, CloseReason};
+use crate::identity::{ClientClass, Identity};
+use crate::policy::{ApiRole, GatewayRole, Org};
+use crate::topics::{is_any, parse_iot2, Iot2Topic};
+
+/// An authenticated identity with everything the checks need from the policy.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The parsed client ID.
+    pub identity: Identity,
+    /// Its org, as the policy had it at CONNECT.
+    pub org: Arc<Org>,
+    /// For applications, the API key's role.
+    pub api_role: ApiRole,
+    /// For applications and gateways, the device groups they are limited to (empty: none).
+    pub groups: Vec<String>,
+    /// For gateways, what they may act for.
+    pub gateway_role: GatewayRole,
+}
+
+fn deny(what: &'static str) -> CloseReason {
+    CloseReason::with_detail(CloseCode::NotAuthorized, what)
+}
+
+impl Principal {
+    /// May this principal publish to `topic` (client form)?
+    pub fn check_publish(&self, topic: &str) -> Result<(), CloseReason> {
+        let parsed = parse_iot2(topic).ok_or_else(|| deny("topic outside the iot-2 namespace"))?;
+        match (self.identity.class, parsed) {
+            (ClientClass::Device, Iot2Topic::OwnEvent { .. }) => Ok(()),
+            (
+                ClientClass::Gateway,
+                Iot2Topic::DeviceEvent {
+                    device_type,
+                    device_id,
+                    ..
+                },
+            ) => self.check_acts_for(device_type, device_id),
+            (
+                class,
+                Iot2Topic::DeviceEvent {
+                    device_type,
+                    device_id,
+                    ..
+                },
+            ) if class.is_application() => {
+                if !matches!(
+                    self.api_role,
+                    ApiRole::Standard | ApiRole::BackendTrusted | ApiRole::DeviceApp
+                ) {
+                    return Err(deny("the API key role may not publish events"));
+                }
+                self.check_app_device(device_type, device_id)
+            }
+            (
+                class,
+                Iot2Topic::DeviceCommand {
+                    device_type,
+                    device_id,
+                    ..
+                },
+            ) if class.is_application() => {
+                if self.org.quickstart {
+                    return Err(deny("quickstart has no commands"));
+                }
+                if !matches!(
+                    self.api_role,
+                    ApiRole::Standard
+                        | ApiRole::BackendTrusted
+                        | ApiRole::Operations
+                        | ApiRole::DataProcessor
+                ) {
+                    return Err(deny("the API key role may not publish commands"));
+                }
+                self.check_app_device(device_type, device_id)
+            }
+            (
+                _,
+                Iot2Topic::DeviceMon { .. }
+                | Iot2Topic::AppMon { .. }
+                | Iot2Topic::DeviceNotify { .. },
+            ) => Err(deny(
+                "mon and notify topics are published only by the proxy",
+            )),
+            _ => Err(deny("publish not allowed for this client class")),
+        }
+    }
+
+    /// May this principal subscribe to `filter` (client form)?
+    pub fn check_subscribe(&self, filter: &str) -> Result<(), CloseReason> {
+        let parsed =
+            parse_iot2(filter).ok_or_else(|| deny("filter outside the iot-2 namespace"))?;
+        let quickstart = self.org.quickstart;
+        match (self.identity.class, parsed) {
+            (ClientClass::Device, Iot2Topic::OwnCommand { .. }) if !quickstart => Ok(()),
+            (
+                ClientClass::Gateway,
+                Iot2Topic::DeviceCommand {
+                    device_type,
+                    device_id,
+                    ..
+                },
+            ) if !quickstart => self.check_acts_for_filter(device_type, device_id),
+            (
+                ClientClass::Gateway,
+                Iot2Topic::DeviceNotify {
+                    device_type,
+                    device_id,
+                },
+            ) => {
+                if self.is_self(device_type, device_id) {
+                    Ok(())
+                } else {
+                    Err(deny("a gateway subscribes only to its own notify topic"))
+                }
+            }
+            (
+                ClientClass::Gateway,
+                Iot2Topic::DeviceMon {
+                    device_type,
+                    device_id,
+                },
+            ) => self.check_acts_for_filter(device_type, device_id),
+            (class, topic) if class.is_application() => self.check_app_subscribe(topic),
+            _ => Err(deny("subscription not allowed for this client class")),
+        }
+    }
+
+    fn check_app_subscribe(&self, topic: Iot2Topic<'_>) -> Result<(), CloseReason> {
+        let role = self.api_role;
+        let full_rights = matches!(role, ApiRole::Standard | ApiRole::BackendTrusted);
+        let (device_type, device_id) = match topic {
+            Iot2Topic::DeviceEvent {
+                device_type,
+                device_id,
+                ..
+            } => (device_type, device_id),
+            Iot2Topic::DeviceCommand {
+                device_type,
+                device_id,
+                ..
+            } => {
+                if self.org.quickstart {
+                    return Err(deny("quickstart has no commands"));
+                }
+                if !(full_rights || role == ApiRole::DeviceApp) {
+                    return Err(deny("the API key role may not subscribe to commands"));
+                }
+                (device_type, device_id)
+            }
+            Iot2Topic::DeviceMon {
+                device_type,
+                device_id,
+            } if full_rights => (device_type, device_id),
+            Iot2Topic::AppMon { app_id } if full_rights => {
+                if self.org.quickstart && is_any(app_id) {
+                    return Err(deny("quickstart forbids + in the app ID"));
+                }
+                return Ok(());
+            }
+            _ => return Err(deny("subscription not allowed for this API key")),
+        };
+        if self.org.quickstart && is_any(device_id) {
+            return Err(deny("quickstart forbids + in the device ID"));
+        }
+        if self.groups.is_empty() || is_any(device_type) || is_any(device_id) {
+            // Wildcards over a group-limited key are narrowed per delivery, not refused.
+            return Ok(());
+        }
+        self.check_in_groups(device_type, device_id)
+    }
+
+    fn check_app_device(&self, device_type: &str, device_id: &str) -> Result<(), CloseReason> {
+        if !self.groups.is_empty() {
+            return self.check_in_groups(device_type, device_id);
+        }
+        if self.org.require_registered_devices && self.org.device(device_type, device_id).is_none()
+        {
+            return Err(deny("the device is not registered"));
+        }
+        Ok(())
+    }
+
+    fn is_self(&self, device_type: &str, device_id: &str) -> bool {
+        self.identity.device_type() == Some(device_type)
+            && self.identity.device_id() == Some(device_id)
+    }
+
+    /// A gateway publishing for a device: itself, any device when privileged, else its groups.
+    fn check_acts_for(&self, device_type: &str, device_id: &str) -> Result<(), CloseReason> {
+        if self.is_self(device_type, device_id) || self.gateway_role == GatewayRole::Privileged {
+            return Ok(());
+        }
+        self.check_in_groups(device_type, device_id)
+    }
+
+    fn check_acts_for_filter(&self, device_type: &str, device_id: &str) -> Result<(), CloseReason> {
+        if is_any(device_type) || is_any(device_id) {
+            // A standard gateway's wildcard is narrowed per delivery to its groups.
+            return Ok(());
+        }
+        self.check_acts_for(device_type, device_id)
+    }
+
+    fn check_in_groups(&self, device_type: &str, device_id: &str) -> Result<(), CloseReason> {
+        let device = self
+            .org
+            .device(device_type, device_id)
+            .ok_or_else(|| deny("the device is not registered in the key's groups"))?;
+        if device
+            .groups
+            .iter()
+            .any(|group| self.groups.contains(group))
+        {
+            Ok(())
+        } else {
+            Err(deny("the device is outside the groups of this identity"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::TokenHash;
+    use crate::identity::parse_client_id;
+    use crate::policy::{Device, OrgLimits};
+    use std::collections::HashMap;
+
+    fn org(quickstart: bool) -> Arc<Org> {
+        let mut devices = HashMap::new();
+        devices.insert(
+            "sensor/d1".to_string(),
+            Device {
+                token: TokenHash::Sha256([0; 32]),
+                groups: vec!["line-1".into()],
+                role: GatewayRole::Privileged,
+                enabled: true,
+            },
+        );
+        Arc::new(Org {
+            id: "org1".into(),
+            enabled: true,
+            quickstart,
+            security: Default::default(),
+            on_violation: Default::default(),
+            require_registered_devices: false,
+            strip_retained: true,
+            limits: OrgLimits::default(),
+            device_types: HashMap::new(),
+            devices,
+            api_keys: HashMap::new(),
+        })
+    }
+
+    fn principal(client_id: &str, role: ApiRole, groups: &[&str]) -> Principal {
+        Principal {
+            identity: parse_client_id(client_id).unwrap(),
+            org: org(false),
+            api_role: role,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            gateway_role: GatewayRole::Privileged,
+        }
+    }
+
+    const EVT: &str = "iot-2/type/sensor/id/d1/evt/e/fmt/json";
+    const CMD: &str = "iot-2/type/sensor/id/d1/cmd/c/fmt/json";
+
+    #[test]
+    fn devices_publish_own_events_and_subscribe_own_commands_only() {
+        let device = principal("d:org1:sensor:d1", ApiRole::Standard, &[]);
+        assert!(device.check_publish("iot-2/evt/temp/fmt/json").is_ok());
+        assert!(device.check_publish(EVT).is_err());
+        assert!(device.check_publish("iot-2/cmd/c/fmt/json").is_err());
+        assert!(device.check_subscribe("iot-2/cmd/+/fmt/+").is_ok());
+        assert!(device.check_subscribe("iot-2/evt/+/fmt/+").is_err());
+        assert!(device
+            .check_subscribe("iot-2/type/+/id/+/cmd/+/fmt/+")
+            .is_err());
+        assert_eq!(device.check_subscribe("#").unwrap_err().number(), 180);
+    }
+
+    #[test]
+    fn applications_follow_their_role() {
+        let standard = principal("a:org1:app", ApiRole::Standard, &[]);
+        for ok in [EVT, CMD] {
+            assert!(standard.check_publish(ok).is_ok());
+        }
+        for ok in [
+            "iot-2/type/+/id/+/evt/+/fmt/+",
+            "iot-2/type/+/id/+/mon",
+            "iot-2/app/+/mon",
+            CMD,
+        ] {
+            assert!(standard.check_subscribe(ok).is_ok(), "{ok}");
+        }
+        for denied in [
+            "iot-2/type/sensor/id/d1/mon",
+            "iot-2/app/x/mon",
+            "iot-2/type/t/id/i/notify",
+            "$SYS/x",
+            "org2/iot-2/x",
+        ] {
+            assert!(standard.check_publish(denied).is_err(), "{denied}");
+        }
+        assert!(standard.check_subscribe("iot-2/type/+/id/+/evt/#").is_err());
+        assert!(standard.check_subscribe("$SYS/#").is_err());
+
+        let visualization = principal("a:org1:viz", ApiRole::Visualization, &[]);
+        assert!(visualization
+            .check_subscribe("iot-2/type/+/id/+/evt/+/fmt/+")
+            .is_ok());
+        assert!(visualization.check_publish(EVT).is_err());
+        assert!(visualization.check_publish(CMD).is_err());
+        assert!(visualization
+            .check_subscribe("iot-2/type/+/id/+/mon")
+            .is_err());
+
+        let operations = principal("a:org1:ops", ApiRole::Operations, &[]);
+        assert!(operations.check_publish(CMD).is_ok());
+        assert!(operations.check_publish(EVT).is_err());
+        assert!(operations.check_subscribe(CMD).is_err());
+
+        let device_app = principal("a:org1:da", ApiRole::DeviceApp, &[]);
+        assert!(device_app.check_publish(EVT).is_ok());
+        assert!(device_app.check_publish(CMD).is_err());
+        assert!(device_app.check_subscribe(CMD).is_ok());
+    }
+
+    #[test]
+    fn groups_limit_publishing() {
+        let in_group = principal("a:org1:app", ApiRole::Standard, &["line-1"]);
+        assert!(in_group.check_publish(EVT).is_ok());
+        let other_group = principal("a:org1:app", ApiRole::Standard, &["line-2"]);
+        assert!(other_group.check_publish(EVT).is_err());
+        assert!(other_group
+            .check_publish("iot-2/type/sensor/id/unknown/evt/e/fmt/f")
+            .is_err());
+    }
+
+    #[test]
+    fn gateways_act_for_devices() {
+        let gateway = principal("g:org1:gw:g1", ApiRole::Standard, &[]);
+        assert!(gateway
+            .check_publish("iot-2/type/gw/id/g1/evt/e/fmt/f")
+            .is_ok());
+        assert!(gateway
+            .check_publish("iot-2/type/any/id/unregistered/evt/e/fmt/f")
+            .is_ok());
+        assert!(gateway.check_publish(CMD).is_err());
+        assert!(gateway
+            .check_subscribe("iot-2/type/+/id/+/cmd/+/fmt/+")
+            .is_ok());
+        assert!(gateway
+            .check_subscribe("iot-2/type/gw/id/g1/notify")
+            .is_ok());
+        assert!(gateway
+            .check_subscribe("iot-2/type/gw/id/g2/notify")
+            .is_err());
+        let mut standard = principal("g:org1:gw:g1", ApiRole::Standard, &["line-1"]);
+        standard.gateway_role = GatewayRole::Standard;
+        assert!(standard.check_publish(EVT).is_ok());
+        assert!(standard
+            .check_publish("iot-2/type/any/id/unregistered/evt/e/fmt/f")
+            .is_err());
+    }
+
+    #[test]
+    fn quickstart_has_no_commands_and_no_device_wildcards() {
+        let mut app = principal("a:quickstart:app", ApiRole::Standard, &[]);
+        app.org = org(true);
+        assert!(app.check_publish(CMD).is_err());
+        assert!(app
+            .check_subscribe("iot-2/type/sensor/id/+/evt/+/fmt/+")
+            .is_err());
+        assert!(app
+            .check_subscribe("iot-2/type/sensor/id/d1/evt/+/fmt/+")
+            .is_ok());
+        assert!(app.check_subscribe("iot-2/app/+/mon").is_err());
+    }
+}

@@ -28,7 +28,10 @@ pub enum ClientClass {
 impl ClientClass {
     /// Applications of both kinds.
     pub fn is_application(self) -> bool {
-        matches!(self, ClientClass::Application | ClientClass::ScalableApplication)
+        matches!(
+            self,
+            ClientClass::Application | ClientClass::ScalableApplication
+        )
     }
 
     /// The lowercase name used in logs, metrics and limits.
@@ -92,7 +95,11 @@ impl Identity {
                 format!("iot-2/app/{}/mon", self.first)
             }
             ClientClass::Device | ClientClass::Gateway => {
-                format!("iot-2/type/{}/id/{}/mon", self.first, self.second.as_deref().unwrap_or(""))
+                format!(
+                    "iot-2/type/{}/id/{}/mon",
+                    self.first,
+                    self.second.as_deref().unwrap_or("")
+                )
             }
         }
     }
@@ -148,9 +155,23 @@ pub fn parse_client_id(client_id: &str) -> Result<Identity, IdentityError> {
         _ => {}
     }
     check_part(org, "org")?;
-    check_part(first, if class.is_application() { "app" } else { "type" })?;
+    check_part(
+        first,
+        if class.is_application() {
+            "app"
+        } else {
+            "type"
+        },
+    )?;
     if let Some(second) = second {
-        check_part(second, if class.is_application() { "instance" } else { "id" })?;
+        check_part(
+            second,
+            if class.is_application() {
+                "instance"
+            } else {
+                "id"
+            },
+        )?;
     }
     Ok(Identity {
         class,
@@ -164,7 +185,9 @@ pub fn parse_client_id(client_id: &str) -> Result<Identity, IdentityError> {
 /// Whether `part` is 1 to 36 characters of `[A-Za-z0-9._-]`.
 pub fn is_valid_id_part(part: &str) -> bool {
     (1..=MAX_ID_PART_CHARS).contains(&part.len())
-        && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && part
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn check_part(part: &str, name: &'static str) -> Result<(), IdentityError> {
@@ -182,14 +205,23 @@ mod tests {
     #[test]
     fn parses_each_class() {
         let app = parse_client_id("a:myorg1:app-1").unwrap();
-        assert_eq!((app.class, app.org.as_str(), app.app_id()), (ClientClass::Application, "myorg1", Some("app-1")));
+        assert_eq!(
+            (app.class, app.org.as_str(), app.app_id()),
+            (ClientClass::Application, "myorg1", Some("app-1"))
+        );
         let scalable = parse_client_id("A:myorg1:app:inst.2").unwrap();
         assert_eq!(scalable.instance(), Some("inst.2"));
         assert_eq!(parse_client_id("A:myorg1:app").unwrap().instance(), None);
         let device = parse_client_id("d:myorg1:sensor:dev_001").unwrap();
-        assert_eq!((device.device_type(), device.device_id()), (Some("sensor"), Some("dev_001")));
+        assert_eq!(
+            (device.device_type(), device.device_id()),
+            (Some("sensor"), Some("dev_001"))
+        );
         assert_eq!(device.mon_topic(), "iot-2/type/sensor/id/dev_001/mon");
-        assert_eq!(parse_client_id("g:o:gw:1").unwrap().class, ClientClass::Gateway);
+        assert_eq!(
+            parse_client_id("g:o:gw:1").unwrap().class,
+            ClientClass::Gateway
+        );
         assert_eq!(app.mon_topic(), "iot-2/app/app-1/mon");
     }
 
@@ -213,6 +245,9 @@ mod tests {
         ] {
             assert!(parse_client_id(bad).is_err(), "{bad:?} should be refused");
         }
-        assert_eq!(parse_client_id(&"a".repeat(300)), Err(IdentityError::TooLong));
+        assert_eq!(
+            parse_client_id(&"a".repeat(300)),
+            Err(IdentityError::TooLong)
+        );
     }
 }

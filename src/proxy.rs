@@ -1,1 +1,167 @@
-//! TODO
+//! The proxy as a whole: the state every session shares, the listeners, and the accept loop with
+//! its process-wide connection cap.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use thiserror::Error;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::auth::Verifier;
+use crate::config::WardenConfig;
+use crate::monitor::Monitor;
+use crate::policy::{load_policies, Policy, PolicyErrors};
+use crate::registry::Registry;
+use crate::session::{self, ConnectionInfo};
+use crate::upstream::Dialer;
+
+/// What every session shares.
+pub struct Shared {
+    /// The process config.
+    pub config: WardenConfig,
+    /// The policy in force; a reload swaps it whole.
+    pub policy: ArcSwap<Policy>,
+    /// Token verification.
+    pub verifier: Arc<Verifier>,
+    /// Live sessions.
+    pub registry: Arc<Registry>,
+    /// Monitoring messages.
+    pub monitor: Monitor,
+    /// How to reach the broker.
+    pub dialer: Dialer,
+    /// Free connection slots (104 when none).
+    pub connection_slots: Arc<Semaphore>,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// The policy did not load.
+    #[error("policy: {0}")]
+    Policy(#[from] PolicyErrors),
+    /// A listener could not bind.
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// A started proxy.
+pub struct RunningProxy {
+    /// The bound listener addresses, in config order (useful with port 0).
+    pub listen_addrs: Vec<SocketAddr>,
+    /// The shared state.
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    accept_tasks: JoinSet<()>,
+}
+
+impl RunningProxy {
+    /// Stops accepting connections. Live sessions go on until they end.
+    pub async fn stop_accepting(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.accept_tasks.join_next().await.is_some() {}
+    }
+}
+
+/// Loads the policy, starts the monitor and binds every listener.
+pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
+    let policy = load_policies(&config.policies)?;
+    info!(orgs = policy.orgs.len(), path = %config.policies.display(), "policy loaded");
+    let dialer = Dialer::new(&config.upstream);
+    let control_id = config
+        .upstream
+        .control_client_id
+        .clone()
+        .unwrap_or_else(|| format!("mqtt-warden-control-{:08x}", rand::random::<u32>()));
+    let monitor = Monitor::spawn(dialer.clone(), control_id, config.limits.monitor_queue);
+    let shared = Arc::new(Shared {
+        verifier: Verifier::new(config.limits.auth_workers, config.limits.auth_queue),
+        connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
+        policy: ArcSwap::from_pointee(policy),
+        registry: Registry::new(),
+        monitor,
+        dialer,
+        config,
+    });
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut listen_addrs = Vec::new();
+    let mut accept_tasks = JoinSet::new();
+    for listener_config in &shared.config.listeners {
+        let listener = TcpListener::bind(listener_config.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                address: listener_config.bind,
+                source,
+            })?;
+        let local = listener.local_addr().map_err(|source| StartError::Bind {
+            address: listener_config.bind,
+            source,
+        })?;
+        info!(address = %local, "listening");
+        listen_addrs.push(local);
+        accept_tasks.spawn(accept_loop(
+            listener,
+            local,
+            shared.clone(),
+            shutdown_rx.clone(),
+        ));
+    }
+    Ok(RunningProxy {
+        listen_addrs,
+        shared,
+        shutdown,
+        accept_tasks,
+    })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    local: SocketAddr,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => spawn_session(stream, peer, local, &shared),
+            Err(error) => {
+                // EMFILE and friends: back off briefly instead of spinning on the error.
+                warn!(%error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn spawn_session(stream: TcpStream, peer: SocketAddr, local: SocketAddr, shared: &Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let info = ConnectionInfo {
+        peer,
+        local,
+        secure: false,
+        websocket: false,
+        certname: None,
+        connected_at: SystemTime::now(),
+    };
+    let permit = shared.connection_slots.clone().try_acquire_owned().ok();
+    if permit.is_none() {
+        debug!(%peer, "connection cap reached");
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        session::run(stream, info, shared, permit).await;
+    });
+}

@@ -1,1 +1,225 @@
-//! TODO
+//! Live sessions by client ID: takeover (288) and per-org connection counts (173).
+//!
+//! A new session claims its client ID *after* authentication. If another session holds it, the
+//! old one is told to close with 288 and the new one waits until the old one has finished closing
+//! (and so has queued its Disconnect monitoring message) before it queues its own Connect. That
+//! keeps monitoring messages in event order for one client ID.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::close::CloseReason;
+
+/// How long a new session waits for the session it takes over to finish closing.
+pub const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+
+/// The registry's handle on one live session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    id: u64,
+    kill: mpsc::Sender<CloseReason>,
+    done: watch::Receiver<bool>,
+}
+
+impl SessionHandle {
+    /// Asks the session to close with `reason`. A session that is already closing ignores it.
+    pub fn close(&self, reason: CloseReason) {
+        let _ = self.kill.try_send(reason);
+    }
+
+    /// Waits until the session has finished closing, at most `limit`.
+    pub async fn closed(&self, limit: Duration) {
+        let mut done = self.done.clone();
+        let _ = tokio::time::timeout(limit, done.wait_for(|finished| *finished)).await;
+    }
+}
+
+/// The session's own side of its handle: where close requests arrive, and how it says it is done.
+#[derive(Debug)]
+pub struct SessionControl {
+    /// Close requests from the registry (takeover, shutdown, policy edits).
+    pub kill: mpsc::Receiver<CloseReason>,
+    done: watch::Sender<bool>,
+    handle: SessionHandle,
+}
+
+impl SessionControl {
+    /// A new control pair with a process-unique session ID.
+    pub fn new() -> SessionControl {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let (kill_tx, kill) = mpsc::channel(1);
+        let (done, done_rx) = watch::channel(false);
+        let handle = SessionHandle {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            kill: kill_tx,
+            done: done_rx,
+        };
+        SessionControl { kill, done, handle }
+    }
+
+    /// The handle others use.
+    pub fn handle(&self) -> &SessionHandle {
+        &self.handle
+    }
+
+    /// This session's ID.
+    pub fn id(&self) -> u64 {
+        self.handle.id
+    }
+
+    /// Marks the session as fully closed.
+    pub fn finish(&self) {
+        let _ = self.done.send(true);
+    }
+}
+
+impl Default for SessionControl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_client_id: HashMap<String, SessionHandle>,
+    per_org: HashMap<String, u32>,
+}
+
+/// Every live session of this process.
+#[derive(Debug, Default)]
+pub struct Registry {
+    inner: Mutex<Inner>,
+}
+
+/// Why a claim failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimError {
+    /// The org already has its maximum number of connections.
+    OrgFull,
+}
+
+impl Registry {
+    /// A shared empty registry.
+    pub fn new() -> Arc<Registry> {
+        Arc::new(Registry::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding this lock cannot leave the maps inconsistent (each update is one
+        // insert or remove), so a poisoned lock is still safe to use.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers `session` under `client_id` in `org`, counting it against `org_limit`.
+    ///
+    /// Returns the session it displaces, which the caller must close with 288 and wait for.
+    /// `takeover` false (scalable applications share a client ID) never displaces anyone.
+    pub fn claim(
+        &self,
+        client_id: &str,
+        org: &str,
+        org_limit: u32,
+        session: &SessionHandle,
+        takeover: bool,
+    ) -> Result<Option<SessionHandle>, ClaimError> {
+        let mut inner = self.lock();
+        let displaced = if takeover {
+            inner.by_client_id.get(client_id).cloned()
+        } else {
+            None
+        };
+        let count = inner.per_org.get(org).copied().unwrap_or(0);
+        // The displaced session leaves the org, so it does not count against the new one.
+        let effective = count - u32::from(displaced.is_some() && count > 0);
+        if effective >= org_limit {
+            return Err(ClaimError::OrgFull);
+        }
+        if takeover {
+            inner
+                .by_client_id
+                .insert(client_id.to_string(), session.clone());
+        }
+        *inner.per_org.entry(org.to_string()).or_insert(0) += 1;
+        Ok(displaced)
+    }
+
+    /// Removes a session's claim. The client-ID entry is removed only if it is still this session's.
+    pub fn release(&self, client_id: &str, org: &str, session_id: u64) {
+        let mut inner = self.lock();
+        if inner
+            .by_client_id
+            .get(client_id)
+            .is_some_and(|held| held.id == session_id)
+        {
+            inner.by_client_id.remove(client_id);
+        }
+        if let Some(count) = inner.per_org.get_mut(org) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                inner.per_org.remove(org);
+            }
+        }
+    }
+
+    /// Live sessions of an org.
+    pub fn org_connections(&self, org: &str) -> u32 {
+        self.lock().per_org.get(org).copied().unwrap_or(0)
+    }
+
+    /// Handles of every session registered by client ID.
+    pub fn sessions(&self) -> Vec<SessionHandle> {
+        self.lock().by_client_id.values().cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::close::CloseCode;
+
+    #[tokio::test]
+    async fn takeover_displaces_and_waits() {
+        let registry = Registry::new();
+        let mut first = SessionControl::new();
+        let second = SessionControl::new();
+        assert!(registry
+            .claim("d:o:t:i", "o", 10, first.handle(), true)
+            .unwrap()
+            .is_none());
+        let displaced = registry
+            .claim("d:o:t:i", "o", 10, second.handle(), true)
+            .unwrap()
+            .unwrap();
+        displaced.close(CloseCode::ClientIdReused.into());
+        assert_eq!(first.kill.recv().await.unwrap().number(), 288);
+        // The old session releasing must not remove the new session's entry.
+        registry.release("d:o:t:i", "o", first.id());
+        first.finish();
+        displaced.closed(Duration::from_secs(1)).await;
+        assert_eq!(registry.sessions().len(), 1);
+        assert_eq!(registry.org_connections("o"), 1);
+    }
+
+    #[test]
+    fn org_limit_counts_live_sessions() {
+        let registry = Registry::new();
+        let a = SessionControl::new();
+        let b = SessionControl::new();
+        registry.claim("a:o:1", "o", 1, a.handle(), true).unwrap();
+        assert!(matches!(
+            registry.claim("a:o:2", "o", 1, b.handle(), true),
+            Err(ClaimError::OrgFull)
+        ));
+        // Reconnecting with the same client ID replaces, so it fits.
+        assert!(registry
+            .claim("a:o:1", "o", 1, b.handle(), true)
+            .unwrap()
+            .is_some());
+    }
+}

@@ -107,11 +107,18 @@ pub struct OrgLimits {
 
 impl Default for OrgLimits {
     fn default() -> Self {
-        let per_second = |count| Rate { count, per: Duration::from_secs(1) };
+        let per_second = |count| Rate {
+            count,
+            per: Duration::from_secs(1),
+        };
         OrgLimits {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_subscriptions: PerClass { device: 50, gateway: 500, application: 500 },
+            max_subscriptions: PerClass {
+                device: 50,
+                gateway: 500,
+                application: 500,
+            },
             publish_rate: PerClass {
                 device: per_second(10),
                 gateway: per_second(100),

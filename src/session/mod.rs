@@ -1,0 +1,132 @@
+//! One client's life: the connect phase ([`connect`]), the bridge loop between the client and
+//! its upstream connection ([`bridge`]), and the close, which answers the client, publishes the
+//! Disconnect monitoring message and releases the client ID.
+//!
+//! A session is one task. It owns both sockets and all of its state, so nothing on the data path
+//! is shared or locked; the only ways in from outside are the registry's close requests.
+
+pub mod bridge;
+pub mod connect;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{info, Instrument};
+
+use crate::close::{CloseCode, CloseReason};
+use crate::codec::encode_disconnect_v5;
+use crate::monitor::{publications, Action, MonitorMessage};
+use crate::proxy::Shared;
+use crate::registry::SessionControl;
+
+/// How long the proxy waits to hand a client its last packet (a refusal or DISCONNECT).
+pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A client byte stream: plain TCP now, TLS and WebSocket later.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientStream for T {}
+
+/// Facts about a client connection known before its first byte.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The listener address the client connected to.
+    pub local: SocketAddr,
+    /// TLS.
+    pub secure: bool,
+    /// MQTT over WebSocket.
+    pub websocket: bool,
+    /// The client certificate's common name.
+    pub certname: Option<String>,
+    /// When the connection was accepted.
+    pub connected_at: SystemTime,
+}
+
+/// Runs one client connection to its end.
+pub async fn run<S: ClientStream>(
+    client: S,
+    info: ConnectionInfo,
+    shared: Arc<Shared>,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let span = tracing::info_span!("session", peer = %info.peer, client_id = tracing::field::Empty);
+    async move {
+        let mut control = SessionControl::new();
+        let outcome =
+            connect::establish(client, &info, &shared, &mut control, permit.is_some()).await;
+        let Some(mut bridge) = outcome else {
+            control.finish();
+            return;
+        };
+        tracing::Span::current().record("client_id", bridge.principal.identity.client_id.as_str());
+        let reason = bridge.run(&mut control.kill).await;
+        close(bridge, reason, &shared, &control).await;
+        control.finish();
+        drop(permit);
+    }
+    .instrument(span)
+    .await
+}
+
+async fn close<S: ClientStream>(
+    mut bridge: bridge::Bridge<S>,
+    reason: CloseReason,
+    shared: &Shared,
+    control: &SessionControl,
+) {
+    let answers_client = !matches!(reason.code, CloseCode::Normal | CloseCode::ClosedByClient);
+    if answers_client && bridge.version.is_v5() {
+        if let Some(code) = reason.v5_disconnect() {
+            let mut out = BytesMut::new();
+            encode_disconnect_v5(&mut out, code, Some(&reason.reason_string()));
+            if bridge.client_fits(out.len())
+                && tokio::time::timeout(FAREWELL_TIMEOUT, bridge.client.write_all(&out))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            {
+                bridge.counters.write_bytes += out.len() as u64;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, bridge.client.shutdown()).await;
+    if reason.code == CloseCode::Normal {
+        // The client's DISCONNECT was forwarded; let the broker read it before the FIN.
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, bridge.upstream.shutdown()).await;
+    }
+    // Any other close drops the upstream socket without DISCONNECT, so the broker publishes the
+    // client's will, as it would for a client that vanished.
+
+    let identity = &bridge.principal.identity;
+    shared
+        .registry
+        .release(&identity.client_id, &identity.org, control.id());
+    let message = MonitorMessage::new(
+        Action::Disconnect,
+        identity,
+        &bridge.facts,
+        Some(&reason),
+        bridge.counters,
+    );
+    let clear =
+        crate::monitor::clears_on_disconnect(identity.class, bridge.principal.org.quickstart);
+    shared.monitor.send(publications(
+        &message,
+        identity,
+        &bridge.rewrite.org_prefix,
+        bridge.principal.org.quickstart,
+        clear,
+    ));
+    info!(
+        code = reason.number(),
+        reason = %reason.reason_string(),
+        org = %identity.org,
+        read_msg = bridge.counters.read_msg,
+        write_msg = bridge.counters.write_msg,
+        "session closed"
+    );
+}
