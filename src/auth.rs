@@ -3,9 +3,25 @@
 //!
 //! Secrets never leave this module: no token, hash or digest is logged or put in an error.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Argon2, Params};
+use moka::sync::Cache;
+use rand::rngs::OsRng;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use thiserror::Error;
+use tokio::sync::Semaphore;
+
+/// The prefix of a stored SHA-256 token hash.
+pub const SHA256_PREFIX: &str = "sha256:";
+/// Most successful verifications remembered, in entries.
+pub const CACHE_CAPACITY: u64 = 100_000;
+/// How long a successful verification is remembered.
+pub const CACHE_TTL: Duration = Duration::from_secs(10 * 60);
 
 /// A stored token hash, as written in a policy file.
 #[derive(Clone, PartialEq, Eq)]
@@ -43,12 +59,39 @@ pub enum TokenHashError {
 impl TokenHash {
     /// Parses a stored hash.
     pub fn parse(stored: &str) -> Result<TokenHash, TokenHashError> {
-        todo!()
+        if let Some(hex_digits) = stored.strip_prefix(SHA256_PREFIX) {
+            let lowercase_hex = hex_digits.len() == 64
+                && hex_digits
+                    .bytes()
+                    .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+            if !lowercase_hex {
+                return Err(TokenHashError::BadSha256);
+            }
+            let mut digest = [0u8; 32];
+            hex::decode_to_slice(hex_digits, &mut digest).map_err(|_| TokenHashError::BadSha256)?;
+            return Ok(TokenHash::Sha256(digest));
+        }
+        if stored.starts_with("$argon2") {
+            let hash = PasswordHash::new(stored).map_err(|_| TokenHashError::BadArgon2)?;
+            if hash.algorithm != argon2::Algorithm::Argon2id.ident() || hash.hash.is_none() {
+                return Err(TokenHashError::BadArgon2);
+            }
+            Params::try_from(&hash).map_err(|_| TokenHashError::BadArgon2)?;
+            return Ok(TokenHash::Argon2id(stored.to_owned()));
+        }
+        Err(TokenHashError::NotHashed)
     }
 
     /// Whether `presented` matches, in constant time with respect to the stored value.
     pub fn verify(&self, presented: &[u8]) -> bool {
-        todo!()
+        match self {
+            TokenHash::Sha256(stored) => bool::from(sha256(presented).ct_eq(stored)),
+            TokenHash::Argon2id(phc) => match PasswordHash::new(phc) {
+                // The output comparison inside `verify_password` is constant time.
+                Ok(hash) => Argon2::default().verify_password(presented, &hash).is_ok(),
+                Err(_) => false,
+            },
+        }
     }
 
     /// Whether verification is slow (argon2id) and belongs on the verifier pool.
@@ -59,12 +102,20 @@ impl TokenHash {
 
 /// Hashes a token with argon2id and a random salt (the `hash-token` command).
 pub fn hash_token_argon2id(token: &[u8]) -> Result<String, AuthError> {
-    todo!()
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(token, &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|_| AuthError::Hashing)
 }
 
 /// Hashes a token as `sha256:<hex>` (the `hash-token --sha256` command).
 pub fn hash_token_sha256(token: &[u8]) -> String {
-    todo!()
+    format!("{SHA256_PREFIX}{}", hex::encode(sha256(token)))
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
 }
 
 /// Why verification could not run.
@@ -80,18 +131,49 @@ pub enum AuthError {
 
 /// Verifies tokens on a bounded pool and caches successes.
 ///
-/// The cache key is (identity key, SHA-256 of the presented token); a hit skips argon2id. The
-/// cache is cleared on every policy change ([`Verifier::clear_cache`]).
+/// The cache key is (identity key, a SHA-256 digest of the presented token); a hit skips argon2id.
+/// The digest also covers the stored hash, so a result cached for an old token hash can never
+/// answer for a new one, even if a verification races a policy reload. The cache is cleared on
+/// every policy change ([`Verifier::clear_cache`]).
 pub struct Verifier {
-    // implementation detail
-    _private: (),
+    /// One permit per worker: argon2id verifications running at once.
+    workers: Arc<Semaphore>,
+    /// Slow verifications waiting or running.
+    pending: Arc<AtomicUsize>,
+    /// Most slow verifications waiting or running (`workers + queue`); beyond it [`AuthError::Busy`].
+    max_pending: usize,
+    /// Successful slow verifications.
+    cache: Cache<(String, [u8; 32]), ()>,
+    /// Slow verifications actually run (cache misses).
+    slow_runs: AtomicU64,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The cache holds digests of tokens; keep it out of debug output.
+        f.debug_struct("Verifier")
+            .field("pending", &self.pending())
+            .field("max_pending", &self.max_pending)
+            .field("slow_verifications", &self.slow_verifications())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Verifier {
     /// A verifier that runs at most `workers` slow verifications at once and queues at most
-    /// `queue` more; beyond that [`AuthError::Busy`].
+    /// `queue` more; beyond that [`AuthError::Busy`]. `workers` is at least 1.
     pub fn new(workers: usize, queue: usize) -> Arc<Verifier> {
-        todo!()
+        let workers = workers.max(1);
+        Arc::new(Verifier {
+            workers: Arc::new(Semaphore::new(workers)),
+            pending: Arc::new(AtomicUsize::new(0)),
+            max_pending: workers.saturating_add(queue),
+            cache: Cache::builder()
+                .max_capacity(CACHE_CAPACITY)
+                .time_to_live(CACHE_TTL)
+                .build(),
+            slow_runs: AtomicU64::new(0),
+        })
     }
 
     /// Verifies `presented` against `stored` for the identity `key` (for example the client ID or
@@ -102,11 +184,238 @@ impl Verifier {
         stored: &TokenHash,
         presented: &[u8],
     ) -> Result<bool, AuthError> {
-        todo!()
+        let phc = match stored {
+            TokenHash::Sha256(_) => return Ok(stored.verify(presented)),
+            TokenHash::Argon2id(phc) => phc,
+        };
+        let cache_key = (key.to_owned(), cache_digest(phc, presented));
+        if self.cache.contains_key(&cache_key) {
+            return Ok(true);
+        }
+
+        // Count this verification before waiting, so the queue bound covers waiters too.
+        let guard = PendingGuard::enter(&self.pending, self.max_pending).ok_or(AuthError::Busy)?;
+        let permit = Arc::clone(&self.workers)
+            .acquire_owned()
+            .await
+            .map_err(|_| AuthError::Hashing)?;
+        self.slow_runs.fetch_add(1, Ordering::Relaxed);
+        let hash = stored.clone();
+        let presented = presented.to_vec();
+        // The permit and the pending count are released when the hash is done, even if the
+        // caller has gone away: a cancelled CONNECT must not free a worker that is still busy.
+        let ok = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let _guard = guard;
+            hash.verify(&presented)
+        })
+        .await
+        .map_err(|_| AuthError::Hashing)?;
+        if ok {
+            self.cache.insert(cache_key, ());
+        }
+        Ok(ok)
     }
 
     /// Drops every cached result.
     pub fn clear_cache(&self) {
-        todo!()
+        self.cache.invalidate_all();
+    }
+
+    /// Slow verifications waiting for or running on the pool now.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+
+    /// Slow (argon2id) verifications run so far, that is cache misses that reached the pool.
+    pub fn slow_verifications(&self) -> u64 {
+        self.slow_runs.load(Ordering::Relaxed)
+    }
+}
+
+/// The cache digest: SHA-256 over the stored hash (length-prefixed) and the presented token.
+fn cache_digest(stored: &str, presented: &[u8]) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    hasher.update((stored.len() as u64).to_be_bytes());
+    hasher.update(stored.as_bytes());
+    hasher.update(presented);
+    hasher.finalize().into()
+}
+
+/// One slot of the verifier's pending count, given back on drop.
+struct PendingGuard(Arc<AtomicUsize>);
+
+impl PendingGuard {
+    /// Takes a slot, unless `max` are already taken.
+    fn enter(pending: &Arc<AtomicUsize>, max: usize) -> Option<PendingGuard> {
+        pending
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| PendingGuard(Arc::clone(pending)))
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An argon2id hash that takes a noticeable time to verify, to hold the pool.
+    fn slow_hash(token: &[u8]) -> TokenHash {
+        let params = Params::new(64 * 1024, 4, 1, None).unwrap();
+        let argon = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let salt = SaltString::generate(&mut OsRng);
+        TokenHash::parse(&argon.hash_password(token, &salt).unwrap().to_string()).unwrap()
+    }
+
+    #[test]
+    fn parses_sha256() {
+        let stored = hash_token_sha256(b"secret");
+        assert_eq!(
+            stored,
+            "sha256:2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
+        );
+        assert!(matches!(
+            TokenHash::parse(&stored),
+            Ok(TokenHash::Sha256(_))
+        ));
+        assert_eq!(
+            TokenHash::parse(&stored.to_uppercase().replace("SHA256", "sha256")),
+            Err(TokenHashError::BadSha256)
+        );
+        assert_eq!(
+            TokenHash::parse(&stored[..stored.len() - 1]),
+            Err(TokenHashError::BadSha256)
+        );
+        assert_eq!(TokenHash::parse("sha256:"), Err(TokenHashError::BadSha256));
+    }
+
+    #[test]
+    fn refuses_plain_and_broken_hashes() {
+        assert_eq!(TokenHash::parse("secret"), Err(TokenHashError::NotHashed));
+        assert_eq!(TokenHash::parse(""), Err(TokenHashError::NotHashed));
+        assert_eq!(
+            TokenHash::parse("$argon2id$nonsense"),
+            Err(TokenHashError::BadArgon2)
+        );
+        assert_eq!(
+            TokenHash::parse("$argon2i$v=19$m=16,t=2,p=1$c2FsdHNhbHQ$9Hhn3CsMhq8XHqHq4N2vbQ"),
+            Err(TokenHashError::BadArgon2)
+        );
+    }
+
+    #[test]
+    fn verifies_sha256() {
+        let hash = TokenHash::parse(&hash_token_sha256(b"secret")).unwrap();
+        assert!(hash.verify(b"secret"));
+        assert!(!hash.verify(b"secreT"));
+        assert!(!hash.verify(b""));
+        assert!(!hash.is_slow());
+    }
+
+    #[test]
+    fn verifies_argon2id() {
+        let stored = hash_token_argon2id(b"secret").unwrap();
+        assert!(stored.starts_with("$argon2id$v=19$"));
+        let hash = TokenHash::parse(&stored).unwrap();
+        assert!(hash.is_slow());
+        assert!(hash.verify(b"secret"));
+        assert!(!hash.verify(b"wrong"));
+        // Two hashes of one token differ: the salt is random.
+        assert_ne!(stored, hash_token_argon2id(b"secret").unwrap());
+    }
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let stored = hash_token_sha256(b"secret");
+        let hash = TokenHash::parse(&stored).unwrap();
+        assert_eq!(format!("{hash:?}"), "TokenHash::Sha256(..)");
+        let verifier = Verifier::new(1, 0);
+        assert!(!format!("{verifier:?}").contains(&stored[7..]));
+    }
+
+    #[tokio::test]
+    async fn verifier_checks_both_kinds() {
+        let verifier = Verifier::new(1, 0);
+        let fast = TokenHash::parse(&hash_token_sha256(b"secret")).unwrap();
+        assert_eq!(verifier.verify("d:o:t:i", &fast, b"secret").await, Ok(true));
+        assert_eq!(verifier.verify("d:o:t:i", &fast, b"nope").await, Ok(false));
+        let slow = TokenHash::parse(&hash_token_argon2id(b"secret").unwrap()).unwrap();
+        assert_eq!(verifier.verify("d:o:t:i", &slow, b"secret").await, Ok(true));
+        assert_eq!(verifier.verify("d:o:t:i", &slow, b"nope").await, Ok(false));
+        assert_eq!(verifier.slow_verifications(), 2);
+        assert_eq!(verifier.pending(), 0);
+    }
+
+    #[tokio::test]
+    async fn caches_successes_only() {
+        let verifier = Verifier::new(1, 0);
+        let slow = TokenHash::parse(&hash_token_argon2id(b"secret").unwrap()).unwrap();
+        assert_eq!(verifier.verify("key", &slow, b"secret").await, Ok(true));
+        assert_eq!(verifier.verify("key", &slow, b"secret").await, Ok(true));
+        assert_eq!(
+            verifier.slow_verifications(),
+            1,
+            "the second success came from the cache"
+        );
+
+        // Another identity, or a wrong token, is not a hit; failures are not remembered.
+        assert_eq!(verifier.verify("other", &slow, b"secret").await, Ok(true));
+        assert_eq!(verifier.verify("key", &slow, b"wrong").await, Ok(false));
+        assert_eq!(verifier.verify("key", &slow, b"wrong").await, Ok(false));
+        assert_eq!(verifier.slow_verifications(), 4);
+
+        // A new stored hash for the same identity does not reuse the old result.
+        let renewed = TokenHash::parse(&hash_token_argon2id(b"secret").unwrap()).unwrap();
+        assert_eq!(verifier.verify("key", &renewed, b"secret").await, Ok(true));
+        assert_eq!(verifier.slow_verifications(), 5);
+
+        verifier.clear_cache();
+        assert_eq!(verifier.verify("key", &slow, b"secret").await, Ok(true));
+        assert_eq!(verifier.slow_verifications(), 6, "the cache was cleared");
+    }
+
+    #[tokio::test]
+    async fn busy_when_queue_full_but_cache_still_answers() {
+        let verifier = Verifier::new(1, 0);
+        let cached = TokenHash::parse(&hash_token_argon2id(b"cached").unwrap()).unwrap();
+        assert_eq!(
+            verifier.verify("cached", &cached, b"cached").await,
+            Ok(true)
+        );
+
+        let slow = slow_hash(b"secret");
+        let holder = {
+            let verifier = Arc::clone(&verifier);
+            let slow = slow.clone();
+            tokio::spawn(async move { verifier.verify("holder", &slow, b"secret").await })
+        };
+        // The test runtime is single-threaded: the holder runs only when this task yields.
+        while verifier.pending() == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            verifier.verify("second", &slow, b"secret").await,
+            Err(AuthError::Busy)
+        );
+        // A cached success needs no worker.
+        assert_eq!(
+            verifier.verify("cached", &cached, b"cached").await,
+            Ok(true)
+        );
+        // Fast hashes never queue.
+        let fast = TokenHash::parse(&hash_token_sha256(b"x")).unwrap();
+        assert_eq!(verifier.verify("fast", &fast, b"x").await, Ok(true));
+
+        assert_eq!(holder.await.unwrap(), Ok(true));
+        assert_eq!(verifier.pending(), 0);
+        assert_eq!(verifier.verify("second", &slow, b"secret").await, Ok(true));
     }
 }

@@ -5,7 +5,17 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::Deserialize;
 use thiserror::Error;
+
+use crate::policy::yaml::{self, LineMap};
+
+/// The default org prefix on the broker.
+pub const DEFAULT_TOPIC_PREFIX: &str = "{org}/";
+/// The placeholder in `topic_prefix` that is replaced by the org ID.
+pub const ORG_PLACEHOLDER: &str = "{org}";
+/// The largest packet MQTT can frame, in bytes (remaining length plus a 5-byte fixed header).
+pub const MAX_MQTT_PACKET_BYTES: u64 = 268_435_455 + 5;
 
 /// The whole process config, after validation. Relative paths are already resolved against the
 /// config file's folder.
@@ -30,10 +40,23 @@ pub struct WardenConfig {
 pub struct ListenerConfig {
     /// Address to bind (port 0 picks a free port).
     pub bind: SocketAddr,
+    /// TLS on this listener, if any.
+    pub tls: Option<TlsConfig>,
 }
 
-/// How to reach the broker.
-#[derive(Debug, Clone)]
+/// A listener's TLS files, with paths resolved against the config file's folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// The server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// The server private key (PEM).
+    pub key: PathBuf,
+    /// CA certificates that sign client certificates (PEM); without it no client certificate is asked for.
+    pub client_ca: Option<PathBuf>,
+}
+
+/// How to reach the broker. Its `Debug` output hides the password.
+#[derive(Clone)]
 pub struct UpstreamConfig {
     /// The broker address.
     pub address: String,
@@ -47,6 +70,18 @@ pub struct UpstreamConfig {
     pub control_client_id: Option<String>,
 }
 
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("address", &self.address)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("topic_prefix", &self.topic_prefix)
+            .field("control_client_id", &self.control_client_id)
+            .finish()
+    }
+}
+
 /// The admin HTTP endpoint.
 #[derive(Debug, Clone)]
 pub struct AdminConfig {
@@ -55,7 +90,8 @@ pub struct AdminConfig {
 }
 
 /// Log format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     #[default]
@@ -73,8 +109,8 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<String>,
 }
 
-/// Process-wide limits (PRODUCT.md §4).
-#[derive(Debug, Clone)]
+/// Process-wide limits (PRODUCT.md §4), the `limits:` section of the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessLimits {
     /// Concurrent client connections (104 above).
     pub max_connections: usize,
@@ -131,14 +167,563 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    fn invalid(
+        path: &Path,
+        lines: &LineMap,
+        field: &str,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            line: lines.line(field),
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
 impl WardenConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<WardenConfig, ConfigError> {
-        todo!()
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        WardenConfig::from_yaml(&text, path)
     }
 
     /// Parses config text; `path` names the file in errors and anchors relative paths.
     pub fn from_yaml(text: &str, path: &Path) -> Result<WardenConfig, ConfigError> {
-        todo!()
+        let (lines, parsed) = yaml::deserialize::<ConfigFile>(text);
+        let file = parsed.map_err(|problem| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: problem.line,
+            field: problem.field,
+            message: problem.message,
+        })?;
+        if let Some((field, _)) = lines.duplicates().first() {
+            return Err(ConfigError::invalid(
+                path,
+                &lines,
+                field,
+                "this key is written twice in the same mapping",
+            ));
+        }
+        let check = Check {
+            path,
+            lines: &lines,
+            base: path.parent().unwrap_or(Path::new("")),
+        };
+        check.config(file)
+    }
+}
+
+/// Validation of one parsed file: errors point at the line of the offending key.
+struct Check<'a> {
+    path: &'a Path,
+    lines: &'a LineMap,
+    /// The config file's folder, for relative paths.
+    base: &'a Path,
+}
+
+impl Check<'_> {
+    fn invalid(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::invalid(self.path, self.lines, field, message)
+    }
+
+    fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base.join(path)
+        }
+    }
+
+    fn non_empty_path(&self, field: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+        if path.as_os_str().is_empty() {
+            return Err(self.invalid(field, "must not be empty"));
+        }
+        Ok(self.resolve(&path))
+    }
+
+    fn config(&self, file: ConfigFile) -> Result<WardenConfig, ConfigError> {
+        if file.listeners.is_empty() {
+            return Err(self.invalid("listeners", "at least one listener is needed"));
+        }
+        let listeners = file
+            .listeners
+            .into_iter()
+            .enumerate()
+            .map(|(index, listener)| self.listener(index, listener))
+            .collect::<Result<Vec<_>, _>>()?;
+        let upstream = self.upstream(file.upstream)?;
+        let policies = self.non_empty_path("policies", file.policies)?;
+        let admin = file.admin.map(|admin| AdminConfig { bind: admin.bind });
+        let telemetry = self.telemetry(file.telemetry.unwrap_or_default())?;
+        let limits = self.limits(file.limits.unwrap_or_default())?;
+        Ok(WardenConfig {
+            listeners,
+            upstream,
+            policies,
+            admin,
+            telemetry,
+            limits,
+        })
+    }
+
+    fn listener(
+        &self,
+        index: usize,
+        listener: ListenerFileConfig,
+    ) -> Result<ListenerConfig, ConfigError> {
+        let field = format!("listeners[{index}].tls");
+        let tls = match listener.tls {
+            None => None,
+            Some(tls) => Some(TlsConfig {
+                cert: self.non_empty_path(&format!("{field}.cert"), tls.cert)?,
+                key: self.non_empty_path(&format!("{field}.key"), tls.key)?,
+                client_ca: match tls.client_ca {
+                    Some(ca) => Some(self.non_empty_path(&format!("{field}.client_ca"), ca)?),
+                    None => None,
+                },
+            }),
+        };
+        Ok(ListenerConfig {
+            bind: listener.bind,
+            tls,
+        })
+    }
+
+    fn upstream(&self, upstream: UpstreamFileConfig) -> Result<UpstreamConfig, ConfigError> {
+        let has_port = upstream
+            .address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !has_port {
+            return Err(self.invalid(
+                "upstream.address",
+                "must be HOST:PORT, for example 127.0.0.1:1884",
+            ));
+        }
+        let password = match (upstream.password, upstream.password_env) {
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    "upstream.password_env",
+                    "set password or password_env, not both",
+                ))
+            }
+            (Some(password), None) => Some(password),
+            (None, Some(var)) => match std::env::var(&var) {
+                Ok(password) => Some(password),
+                Err(std::env::VarError::NotPresent) => {
+                    return Err(self.invalid(
+                        "upstream.password_env",
+                        format!("environment variable {var} is not set"),
+                    ))
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(self.invalid(
+                        "upstream.password_env",
+                        format!("environment variable {var} is not valid UTF-8"),
+                    ))
+                }
+            },
+            (None, None) => None,
+        };
+        let topic_prefix = upstream
+            .topic_prefix
+            .unwrap_or_else(|| DEFAULT_TOPIC_PREFIX.to_owned());
+        let prefix_ok = topic_prefix.contains(ORG_PLACEHOLDER)
+            && topic_prefix.ends_with('/')
+            && !topic_prefix.contains(['+', '#', '\0']);
+        if !prefix_ok {
+            return Err(self.invalid(
+                "upstream.topic_prefix",
+                "must contain {org}, end with / and hold no + # or NUL, for example \"{org}/\"",
+            ));
+        }
+        if upstream.control_client_id.as_deref() == Some("") {
+            return Err(self.invalid(
+                "upstream.control_client_id",
+                "must not be empty; leave it out for a generated one",
+            ));
+        }
+        Ok(UpstreamConfig {
+            address: upstream.address,
+            username: upstream.username,
+            password,
+            topic_prefix,
+            control_client_id: upstream.control_client_id,
+        })
+    }
+
+    fn telemetry(&self, telemetry: TelemetryFileConfig) -> Result<TelemetryConfig, ConfigError> {
+        if let Some(endpoint) = &telemetry.otlp_endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(self.invalid(
+                    "telemetry.otlp_endpoint",
+                    "must be an http:// or https:// URL, for example http://127.0.0.1:4317",
+                ));
+            }
+        }
+        Ok(TelemetryConfig {
+            log_format: telemetry.log_format.unwrap_or_default(),
+            otlp_endpoint: telemetry.otlp_endpoint,
+        })
+    }
+
+    fn limits(&self, limits: LimitsFileConfig) -> Result<ProcessLimits, ConfigError> {
+        let defaults = ProcessLimits::default();
+        let positive =
+            |name: &str, value: Option<u64>, default: usize| -> Result<usize, ConfigError> {
+                match value {
+                    None => Ok(default),
+                    Some(0) => Err(self.invalid(&format!("limits.{name}"), "must be at least 1")),
+                    Some(n) => usize::try_from(n)
+                        .map_err(|_| self.invalid(&format!("limits.{name}"), "too large")),
+                }
+            };
+        let packet_bytes = |name: &str,
+                            value: Option<u64>,
+                            default: usize|
+         -> Result<usize, ConfigError> {
+            if value.is_some_and(|n| n > MAX_MQTT_PACKET_BYTES) {
+                return Err(self.invalid(
+                    &format!("limits.{name}"),
+                    format!("must be at most {MAX_MQTT_PACKET_BYTES} (the largest MQTT packet)"),
+                ));
+            }
+            positive(name, value, default)
+        };
+        let connect_timeout = match limits.connect_timeout_secs {
+            None => defaults.connect_timeout,
+            Some(0) => {
+                return Err(self.invalid("limits.connect_timeout_secs", "must be at least 1"))
+            }
+            Some(secs) => Duration::from_secs(secs),
+        };
+        Ok(ProcessLimits {
+            max_connections: positive(
+                "max_connections",
+                limits.max_connections,
+                defaults.max_connections,
+            )?,
+            connect_timeout,
+            max_connect_bytes: packet_bytes(
+                "max_connect_bytes",
+                limits.max_connect_bytes,
+                defaults.max_connect_bytes,
+            )?,
+            max_packet_bytes: packet_bytes(
+                "max_packet_bytes",
+                limits.max_packet_bytes,
+                defaults.max_packet_bytes,
+            )?,
+            monitor_queue: positive(
+                "monitor_queue",
+                limits.monitor_queue,
+                defaults.monitor_queue,
+            )?,
+            auth_workers: positive("auth_workers", limits.auth_workers, defaults.auth_workers)?,
+            // Zero is allowed: no waiting, only the workers.
+            auth_queue: match limits.auth_queue {
+                None => defaults.auth_queue,
+                Some(n) => usize::try_from(n)
+                    .map_err(|_| self.invalid("limits.auth_queue", "too large"))?,
+            },
+        })
+    }
+}
+
+// The file format (PRODUCT.md §8). Unknown keys are errors, so a typo never silently means a default.
+
+/// `warden.yaml` as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listeners: Vec<ListenerFileConfig>,
+    upstream: UpstreamFileConfig,
+    policies: PathBuf,
+    #[serde(default)]
+    admin: Option<AdminFileConfig>,
+    #[serde(default)]
+    telemetry: Option<TelemetryFileConfig>,
+    #[serde(default)]
+    limits: Option<LimitsFileConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerFileConfig {
+    bind: SocketAddr,
+    #[serde(default)]
+    tls: Option<TlsFileConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFileConfig {
+    cert: PathBuf,
+    key: PathBuf,
+    #[serde(default)]
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamFileConfig {
+    address: String,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    password_env: Option<String>,
+    #[serde(default)]
+    topic_prefix: Option<String>,
+    #[serde(default)]
+    control_client_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFileConfig {
+    bind: SocketAddr,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryFileConfig {
+    #[serde(default)]
+    log_format: Option<LogFormat>,
+    #[serde(default)]
+    otlp_endpoint: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFileConfig {
+    max_connections: Option<u64>,
+    connect_timeout_secs: Option<u64>,
+    max_connect_bytes: Option<u64>,
+    max_packet_bytes: Option<u64>,
+    monitor_queue: Option<u64>,
+    auth_workers: Option<u64>,
+    auth_queue: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"127.0.0.1:1884\"\npolicies: policies/\n";
+
+    fn parse(text: &str) -> Result<WardenConfig, ConfigError> {
+        WardenConfig::from_yaml(text, Path::new("/etc/warden/warden.yaml"))
+    }
+
+    /// (line, field, message) of an invalid config.
+    fn invalid(text: &str) -> (Option<usize>, String, String) {
+        match parse(text) {
+            Err(ConfigError::Invalid {
+                path,
+                line,
+                field,
+                message,
+            }) => {
+                assert_eq!(path, Path::new("/etc/warden/warden.yaml"));
+                (line, field, message)
+            }
+            other => panic!("expected an invalid config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.listeners.len(), 1);
+        assert_eq!(config.listeners[0].bind, "127.0.0.1:0".parse().unwrap());
+        assert!(config.listeners[0].tls.is_none());
+        assert_eq!(config.upstream.address, "127.0.0.1:1884");
+        assert_eq!(
+            (config.upstream.username, config.upstream.password),
+            (None, None)
+        );
+        assert_eq!(config.upstream.topic_prefix, "{org}/");
+        assert_eq!(config.policies, Path::new("/etc/warden/policies/"));
+        assert!(config.admin.is_none());
+        assert_eq!(config.telemetry.log_format, LogFormat::Text);
+        assert_eq!(config.limits, ProcessLimits::default());
+    }
+
+    #[test]
+    fn full_config() {
+        std::env::set_var("WARDEN_TEST_FULL_PASSWORD", "s3cret");
+        let text = r#"
+listeners:
+  - bind: "0.0.0.0:1883"
+  - bind: "[::1]:8883"
+    tls: { cert: certs/server.pem, key: /abs/server.key, client_ca: certs/ca.pem }
+upstream:
+  address: "broker.internal:1884"
+  username: warden
+  password_env: WARDEN_TEST_FULL_PASSWORD
+  topic_prefix: "tenants/{org}/"
+  control_client_id: warden-control
+policies: ../shared/policy.yaml
+admin: { bind: "127.0.0.1:9100" }
+telemetry: { log_format: json, otlp_endpoint: "http://127.0.0.1:4317" }
+limits:
+  max_connections: 100
+  connect_timeout_secs: 5
+  max_connect_bytes: 1024
+  max_packet_bytes: 65536
+  monitor_queue: 10
+  auth_workers: 4
+  auth_queue: 0
+"#;
+        let config = parse(text).unwrap();
+        assert_eq!(
+            config.listeners[1].tls,
+            Some(TlsConfig {
+                cert: "/etc/warden/certs/server.pem".into(),
+                key: "/abs/server.key".into(),
+                client_ca: Some("/etc/warden/certs/ca.pem".into()),
+            })
+        );
+        assert_eq!(config.upstream.username.as_deref(), Some("warden"));
+        assert_eq!(config.upstream.password.as_deref(), Some("s3cret"));
+        assert!(!format!("{:?}", config.upstream).contains("s3cret"));
+        assert_eq!(config.upstream.topic_prefix, "tenants/{org}/");
+        assert_eq!(
+            config.upstream.control_client_id.as_deref(),
+            Some("warden-control")
+        );
+        assert_eq!(
+            config.policies,
+            Path::new("/etc/warden/../shared/policy.yaml")
+        );
+        assert_eq!(
+            config.admin.unwrap().bind,
+            "127.0.0.1:9100".parse().unwrap()
+        );
+        assert_eq!(config.telemetry.log_format, LogFormat::Json);
+        assert_eq!(
+            config.telemetry.otlp_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        assert_eq!(
+            config.limits,
+            ProcessLimits {
+                max_connections: 100,
+                connect_timeout: Duration::from_secs(5),
+                max_connect_bytes: 1024,
+                max_packet_bytes: 65536,
+                monitor_queue: 10,
+                auth_workers: 4,
+                auth_queue: 0,
+            }
+        );
+    }
+
+    #[test]
+    fn reports_yaml_errors_with_line_and_field() {
+        let (line, field, message) = invalid(&format!(
+            "{MINIMAL}admin: {{ bind: \"127.0.0.1:9100\", port: 1 }}\n"
+        ));
+        assert_eq!((line, field.as_str()), (Some(6), "admin.port"));
+        assert!(message.starts_with("unknown field `port`"), "{message}");
+
+        let (line, field, _) = invalid("listeners:\n  - bind: \"127.0.0.1:0\"\n  - bind: nowhere\nupstream: { address: \"h:1\" }\npolicies: p\n");
+        assert_eq!((line, field.as_str()), (Some(3), "listeners[1].bind"));
+
+        let (line, field, _) = invalid(&format!("{MINIMAL}telemetry:\n  log_format: xml\n"));
+        assert_eq!((line, field.as_str()), (Some(7), "telemetry.log_format"));
+
+        let (_, field, message) = invalid("listeners: []\nupstream: { address: \"h:1\" }\n");
+        assert_eq!(field, ".");
+        assert!(message.contains("missing field `policies`"), "{message}");
+
+        let (line, field, _) = invalid(&format!("{MINIMAL}policies: other\n"));
+        assert_eq!((line, field.as_str()), (Some(6), "policies"));
+    }
+
+    #[test]
+    fn reports_invalid_values_at_their_line() {
+        let (line, field, _) =
+            invalid("listeners: []\nupstream: { address: \"h:1\" }\npolicies: p\n");
+        assert_eq!((line, field.as_str()), (Some(1), "listeners"));
+
+        let (line, field, _) = invalid(
+            "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: broker\npolicies: p\n",
+        );
+        assert_eq!((line, field.as_str()), (Some(4), "upstream.address"));
+
+        for prefix in ["\"tenants/\"", "\"{org}\"", "\"+/{org}/\""] {
+            let text = format!("listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"h:1\"\n  topic_prefix: {prefix}\npolicies: p\n");
+            let (line, field, _) = invalid(&text);
+            assert_eq!(
+                (line, field.as_str()),
+                (Some(5), "upstream.topic_prefix"),
+                "{prefix}"
+            );
+        }
+
+        let (line, field, _) = invalid(&format!("{MINIMAL}limits:\n  auth_workers: 0\n"));
+        assert_eq!((line, field.as_str()), (Some(7), "limits.auth_workers"));
+        let (line, field, _) = invalid(&format!(
+            "{MINIMAL}limits:\n  max_packet_bytes: 999999999\n"
+        ));
+        assert_eq!((line, field.as_str()), (Some(7), "limits.max_packet_bytes"));
+        let (line, field, _) = invalid(&format!(
+            "{MINIMAL}telemetry: {{ otlp_endpoint: \"127.0.0.1:4317\" }}\n"
+        ));
+        assert_eq!((line, field.as_str()), (Some(6), "telemetry.otlp_endpoint"));
+    }
+
+    #[test]
+    fn password_env_must_be_set() {
+        let text = "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"h:1\"\n  password_env: WARDEN_TEST_UNSET_VARIABLE\npolicies: p\n";
+        let (line, field, message) = invalid(text);
+        assert_eq!((line, field.as_str()), (Some(5), "upstream.password_env"));
+        assert!(message.contains("WARDEN_TEST_UNSET_VARIABLE"), "{message}");
+
+        let both = text.replace("  password_env:", "  password: x\n  password_env:");
+        let (line, field, _) = invalid(&both);
+        assert_eq!((line, field.as_str()), (Some(6), "upstream.password_env"));
+    }
+
+    #[test]
+    fn load_reports_a_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("warden.yaml");
+        assert!(
+            matches!(WardenConfig::load(&missing), Err(ConfigError::Read { path, .. }) if path == missing)
+        );
+    }
+
+    #[test]
+    fn shipped_examples_load() {
+        std::env::set_var("WARDEN_UPSTREAM_PASSWORD", "example-password");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let config = WardenConfig::load(&root.join("examples/warden.yaml")).unwrap();
+        assert_eq!(config.listeners[0].bind, "127.0.0.1:1883".parse().unwrap());
+        assert_eq!(config.upstream.address, "127.0.0.1:1884");
+        assert_eq!(config.upstream.username.as_deref(), Some("warden"));
+        assert_eq!(
+            config.upstream.password.as_deref(),
+            Some("example-password")
+        );
+        assert_eq!(
+            config.admin.map(|a| a.bind),
+            Some("127.0.0.1:9100".parse().unwrap())
+        );
+        assert_eq!(
+            config.policies,
+            root.join("examples/../policies/example.yaml")
+        );
+        let policy = crate::policy::load_policies(&config.policies).unwrap();
+        assert_eq!(policy.orgs.len(), 3);
     }
 }

@@ -3,13 +3,18 @@
 //!
 //! A [`Policy`] is immutable. A reload builds a new one and swaps it in whole (`arc_swap`), so a
 //! session sees either the old policy or the new one, never a mix. Loading and its precise errors
-//! (file, line, field) live in [`load`].
+//! (file, line, field) live in [`load`]. The enums below deserialise from the kebab-case names the
+//! files use (`tls-cert-or-token`, `backend-trusted`, ...).
 
 pub mod load;
+/// YAML with field paths and lines, shared with [`crate::config`].
+pub(crate) mod yaml;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+use serde::Deserialize;
 
 use crate::auth::TokenHash;
 
@@ -35,7 +40,8 @@ impl Policy {
 }
 
 /// How an org secures its connections (PRODUCT.md §2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SecurityMode {
     /// Plain or TLS, token required.
     #[default]
@@ -51,7 +57,8 @@ pub enum SecurityMode {
 }
 
 /// What happens when a client does something its identity may not do (PRODUCT.md §3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum OnViolation {
     /// Close the connection (180 / 276), as WIoTP does.
     #[default]
@@ -129,7 +136,8 @@ impl Default for OrgLimits {
 }
 
 /// The class of a device type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum DeviceClass {
     /// Plain devices.
     #[default]
@@ -146,7 +154,8 @@ pub struct DeviceType {
 }
 
 /// What a gateway may act for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum GatewayRole {
     /// Any device of its org (the default).
     #[default]
@@ -169,7 +178,8 @@ pub struct Device {
 }
 
 /// An API key role (PRODUCT.md §3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[allow(missing_docs)]
 pub enum ApiRole {
     #[default]

@@ -1,0 +1,384 @@
+//! Test harness: a real Mosquitto on an ephemeral loopback port with a config written by the test,
+//! the proxy started in-process on port 0, and real MQTT clients (rumqttc, the mosquitto CLIs).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use mqtt_warden::config::WardenConfig;
+use mqtt_warden::proxy::{self, RunningProxy};
+
+/// How long a test waits for any one expected event.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A Mosquitto process of the test's own.
+pub struct Broker {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    _dir: TempDir,
+    /// Its stderr log lines.
+    pub log: mpsc::UnboundedReceiver<String>,
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("local addr").port()
+}
+
+impl Broker {
+    /// Starts Mosquitto with anonymous access on a free loopback port.
+    pub async fn start() -> Broker {
+        Self::start_with("").await
+    }
+
+    /// Starts Mosquitto with extra config lines.
+    pub async fn start_with(extra: &str) -> Broker {
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some(broker) = Self::try_start(port, extra).await {
+                return broker;
+            }
+        }
+        panic!("mosquitto did not start");
+    }
+
+    /// Starts Mosquitto on a given port (used to restart it on the same port).
+    pub async fn start_on(port: u16, extra: &str) -> Option<Broker> {
+        Self::try_start(port, extra).await
+    }
+
+    async fn try_start(port: u16, extra: &str) -> Option<Broker> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n{extra}\n"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let mut child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto is installed");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let running = tokio::time::timeout(WAIT, async {
+            while let Some(line) = rx.recv().await {
+                if line.contains(" running") {
+                    return true;
+                }
+                if line.contains("Error") {
+                    return false;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        if !running {
+            let _ = child.kill().await;
+            return None;
+        }
+        Some(Broker {
+            child,
+            port,
+            _dir: dir,
+            log: rx,
+        })
+    }
+
+    /// Stops the broker.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+        let _ = self.child.wait().await;
+    }
+
+    /// The broker's address.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+/// `sha256:<hex>` of a token, as a policy file stores it.
+pub fn sha256_token(token: &str) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(token.as_bytes())))
+}
+
+/// The policy most tests use: two orgs with a device, a gateway and an API key each, and quickstart.
+pub fn standard_policy() -> String {
+    format!(
+        r#"
+orgs:
+  org1:
+    device_types:
+      sensor: {{}}
+      edge-gw: {{ class: gateway }}
+    devices:
+      sensor/dev1: {{ token: "{dev1}", groups: [line-1] }}
+      sensor/dev2: {{ token: "{dev2}", groups: [line-2] }}
+      edge-gw/gw1: {{ token: "{gw1}" }}
+    api_keys:
+      a-org1-key0000001: {{ token: "{app}" }}
+  org2:
+    device_types:
+      sensor: {{}}
+    devices:
+      sensor/dev1: {{ token: "{org2dev}" }}
+    api_keys:
+      a-org2-key0000002: {{ token: "{org2app}" }}
+  quickstart: {{ quickstart: true }}
+"#,
+        dev1 = sha256_token("dev1-token"),
+        dev2 = sha256_token("dev2-token"),
+        gw1 = sha256_token("gw1-token"),
+        app = sha256_token("app-token"),
+        org2dev = sha256_token("org2-dev-token"),
+        org2app = sha256_token("org2-app-token"),
+    )
+}
+
+/// A proxy running in this test process.
+pub struct Warden {
+    /// The client-facing address.
+    pub addr: SocketAddr,
+    /// The running proxy.
+    pub running: RunningProxy,
+    /// The folder holding its config and policy.
+    pub dir: TempDir,
+}
+
+impl Warden {
+    /// Starts the proxy in front of `broker` with `policy` and the default config.
+    pub async fn start(broker: &Broker, policy: &str) -> Warden {
+        Self::start_with(broker, policy, "").await
+    }
+
+    /// Starts the proxy with extra top-level config YAML (for example a `limits:` section).
+    pub async fn start_with(broker: &Broker, policy: &str, extra_config: &str) -> Warden {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("policy.yaml"), policy).expect("write policy");
+        let config_path = dir.path().join("warden.yaml");
+        let text = format!(
+            "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"{}\"\n  topic_prefix: \"{{org}}/\"\npolicies: policy.yaml\n{extra_config}\n",
+            broker.addr()
+        );
+        std::fs::write(&config_path, &text).expect("write config");
+        let config = WardenConfig::from_yaml(&text, &config_path).expect("valid config");
+        let running = proxy::start(config).await.expect("proxy starts");
+        Warden {
+            addr: running.listen_addrs[0],
+            running,
+            dir,
+        }
+    }
+
+    /// The path of the policy file.
+    pub fn policy_path(&self) -> PathBuf {
+        self.dir.path().join("policy.yaml")
+    }
+
+    /// Waits until the monitor's control connection is up.
+    pub async fn wait_monitor_connected(&self) {
+        let status = self.running.shared.monitor.status();
+        tokio::time::timeout(WAIT, async {
+            while !status.connected.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("monitor connects");
+    }
+}
+
+pub mod v4 {
+    //! MQTT 3.1.1 clients (rumqttc).
+    use super::*;
+    use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, Publish, QoS};
+
+    /// A connected client and the events its event loop produced.
+    pub struct Client {
+        /// The rumqttc handle.
+        pub client: AsyncClient,
+        events: mpsc::UnboundedReceiver<Result<Packet, String>>,
+    }
+
+    /// Why a connect did not succeed.
+    #[derive(Debug, PartialEq)]
+    pub enum Refused {
+        /// CONNACK with this code.
+        Code(ConnectReturnCode),
+        /// Closed or failed otherwise.
+        Other(String),
+    }
+
+    /// Options for a client of the proxy.
+    pub fn options(
+        addr: SocketAddr,
+        client_id: &str,
+        user: Option<&str>,
+        password: Option<&str>,
+    ) -> MqttOptions {
+        let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_max_packet_size(512 * 1024, 512 * 1024);
+        if let Some(user) = user {
+            options.set_credentials(user, password.unwrap_or(""));
+        }
+        options
+    }
+
+    /// Connects and waits for CONNACK.
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: &str,
+        user: Option<&str>,
+        password: Option<&str>,
+    ) -> Result<Client, Refused> {
+        connect_with(options(addr, client_id, user, password)).await
+    }
+
+    /// Connects with custom options and waits for CONNACK.
+    pub async fn connect_with(options: MqttOptions) -> Result<Client, Refused> {
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let first = tokio::time::timeout(WAIT, async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => return Ok(ack),
+                    Ok(_) => {}
+                    Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                        return Err(Refused::Code(code))
+                    }
+                    Err(error) => return Err(Refused::Other(error.to_string())),
+                }
+            }
+        })
+        .await
+        .map_err(|_| Refused::Other("timed out".into()))??;
+        assert_eq!(first.code, ConnectReturnCode::Success);
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(packet)) => {
+                        if tx.send(Ok(packet)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(Event::Outgoing(_)) => {}
+                    Err(error) => {
+                        let _ = tx.send(Err(error.to_string()));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Client { client, events: rx })
+    }
+
+    impl Client {
+        /// The next PUBLISH received, within [`WAIT`].
+        pub async fn next_publish(&mut self) -> Publish {
+            self.next_publish_within(WAIT)
+                .await
+                .expect("a publish arrives")
+        }
+
+        /// The next PUBLISH received within `limit`, or `None`.
+        pub async fn next_publish_within(&mut self, limit: Duration) -> Option<Publish> {
+            tokio::time::timeout(limit, async {
+                loop {
+                    match self.events.recv().await {
+                        Some(Ok(Packet::Publish(publish))) => return Some(publish),
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => return None,
+                    }
+                }
+            })
+            .await
+            .ok()
+            .flatten()
+        }
+
+        /// Waits for the next SUBACK and returns its return codes.
+        pub async fn suback(&mut self) -> Vec<rumqttc::SubscribeReasonCode> {
+            tokio::time::timeout(WAIT, async {
+                loop {
+                    match self.events.recv().await {
+                        Some(Ok(Packet::SubAck(ack))) => return ack.return_codes,
+                        Some(Ok(_)) => {}
+                        other => panic!("connection ended before SUBACK: {other:?}"),
+                    }
+                }
+            })
+            .await
+            .expect("SUBACK arrives")
+        }
+
+        /// Subscribes and waits for the SUBACK.
+        pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
+            self.client
+                .subscribe(filter, qos)
+                .await
+                .expect("subscribe queued");
+            let codes = self.suback().await;
+            assert!(
+                codes
+                    .iter()
+                    .all(|code| !matches!(code, rumqttc::SubscribeReasonCode::Failure)),
+                "subscription to {filter} refused"
+            );
+        }
+
+        /// Waits until the connection ends (closed by the proxy) and returns the error text.
+        pub async fn closed(&mut self) -> String {
+            tokio::time::timeout(WAIT, async {
+                loop {
+                    match self.events.recv().await {
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => return error,
+                        None => return "event loop ended".to_string(),
+                    }
+                }
+            })
+            .await
+            .expect("the connection closes")
+        }
+
+        /// Sends DISCONNECT.
+        pub async fn disconnect(&self) {
+            let _ = self.client.disconnect().await;
+        }
+    }
+}
+
+pub mod mon {
+    //! Reading monitoring messages.
+    use serde_json::Value;
+
+    /// Parses a monitoring payload.
+    pub fn parse(payload: &[u8]) -> Value {
+        serde_json::from_slice(payload).expect("monitoring payload is JSON")
+    }
+}
