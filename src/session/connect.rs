@@ -71,6 +71,19 @@ pub async fn establish<S: ClientStream>(
             let version = requested_version(body, &error);
             let reason = error.close_reason(true);
             info!(code = reason.number(), reason = %reason.reason_string(), "invalid CONNECT");
+            if let (CodecError::UnsupportedProtocolLevel(_), Some(ProtocolVersion::V311)) =
+                (&error, version)
+            {
+                // MQTT 3 says "unacceptable protocol version" with return code 1 [MQTT-3.1.2-2].
+                let mut out = BytesMut::new();
+                let connack = Connack {
+                    session_present: false,
+                    code: 0x01,
+                    properties: Vec::new(),
+                };
+                encode_connack(&mut out, ProtocolVersion::V311, &connack);
+                let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.write_all(&out)).await;
+            }
             refuse(&mut client, version, &reason, &mut counters).await;
             return None;
         }
