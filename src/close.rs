@@ -250,10 +250,10 @@ impl CloseReason {
 
     /// The MQTT 5 DISCONNECT reason code, when the close happens after CONNACK.
     pub fn v5_disconnect(&self) -> Option<u8> {
-        match self.code.row().v5_disconnect {
-            Some(table) => Some(self.v5_reason.unwrap_or(table)),
-            None => None,
-        }
+        self.code
+            .row()
+            .v5_disconnect
+            .map(|table| self.v5_reason.unwrap_or(table))
     }
 }
 

@@ -7,20 +7,20 @@
 //!
 //! The data path reads top to bottom:
 //!
-//! - [`config`]: the process config (`warden.yaml`).
-//! - [`proxy`]: binds the listeners and runs the accept loop with its connection cap.
-//! - [`session`]: one client's life: the connect phase, the bridge loop (client ⇄ upstream), close.
-//! - [`codec`]: MQTT framing and packet views, for MQTT 3.1, 3.1.1 and 5.
-//! - [`identity`]: the client-ID grammar (`a:`, `A:`, `d:`, `g:`).
-//! - [`auth`]: token hashes, verification pool and cache.
-//! - [`policy`]: the policy model and its loader.
-//! - [`topics`]: the `iot-2` topic grammar and the org-prefix rewrite.
-//! - [`decision`]: what an identity may do: connect, publish, subscribe → allow or a [`close::CloseReason`].
-//! - [`upstream`]: dialling the broker.
-//! - [`registry`]: live sessions by client ID (takeover, org connection counts).
-//! - [`close`]: the one table of WIoTP closing codes.
-//! - [`monitor`]: monitoring messages and the control connection that publishes them.
-//! - [`telemetry`]: logging.
+//! - [`config`] — the process config (`warden.yaml`).
+//! - [`proxy`] — binds the listeners and runs the accept loop with its connection cap.
+//! - [`session`] — one client's life: the connect phase, the bridge loop (client ⇄ upstream), close.
+//! - [`codec`] — MQTT framing and packet views, for MQTT 3.1, 3.1.1 and 5.
+//! - [`identity`] — the client-ID grammar (`a:`, `A:`, `d:`, `g:`).
+//! - [`auth`] — token hashes, verification pool and cache.
+//! - [`policy`] — the policy model and its loader.
+//! - [`topics`] — the `iot-2` topic grammar and the org-prefix rewrite.
+//! - [`decision`] — what an identity may do: connect, publish, subscribe → allow or a [`close::CloseReason`].
+//! - [`upstream`] — dialling the broker.
+//! - [`registry`] — live sessions by client ID (takeover, org connection counts).
+//! - [`close`] — the one table of WIoTP closing codes.
+//! - [`monitor`] — monitoring messages and the control connection that publishes them.
+//! - [`telemetry`] — logging.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -138,11 +138,8 @@ async fn after_connect(addr: SocketAddr, version: ProtocolVersion, bytes: &[u8])
     assert_eq!(header[0], 0x20, "CONNACK");
     let mut rest = vec![0u8; usize::from(header[1])];
     stream.read_exact(&mut rest).await.unwrap();
-    let code = if version == ProtocolVersion::V5 {
-        rest[1]
-    } else {
-        rest[1]
-    };
+    // Byte 1 is the return code (3.x) or reason code (5) after the flags byte.
+    let code = rest[1];
     assert_eq!(code, 0, "connected");
     stream.write_all(bytes).await.unwrap();
     read_to_close(&mut stream).await
