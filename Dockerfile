@@ -1,0 +1,17 @@
+# Build stage: the release binary.
+FROM rust:1-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY examples ./examples
+RUN cargo build --release --locked --bin mqtt-warden
+
+# Runtime stage: a small image with the binary, running as an unprivileged user.
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --no-create-home warden
+COPY --from=build /src/target/release/mqtt-warden /usr/local/bin/mqtt-warden
+COPY policies /etc/mqtt-warden/policies
+USER warden
+EXPOSE 1883
+ENTRYPOINT ["/usr/local/bin/mqtt-warden"]
+CMD ["run", "--config", "/etc/mqtt-warden/warden.yaml"]
