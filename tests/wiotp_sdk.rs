@@ -9,15 +9,24 @@ use support::{standard_policy, Broker, Warden};
 async fn wiotp_sdk_device_and_application_exchange_events_and_commands() {
     let broker = Broker::start().await;
     let warden = Warden::start(&broker, &standard_policy()).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/wiotp_sdk_flow.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/python/wiotp_sdk_flow.py"
+    );
     let output = tokio::time::timeout(
         std::time::Duration::from_secs(60),
-        tokio::process::Command::new("python3").arg(script).arg(warden.addr.port().to_string()).output(),
+        tokio::process::Command::new("python3")
+            .arg(script)
+            .arg(warden.addr.port().to_string())
+            .output(),
     )
     .await
     .expect("the SDK flow finishes")
     .expect("python3 runs (CI installs wiotp-sdk with pip)");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success() && stdout.contains("wiotp-sdk flow ok"), "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        output.status.success() && stdout.contains("wiotp-sdk flow ok"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
 }
