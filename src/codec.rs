@@ -766,6 +766,33 @@ pub fn encode_publish(out: &mut BytesMut, first_byte: u8, topic: &[&[u8]], after
     out.put_slice(after_topic);
 }
 
+/// The part SUBSCRIBE and UNSUBSCRIBE share: fixed-header flags 0010, a non-zero packet id and,
+/// for MQTT 5, properties. Returns the reader positioned at the first filter.
+fn subscription_header(
+    first_byte: u8,
+    expected_first_byte: u8,
+    body: &[u8],
+    version: ProtocolVersion,
+    context: PropertyContext,
+) -> Result<(Reader<'_>, u16, Vec<Property<'_>>), CodecError> {
+    if first_byte != expected_first_byte {
+        return Err(CodecError::Malformed(
+            "SUBSCRIBE and UNSUBSCRIBE fixed header flags must be 0010",
+        ));
+    }
+    let mut r = Reader::new(body);
+    let packet_id = r.u16("packet identifier")?;
+    if packet_id == 0 {
+        return Err(CodecError::Malformed("packet identifier 0"));
+    }
+    let properties = if version.is_v5() {
+        parse_properties(r.properties("properties")?, context)?
+    } else {
+        Vec::new()
+    };
+    Ok((r, packet_id, properties))
+}
+
 /// One topic filter of a SUBSCRIBE.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscribeFilter<'a> {
@@ -794,24 +821,8 @@ pub fn parse_subscribe(
     body: &[u8],
     version: ProtocolVersion,
 ) -> Result<Subscribe<'_>, CodecError> {
-    if first_byte != 0x82 {
-        return Err(CodecError::Malformed(
-            "SUBSCRIBE fixed header flags must be 0010",
-        ));
-    }
-    let mut r = Reader::new(body);
-    let packet_id = r.u16("packet identifier")?;
-    if packet_id == 0 {
-        return Err(CodecError::Malformed("packet identifier 0"));
-    }
-    let properties = if version.is_v5() {
-        parse_properties(
-            r.properties("SUBSCRIBE properties")?,
-            PropertyContext::Subscribe,
-        )?
-    } else {
-        Vec::new()
-    };
+    let (mut r, packet_id, properties) =
+        subscription_header(first_byte, 0x82, body, version, PropertyContext::Subscribe)?;
     let mut filters = Vec::new();
     while !r.is_empty() {
         let filter = filter_str(r.binary("topic filter")?)?;
@@ -898,24 +909,13 @@ pub fn parse_unsubscribe(
     body: &[u8],
     version: ProtocolVersion,
 ) -> Result<Unsubscribe<'_>, CodecError> {
-    if first_byte != 0xA2 {
-        return Err(CodecError::Malformed(
-            "UNSUBSCRIBE fixed header flags must be 0010",
-        ));
-    }
-    let mut r = Reader::new(body);
-    let packet_id = r.u16("packet identifier")?;
-    if packet_id == 0 {
-        return Err(CodecError::Malformed("packet identifier 0"));
-    }
-    let properties = if version.is_v5() {
-        parse_properties(
-            r.properties("UNSUBSCRIBE properties")?,
-            PropertyContext::Unsubscribe,
-        )?
-    } else {
-        Vec::new()
-    };
+    let (mut r, packet_id, properties) = subscription_header(
+        first_byte,
+        0xA2,
+        body,
+        version,
+        PropertyContext::Unsubscribe,
+    )?;
     let mut filters = Vec::new();
     while !r.is_empty() {
         let filter = filter_str(r.binary("topic filter")?)?;
@@ -1262,7 +1262,7 @@ fn decode_varint(buf: &[u8]) -> Result<Option<(usize, usize)>, CodecError> {
 }
 
 /// Bytes of the Variable Byte Integer encoding of `value`.
-fn varint_len(value: usize) -> usize {
+pub fn varint_len(value: usize) -> usize {
     match value {
         0..=127 => 1,
         128..=16_383 => 2,

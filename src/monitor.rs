@@ -280,6 +280,27 @@ impl Monitor {
         }
     }
 
+    /// Builds the monitoring message for an event and queues its publications under the retain
+    /// rules (see [`publications`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn report(
+        &self,
+        action: Action,
+        identity: &Identity,
+        facts: &ConnectionFacts,
+        close: Option<&CloseReason>,
+        counters: Counters,
+        org_prefix: &str,
+        quickstart: bool,
+    ) {
+        let message = MonitorMessage::new(action, identity, facts, close, counters);
+        let clear =
+            action == Action::Disconnect && clears_on_disconnect(identity.class, quickstart);
+        self.send(publications(
+            &message, identity, org_prefix, quickstart, clear,
+        ));
+    }
+
     /// The control connection's status.
     pub fn status(&self) -> &MonitorStatus {
         &self.status

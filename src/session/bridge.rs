@@ -19,8 +19,8 @@ use super::ClientStream;
 use crate::close::{CloseCode, CloseReason};
 use crate::codec::{
     check_ack, check_disconnect, decode_frame_header, encode_ack, encode_publish, encode_subscribe,
-    encode_unsubscribe, packet_type, parse_publish, parse_subscribe, parse_unsubscribe, CodecError,
-    PacketType, ProtocolVersion, PublishView,
+    encode_unsubscribe, packet_type, parse_publish, parse_subscribe, parse_unsubscribe, varint_len,
+    CodecError, PacketType, ProtocolVersion, PublishView,
 };
 use crate::decision::Principal;
 use crate::monitor::{ConnectionFacts, Counters};
@@ -656,15 +656,6 @@ fn broker_fault(error: CodecError) -> CloseReason {
         CloseCode::ClosedByServer,
         format!("invalid data from the broker: {error}"),
     )
-}
-
-fn varint_len(value: usize) -> usize {
-    match value {
-        0..=127 => 1,
-        128..=16_383 => 2,
-        16_384..=2_097_151 => 3,
-        _ => 4,
-    }
 }
 
 fn reserve_read_room(buf: &mut BytesMut) {

@@ -22,7 +22,7 @@ use crate::codec::{
 };
 use crate::decision::Principal;
 use crate::identity::{parse_client_id, ClientClass, Identity, TOKEN_AUTH_USERNAME};
-use crate::monitor::{publications, Action, ConnectionFacts, Counters, MonitorMessage};
+use crate::monitor::{Action, ConnectionFacts, Counters};
 use crate::policy::{ApiRole, DeviceClass, GatewayRole, Org, SecurityMode};
 use crate::proxy::Shared;
 use crate::registry::{ClaimError, SessionControl, TAKEOVER_WAIT};
@@ -119,20 +119,15 @@ pub async fn establish<S: ClientStream>(
     let rewrite = TopicRewrite::for_identity(&identity, &shared.config.upstream.topic_prefix);
 
     let failed = |reason: CloseReason, counters: Counters| {
-        let message = MonitorMessage::new(
+        shared.monitor.report(
             Action::FailedConnect,
             &identity,
             &facts,
             Some(&reason),
             counters,
-        );
-        shared.monitor.send(publications(
-            &message,
-            &identity,
             &rewrite.org_prefix,
             org.quickstart,
-            false,
-        ));
+        );
         info!(code = reason.number(), reason = %reason.reason_string(), client_id = %identity.client_id, "connect refused");
     };
 
@@ -216,14 +211,15 @@ pub async fn establish<S: ClientStream>(
     }
     counters.write_bytes += out.len() as u64;
 
-    let message = MonitorMessage::new(Action::Connect, &identity, &facts, None, counters);
-    shared.monitor.send(publications(
-        &message,
+    shared.monitor.report(
+        Action::Connect,
         &identity,
+        &facts,
+        None,
+        counters,
         &rewrite.org_prefix,
         org.quickstart,
-        false,
-    ));
+    );
     info!(client_id = %identity.client_id, protocol = facts.protocol, "session connected");
 
     Some(Bridge::new(

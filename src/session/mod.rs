@@ -19,7 +19,7 @@ use tracing::{info, Instrument};
 
 use crate::close::{CloseCode, CloseReason};
 use crate::codec::encode_disconnect_v5;
-use crate::monitor::{publications, Action, MonitorMessage};
+use crate::monitor::Action;
 use crate::proxy::Shared;
 use crate::registry::SessionControl;
 
@@ -105,22 +105,15 @@ async fn close<S: ClientStream>(
     shared
         .registry
         .release(&identity.client_id, &identity.org, control.id());
-    let message = MonitorMessage::new(
+    shared.monitor.report(
         Action::Disconnect,
         identity,
         &bridge.facts,
         Some(&reason),
         bridge.counters,
-    );
-    let clear =
-        crate::monitor::clears_on_disconnect(identity.class, bridge.principal.org.quickstart);
-    shared.monitor.send(publications(
-        &message,
-        identity,
         &bridge.rewrite.org_prefix,
         bridge.principal.org.quickstart,
-        clear,
-    ));
+    );
     info!(
         code = reason.number(),
         reason = %reason.reason_string(),
