@@ -1100,6 +1100,37 @@ pub fn encode_suback(
     out.put_slice(codes);
 }
 
+/// A SUBACK from the broker: the packet id and one code per filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suback<'a> {
+    /// Packet identifier.
+    pub packet_id: u16,
+    /// MQTT 5 properties (empty before MQTT 5).
+    pub properties: Vec<Property<'a>>,
+    /// One return/reason code per filter, in order.
+    pub codes: &'a [u8],
+}
+
+/// Parses a SUBACK body.
+pub fn parse_suback(body: &[u8], version: ProtocolVersion) -> Result<Suback<'_>, CodecError> {
+    let mut r = Reader::new(body);
+    let packet_id = r.u16("packet identifier")?;
+    let properties = if version.is_v5() {
+        parse_properties(r.properties("SUBACK properties")?, PropertyContext::Suback)?
+    } else {
+        Vec::new()
+    };
+    let codes = r.rest();
+    if codes.is_empty() {
+        return Err(CodecError::ProtocolError("SUBACK without codes"));
+    }
+    Ok(Suback {
+        packet_id,
+        properties,
+        codes,
+    })
+}
+
 /// Writes PUBACK, PUBREC, PUBREL or PUBCOMP; MQTT 5 with reason code (omitted when 0 and no string).
 pub fn encode_ack(
     out: &mut BytesMut,

@@ -5,6 +5,7 @@
 //! does I/O. Topic *syntax* (wildcard placement, UTF-8, NUL) was already checked by the codec: a
 //! topic that reaches this module is valid MQTT, so every denial here is 180.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::close::{CloseCode, CloseReason};
@@ -25,6 +26,42 @@ pub struct Principal {
     pub groups: Vec<String>,
     /// For gateways, what they may act for.
     pub gateway_role: GatewayRole,
+    /// For group-limited API keys and standard gateways: the devices whose deliveries they may
+    /// receive. `None` means the whole org.
+    pub scope: Option<Arc<DeviceScope>>,
+}
+
+/// The registered devices of some groups, indexed by type then ID so that a delivery is checked
+/// with two hash lookups and no allocation.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DeviceScope {
+    by_type: HashMap<Box<str>, HashSet<Box<str>>>,
+}
+
+impl DeviceScope {
+    /// The devices of `org` that belong to any of `groups`. Built once per CONNECT.
+    pub fn for_groups(org: &Org, groups: &[String]) -> DeviceScope {
+        let mut by_type: HashMap<Box<str>, HashSet<Box<str>>> = HashMap::new();
+        for (key, device) in &org.devices {
+            if !device.groups.iter().any(|group| groups.contains(group)) {
+                continue;
+            }
+            if let Some((device_type, device_id)) = key.split_once('/') {
+                by_type
+                    .entry(device_type.into())
+                    .or_default()
+                    .insert(device_id.into());
+            }
+        }
+        DeviceScope { by_type }
+    }
+
+    /// Whether the device is in scope.
+    pub fn contains(&self, device_type: &str, device_id: &str) -> bool {
+        self.by_type
+            .get(device_type)
+            .is_some_and(|ids| ids.contains(device_id))
+    }
 }
 
 fn deny(what: &'static str) -> CloseReason {
@@ -92,6 +129,34 @@ impl Principal {
                 "mon and notify topics are published only by the proxy",
             )),
             _ => Err(deny("publish not allowed for this client class")),
+        }
+    }
+
+    /// May a delivery on `topic` (client form) reach this principal? Wildcard subscriptions of
+    /// group-limited identities are narrowed here, per delivered message, in O(1).
+    pub fn may_receive(&self, topic: &str) -> bool {
+        let Some(scope) = &self.scope else {
+            return true;
+        };
+        match parse_iot2(topic) {
+            Some(
+                Iot2Topic::DeviceEvent {
+                    device_type,
+                    device_id,
+                    ..
+                }
+                | Iot2Topic::DeviceCommand {
+                    device_type,
+                    device_id,
+                    ..
+                }
+                | Iot2Topic::DeviceMon {
+                    device_type,
+                    device_id,
+                },
+            ) => self.is_self(device_type, device_id) || scope.contains(device_type, device_id),
+            Some(Iot2Topic::AppMon { .. } | Iot2Topic::DeviceNotify { .. }) => true,
+            _ => false,
         }
     }
 
@@ -269,6 +334,7 @@ mod tests {
             api_role: role,
             groups: groups.iter().map(|g| g.to_string()).collect(),
             gateway_role: GatewayRole::Privileged,
+            scope: None,
         }
     }
 
@@ -345,6 +411,19 @@ mod tests {
         assert!(other_group
             .check_publish("iot-2/type/sensor/id/unknown/evt/e/fmt/f")
             .is_err());
+    }
+
+    #[test]
+    fn group_scope_narrows_deliveries() {
+        let mut app = principal("a:org1:app", ApiRole::Standard, &["line-1"]);
+        app.scope = Some(Arc::new(DeviceScope::for_groups(&app.org, &app.groups)));
+        assert!(app.may_receive(EVT));
+        assert!(app.may_receive("iot-2/type/sensor/id/d1/mon"));
+        assert!(!app.may_receive("iot-2/type/sensor/id/d2/evt/e/fmt/f"));
+        assert!(!app.may_receive("iot-2/type/other/id/d1/cmd/c/fmt/f"));
+        assert!(app.may_receive("iot-2/app/x/mon"));
+        let unrestricted = principal("a:org1:app", ApiRole::Standard, &[]);
+        assert!(unrestricted.may_receive("iot-2/type/sensor/id/d2/evt/e/fmt/f"));
     }
 
     #[test]

@@ -281,7 +281,8 @@ impl Monitor {
     }
 
     /// Builds the monitoring message for an event and queues its publications under the retain
-    /// rules (see [`publications`]).
+    /// rules (see [`publications`]). `last_instance` is false while another connection of the
+    /// same application is live, so its retained Connect must stay.
     #[allow(clippy::too_many_arguments)]
     pub fn report(
         &self,
@@ -292,10 +293,12 @@ impl Monitor {
         counters: Counters,
         org_prefix: &str,
         quickstart: bool,
+        last_instance: bool,
     ) {
         let message = MonitorMessage::new(action, identity, facts, close, counters);
-        let clear =
-            action == Action::Disconnect && clears_on_disconnect(identity.class, quickstart);
+        let clear = action == Action::Disconnect
+            && last_instance
+            && clears_on_disconnect(identity.class, quickstart);
         self.send(publications(
             &message, identity, org_prefix, quickstart, clear,
         ));

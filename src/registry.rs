@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::close::CloseReason;
+use crate::identity::Identity;
 
 /// How long a new session waits for the session it takes over to finish closing.
 pub const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
@@ -87,6 +88,14 @@ impl Default for SessionControl {
 struct Inner {
     by_client_id: HashMap<String, SessionHandle>,
     per_org: HashMap<String, u32>,
+    /// Live connections per `ORG/APP`, across `a:` and `A:` client IDs: they share one status topic.
+    per_app: HashMap<String, u32>,
+}
+
+fn app_key(identity: &Identity) -> Option<String> {
+    identity
+        .app_id()
+        .map(|app| format!("{}/{app}", identity.org))
 }
 
 /// Every live session of this process.
@@ -122,12 +131,12 @@ impl Registry {
     /// `takeover` false (scalable applications share a client ID) never displaces anyone.
     pub fn claim(
         &self,
-        client_id: &str,
-        org: &str,
+        identity: &Identity,
         org_limit: u32,
         session: &SessionHandle,
         takeover: bool,
     ) -> Result<Option<SessionHandle>, ClaimError> {
+        let (client_id, org) = (identity.client_id.as_str(), identity.org.as_str());
         let mut inner = self.lock();
         let displaced = if takeover {
             inner.by_client_id.get(client_id).cloned()
@@ -146,11 +155,17 @@ impl Registry {
                 .insert(client_id.to_string(), session.clone());
         }
         *inner.per_org.entry(org.to_string()).or_insert(0) += 1;
+        if let Some(app) = app_key(identity) {
+            *inner.per_app.entry(app).or_insert(0) += 1;
+        }
         Ok(displaced)
     }
 
     /// Removes a session's claim. The client-ID entry is removed only if it is still this session's.
-    pub fn release(&self, client_id: &str, org: &str, session_id: u64) {
+    /// Returns whether this was the last live connection of its application (always true for
+    /// devices and gateways), which decides whether the retained status is cleared.
+    pub fn release(&self, identity: &Identity, session_id: u64) -> bool {
+        let (client_id, org) = (identity.client_id.as_str(), identity.org.as_str());
         let mut inner = self.lock();
         if inner
             .by_client_id
@@ -165,6 +180,18 @@ impl Registry {
                 inner.per_org.remove(org);
             }
         }
+        let Some(app) = app_key(identity) else {
+            return true;
+        };
+        let Some(count) = inner.per_app.get_mut(&app) else {
+            return true;
+        };
+        *count = count.saturating_sub(1);
+        let last = *count == 0;
+        if last {
+            inner.per_app.remove(&app);
+        }
+        last
     }
 
     /// Live sessions of an org.
@@ -182,24 +209,26 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::close::CloseCode;
+    use crate::identity::parse_client_id;
 
     #[tokio::test]
     async fn takeover_displaces_and_waits() {
         let registry = Registry::new();
+        let device = parse_client_id("d:o:t:i").unwrap();
         let mut first = SessionControl::new();
         let second = SessionControl::new();
         assert!(registry
-            .claim("d:o:t:i", "o", 10, first.handle(), true)
+            .claim(&device, 10, first.handle(), true)
             .unwrap()
             .is_none());
         let displaced = registry
-            .claim("d:o:t:i", "o", 10, second.handle(), true)
+            .claim(&device, 10, second.handle(), true)
             .unwrap()
             .unwrap();
         displaced.close(CloseCode::ClientIdReused.into());
         assert_eq!(first.kill.recv().await.unwrap().number(), 288);
         // The old session releasing must not remove the new session's entry.
-        registry.release("d:o:t:i", "o", first.id());
+        registry.release(&device, first.id());
         first.finish();
         displaced.closed(Duration::from_secs(1)).await;
         assert_eq!(registry.sessions().len(), 1);
@@ -209,17 +238,37 @@ mod tests {
     #[test]
     fn org_limit_counts_live_sessions() {
         let registry = Registry::new();
+        let (one, two) = (
+            parse_client_id("a:o:1").unwrap(),
+            parse_client_id("a:o:2").unwrap(),
+        );
         let a = SessionControl::new();
         let b = SessionControl::new();
-        registry.claim("a:o:1", "o", 1, a.handle(), true).unwrap();
+        registry.claim(&one, 1, a.handle(), true).unwrap();
         assert!(matches!(
-            registry.claim("a:o:2", "o", 1, b.handle(), true),
+            registry.claim(&two, 1, b.handle(), true),
             Err(ClaimError::OrgFull)
         ));
         // Reconnecting with the same client ID replaces, so it fits.
-        assert!(registry
-            .claim("a:o:1", "o", 1, b.handle(), true)
-            .unwrap()
-            .is_some());
+        assert!(registry.claim(&one, 1, b.handle(), true).unwrap().is_some());
+    }
+
+    #[test]
+    fn the_last_instance_of_an_application_is_known() {
+        let registry = Registry::new();
+        let plain = parse_client_id("a:o:app").unwrap();
+        let scalable = parse_client_id("A:o:app:i1").unwrap();
+        let (a, b) = (SessionControl::new(), SessionControl::new());
+        registry.claim(&plain, 10, a.handle(), true).unwrap();
+        registry.claim(&scalable, 10, b.handle(), false).unwrap();
+        assert!(
+            !registry.release(&plain, a.id()),
+            "another instance of app is live"
+        );
+        assert!(registry.release(&scalable, b.id()));
+        assert!(
+            registry.release(&parse_client_id("d:o:t:i").unwrap(), 99),
+            "devices always clear"
+        );
     }
 }

@@ -14,17 +14,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::info;
 
 use super::ClientStream;
 use crate::close::{CloseCode, CloseReason};
 use crate::codec::{
-    check_ack, check_disconnect, decode_frame_header, encode_ack, encode_publish, encode_subscribe,
-    encode_unsubscribe, packet_type, parse_publish, parse_subscribe, parse_unsubscribe, varint_len,
-    CodecError, PacketType, ProtocolVersion, PublishView,
+    check_ack, check_disconnect, decode_frame_header, encode_ack, encode_publish, encode_suback,
+    encode_subscribe, encode_unsubscribe, packet_type, parse_publish, parse_suback,
+    parse_subscribe, parse_unsubscribe, varint_len, CodecError, PacketType, ProtocolVersion,
+    PublishView,
 };
 use crate::decision::Principal;
+use crate::identity::{ClientClass, Identity};
 use crate::monitor::{ConnectionFacts, Counters};
+use crate::monitor::{Monitor, Publication};
+use crate::policy::OnViolation;
 use crate::topics::TopicRewrite;
+use crate::topics::{parse_iot2, Iot2Topic};
 use crate::upstream::READ_BUFFER_BYTES;
 
 /// Spare room a read buffer must have before a read, in bytes.
@@ -51,6 +57,54 @@ pub struct Limits {
     pub topic_alias_maximum: u16,
     /// Quickstart: QoS is downgraded to 0.
     pub quickstart: bool,
+}
+
+/// A client topic alias.
+#[derive(Debug)]
+struct Alias {
+    /// The topic, in client form.
+    topic: Box<str>,
+    /// Whether the broker knows the alias (it does not if the PUBLISH that set it was refused).
+    upstream: bool,
+}
+
+/// The kind of client request a refusal is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Publish,
+    Subscribe,
+}
+
+impl Request {
+    fn name(self) -> &'static str {
+        match self {
+            Request::Publish => "Publish",
+            Request::Subscribe => "Subscribe",
+        }
+    }
+}
+
+/// The shared-subscription group of a scalable application: `A:ORG:APP` connections share one
+/// group, `A:ORG:APP:INSTANCE` connections another (PRODUCT.md §3).
+fn share_prefix(identity: &Identity) -> String {
+    if identity.class != ClientClass::ScalableApplication {
+        return String::new();
+    }
+    let kind = if identity.instance().is_some() {
+        "instances"
+    } else {
+        "app"
+    };
+    format!("$share/wiotp.{}.{}.{kind}/", identity.org, identity.first)
+}
+
+/// A topic-filter syntax error is 276 with MQTT 5's "Topic Filter invalid".
+fn filter_error(error: CodecError) -> CloseReason {
+    let mut reason = error.close_reason(false);
+    if reason.code == CloseCode::InvalidTopic {
+        reason.v5_reason = Some(0x8F);
+    }
+    reason
 }
 
 /// What processing a batch of client packets asks for next.
@@ -82,8 +136,17 @@ pub struct Bridge<S> {
     limits: Limits,
     keep_alive: Option<Duration>,
     last_client_read: Instant,
-    /// Client topic aliases (MQTT 5), by alias number, in client form.
-    aliases: HashMap<u16, Box<str>>,
+    /// Client topic aliases (MQTT 5), by alias number.
+    aliases: HashMap<u16, Alias>,
+    /// `$share/GROUP/` for scalable applications, else empty: put in front of every filter.
+    share_prefix: String,
+    /// SUBSCRIBEs with filters the proxy refused itself, by packet id: the codes to merge into
+    /// the broker's SUBACK (`None`: the broker's code).
+    pending_subacks: HashMap<u16, Vec<Option<u8>>>,
+    /// Where gateway notifications go.
+    monitor: Monitor,
+    /// Operations refused under `on_violation: reject` or for gateways.
+    pub counters_refused: u64,
     /// Active subscription filters, in client form.
     subscriptions: HashSet<Box<str>>,
     /// QoS 2 deliveries the proxy dropped and acknowledged itself; the broker's PUBREL is answered here.
@@ -108,7 +171,9 @@ impl<S: ClientStream> Bridge<S> {
         counters: Counters,
         limits: Limits,
         keep_alive_secs: u16,
+        monitor: Monitor,
     ) -> Bridge<S> {
+        let share_prefix = share_prefix(&principal.identity);
         Bridge {
             client,
             upstream,
@@ -131,6 +196,10 @@ impl<S: ClientStream> Bridge<S> {
                 .then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500)),
             last_client_read: Instant::now(),
             aliases: HashMap::new(),
+            share_prefix,
+            pending_subacks: HashMap::new(),
+            monitor,
+            counters_refused: 0,
             subscriptions: HashSet::new(),
             upstream_local_qos2: HashSet::new(),
             client_local_qos2: HashSet::new(),
@@ -343,77 +412,49 @@ impl<S: ClientStream> Bridge<S> {
                 ),
             ));
         }
-        let topic: &str = match (publish.topic_alias, publish.topic.is_empty()) {
-            (Some(alias), _) if alias > self.limits.topic_alias_maximum => {
-                return Err(CloseReason::with_detail(
-                    CloseCode::InvalidData,
-                    "topic alias above the maximum",
-                )
-                .v5(0x94));
-            }
-            (Some(alias), true) => self
-                .aliases
-                .get(&alias)
-                .ok_or_else(|| CloseReason::protocol_error("unknown topic alias"))?,
-            (Some(alias), false) => {
-                if self
-                    .aliases
-                    .get(&alias)
-                    .is_none_or(|known| **known != *publish.topic)
-                {
-                    self.aliases.insert(alias, publish.topic.into());
+        // The topic this PUBLISH is for, and whether the broker already knows its alias.
+        let (topic, alias_known_upstream): (&str, bool) =
+            match (publish.topic_alias, publish.topic.is_empty()) {
+                (Some(alias), _) if alias > self.limits.topic_alias_maximum => {
+                    return Err(CloseReason::with_detail(
+                        CloseCode::InvalidData,
+                        "topic alias above the maximum",
+                    )
+                    .v5(0x94));
                 }
-                publish.topic
-            }
-            (None, _) => publish.topic,
-        };
-        self.principal.check_publish(topic)?;
+                (Some(alias), true) => {
+                    let known = self
+                        .aliases
+                        .get(&alias)
+                        .ok_or_else(|| CloseReason::protocol_error("unknown topic alias"))?;
+                    (&known.topic, known.upstream)
+                }
+                (Some(alias), false) => {
+                    let alias_entry = Alias {
+                        topic: publish.topic.into(),
+                        upstream: false,
+                    };
+                    self.aliases.insert(alias, alias_entry);
+                    (publish.topic, false)
+                }
+                (None, _) => (publish.topic, false),
+            };
+        if let Err(reason) = self.principal.check_publish(topic) {
+            let topic = topic.to_owned();
+            return self.refuse_publish(&publish, &topic, reason);
+        }
         let mut first_byte = first_byte;
         if self.limits.strip_retained {
             first_byte &= !0x01;
         }
-        let after_topic = &body[publish.after_topic.clone()];
-        if self.limits.quickstart && publish.qos > 0 {
-            // Quickstart: forward at QoS 0 and complete the client's QoS 1/2 flow here. The
-            // packet id sits in front of the properties and payload; QoS 0 has none.
-            let packet_id = publish.packet_id.unwrap_or_default();
-            let without_id = &body[publish.after_topic.start + 2..publish.after_topic.end];
-            let parts = self.rewrite.to_broker(topic).ok_or_else(|| {
-                CloseReason::with_detail(
-                    CloseCode::NotAuthorized,
-                    "topic outside the client's namespace",
-                )
-            })?;
-            encode_publish(
-                &mut self.to_upstream,
-                first_byte & 0b1111_0001,
-                &parts,
-                without_id,
-            );
-            if publish.qos == 1 {
-                encode_ack(
-                    &mut self.to_client,
-                    PacketType::Puback,
-                    self.version,
-                    packet_id,
-                    0,
-                    None,
-                );
-            } else {
-                encode_ack(
-                    &mut self.to_client,
-                    PacketType::Pubrec,
-                    self.version,
-                    packet_id,
-                    0,
-                    None,
-                );
-                self.client_local_qos2.insert(packet_id);
-            }
-            return Ok(());
+        let mut after_topic = &body[publish.after_topic.clone()];
+        let downgrade = self.limits.quickstart && publish.qos > 0;
+        if downgrade {
+            // Quickstart forwards at QoS 0; the packet id in front of the rest goes away.
+            first_byte &= 0b1111_0001;
+            after_topic = &after_topic[2..];
         }
-        if publish.topic.is_empty() {
-            // The broker knows the alias under its rewritten topic.
+        if alias_known_upstream {
             encode_publish(&mut self.to_upstream, first_byte, &[], after_topic);
         } else {
             let parts = self.rewrite.to_broker(topic).ok_or_else(|| {
@@ -423,36 +464,186 @@ impl<S: ClientStream> Bridge<S> {
                 )
             })?;
             encode_publish(&mut self.to_upstream, first_byte, &parts, after_topic);
+            if let Some(alias) = publish.topic_alias.and_then(|a| self.aliases.get_mut(&a)) {
+                alias.upstream = true;
+            }
+        }
+        if downgrade {
+            self.acknowledge_here(&publish, 0);
         }
         Ok(())
     }
 
+    /// Completes a client's QoS 1/2 flow in the proxy: PUBACK, or PUBREC (and later PUBCOMP).
+    /// An MQTT 5 reason code of 0x80 or more ends a QoS 2 flow at the PUBREC.
+    fn acknowledge_here(&mut self, publish: &PublishView<'_>, reason_code: u8) {
+        let Some(packet_id) = publish.packet_id else {
+            return;
+        };
+        let code = if self.version.is_v5() { reason_code } else { 0 };
+        if publish.qos == 1 {
+            encode_ack(
+                &mut self.to_client,
+                PacketType::Puback,
+                self.version,
+                packet_id,
+                code,
+                None,
+            );
+        } else {
+            encode_ack(
+                &mut self.to_client,
+                PacketType::Pubrec,
+                self.version,
+                packet_id,
+                code,
+                None,
+            );
+            if code < 0x80 {
+                self.client_local_qos2.insert(packet_id);
+            }
+        }
+    }
+
+    /// A PUBLISH the identity may not make: close, or drop it and complete its QoS flow.
+    fn refuse_publish(
+        &mut self,
+        publish: &PublishView<'_>,
+        topic: &str,
+        reason: CloseReason,
+    ) -> Result<(), CloseReason> {
+        let code = self.refusal(Request::Publish, topic, reason)?;
+        self.acknowledge_here(publish, code);
+        Ok(())
+    }
+
+    /// Decides what a refused operation does under the org's violation policy. Gateways always
+    /// keep their connection and are told on their `notify` topic. Returns the reason code for
+    /// the client's acknowledgement, or the close.
+    fn refusal(
+        &mut self,
+        request: Request,
+        topic: &str,
+        reason: CloseReason,
+    ) -> Result<u8, CloseReason> {
+        let gateway = self.principal.identity.class == ClientClass::Gateway;
+        if !gateway && self.principal.org.on_violation == OnViolation::Disconnect {
+            return Err(reason);
+        }
+        self.counters_refused += 1;
+        info!(
+            request = request.name(),
+            topic,
+            code = reason.number(),
+            reason = %reason.reason_string(),
+            "operation refused"
+        );
+        if gateway {
+            self.notify(request, topic, &reason);
+        }
+        let namespace_invalid = parse_iot2(topic).is_none();
+        Ok(match (self.version.is_v5(), namespace_invalid, request) {
+            (false, _, _) => 0x80,
+            (true, true, Request::Publish) => 0x90,
+            (true, true, Request::Subscribe) => 0x8F,
+            (true, false, _) => 0x87,
+        })
+    }
+
+    /// Reports a gateway's refused request on its own `notify` topic.
+    fn notify(&self, request: Request, topic: &str, reason: &CloseReason) {
+        let identity = &self.principal.identity;
+        let (device_type, device_id) = match parse_iot2(topic) {
+            Some(
+                Iot2Topic::DeviceEvent {
+                    device_type,
+                    device_id,
+                    ..
+                }
+                | Iot2Topic::DeviceCommand {
+                    device_type,
+                    device_id,
+                    ..
+                }
+                | Iot2Topic::DeviceMon {
+                    device_type,
+                    device_id,
+                }
+                | Iot2Topic::DeviceNotify {
+                    device_type,
+                    device_id,
+                },
+            ) => (device_type, device_id),
+            _ => ("", ""),
+        };
+        let notification = serde_json::json!({
+            "Request": request.name(),
+            "Time": crate::monitor::iso_time(std::time::SystemTime::now()),
+            "Topic": topic,
+            "Type": device_type,
+            "Id": device_id,
+            "Client": identity.client_id,
+            "RC": reason.number(),
+            "Message": reason.reason_string(),
+        });
+        let notify_topic = format!(
+            "{}iot-2/type/{}/id/{}/notify",
+            self.rewrite.org_prefix,
+            identity.first,
+            identity.second.as_deref().unwrap_or_default()
+        );
+        self.monitor.send(vec![Publication {
+            topic: notify_topic,
+            payload: notification.to_string().into(),
+            retain: false,
+        }]);
+    }
+
     fn client_subscribe(&mut self, first_byte: u8, body: &[u8]) -> Result<(), CloseReason> {
-        let subscribe = parse_subscribe(first_byte, body, self.version).map_err(|e| {
-            let mut reason = e.close_reason(false);
-            if reason.code == CloseCode::InvalidTopic {
-                reason.v5_reason = Some(0x8F);
-            }
-            reason
-        })?;
+        let subscribe = parse_subscribe(first_byte, body, self.version).map_err(filter_error)?;
+        // For each filter: None to forward it, or the code the proxy answers itself.
+        let mut verdicts: Vec<Option<u8>> = Vec::with_capacity(subscribe.filters.len());
         for filter in &subscribe.filters {
-            self.principal.check_subscribe(filter.filter)?;
-        }
-        let mut added = 0;
-        for filter in &subscribe.filters {
-            if !self.subscriptions.contains(filter.filter) {
-                added += 1;
+            match self.principal.check_subscribe(filter.filter) {
+                Ok(()) => verdicts.push(None),
+                Err(reason) => verdicts.push(Some(self.refusal(
+                    Request::Subscribe,
+                    filter.filter,
+                    reason,
+                )?)),
             }
         }
+        let allowed = || {
+            subscribe
+                .filters
+                .iter()
+                .zip(&verdicts)
+                .filter(|(_, v)| v.is_none())
+                .map(|(f, _)| f)
+        };
+        let added = allowed()
+            .filter(|f| !self.subscriptions.contains(f.filter))
+            .count();
         if self.subscriptions.len() + added > self.limits.max_subscriptions {
             return Err(CloseReason::with_detail(
                 CloseCode::TooManySubscriptions,
                 format!("limit {}", self.limits.max_subscriptions),
             ));
         }
-        let mut rewritten: Vec<([&[u8]; 2], u8)> = Vec::with_capacity(subscribe.filters.len());
-        for filter in &subscribe.filters {
-            let parts = self.rewrite.to_broker(filter.filter).ok_or_else(|| {
+        if allowed().next().is_none() {
+            let codes: Vec<u8> = verdicts.iter().map(|v| v.unwrap_or(0x80)).collect();
+            encode_suback(
+                &mut self.to_client,
+                self.version,
+                subscribe.packet_id,
+                &codes,
+                None,
+            );
+            return Ok(());
+        }
+        let mut rewritten: Vec<([&[u8]; 3], u8)> = Vec::with_capacity(verdicts.len());
+        for filter in allowed() {
+            let [head, rest] = self.rewrite.to_broker(filter.filter).ok_or_else(|| {
                 CloseReason::with_detail(
                     CloseCode::NotAuthorized,
                     "filter outside the client's namespace",
@@ -463,7 +654,7 @@ impl<S: ClientStream> Bridge<S> {
             } else {
                 filter.options
             };
-            rewritten.push((parts, options));
+            rewritten.push(([self.share_prefix.as_bytes(), head, rest], options));
         }
         let filters: Vec<(&[&[u8]], u8)> = rewritten
             .iter()
@@ -476,29 +667,29 @@ impl<S: ClientStream> Bridge<S> {
             &subscribe.properties,
             &filters,
         );
-        for filter in &subscribe.filters {
+        for filter in allowed() {
             self.subscriptions.insert(filter.filter.into());
+        }
+        if verdicts.iter().any(Option::is_some) {
+            self.pending_subacks.insert(subscribe.packet_id, verdicts);
         }
         Ok(())
     }
 
     fn client_unsubscribe(&mut self, first_byte: u8, body: &[u8]) -> Result<(), CloseReason> {
-        let unsubscribe = parse_unsubscribe(first_byte, body, self.version).map_err(|e| {
-            let mut reason = e.close_reason(false);
-            if reason.code == CloseCode::InvalidTopic {
-                reason.v5_reason = Some(0x8F);
-            }
-            reason
-        })?;
-        let rewritten: Vec<[&[u8]; 2]> = unsubscribe
+        let unsubscribe =
+            parse_unsubscribe(first_byte, body, self.version).map_err(filter_error)?;
+        let rewritten: Vec<[&[u8]; 3]> = unsubscribe
             .filters
             .iter()
             .map(|filter| {
                 // A filter outside the client's form can only name nothing of its own; it is
                 // still kept inside the client's space so it can never touch another's.
-                self.rewrite
+                let [head, rest] = self
+                    .rewrite
                     .to_broker(filter)
-                    .unwrap_or([self.rewrite.broker_add.as_bytes(), filter.as_bytes()])
+                    .unwrap_or([self.rewrite.broker_add.as_bytes(), filter.as_bytes()]);
+                [self.share_prefix.as_bytes(), head, rest]
             })
             .collect();
         let filters: Vec<&[&[u8]]> = rewritten.iter().map(|parts| &parts[..]).collect();
@@ -512,6 +703,31 @@ impl<S: ClientStream> Bridge<S> {
         for filter in &unsubscribe.filters {
             self.subscriptions.remove(*filter);
         }
+        Ok(())
+    }
+
+    /// A SUBACK from the broker: merged with the proxy's own refusals when some filters of that
+    /// SUBSCRIBE were answered here.
+    fn broker_suback(&mut self, frame: &[u8], body: &[u8]) -> Result<(), CloseReason> {
+        if !self.pending_subacks.is_empty() {
+            let suback = parse_suback(body, self.upstream_version).map_err(broker_fault)?;
+            if let Some(verdicts) = self.pending_subacks.remove(&suback.packet_id) {
+                let mut from_broker = suback.codes.iter().copied();
+                let codes: Vec<u8> = verdicts
+                    .iter()
+                    .map(|verdict| verdict.unwrap_or_else(|| from_broker.next().unwrap_or(0x80)))
+                    .collect();
+                encode_suback(
+                    &mut self.to_client,
+                    self.version,
+                    suback.packet_id,
+                    &codes,
+                    None,
+                );
+                return Ok(());
+            }
+        }
+        self.to_client.extend_from_slice(frame);
         Ok(())
     }
 
@@ -566,10 +782,10 @@ impl<S: ClientStream> Bridge<S> {
                 }
                 Ok(())
             }
+            PacketType::Suback => self.broker_suback(frame, body),
             PacketType::Puback
             | PacketType::Pubrec
             | PacketType::Pubcomp
-            | PacketType::Suback
             | PacketType::Unsuback
             | PacketType::Pingresp => {
                 self.to_client.extend_from_slice(frame);
@@ -608,6 +824,16 @@ impl<S: ClientStream> Bridge<S> {
             self.drop_delivery(&publish);
             return Ok(());
         };
+        if self.principal.scope.is_some() {
+            let client_topic = publish
+                .topic
+                .get(self.rewrite.broker_add.len()..)
+                .unwrap_or_default();
+            if !self.principal.may_receive(client_topic) {
+                self.drop_delivery(&publish);
+                return Ok(());
+            }
+        }
         // Clearing a retained monitoring message is state housekeeping, not a message.
         if publish.payload.is_empty() && publish.topic.ends_with("/mon") {
             self.drop_delivery(&publish);

@@ -20,7 +20,7 @@ use crate::codec::{
     decode_frame_header, encode_connack, encode_connect, parse_connack, parse_connect, property,
     CodecError, Connack, Connect, PacketType, Property, PropertyValue, ProtocolVersion, Will,
 };
-use crate::decision::Principal;
+use crate::decision::{DeviceScope, Principal};
 use crate::identity::{parse_client_id, ClientClass, Identity, TOKEN_AUTH_USERNAME};
 use crate::monitor::{Action, ConnectionFacts, Counters};
 use crate::policy::{ApiRole, DeviceClass, GatewayRole, Org, SecurityMode};
@@ -28,6 +28,9 @@ use crate::proxy::Shared;
 use crate::registry::{ClaimError, SessionControl, TAKEOVER_WAIT};
 use crate::topics::TopicRewrite;
 use crate::upstream::READ_BUFFER_BYTES;
+
+/// The longest keep-alive a scalable application may use, in seconds.
+pub const MAX_SCALABLE_KEEP_ALIVE_SECS: u16 = 3600;
 
 /// Establishes a session, or refuses it. `None` means the connection is over (answered, logged
 /// and, where the org is known, reported as FailedConnect).
@@ -127,6 +130,7 @@ pub async fn establish<S: ClientStream>(
             counters,
             &rewrite.org_prefix,
             org.quickstart,
+            false,
         );
         info!(code = reason.number(), reason = %reason.reason_string(), client_id = %identity.client_id, "connect refused");
     };
@@ -154,8 +158,7 @@ pub async fn establish<S: ClientStream>(
     // Takeover: the older session must finish closing (and queue its Disconnect) first.
     let takeover = identity.class != ClientClass::ScalableApplication;
     match shared.registry.claim(
-        &identity.client_id,
-        &identity.org,
+        &identity,
         org.limits.max_connections,
         control.handle(),
         takeover,
@@ -165,7 +168,7 @@ pub async fn establish<S: ClientStream>(
             tokio::select! {
                 _ = displaced.closed(TAKEOVER_WAIT) => {}
                 Some(reason) = control.kill.recv() => {
-                    shared.registry.release(&identity.client_id, &identity.org, control.id());
+                    shared.registry.release(&identity, control.id());
                     refuse(&mut client, Some(version), &reason, &mut counters).await;
                     failed(reason, counters);
                     return None;
@@ -181,13 +184,20 @@ pub async fn establish<S: ClientStream>(
         }
     }
 
-    let upstream = dial_broker(shared, &connect, &principal, &rewrite).await;
+    let keep_alive = effective_keep_alive(&identity, connect.keep_alive);
+    let upstream = dial_broker(
+        shared,
+        &connect,
+        &principal,
+        &rewrite,
+        keep_alive,
+        control.id(),
+    )
+    .await;
     let (upstream, upstream_in, broker_connack) = match upstream {
         Ok(dialled) => dialled,
         Err(reason) => {
-            shared
-                .registry
-                .release(&identity.client_id, &identity.org, control.id());
+            shared.registry.release(&identity, control.id());
             refuse(&mut client, Some(version), &reason, &mut counters).await;
             failed(reason, counters);
             return None;
@@ -196,16 +206,12 @@ pub async fn establish<S: ClientStream>(
 
     let limits = session_limits(shared, &connect, &principal, &rewrite, &broker_connack);
     let mut out = BytesMut::new();
-    let connack = client_connack(&broker_connack, &limits, &org);
+    let keep_alive = broker_connack.server_keep_alive.unwrap_or(keep_alive);
+    let announced_keep_alive = (keep_alive != connect.keep_alive).then_some(keep_alive);
+    let connack = client_connack(&broker_connack, &limits, &org, announced_keep_alive);
     encode_connack(&mut out, version, &connack);
-    let mut keep_alive = connect.keep_alive;
-    if let Some(server_keep_alive) = broker_connack.server_keep_alive {
-        keep_alive = server_keep_alive;
-    }
     if client.write_all(&out).await.is_err() {
-        shared
-            .registry
-            .release(&identity.client_id, &identity.org, control.id());
+        shared.registry.release(&identity, control.id());
         failed(CloseReason::new(CloseCode::ClosedByClient), counters);
         return None;
     }
@@ -219,6 +225,7 @@ pub async fn establish<S: ClientStream>(
         counters,
         &rewrite.org_prefix,
         org.quickstart,
+        false,
     );
     info!(client_id = %identity.client_id, protocol = facts.protocol, "session connected");
 
@@ -234,6 +241,7 @@ pub async fn establish<S: ClientStream>(
         counters,
         limits,
         keep_alive,
+        shared.monitor.clone(),
     ))
 }
 
@@ -343,6 +351,7 @@ async fn authenticate(
         api_role: ApiRole::Standard,
         groups: Vec::new(),
         gateway_role: GatewayRole::Privileged,
+        scope: None,
     };
     if org.quickstart {
         if identity.class == ClientClass::ScalableApplication {
@@ -416,7 +425,17 @@ async fn authenticate(
         }
     };
     match shared.verifier.verify(&cache_key, token, password).await {
-        Ok(true) => Ok(principal),
+        Ok(true) => {
+            let limited = match identity.class {
+                ClientClass::Device => false,
+                ClientClass::Gateway => principal.gateway_role == GatewayRole::Standard,
+                _ => !principal.groups.is_empty(),
+            };
+            if limited {
+                principal.scope = Some(Arc::new(DeviceScope::for_groups(org, &principal.groups)));
+            }
+            Ok(principal)
+        }
         Ok(false) => Err(CloseReason::bad_credentials("the token does not match")),
         Err(AuthError::Busy) => Err(CloseReason::new(CloseCode::AuthenticationBusy)),
         Err(AuthError::Hashing) => Err(not_authorized("token verification failed")),
@@ -435,6 +454,16 @@ fn check_connect_options(connect: &Connect<'_>, principal: &Principal) -> Result
             "enhanced authentication is not supported",
         )
         .v5(0x8C));
+    }
+    let identity = &principal.identity;
+    if identity.class == ClientClass::ScalableApplication
+        && identity.instance().is_none()
+        && connect.clean_start
+    {
+        return Err(CloseReason::with_detail(
+            CloseCode::NotAuthorized,
+            "A:ORG:APP needs clean session false",
+        ));
     }
     if let Some(will) = &connect.will {
         principal.check_publish(will.topic).map_err(|reason| {
@@ -508,6 +537,8 @@ async fn dial_broker(
     connect: &Connect<'_>,
     principal: &Principal,
     rewrite: &TopicRewrite,
+    keep_alive: u16,
+    session_id: u64,
 ) -> Result<(tokio::net::TcpStream, BytesMut, BrokerConnack), CloseReason> {
     let unavailable =
         |detail: String| CloseReason::with_detail(CloseCode::ServerUnavailable, detail);
@@ -531,6 +562,7 @@ async fn dial_broker(
             qos: will.qos,
             retain: will.retain && !org.strip_retained,
         });
+    let scalable = principal.identity.class == ClientClass::ScalableApplication;
     let mut properties: Vec<Property<'_>> = Vec::with_capacity(connect.properties.len());
     for prop in &connect.properties {
         match prop.id {
@@ -545,9 +577,19 @@ async fn dial_broker(
                     });
                 }
             }
+            // Scalable applications get a fresh upstream session per connection (below).
+            property::SESSION_EXPIRY_INTERVAL if scalable => {}
             _ => properties.push(*prop),
         }
     }
+    // Connections of one scalable application share a client ID but must not take each other
+    // over at the broker, so each gets its own upstream ID, in a clean session: what they share
+    // is the broker's shared subscription, not a session.
+    let upstream_client_id = if scalable {
+        format!("{}:{session_id:x}", connect.client_id)
+    } else {
+        connect.client_id.to_string()
+    };
     let dialer = &shared.dialer;
     let upstream_connect = Connect {
         // MQTT 3.1 limits client IDs to 23 bytes at many brokers; 3.1.1 has the same wire format
@@ -557,10 +599,10 @@ async fn dial_broker(
         } else {
             connect.version
         },
-        clean_start: connect.clean_start || org.quickstart,
-        keep_alive: upstream_keep_alive(connect.keep_alive),
+        clean_start: connect.clean_start || org.quickstart || scalable,
+        keep_alive: upstream_keep_alive(keep_alive),
         properties,
-        client_id: connect.client_id,
+        client_id: &upstream_client_id,
         will,
         username: dialer.username.as_deref(),
         password: dialer.password.as_deref().map(str::as_bytes),
@@ -617,6 +659,18 @@ async fn dial_broker(
     Ok((stream, buf, connack))
 }
 
+/// The keep-alive the proxy enforces: the client's, except that scalable applications are held
+/// to 1..=3600 s (0, which would disable it, and anything longer become 3600).
+fn effective_keep_alive(identity: &Identity, requested: u16) -> u16 {
+    if identity.class == ClientClass::ScalableApplication
+        && !(1..=MAX_SCALABLE_KEEP_ALIVE_SECS).contains(&requested)
+    {
+        MAX_SCALABLE_KEEP_ALIVE_SECS
+    } else {
+        requested
+    }
+}
+
 /// The keep-alive the proxy asks the broker for: longer than the client's, so that the proxy's
 /// own 1.5× timer (closing code 160) always fires first.
 fn upstream_keep_alive(client: u16) -> u16 {
@@ -662,11 +716,18 @@ fn session_limits(
 }
 
 /// The CONNACK the client sees: the broker's, with the limits the proxy enforces.
-fn client_connack<'a>(broker: &'a BrokerConnack, limits: &Limits, org: &Org) -> Connack<'a> {
-    let mut properties = Vec::with_capacity(broker.properties.len() + 1);
+fn client_connack<'a>(
+    broker: &'a BrokerConnack,
+    limits: &Limits,
+    org: &Org,
+    server_keep_alive: Option<u16>,
+) -> Connack<'a> {
+    let mut properties = Vec::with_capacity(broker.properties.len() + 2);
     for (id, value) in &broker.properties {
         match *id {
-            property::MAXIMUM_PACKET_SIZE | property::ASSIGNED_CLIENT_IDENTIFIER => {}
+            property::MAXIMUM_PACKET_SIZE
+            | property::ASSIGNED_CLIENT_IDENTIFIER
+            | property::SERVER_KEEP_ALIVE => {}
             property::RETAIN_AVAILABLE if org.strip_retained => {}
             _ => properties.push(Property {
                 id: *id,
@@ -678,6 +739,12 @@ fn client_connack<'a>(broker: &'a BrokerConnack, limits: &Limits, org: &Org) -> 
         id: property::MAXIMUM_PACKET_SIZE,
         value: PropertyValue::U32(u32::try_from(limits.max_packet_bytes).unwrap_or(u32::MAX)),
     });
+    if let Some(seconds) = server_keep_alive {
+        properties.push(Property {
+            id: property::SERVER_KEEP_ALIVE,
+            value: PropertyValue::U16(seconds),
+        });
+    }
     if org.quickstart {
         properties.retain(|p| p.id != property::MAXIMUM_QOS);
         properties.push(Property {

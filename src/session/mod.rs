@@ -102,9 +102,7 @@ async fn close<S: ClientStream>(
     // client's will, as it would for a client that vanished.
 
     let identity = &bridge.principal.identity;
-    shared
-        .registry
-        .release(&identity.client_id, &identity.org, control.id());
+    let last_instance = shared.registry.release(identity, control.id());
     shared.monitor.report(
         Action::Disconnect,
         identity,
@@ -113,6 +111,7 @@ async fn close<S: ClientStream>(
         bridge.counters,
         &bridge.rewrite.org_prefix,
         bridge.principal.org.quickstart,
+        last_instance,
     );
     info!(
         code = reason.number(),
