@@ -336,6 +336,21 @@ pub mod v4 {
             .expect("SUBACK arrives")
         }
 
+        /// Waits for the next UNSUBACK.
+        pub async fn unsuback(&mut self) {
+            tokio::time::timeout(WAIT, async {
+                loop {
+                    match self.events.recv().await {
+                        Some(Ok(Packet::UnsubAck(_))) => return,
+                        Some(Ok(_)) => {}
+                        other => panic!("connection ended before UNSUBACK: {other:?}"),
+                    }
+                }
+            })
+            .await
+            .expect("UNSUBACK arrives")
+        }
+
         /// Subscribes and waits for the SUBACK.
         pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
             self.client
