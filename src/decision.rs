@@ -8,9 +8,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::auth::TokenHash;
 use crate::close::{CloseCode, CloseReason};
 use crate::identity::{ClientClass, Identity};
-use crate::policy::{ApiRole, GatewayRole, Org};
+use crate::policy::{ApiRole, DeviceClass, GatewayRole, Org, Policy};
 use crate::topics::{is_any, parse_iot2, Iot2Topic};
 
 /// An authenticated identity with everything the checks need from the policy.
@@ -29,6 +30,10 @@ pub struct Principal {
     /// For group-limited API keys and standard gateways: the devices whose deliveries they may
     /// receive. `None` means the whole org.
     pub scope: Option<Arc<DeviceScope>>,
+    /// The API key an application authenticated with.
+    pub api_key: Option<String>,
+    /// The stored token hash it was verified against (to notice a changed token on reload).
+    pub token: Option<TokenHash>,
 }
 
 /// The registered devices of some groups, indexed by type then ID so that a delivery is checked
@@ -69,6 +74,81 @@ fn deny(what: &'static str) -> CloseReason {
 }
 
 impl Principal {
+    /// Narrows deliveries to the groups when the identity is group-limited (API keys with groups,
+    /// standard gateways); builds the device index once.
+    pub fn refresh_scope(&mut self) {
+        let limited = match self.identity.class {
+            ClientClass::Device => false,
+            ClientClass::Gateway => self.gateway_role == GatewayRole::Standard,
+            ClientClass::Application | ClientClass::ScalableApplication => !self.groups.is_empty(),
+        };
+        self.scope = limited.then(|| Arc::new(DeviceScope::for_groups(&self.org, &self.groups)));
+    }
+
+    /// The principal under a new policy, or the close (94) when the policy revoked it: its org,
+    /// API key, device or gateway was removed or disabled, or its token changed.
+    pub fn revalidate(&self, policy: &Policy) -> Result<Principal, CloseReason> {
+        let revoked =
+            |what: &'static str| CloseReason::with_detail(CloseCode::ClosedByAdministrator, what);
+        let org = policy
+            .org(&self.identity.org)
+            .ok_or_else(|| revoked("the org was removed"))?;
+        if !org.enabled {
+            return Err(revoked("the org was disabled"));
+        }
+        if org.quickstart != self.org.quickstart {
+            return Err(revoked("the org changed kind"));
+        }
+        let mut next = self.clone();
+        next.org = org.clone();
+        if org.quickstart {
+            return Ok(next);
+        }
+        match self.identity.class {
+            ClientClass::Application | ClientClass::ScalableApplication => {
+                let name = self.api_key.as_deref().unwrap_or_default();
+                let key = org
+                    .api_keys
+                    .get(name)
+                    .ok_or_else(|| revoked("the API key was removed"))?;
+                if !key.enabled {
+                    return Err(revoked("the API key was disabled"));
+                }
+                if self.token.as_ref() != Some(&key.token) {
+                    return Err(revoked("the API key's token changed"));
+                }
+                next.api_role = key.role;
+                next.groups = key.groups.clone();
+            }
+            ClientClass::Device | ClientClass::Gateway => {
+                let device_type = self.identity.device_type().unwrap_or_default();
+                let wanted = if self.identity.class == ClientClass::Gateway {
+                    DeviceClass::Gateway
+                } else {
+                    DeviceClass::Device
+                };
+                if org.device_types.get(device_type).map(|t| t.class) != Some(wanted) {
+                    return Err(revoked("the device type was removed or changed class"));
+                }
+                let device = org
+                    .device(device_type, self.identity.device_id().unwrap_or_default())
+                    .ok_or_else(|| revoked("the device was removed"))?;
+                if !device.enabled {
+                    return Err(revoked("the device was disabled"));
+                }
+                if self.token.as_ref() != Some(&device.token) {
+                    return Err(revoked("the device's token changed"));
+                }
+                if self.identity.class == ClientClass::Gateway {
+                    next.gateway_role = device.role;
+                    next.groups = device.groups.clone();
+                }
+            }
+        }
+        next.refresh_scope();
+        Ok(next)
+    }
+
     /// May this principal publish to `topic` (client form)?
     pub fn check_publish(&self, topic: &str) -> Result<(), CloseReason> {
         let parsed = parse_iot2(topic).ok_or_else(|| deny("topic outside the iot-2 namespace"))?;
@@ -335,6 +415,8 @@ mod tests {
             groups: groups.iter().map(|g| g.to_string()).collect(),
             gateway_role: GatewayRole::Privileged,
             scope: None,
+            api_key: Some("a-org1-key".into()),
+            token: Some(TokenHash::Sha256([0; 32])),
         }
     }
 
@@ -424,6 +506,41 @@ mod tests {
         assert!(app.may_receive("iot-2/app/x/mon"));
         let unrestricted = principal("a:org1:app", ApiRole::Standard, &[]);
         assert!(unrestricted.may_receive("iot-2/type/sensor/id/d2/evt/e/fmt/f"));
+    }
+
+    #[test]
+    fn revalidation_follows_the_policy() {
+        let device = principal("d:org1:sensor:d1", ApiRole::Standard, &[]);
+        let mut policy = Policy::default();
+        policy.orgs.insert("org1".into(), device.org.clone());
+        // The test org declares no device types, so the device's type is gone.
+        assert_eq!(device.revalidate(&policy).unwrap_err().number(), 94);
+
+        let mut org = (*device.org).clone();
+        org.device_types.insert("sensor".into(), Default::default());
+        policy.orgs.insert("org1".into(), Arc::new(org.clone()));
+        assert!(device.revalidate(&policy).is_ok());
+
+        org.devices.get_mut("sensor/d1").unwrap().token = TokenHash::Sha256([1; 32]);
+        policy.orgs.insert("org1".into(), Arc::new(org.clone()));
+        assert_eq!(
+            device.revalidate(&policy).unwrap_err().number(),
+            94,
+            "token changed"
+        );
+
+        org.enabled = false;
+        policy.orgs.insert("org1".into(), Arc::new(org));
+        assert_eq!(
+            device.revalidate(&policy).unwrap_err().number(),
+            94,
+            "org disabled"
+        );
+        assert_eq!(
+            device.revalidate(&Policy::default()).unwrap_err().number(),
+            94,
+            "org removed"
+        );
     }
 
     #[test]

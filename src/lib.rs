@@ -20,21 +20,26 @@
 //! - [`registry`] — live sessions by client ID (takeover, org connection counts).
 //! - [`close`] — the one table of WIoTP closing codes.
 //! - [`monitor`] — monitoring messages and the control connection that publishes them.
+//! - [`reload`] — live policy edits (file watch, SIGHUP) and session re-evaluation.
+//! - [`metrics`] and [`admin`] — Prometheus metrics, `/healthz`, `/readyz`.
 //! - [`telemetry`] — logging.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod auth;
 pub mod close;
 pub mod codec;
 pub mod config;
 pub mod decision;
 pub mod identity;
+pub mod metrics;
 pub mod monitor;
 pub mod policy;
 pub mod proxy;
 pub mod registry;
+pub mod reload;
 pub mod session;
 pub mod telemetry;
 pub mod topics;

@@ -3,6 +3,7 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -27,6 +28,9 @@ enum Command {
         /// The process config (warden.yaml).
         #[arg(long, short)]
         config: PathBuf,
+        /// Seconds a SIGTERM shutdown may take to close sessions and flush monitoring messages.
+        #[arg(long, default_value_t = 10)]
+        grace_secs: u64,
     },
     /// Validate the config and every policy file; print file, line and reason for each error.
     Check {
@@ -45,7 +49,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => run(config),
+        Command::Run { config, grace_secs } => run(config, Duration::from_secs(grace_secs)),
         Command::Check { config } => check(config),
         Command::HashToken { sha256 } => hash_token(sha256),
     };
@@ -58,7 +62,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config_path: PathBuf) -> anyhow::Result<ExitCode> {
+/// How long a SIGINT shutdown may take: the same steps as SIGTERM, without waiting long.
+const FAST_SHUTDOWN: Duration = Duration::from_secs(1);
+
+fn run(config_path: PathBuf, grace: Duration) -> anyhow::Result<ExitCode> {
     let config = WardenConfig::load(&config_path)?;
     telemetry::init(config.telemetry.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -67,13 +74,24 @@ fn run(config_path: PathBuf) -> anyhow::Result<ExitCode> {
         .context("starting the runtime")?;
     runtime.block_on(async move {
         let running = proxy::start(config).await?;
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for a signal")?;
-        tracing::info!("shutting down");
-        running.stop_accepting().await;
+        let grace = wait_for_shutdown_signal(grace).await?;
+        tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down");
+        running.shutdown(grace).await;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Waits for SIGTERM (graceful: `grace`) or SIGINT (fast), and says how long shutdown may take.
+async fn wait_for_shutdown_signal(grace: Duration) -> anyhow::Result<Duration> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = terminate.recv() => Ok(grace),
+        interrupted = tokio::signal::ctrl_c() => {
+            interrupted.context("waiting for SIGINT")?;
+            Ok(FAST_SHUTDOWN.min(grace))
+        }
+    }
 }
 
 fn check(config_path: PathBuf) -> anyhow::Result<ExitCode> {

@@ -253,6 +253,8 @@ pub struct MonitorStatus {
     pub dropped: AtomicU64,
     /// Messages the broker has confirmed.
     pub published: AtomicU64,
+    /// Messages handed to the monitor.
+    pub sent: AtomicU64,
 }
 
 impl Monitor {
@@ -276,7 +278,9 @@ impl Monitor {
     pub fn send(&self, publications: Vec<Publication>) {
         for publication in publications {
             // The control task lives as long as the process; a closed channel means shutdown.
-            let _ = self.tx.send(publication);
+            if self.tx.send(publication).is_ok() {
+                self.status.sent.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
@@ -302,6 +306,21 @@ impl Monitor {
         self.send(publications(
             &message, identity, org_prefix, quickstart, clear,
         ));
+    }
+
+    /// Resolves once every message handed over so far was confirmed by the broker (or dropped).
+    pub async fn flushed(&self) {
+        /// How often the counters are compared while waiting.
+        const POLL: Duration = Duration::from_millis(10);
+        let target = self.status.sent.load(Ordering::Relaxed);
+        loop {
+            let done = self.status.published.load(Ordering::Relaxed)
+                + self.status.dropped.load(Ordering::Relaxed);
+            if done >= target {
+                return;
+            }
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     /// The control connection's status.

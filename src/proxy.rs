@@ -1,19 +1,23 @@
-//! The proxy as a whole: the state every session shares, the listeners, and the accept loop with
-//! its process-wide connection cap.
+//! The proxy as a whole: the state every session shares, the listeners, the accept loop with its
+//! process-wide connection cap, and the process's life: start, policy reloads and shutdown.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::auth::Verifier;
+use crate::close::{CloseCode, CloseReason};
 use crate::config::WardenConfig;
+use crate::metrics::Metrics;
 use crate::monitor::Monitor;
 use crate::policy::{load_policies, Policy, PolicyErrors};
 use crate::registry::Registry;
@@ -36,6 +40,20 @@ pub struct Shared {
     pub dialer: Dialer,
     /// Free connection slots (104 when none).
     pub connection_slots: Arc<Semaphore>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Bumped on every applied policy reload; sessions watch it and re-evaluate themselves.
+    pub policy_generation: watch::Sender<u64>,
+    /// Every session task, so that shutdown can wait for them.
+    pub sessions: TaskTracker,
+    shutting_down: AtomicBool,
+}
+
+impl Shared {
+    /// Whether a shutdown has begun (new CONNECTs are refused, `/readyz` is red).
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
 }
 
 /// Why the proxy could not start.
@@ -60,15 +78,48 @@ pub struct RunningProxy {
     pub listen_addrs: Vec<SocketAddr>,
     /// The shared state.
     pub shared: Arc<Shared>,
+    /// The admin endpoint's address, when configured.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     accept_tasks: JoinSet<()>,
 }
 
 impl RunningProxy {
     /// Stops accepting connections. Live sessions go on until they end.
-    pub async fn stop_accepting(mut self) {
+    pub async fn stop_accepting(&mut self) {
         let _ = self.shutdown.send(true);
         while self.accept_tasks.join_next().await.is_some() {}
+    }
+
+    /// Shuts down: stop accepting, close every session with 93 (MQTT 5: DISCONNECT 0x8B), let
+    /// their Disconnect monitoring messages reach the broker, all within `grace`.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        self.shared.shutting_down.store(true, Ordering::Relaxed);
+        self.stop_accepting().await;
+        let sessions = self.shared.registry.sessions();
+        info!(sessions = sessions.len(), "closing sessions for shutdown");
+        for session in &sessions {
+            session.close(CloseReason::new(CloseCode::ServerShutdown));
+        }
+        self.shared.sessions.close();
+        if tokio::time::timeout_at(deadline, self.shared.sessions.wait())
+            .await
+            .is_err()
+        {
+            warn!("grace time over before every session closed");
+        }
+        if tokio::time::timeout_at(deadline, self.shared.monitor.flushed())
+            .await
+            .is_err()
+        {
+            warn!("grace time over before every monitoring message was published");
+        }
+    }
+
+    /// Reloads the policy now (what SIGHUP and a file change do).
+    pub fn reload_policy(&self) -> Result<(), PolicyErrors> {
+        crate::reload::apply(&self.shared)
     }
 }
 
@@ -90,6 +141,10 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         registry: Registry::new(),
         monitor,
         dialer,
+        metrics: Metrics::default(),
+        policy_generation: watch::channel(0).0,
+        sessions: TaskTracker::new(),
+        shutting_down: AtomicBool::new(false),
         config,
     });
 
@@ -116,9 +171,22 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             shutdown_rx.clone(),
         ));
     }
+    let admin_addr = match shared.config.admin.as_ref().map(|admin| admin.bind) {
+        Some(bind) => Some(
+            crate::admin::serve(bind, shared.clone(), shutdown_rx.clone())
+                .await
+                .map_err(|source| StartError::Bind {
+                    address: bind,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    crate::reload::watch(shared.clone(), shutdown_rx);
     Ok(RunningProxy {
         listen_addrs,
         shared,
+        admin_addr,
         shutdown,
         accept_tasks,
     })
@@ -160,8 +228,8 @@ fn spawn_session(stream: TcpStream, peer: SocketAddr, local: SocketAddr, shared:
     if permit.is_none() {
         debug!(%peer, "connection cap reached");
     }
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        session::run(stream, info, shared, permit).await;
+    let task_shared = shared.clone();
+    shared.sessions.spawn(async move {
+        session::run(stream, info, task_shared, permit).await;
     });
 }

@@ -86,6 +86,8 @@ impl Default for SessionControl {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Every claimed session by session ID, scalable applications included.
+    all: HashMap<u64, SessionHandle>,
     by_client_id: HashMap<String, SessionHandle>,
     per_org: HashMap<String, u32>,
     /// Live connections per `ORG/APP`, across `a:` and `A:` client IDs: they share one status topic.
@@ -155,6 +157,7 @@ impl Registry {
                 .insert(client_id.to_string(), session.clone());
         }
         *inner.per_org.entry(org.to_string()).or_insert(0) += 1;
+        inner.all.insert(session.id, session.clone());
         if let Some(app) = app_key(identity) {
             *inner.per_app.entry(app).or_insert(0) += 1;
         }
@@ -167,6 +170,7 @@ impl Registry {
     pub fn release(&self, identity: &Identity, session_id: u64) -> bool {
         let (client_id, org) = (identity.client_id.as_str(), identity.org.as_str());
         let mut inner = self.lock();
+        inner.all.remove(&session_id);
         if inner
             .by_client_id
             .get(client_id)
@@ -199,9 +203,9 @@ impl Registry {
         self.lock().per_org.get(org).copied().unwrap_or(0)
     }
 
-    /// Handles of every session registered by client ID.
+    /// Handles of every live session.
     pub fn sessions(&self) -> Vec<SessionHandle> {
-        self.lock().by_client_id.values().cloned().collect()
+        self.lock().all.values().cloned().collect()
     }
 }
 

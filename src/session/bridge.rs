@@ -7,12 +7,14 @@
 //! the working-set size once and are reused.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::info;
 
@@ -26,9 +28,10 @@ use crate::codec::{
 };
 use crate::decision::Principal;
 use crate::identity::{ClientClass, Identity};
+use crate::monitor::Publication;
 use crate::monitor::{ConnectionFacts, Counters};
-use crate::monitor::{Monitor, Publication};
 use crate::policy::OnViolation;
+use crate::proxy::Shared;
 use crate::topics::TopicRewrite;
 use crate::topics::{parse_iot2, Iot2Topic};
 use crate::upstream::READ_BUFFER_BYTES;
@@ -143,8 +146,13 @@ pub struct Bridge<S> {
     /// SUBSCRIBEs with filters the proxy refused itself, by packet id: the codes to merge into
     /// the broker's SUBACK (`None`: the broker's code).
     pending_subacks: HashMap<u16, Vec<Option<u8>>>,
-    /// Where gateway notifications go.
-    monitor: Monitor,
+    /// Monitor, metrics and the policy.
+    shared: Arc<Shared>,
+    /// Tells the session about policy reloads.
+    policy_generation: watch::Receiver<u64>,
+    /// UNSUBSCRIBEs the proxy sent itself (a policy edit revoked a subscription), by packet id:
+    /// their UNSUBACKs are not the client's.
+    proxy_unsubscribes: HashSet<u16>,
     /// Operations refused under `on_violation: reject` or for gateways.
     pub counters_refused: u64,
     /// Active subscription filters, in client form.
@@ -171,9 +179,11 @@ impl<S: ClientStream> Bridge<S> {
         counters: Counters,
         limits: Limits,
         keep_alive_secs: u16,
-        monitor: Monitor,
+        shared: Arc<Shared>,
     ) -> Bridge<S> {
         let share_prefix = share_prefix(&principal.identity);
+        let mut policy_generation = shared.policy_generation.subscribe();
+        policy_generation.mark_unchanged();
         Bridge {
             client,
             upstream,
@@ -198,7 +208,9 @@ impl<S: ClientStream> Bridge<S> {
             aliases: HashMap::new(),
             share_prefix,
             pending_subacks: HashMap::new(),
-            monitor,
+            shared,
+            policy_generation,
+            proxy_unsubscribes: HashSet::new(),
             counters_refused: 0,
             subscriptions: HashSet::new(),
             upstream_local_qos2: HashSet::new(),
@@ -232,12 +244,14 @@ impl<S: ClientStream> Bridge<S> {
                 Upstream(std::io::Result<usize>),
                 KeepAlive,
                 Kill(Option<CloseReason>),
+                PolicyChanged,
             }
             let event = tokio::select! {
                 read = self.client.read_buf(&mut self.client_in) => Event::Client(read),
                 read = self.upstream.read_buf(&mut self.upstream_in) => Event::Upstream(read),
                 _ = &mut keep_alive_timer, if self.keep_alive.is_some() => Event::KeepAlive,
                 reason = kill.recv() => Event::Kill(reason),
+                Ok(()) = self.policy_generation.changed() => Event::PolicyChanged,
             };
             let step = match event {
                 Event::Client(Ok(0)) => Err(CloseReason::new(CloseCode::ClosedByClient)),
@@ -248,7 +262,14 @@ impl<S: ClientStream> Bridge<S> {
                 Event::Client(Ok(read)) => {
                     self.counters.read_bytes += read as u64;
                     self.last_client_read = Instant::now();
-                    self.process_client()
+                    let before = self.counters.read_msg;
+                    let flow = self.process_client();
+                    let metrics = &self.shared.metrics;
+                    metrics.bytes_in.fetch_add(read as u64, Ordering::Relaxed);
+                    metrics
+                        .messages_in
+                        .fetch_add(self.counters.read_msg - before, Ordering::Relaxed);
+                    flow
                 }
                 Event::Upstream(Ok(0)) => Err(CloseReason::with_detail(
                     CloseCode::ClosedByServer,
@@ -258,7 +279,17 @@ impl<S: ClientStream> Bridge<S> {
                     CloseCode::ClosedByServer,
                     error.to_string(),
                 )),
-                Event::Upstream(Ok(_)) => self.process_upstream().map(|()| Flow::Continue),
+                Event::Upstream(Ok(_)) => {
+                    let before = self.counters.write_msg;
+                    let processed = self.process_upstream().map(|()| Flow::Continue);
+                    let delivered = self.counters.write_msg - before;
+                    self.shared
+                        .metrics
+                        .messages_out
+                        .fetch_add(delivered, Ordering::Relaxed);
+                    processed
+                }
+                Event::PolicyChanged => self.reevaluate().map(|()| Flow::Continue),
                 Event::KeepAlive => {
                     let deadline = self
                         .keep_alive
@@ -307,6 +338,11 @@ impl<S: ClientStream> Bridge<S> {
                 .await
                 .map_err(|e| CloseReason::with_detail(CloseCode::ClosedByClient, e.to_string()))?;
             self.counters.write_bytes += self.to_client.len() as u64;
+            let written = self.to_client.len() as u64;
+            self.shared
+                .metrics
+                .bytes_out
+                .fetch_add(written, Ordering::Relaxed);
             clear_and_shrink(&mut self.to_client);
         }
         Ok(())
@@ -531,6 +567,10 @@ impl<S: ClientStream> Bridge<S> {
             return Err(reason);
         }
         self.counters_refused += 1;
+        let org = &self.principal.org.id;
+        self.shared
+            .metrics
+            .denial(org, reason.detail.as_deref().unwrap_or("not authorized"));
         info!(
             request = request.name(),
             topic,
@@ -592,7 +632,7 @@ impl<S: ClientStream> Bridge<S> {
             identity.first,
             identity.second.as_deref().unwrap_or_default()
         );
-        self.monitor.send(vec![Publication {
+        self.shared.monitor.send(vec![Publication {
             topic: notify_topic,
             payload: notification.to_string().into(),
             retain: false,
@@ -706,6 +746,65 @@ impl<S: ClientStream> Bridge<S> {
         Ok(())
     }
 
+    /// The policy changed: is this session still allowed, and are its subscriptions? Limits and
+    /// groups of the new policy apply from here on.
+    fn reevaluate(&mut self) -> Result<(), CloseReason> {
+        let policy = self.shared.policy.load_full();
+        self.principal = self.principal.revalidate(&policy)?;
+        let limits = &self.principal.org.limits;
+        self.limits.max_payload_bytes = limits.max_payload_bytes;
+        self.limits.max_subscriptions =
+            limits.max_subscriptions.get(self.principal.identity.class) as usize;
+        self.limits.strip_retained = self.principal.org.strip_retained;
+        let revoked: Vec<Box<str>> = self
+            .subscriptions
+            .iter()
+            .filter(|filter| self.principal.check_subscribe(filter).is_err())
+            .cloned()
+            .collect();
+        if revoked.is_empty() {
+            return Ok(());
+        }
+        let gateway = self.principal.identity.class == ClientClass::Gateway;
+        if !gateway && self.principal.org.on_violation == OnViolation::Disconnect {
+            return Err(CloseReason::with_detail(
+                CloseCode::ClosedByAdministrator,
+                "a subscription is no longer allowed",
+            ));
+        }
+        // Proxy packet ids count down from the top, far from the ids clients usually use.
+        let packet_id = (1..=u16::MAX)
+            .rev()
+            .find(|id| !self.proxy_unsubscribes.contains(id))
+            .unwrap_or(u16::MAX);
+        let rewritten: Vec<[&[u8]; 3]> = revoked
+            .iter()
+            .filter_map(|filter| {
+                let [head, rest] = self.rewrite.to_broker(filter)?;
+                Some([self.share_prefix.as_bytes(), head, rest])
+            })
+            .collect();
+        let filters: Vec<&[&[u8]]> = rewritten.iter().map(|parts| &parts[..]).collect();
+        encode_unsubscribe(
+            &mut self.to_upstream,
+            self.upstream_version,
+            packet_id,
+            &[],
+            &filters,
+        );
+        self.proxy_unsubscribes.insert(packet_id);
+        for filter in &revoked {
+            self.subscriptions.remove(filter);
+            info!(filter = %filter, "subscription revoked by a policy edit");
+            if gateway {
+                let reason =
+                    CloseReason::with_detail(CloseCode::NotAuthorized, "revoked by a policy edit");
+                self.notify(Request::Subscribe, filter, &reason);
+            }
+        }
+        Ok(())
+    }
+
     /// A SUBACK from the broker: merged with the proxy's own refusals when some filters of that
     /// SUBSCRIBE were answered here.
     fn broker_suback(&mut self, frame: &[u8], body: &[u8]) -> Result<(), CloseReason> {
@@ -783,10 +882,18 @@ impl<S: ClientStream> Bridge<S> {
                 Ok(())
             }
             PacketType::Suback => self.broker_suback(frame, body),
+            PacketType::Unsuback => {
+                let packet_id = body
+                    .get(..2)
+                    .map_or(0, |id| u16::from_be_bytes([id[0], id[1]]));
+                if !self.proxy_unsubscribes.remove(&packet_id) {
+                    self.to_client.extend_from_slice(frame);
+                }
+                Ok(())
+            }
             PacketType::Puback
             | PacketType::Pubrec
             | PacketType::Pubcomp
-            | PacketType::Unsuback
             | PacketType::Pingresp => {
                 self.to_client.extend_from_slice(frame);
                 Ok(())

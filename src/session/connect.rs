@@ -20,7 +20,7 @@ use crate::codec::{
     decode_frame_header, encode_connack, encode_connect, parse_connack, parse_connect, property,
     CodecError, Connack, Connect, PacketType, Property, PropertyValue, ProtocolVersion, Will,
 };
-use crate::decision::{DeviceScope, Principal};
+use crate::decision::Principal;
 use crate::identity::{parse_client_id, ClientClass, Identity, TOKEN_AUTH_USERNAME};
 use crate::monitor::{Action, ConnectionFacts, Counters};
 use crate::policy::{ApiRole, DeviceClass, GatewayRole, Org, SecurityMode};
@@ -122,6 +122,10 @@ pub async fn establish<S: ClientStream>(
     let rewrite = TopicRewrite::for_identity(&identity, &shared.config.upstream.topic_prefix);
 
     let failed = |reason: CloseReason, counters: Counters| {
+        shared.metrics.close(reason.number(), &identity.org);
+        if let Some(limit) = crate::metrics::limit_name(reason.code) {
+            shared.metrics.limit(&identity.org, limit);
+        }
         shared.monitor.report(
             Action::FailedConnect,
             &identity,
@@ -141,7 +145,10 @@ pub async fn establish<S: ClientStream>(
         failed(reason, counters);
         return None;
     }
-    let principal = match authenticate(shared, &identity, &org, &connect, info).await {
+    let auth_started = std::time::Instant::now();
+    let authenticated = authenticate(shared, &identity, &org, &connect, info).await;
+    shared.metrics.auth_latency(auth_started.elapsed());
+    let principal = match authenticated {
         Ok(principal) => principal,
         Err(reason) => {
             refuse(&mut client, Some(version), &reason, &mut counters).await;
@@ -182,6 +189,14 @@ pub async fn establish<S: ClientStream>(
             failed(reason, counters);
             return None;
         }
+    }
+
+    if shared.is_shutting_down() {
+        shared.registry.release(&identity, control.id());
+        let reason = CloseReason::with_detail(CloseCode::ServerUnavailable, "shutting down");
+        refuse(&mut client, Some(version), &reason, &mut counters).await;
+        failed(reason, counters);
+        return None;
     }
 
     let keep_alive = effective_keep_alive(&identity, connect.keep_alive);
@@ -227,6 +242,7 @@ pub async fn establish<S: ClientStream>(
         org.quickstart,
         false,
     );
+    shared.metrics.connection(&identity.org, facts.protocol, 1);
     info!(client_id = %identity.client_id, protocol = facts.protocol, "session connected");
 
     Some(Bridge::new(
@@ -241,7 +257,7 @@ pub async fn establish<S: ClientStream>(
         counters,
         limits,
         keep_alive,
-        shared.monitor.clone(),
+        shared.clone(),
     ))
 }
 
@@ -352,6 +368,8 @@ async fn authenticate(
         groups: Vec::new(),
         gateway_role: GatewayRole::Privileged,
         scope: None,
+        api_key: None,
+        token: None,
     };
     if org.quickstart {
         if identity.class == ClientClass::ScalableApplication {
@@ -426,14 +444,11 @@ async fn authenticate(
     };
     match shared.verifier.verify(&cache_key, token, password).await {
         Ok(true) => {
-            let limited = match identity.class {
-                ClientClass::Device => false,
-                ClientClass::Gateway => principal.gateway_role == GatewayRole::Standard,
-                _ => !principal.groups.is_empty(),
-            };
-            if limited {
-                principal.scope = Some(Arc::new(DeviceScope::for_groups(org, &principal.groups)));
+            if identity.class.is_application() {
+                principal.api_key = Some(cache_key);
             }
+            principal.token = Some(token.clone());
+            principal.refresh_scope();
             Ok(principal)
         }
         Ok(false) => Err(CloseReason::bad_credentials("the token does not match")),

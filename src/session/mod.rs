@@ -103,6 +103,12 @@ async fn close<S: ClientStream>(
 
     let identity = &bridge.principal.identity;
     let last_instance = shared.registry.release(identity, control.id());
+    let metrics = &shared.metrics;
+    metrics.connection(&identity.org, bridge.facts.protocol, -1);
+    metrics.close(reason.number(), &identity.org);
+    if let Some(limit) = crate::metrics::limit_name(reason.code) {
+        metrics.limit(&identity.org, limit);
+    }
     shared.monitor.report(
         Action::Disconnect,
         identity,
