@@ -1,0 +1,382 @@
+//! Running the proxy: the admin endpoint, live policy edits, and graceful shutdown.
+
+mod support;
+
+use std::time::Duration;
+
+use rumqttc::QoS;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::{mon, standard_policy, v4, Broker, Warden, WAIT};
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
+const ADMIN: &str = "admin: { bind: \"127.0.0.1:0\" }\n";
+
+#[tokio::test]
+async fn admin_endpoint_reports_health_readiness_and_metrics() {
+    let broker = Broker::start().await;
+    let warden = Warden::start_with(&broker, &standard_policy(), ADMIN).await;
+    let admin = warden.running.admin_addr.expect("admin endpoint bound");
+    warden.wait_monitor_connected().await;
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+
+    let device = v4::connect(
+        warden.addr,
+        "d:org1:sensor:dev1",
+        Some("use-token-auth"),
+        Some("dev1-token"),
+    )
+    .await
+    .unwrap();
+    device
+        .client
+        .publish("iot-2/evt/e/fmt/t", QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    let _ = v4::connect(
+        warden.addr,
+        "d:org1:sensor:dev1",
+        Some("use-token-auth"),
+        Some("bad"),
+    )
+    .await;
+    let (status, metrics) = http_get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "warden_connections{org=\"org1\",protocol=\"mqtt4\"} 1",
+        "warden_closes_total{code=\"180\",org=\"org1\"} 1",
+        "warden_upstream_up 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line} in\n{metrics}"
+        );
+    }
+    assert!(metrics.contains("warden_auth_seconds_count 2"), "{metrics}");
+
+    broker.stop().await;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if http_get(admin, "/readyz").await.0 == 503 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("/readyz turns red when the broker is gone");
+    drop(device);
+}
+
+#[tokio::test]
+async fn a_policy_edit_closes_revoked_sessions_with_94_and_keeps_others() {
+    let broker = Broker::start().await;
+    let warden = Warden::start(&broker, &standard_policy()).await;
+    let mut watcher = v4::connect(
+        warden.addr,
+        "a:org1:watcher",
+        Some("a-org1-key0000001"),
+        Some("app-token"),
+    )
+    .await
+    .unwrap();
+    watcher
+        .subscribe("iot-2/type/+/id/+/mon", QoS::AtMostOnce)
+        .await;
+    let mut dev1 = v4::connect(
+        warden.addr,
+        "d:org1:sensor:dev1",
+        Some("use-token-auth"),
+        Some("dev1-token"),
+    )
+    .await
+    .unwrap();
+
+    // Disable dev1 in the file; the watcher applies the edit.
+    let edited =
+        standard_policy().replace("groups: [line-1] }", "groups: [line-1], enabled: false }");
+    assert_ne!(edited, standard_policy());
+    std::fs::write(warden.policy_path(), edited).unwrap();
+    dev1.closed().await;
+    loop {
+        let status = mon::parse(&watcher.next_publish().await.payload);
+        if status["ClientID"] == "d:org1:sensor:dev1" && status["Action"] == "Disconnect" {
+            assert_eq!(status["CloseCode"], 94);
+            break;
+        }
+    }
+    // The watcher itself was not touched, and dev1 can no longer connect.
+    assert!(v4::connect(
+        warden.addr,
+        "d:org1:sensor:dev1",
+        Some("use-token-auth"),
+        Some("dev1-token")
+    )
+    .await
+    .is_err());
+
+    // A broken edit is rejected; the last good policy stays in force.
+    std::fs::write(
+        warden.policy_path(),
+        "orgs:\n  org1:\n    devices: [not, a, map]\n",
+    )
+    .unwrap();
+    assert!(warden.running.reload_policy().is_err());
+    let dev2 = v4::connect(
+        warden.addr,
+        "d:org1:sensor:dev2",
+        Some("use-token-auth"),
+        Some("dev2-token"),
+    )
+    .await;
+    assert!(dev2.is_ok(), "the last good policy still admits dev2");
+    assert!(
+        warden
+            .running
+            .shared
+            .metrics
+            .policy_reload_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    watcher
+        .client
+        .publish(
+            "iot-2/type/sensor/id/dev2/cmd/c/fmt/t",
+            QoS::AtLeastOnce,
+            false,
+            "alive",
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_policy_edit_revokes_subscriptions_in_reject_mode() {
+    let broker = Broker::start().await;
+    let token = support::sha256_token("app-token");
+    let key = format!("a-org1-key0000001: {{ token: \"{token}\" }}");
+    let policy = standard_policy()
+        .replace("  org1:\n", "  org1:\n    on_violation: reject\n")
+        .replace(
+            &key,
+            &format!("{key}\n      a-org1-commander1: {{ token: \"{token}\" }}"),
+        );
+    let warden = Warden::start(&broker, &policy).await;
+    let mut app = v4::connect(
+        warden.addr,
+        "a:org1:app1",
+        Some("a-org1-key0000001"),
+        Some("app-token"),
+    )
+    .await
+    .unwrap();
+    app.subscribe("iot-2/type/+/id/+/cmd/+/fmt/+", QoS::AtLeastOnce)
+        .await;
+    app.subscribe("iot-2/type/+/id/+/evt/+/fmt/+", QoS::AtLeastOnce)
+        .await;
+
+    // The key becomes a visualization key: events only. Its command subscription is revoked
+    // upstream, and the connection stays.
+    let edited = policy.replace(
+        &key,
+        &format!("a-org1-key0000001: {{ token: \"{token}\", role: visualization }}"),
+    );
+    assert_ne!(edited, policy);
+    std::fs::write(warden.policy_path(), edited).unwrap();
+    warden.running.reload_policy().unwrap();
+
+    let commander = v4::connect(
+        warden.addr,
+        "a:org1:cmd",
+        Some("a-org1-commander1"),
+        Some("app-token"),
+    )
+    .await
+    .unwrap();
+    let dev1 = v4::connect(
+        warden.addr,
+        "d:org1:sensor:dev1",
+        Some("use-token-auth"),
+        Some("dev1-token"),
+    )
+    .await
+    .unwrap();
+    // A command (no longer visible to the key), then an event: only the event arrives.
+    commander
+        .client
+        .publish(
+            "iot-2/type/sensor/id/dev1/cmd/c/fmt/t",
+            QoS::AtLeastOnce,
+            false,
+            "cmd",
+        )
+        .await
+        .unwrap();
+    let mut watcher = v4::connect(
+        warden.addr,
+        "a:org1:w",
+        Some("a-org1-commander1"),
+        Some("app-token"),
+    )
+    .await
+    .unwrap();
+    watcher
+        .subscribe("iot-2/type/+/id/+/cmd/+/fmt/+", QoS::AtLeastOnce)
+        .await;
+    commander
+        .client
+        .publish(
+            "iot-2/type/sensor/id/dev1/cmd/c2/fmt/t",
+            QoS::AtLeastOnce,
+            false,
+            "cmd2",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        watcher.next_publish().await.topic,
+        "iot-2/type/sensor/id/dev1/cmd/c2/fmt/t"
+    );
+    dev1.client
+        .publish("iot-2/evt/after/fmt/t", QoS::AtLeastOnce, false, "evt")
+        .await
+        .unwrap();
+    let next = app.next_publish().await;
+    assert_eq!(
+        next.topic, "iot-2/type/sensor/id/dev1/evt/after/fmt/t",
+        "no command before the event"
+    );
+}
+
+#[tokio::test]
+async fn a_burst_of_edits_under_traffic_loses_nothing() {
+    let broker = Broker::start().await;
+    let warden = Warden::start(&broker, &standard_policy()).await;
+    let mut app = v4::connect(
+        warden.addr,
+        "a:org1:app1",
+        Some("a-org1-key0000001"),
+        Some("app-token"),
+    )
+    .await
+    .unwrap();
+    app.subscribe("iot-2/type/sensor/id/dev1/evt/+/fmt/+", QoS::AtLeastOnce)
+        .await;
+    let dev1 = v4::connect(
+        warden.addr,
+        "d:org1:sensor:dev1",
+        Some("use-token-auth"),
+        Some("dev1-token"),
+    )
+    .await
+    .unwrap();
+    const MESSAGES: usize = 300;
+    let publisher = tokio::spawn(async move {
+        for n in 0..MESSAGES {
+            dev1.client
+                .publish("iot-2/evt/n/fmt/t", QoS::AtLeastOnce, false, n.to_string())
+                .await
+                .unwrap();
+        }
+        dev1
+    });
+    // 100 edits that toggle dev2 (not dev1) while dev1's traffic flows.
+    for n in 0..100 {
+        let policy = if n % 2 == 0 {
+            standard_policy().replace("groups: [line-2] }", "groups: [line-2], enabled: false }")
+        } else {
+            standard_policy()
+        };
+        std::fs::write(warden.policy_path(), policy).unwrap();
+        warden.running.reload_policy().unwrap();
+    }
+    let _dev1 = publisher.await.unwrap();
+    for n in 0..MESSAGES {
+        let publish = app.next_publish().await;
+        assert_eq!(
+            &publish.payload[..],
+            n.to_string().as_bytes(),
+            "in order, nothing lost"
+        );
+    }
+    // The last edit re-enabled dev2; the denial side held throughout for a disabled org member.
+    assert!(v4::connect(
+        warden.addr,
+        "d:org1:sensor:dev2",
+        Some("use-token-auth"),
+        Some("dev2-token")
+    )
+    .await
+    .is_ok());
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_with_93_and_flushes_their_status() {
+    let broker = Broker::start().await;
+    let warden = Warden::start(&broker, &standard_policy()).await;
+    let broker_addr: std::net::SocketAddr = broker.addr().parse().unwrap();
+    let mut spy = v4::connect(broker_addr, "spy", None, None).await.unwrap();
+    spy.subscribe("org1/iot-2/type/+/id/+/mon", QoS::AtMostOnce)
+        .await;
+
+    // An MQTT 5 device, as raw bytes, to read the DISCONNECT reason code.
+    let mut connect = bytes::BytesMut::new();
+    mqtt_warden::codec::encode_connect(
+        &mut connect,
+        &mqtt_warden::codec::Connect {
+            version: mqtt_warden::codec::ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 60,
+            properties: Vec::new(),
+            client_id: "d:org1:sensor:dev1",
+            will: None,
+            username: Some("use-token-auth"),
+            password: Some(b"dev1-token"),
+        },
+    );
+    let mut stream = TcpStream::connect(warden.addr).await.unwrap();
+    stream.write_all(&connect).await.unwrap();
+    let mut header = [0u8; 2];
+    stream.read_exact(&mut header).await.unwrap();
+    let mut connack = vec![0u8; usize::from(header[1])];
+    stream.read_exact(&mut connack).await.unwrap();
+    assert_eq!(
+        mon::parse(&spy.next_publish().await.payload)["Action"],
+        "Connect"
+    );
+
+    let started = std::time::Instant::now();
+    warden.running.shutdown(Duration::from_secs(5)).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    assert_eq!(answer.first(), Some(&0xE0), "DISCONNECT: {answer:02X?}");
+    assert_eq!(answer.get(2), Some(&0x8B), "Server shutting down");
+    // The Disconnect status reached the broker before shutdown returned.
+    let status = mon::parse(&spy.next_publish().await.payload);
+    assert_eq!(status["Action"], "Disconnect");
+    assert_eq!(status["CloseCode"], 93);
+}
