@@ -19,6 +19,7 @@
 //! - [`upstream`] — dialling the broker.
 //! - [`registry`] — live sessions by client ID (takeover, org connection counts).
 //! - [`close`] — the one table of WIoTP closing codes.
+//! - [`ledger`] — which clients this instance connected, kept on the broker for crash recovery.
 //! - [`monitor`] — monitoring messages and the control connection that publishes them.
 //! - [`reload`] — live policy edits (file watch, SIGHUP) and session re-evaluation.
 //! - [`metrics`] and [`admin`] — Prometheus metrics, `/healthz`, `/readyz`.
@@ -34,6 +35,7 @@ pub mod codec;
 pub mod config;
 pub mod decision;
 pub mod identity;
+pub mod ledger;
 pub mod metrics;
 pub mod monitor;
 pub mod policy;

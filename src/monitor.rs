@@ -16,27 +16,37 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::close::CloseReason;
-use crate::codec::{decode_frame_header, encode_connect, encode_publish, Connect, ProtocolVersion};
+use crate::codec::{
+    decode_frame_header, encode_connect, encode_publish, encode_subscribe, encode_unsubscribe,
+    parse_publish, Connect, ProtocolVersion,
+};
 use crate::identity::{ClientClass, Identity};
+use crate::ledger::Ledger;
 use crate::upstream::{Dialer, READ_BUFFER_BYTES};
 
 /// Keep-alive of the control connection, in seconds.
 const CONTROL_KEEP_ALIVE_SECS: u16 = 30;
 /// Most monitoring messages written before waiting for the broker's PINGRESP.
 const MAX_BATCH: usize = 512;
+/// Packet id of the control connection's ledger SUBSCRIBE and UNSUBSCRIBE.
+const RECOVERY_PACKET_ID: u16 = 1;
+/// Largest ledger entry read back, in bytes.
+const MAX_RECOVERY_PACKET_BYTES: usize = 64 * 1024;
+/// A PINGREQ.
+const PINGREQ: [u8; 2] = [0xC0, 0x00];
 /// First and longest wait between redials of the control connection.
 const REDIAL_MIN: Duration = Duration::from_millis(100);
 const REDIAL_MAX: Duration = Duration::from_secs(5);
 
 /// The kind of monitoring message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Action {
     /// A client connected.
     Connect,
@@ -47,7 +57,7 @@ pub enum Action {
 }
 
 /// The JSON object of a monitoring message, with the source document's 16 field names.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MonitorMessage {
     /// `Connect`, `FailedConnect` or `Disconnect`.
     #[serde(rename = "Action")]
@@ -69,7 +79,7 @@ pub struct MonitorMessage {
     pub secure: bool,
     /// `mqtt3`, `mqtt4`, `mqtt5` (and `-ws` forms).
     #[serde(rename = "Protocol")]
-    pub protocol: &'static str,
+    pub protocol: String,
     /// The user name, or empty.
     #[serde(rename = "User")]
     pub user: String,
@@ -156,7 +166,7 @@ impl MonitorMessage {
             client_id: identity.client_id.clone(),
             port: facts.local.port(),
             secure: facts.secure,
-            protocol: facts.protocol,
+            protocol: facts.protocol.to_string(),
             user: facts.user.clone().unwrap_or_default(),
             certname: facts.certname.clone().unwrap_or_default(),
             connect_time: iso_time(facts.connected_at),
@@ -242,6 +252,33 @@ pub fn clears_on_disconnect(class: ClientClass, quickstart: bool) -> bool {
 pub struct Monitor {
     tx: mpsc::UnboundedSender<Publication>,
     status: Arc<MonitorStatus>,
+    ledger: Ledger,
+}
+
+/// Whether a client is connected through this process right now (crash recovery skips it).
+pub type IsLive = Arc<dyn Fn(&Identity) -> bool + Send + Sync>;
+
+/// One event to report: a connect, a refused connect, or a close.
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a> {
+    /// What happened.
+    pub action: Action,
+    /// Who.
+    pub identity: &'a Identity,
+    /// The connection.
+    pub facts: &'a ConnectionFacts,
+    /// Why it closed (Disconnect, FailedConnect).
+    pub close: Option<&'a CloseReason>,
+    /// Byte and message counts so far.
+    pub counters: Counters,
+    /// The org's prefix on the broker.
+    pub org_prefix: &'a str,
+    /// The quickstart org.
+    pub quickstart: bool,
+    /// False while another connection of the same application is live.
+    pub last_instance: bool,
+    /// The session, once established (Connect and Disconnect): keys its ledger entry.
+    pub session_id: Option<u64>,
 }
 
 /// What the control connection reports about itself.
@@ -259,7 +296,13 @@ pub struct MonitorStatus {
 
 impl Monitor {
     /// Starts the control connection task.
-    pub fn spawn(dialer: Dialer, client_id: String, queue_limit: usize) -> Monitor {
+    pub fn spawn(
+        dialer: Dialer,
+        client_id: String,
+        queue_limit: usize,
+        ledger: Ledger,
+        is_live: IsLive,
+    ) -> Monitor {
         let (tx, rx) = mpsc::unbounded_channel();
         let status = Arc::new(MonitorStatus::default());
         let control = Control {
@@ -269,9 +312,12 @@ impl Monitor {
             queue_limit: queue_limit.max(1),
             rx,
             status: status.clone(),
+            ledger: ledger.clone(),
+            is_live,
+            recovered: false,
         };
         tokio::spawn(control.run());
-        Monitor { tx, status }
+        Monitor { tx, status, ledger }
     }
 
     /// Queues publications, in order.
@@ -285,27 +331,41 @@ impl Monitor {
     }
 
     /// Builds the monitoring message for an event and queues its publications under the retain
-    /// rules (see [`publications`]). `last_instance` is false while another connection of the
-    /// same application is live, so its retained Connect must stay.
-    #[allow(clippy::too_many_arguments)]
-    pub fn report(
-        &self,
-        action: Action,
-        identity: &Identity,
-        facts: &ConnectionFacts,
-        close: Option<&CloseReason>,
-        counters: Counters,
-        org_prefix: &str,
-        quickstart: bool,
-        last_instance: bool,
-    ) {
-        let message = MonitorMessage::new(action, identity, facts, close, counters);
-        let clear = action == Action::Disconnect
-            && last_instance
-            && clears_on_disconnect(identity.class, quickstart);
-        self.send(publications(
-            &message, identity, org_prefix, quickstart, clear,
-        ));
+    /// rules (see [`publications`]), with the session's ledger entry (written on Connect, cleared
+    /// on Disconnect) behind it.
+    pub fn report(&self, report: Report<'_>) {
+        let message = MonitorMessage::new(
+            report.action,
+            report.identity,
+            report.facts,
+            report.close,
+            report.counters,
+        );
+        let clear = report.action == Action::Disconnect
+            && report.last_instance
+            && clears_on_disconnect(report.identity.class, report.quickstart);
+        let mut out = publications(
+            &message,
+            report.identity,
+            report.org_prefix,
+            report.quickstart,
+            clear,
+        );
+        match (report.action, report.session_id) {
+            (Action::Connect, Some(session)) => {
+                out.push(self.ledger.entry(
+                    &message,
+                    report.org_prefix,
+                    report.quickstart,
+                    session,
+                ));
+            }
+            (Action::Disconnect, Some(session)) => {
+                out.push(self.ledger.clear(&report.identity.client_id, session));
+            }
+            _ => {}
+        }
+        self.send(out);
     }
 
     /// Resolves once every message handed over so far was confirmed by the broker (or dropped).
@@ -336,6 +396,10 @@ struct Control {
     queue_limit: usize,
     rx: mpsc::UnboundedReceiver<Publication>,
     status: Arc<MonitorStatus>,
+    ledger: Ledger,
+    is_live: IsLive,
+    /// Whether the ledger of earlier processes was settled.
+    recovered: bool,
 }
 
 enum Stop {
@@ -415,9 +479,86 @@ impl Control {
         Ok(stream)
     }
 
+    /// Settles the ledger entries of earlier processes of this instance: subscribe to them, take
+    /// the retained ones the broker sends before answering the PINGREQ that follows, and queue a
+    /// Disconnect and a clearing for each.
+    async fn recover(
+        &mut self,
+        stream: &mut TcpStream,
+        inbound: &mut BytesMut,
+    ) -> Result<(), std::io::Error> {
+        let filter = self.ledger.filter();
+        let mut out = BytesMut::new();
+        encode_subscribe(
+            &mut out,
+            ProtocolVersion::V311,
+            RECOVERY_PACKET_ID,
+            &[],
+            &[(&[filter.as_bytes()], 0)],
+        );
+        out.extend_from_slice(&PINGREQ);
+        stream.write_all(&out).await?;
+        let mut found = Vec::new();
+        'read: loop {
+            if stream.read_buf(inbound).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            while let Ok(Some(header)) = decode_frame_header(inbound, MAX_RECOVERY_PACKET_BYTES) {
+                if inbound.len() < header.frame_len() {
+                    inbound.reserve(header.frame_len() - inbound.len());
+                    break;
+                }
+                let frame = inbound.split_to(header.frame_len());
+                match header.first_byte >> 4 {
+                    13 => break 'read,
+                    3 => {
+                        let body = &frame[header.header_len..];
+                        if let Ok(publish) =
+                            parse_publish(header.first_byte, body, ProtocolVersion::V311, false)
+                        {
+                            found.push((publish.topic.to_string(), body[publish.payload].to_vec()));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut settled = 0usize;
+        for (topic, payload) in found {
+            for publication in self
+                .ledger
+                .recover(&topic, &payload, |identity| (self.is_live)(identity))
+            {
+                settled += usize::from(!publication.payload.is_empty());
+                self.enqueue(publication);
+                self.status.sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if settled > 0 {
+            warn!(
+                settled,
+                "settled clients of an earlier process that stopped without closing them"
+            );
+        }
+        out.clear();
+        encode_unsubscribe(
+            &mut out,
+            ProtocolVersion::V311,
+            RECOVERY_PACKET_ID,
+            &[],
+            &[&[filter.as_bytes()]],
+        );
+        stream.write_all(&out).await?;
+        self.recovered = true;
+        Ok(())
+    }
+
     async fn serve(&mut self, mut stream: TcpStream) -> Stop {
         let mut out = BytesMut::new();
         let mut inbound = BytesMut::with_capacity(64);
+        if !self.recovered && self.recover(&mut stream, &mut inbound).await.is_err() {
+            return Stop::Broken;
+        }
         let mut in_flight = 0usize;
         let mut pings_outstanding = 0usize;
         let mut idle =

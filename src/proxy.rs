@@ -128,17 +128,38 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
     let policy = load_policies(&config.policies)?;
     info!(orgs = policy.orgs.len(), path = %config.policies.display(), "policy loaded");
     let dialer = Dialer::new(&config.upstream);
+    // The control client ID names this instance on the broker: it must stay the same across
+    // restarts, so that a restarted process finds and settles its predecessor's clients.
     let control_id = config
         .upstream
         .control_client_id
         .clone()
-        .unwrap_or_else(|| format!("mqtt-warden-control-{:08x}", rand::random::<u32>()));
-    let monitor = Monitor::spawn(dialer.clone(), control_id, config.limits.monitor_queue);
+        .unwrap_or_else(|| {
+            let first_bind = config
+                .listeners
+                .first()
+                .map(|l| l.bind.to_string())
+                .unwrap_or_default();
+            format!("mqtt-warden-{}", first_bind.replace([':', '[', ']'], "_"))
+        });
+    let registry = Registry::new();
+    let is_live: crate::monitor::IsLive = {
+        let registry = registry.clone();
+        Arc::new(move |identity| registry.is_live(identity))
+    };
+    let ledger = crate::ledger::Ledger::new(&control_id);
+    let monitor = Monitor::spawn(
+        dialer.clone(),
+        control_id,
+        config.limits.monitor_queue,
+        ledger,
+        is_live,
+    );
     let shared = Arc::new(Shared {
         verifier: Verifier::new(config.limits.auth_workers, config.limits.auth_queue),
         connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
         policy: ArcSwap::from_pointee(policy),
-        registry: Registry::new(),
+        registry,
         monitor,
         dialer,
         metrics: Metrics::default(),

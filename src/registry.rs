@@ -198,6 +198,15 @@ impl Registry {
         last
     }
 
+    /// Whether the identity has a live session here (for applications: any connection of the app).
+    pub fn is_live(&self, identity: &Identity) -> bool {
+        let inner = self.lock();
+        match app_key(identity) {
+            Some(app) => inner.per_app.contains_key(&app),
+            None => inner.by_client_id.contains_key(&identity.client_id),
+        }
+    }
+
     /// Live sessions of an org.
     pub fn org_connections(&self, org: &str) -> u32 {
         self.lock().per_org.get(org).copied().unwrap_or(0)

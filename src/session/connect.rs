@@ -22,7 +22,7 @@ use crate::codec::{
 };
 use crate::decision::Principal;
 use crate::identity::{parse_client_id, ClientClass, Identity, TOKEN_AUTH_USERNAME};
-use crate::monitor::{Action, ConnectionFacts, Counters};
+use crate::monitor::{Action, ConnectionFacts, Counters, Report};
 use crate::policy::{ApiRole, DeviceClass, GatewayRole, Org, SecurityMode};
 use crate::proxy::Shared;
 use crate::registry::{ClaimError, SessionControl, TAKEOVER_WAIT};
@@ -126,16 +126,17 @@ pub async fn establish<S: ClientStream>(
         if let Some(limit) = crate::metrics::limit_name(reason.code) {
             shared.metrics.limit(&identity.org, limit);
         }
-        shared.monitor.report(
-            Action::FailedConnect,
-            &identity,
-            &facts,
-            Some(&reason),
+        shared.monitor.report(Report {
+            action: Action::FailedConnect,
+            identity: &identity,
+            facts: &facts,
+            close: Some(&reason),
             counters,
-            &rewrite.org_prefix,
-            org.quickstart,
-            false,
-        );
+            org_prefix: &rewrite.org_prefix,
+            quickstart: org.quickstart,
+            last_instance: false,
+            session_id: None,
+        });
         info!(code = reason.number(), reason = %reason.reason_string(), client_id = %identity.client_id, "connect refused");
     };
 
@@ -232,16 +233,17 @@ pub async fn establish<S: ClientStream>(
     }
     counters.write_bytes += out.len() as u64;
 
-    shared.monitor.report(
-        Action::Connect,
-        &identity,
-        &facts,
-        None,
+    shared.monitor.report(Report {
+        action: Action::Connect,
+        identity: &identity,
+        facts: &facts,
+        close: None,
         counters,
-        &rewrite.org_prefix,
-        org.quickstart,
-        false,
-    );
+        org_prefix: &rewrite.org_prefix,
+        quickstart: org.quickstart,
+        last_instance: false,
+        session_id: Some(control.id()),
+    });
     shared.metrics.connection(&identity.org, facts.protocol, 1);
     info!(client_id = %identity.client_id, protocol = facts.protocol, "session connected");
 

@@ -19,7 +19,7 @@ use tracing::{info, Instrument};
 
 use crate::close::{CloseCode, CloseReason};
 use crate::codec::encode_disconnect_v5;
-use crate::monitor::Action;
+use crate::monitor::{Action, Report};
 use crate::proxy::Shared;
 use crate::registry::SessionControl;
 
@@ -109,16 +109,17 @@ async fn close<S: ClientStream>(
     if let Some(limit) = crate::metrics::limit_name(reason.code) {
         metrics.limit(&identity.org, limit);
     }
-    shared.monitor.report(
-        Action::Disconnect,
+    shared.monitor.report(Report {
+        action: Action::Disconnect,
         identity,
-        &bridge.facts,
-        Some(&reason),
-        bridge.counters,
-        &bridge.rewrite.org_prefix,
-        bridge.principal.org.quickstart,
+        facts: &bridge.facts,
+        close: Some(&reason),
+        counters: bridge.counters,
+        org_prefix: &bridge.rewrite.org_prefix,
+        quickstart: bridge.principal.org.quickstart,
         last_instance,
-    );
+        session_id: Some(control.id()),
+    });
     info!(
         code = reason.number(),
         reason = %reason.reason_string(),

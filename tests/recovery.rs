@@ -1,0 +1,137 @@
+//! Crash recovery: a proxy process killed with SIGKILL and started again settles the clients it
+//! had connected (Disconnect 92), and only its own, when several instances share one broker.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+
+use rumqttc::QoS;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use support::{mon, standard_policy, v4, Broker, WAIT};
+
+/// A proxy process of the real binary; its listen address is read from its JSON log.
+struct ProxyProcess {
+    child: Child,
+    addr: SocketAddr,
+}
+
+async fn start_proxy(dir: &std::path::Path, broker: &Broker, instance: &str) -> ProxyProcess {
+    let config = dir.join(format!("{instance}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"{}\"\n  control_client_id: \"{instance}\"\npolicies: policy.yaml\ntelemetry: {{ log_format: json }}\n",
+            broker.addr()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mqtt-warden"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if entry["fields"]["message"] == "listening" {
+                return entry["fields"]["address"]
+                    .as_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+            }
+        }
+        panic!("the proxy exited before listening");
+    })
+    .await
+    .expect("the proxy starts");
+    // Keep draining the log so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    ProxyProcess { child, addr }
+}
+
+async fn next_status(spy: &mut v4::Client) -> serde_json::Value {
+    mon::parse(&spy.next_publish().await.payload)
+}
+
+#[tokio::test]
+async fn a_killed_proxy_settles_its_own_clients_after_restart() {
+    let broker = Broker::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), standard_policy()).unwrap();
+    let broker_addr: SocketAddr = broker.addr().parse().unwrap();
+    let mut spy = v4::connect(broker_addr, "spy", None, None).await.unwrap();
+    spy.subscribe("org1/iot-2/type/+/id/+/mon", QoS::AtMostOnce)
+        .await;
+
+    let mut first = start_proxy(dir.path(), &broker, "instance-a").await;
+    let other = start_proxy(dir.path(), &broker, "instance-b").await;
+    let _dev1 = v4::connect(
+        first.addr,
+        "d:org1:sensor:dev1",
+        Some("use-token-auth"),
+        Some("dev1-token"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        next_status(&mut spy).await["ClientID"],
+        "d:org1:sensor:dev1"
+    );
+    let _dev2 = v4::connect(
+        other.addr,
+        "d:org1:sensor:dev2",
+        Some("use-token-auth"),
+        Some("dev2-token"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        next_status(&mut spy).await["ClientID"],
+        "d:org1:sensor:dev2"
+    );
+
+    // SIGKILL: no Disconnect can be sent by the dying process.
+    first.child.start_kill().unwrap();
+    first.child.wait().await.unwrap();
+
+    let _restarted = start_proxy(dir.path(), &broker, "instance-a").await;
+    let status = next_status(&mut spy).await;
+    assert_eq!(status["Action"], "Disconnect");
+    assert_eq!(status["ClientID"], "d:org1:sensor:dev1");
+    assert_eq!(status["CloseCode"], 92);
+
+    // dev2 belongs to the other instance and is still connected: a sentinel status published
+    // now is the next message, with nothing about dev2 before it.
+    let _sentinel = v4::connect(
+        other.addr,
+        "d:org1:sensor:dev1",
+        Some("use-token-auth"),
+        Some("dev1-token"),
+    )
+    .await
+    .unwrap();
+    let status = next_status(&mut spy).await;
+    assert_eq!(
+        (status["ClientID"].as_str(), status["Action"].as_str()),
+        (Some("d:org1:sensor:dev1"), Some("Connect"))
+    );
+
+    // The retained state of dev1 as a new subscriber sees it is the latest: connected.
+    let mut late = v4::connect(broker_addr, "late", None, None).await.unwrap();
+    late.subscribe("org1/iot-2/type/sensor/id/+/mon", QoS::AtMostOnce)
+        .await;
+    for _ in 0..2 {
+        let status = mon::parse(&late.next_publish().await.payload);
+        assert_eq!(status["Action"], "Connect", "{status}");
+    }
+}
