@@ -766,6 +766,35 @@ pub fn encode_publish(out: &mut BytesMut, first_byte: u8, topic: &[&[u8]], after
     out.put_slice(after_topic);
 }
 
+/// The property bytes (without their length prefix) of a parsed MQTT 5 PUBLISH body.
+pub fn publish_properties<'a>(body: &'a [u8], view: &PublishView<'_>) -> &'a [u8] {
+    let start = view.after_topic.start + if view.packet_id.is_some() { 2 } else { 0 };
+    let mut r = Reader::new(body.get(start..view.payload.start).unwrap_or_default());
+    match r.varint("property length") {
+        Ok(_) => r.rest(),
+        Err(_) => &[],
+    }
+}
+
+/// Writes an MQTT 5 PUBLISH with new properties: topic parts, the packet id of `view`, the given
+/// properties and the payload of `body`. For the rare PUBLISH whose properties the proxy changes.
+pub fn encode_publish_with_properties(
+    out: &mut BytesMut,
+    first_byte: u8,
+    topic: &[&[u8]],
+    view: &PublishView<'_>,
+    properties: &[Property<'_>],
+    body: &[u8],
+) {
+    let mut after_topic = BytesMut::new();
+    if let Some(packet_id) = view.packet_id {
+        after_topic.put_u16(packet_id);
+    }
+    encode_properties(&mut after_topic, properties);
+    after_topic.put_slice(body.get(view.payload.clone()).unwrap_or_default());
+    encode_publish(out, first_byte, topic, &after_topic);
+}
+
 /// The part SUBSCRIBE and UNSUBSCRIBE share: fixed-header flags 0010, a non-zero packet id and,
 /// for MQTT 5, properties. Returns the reader positioned at the first filter.
 fn subscription_header(

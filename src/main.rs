@@ -67,7 +67,10 @@ const FAST_SHUTDOWN: Duration = Duration::from_secs(1);
 
 fn run(config_path: PathBuf, grace: Duration) -> anyhow::Result<ExitCode> {
     let config = WardenConfig::load(&config_path)?;
-    telemetry::init(config.telemetry.log_format);
+    let _telemetry = telemetry::init(
+        config.telemetry.log_format,
+        config.telemetry.otlp_endpoint.as_deref(),
+    )?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -4,59 +4,17 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 
 use rumqttc::QoS;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
-use support::{mon, standard_policy, v4, Broker, WAIT};
-
-/// A proxy process of the real binary; its listen address is read from its JSON log.
-struct ProxyProcess {
-    child: Child,
-    addr: SocketAddr,
-}
+use support::{mon, standard_policy, v4, Broker, ProxyProcess};
 
 async fn start_proxy(dir: &std::path::Path, broker: &Broker, instance: &str) -> ProxyProcess {
-    let config = dir.join(format!("{instance}.yaml"));
-    std::fs::write(
-        &config,
-        format!(
-            "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"{}\"\n  control_client_id: \"{instance}\"\npolicies: policy.yaml\ntelemetry: {{ log_format: json }}\n",
-            broker.addr()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mqtt-warden"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = tokio::time::timeout(WAIT, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            if entry["fields"]["message"] == "listening" {
-                return entry["fields"]["address"]
-                    .as_str()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
-            }
-        }
-        panic!("the proxy exited before listening");
-    })
-    .await
-    .expect("the proxy starts");
-    // Keep draining the log so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    ProxyProcess { child, addr }
+    let config = format!(
+        "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"{}\"\n  control_client_id: \"{instance}\"\npolicies: policy.yaml\ntelemetry: {{ log_format: json }}\n",
+        broker.addr()
+    );
+    ProxyProcess::start(dir, instance, &config, &[]).await
 }
 
 async fn next_status(spy: &mut v4::Client) -> serde_json::Value {

@@ -21,10 +21,11 @@ use tracing::info;
 use super::ClientStream;
 use crate::close::{CloseCode, CloseReason};
 use crate::codec::{
-    check_ack, check_disconnect, decode_frame_header, encode_ack, encode_publish, encode_suback,
-    encode_subscribe, encode_unsubscribe, packet_type, parse_publish, parse_suback,
-    parse_subscribe, parse_unsubscribe, varint_len, CodecError, PacketType, ProtocolVersion,
-    PublishView,
+    check_ack, check_disconnect, decode_frame_header, encode_ack, encode_publish,
+    encode_publish_with_properties, encode_suback, encode_subscribe, encode_unsubscribe,
+    for_each_property, packet_type, parse_properties, parse_publish, parse_suback, parse_subscribe,
+    parse_unsubscribe, publish_properties, varint_len, CodecError, PacketType, Property,
+    PropertyContext, PropertyValue, ProtocolVersion, PublishView,
 };
 use crate::decision::Principal;
 use crate::identity::{ClientClass, Identity};
@@ -32,6 +33,7 @@ use crate::monitor::Publication;
 use crate::monitor::{ConnectionFacts, Counters};
 use crate::policy::OnViolation;
 use crate::proxy::Shared;
+use crate::telemetry::TRACEPARENT;
 use crate::topics::TopicRewrite;
 use crate::topics::{parse_iot2, Iot2Topic};
 use crate::upstream::READ_BUFFER_BYTES;
@@ -99,6 +101,21 @@ fn share_prefix(identity: &Identity) -> String {
         "app"
     };
     format!("$share/wiotp.{}.{}.{kind}/", identity.org, identity.first)
+}
+
+/// The value of a `traceparent` user property of an MQTT 5 PUBLISH, without allocating.
+fn find_traceparent<'a>(body: &'a [u8], publish: &PublishView<'_>) -> Option<&'a str> {
+    let mut found = None;
+    let _ = for_each_property(
+        publish_properties(body, publish),
+        PropertyContext::PublishFromClient,
+        |property| {
+            if let PropertyValue::Pair(TRACEPARENT, value) = property.value {
+                found = Some(value);
+            }
+        },
+    );
+    found
 }
 
 /// A topic-filter syntax error is 276 with MQTT 5's "Topic Filter invalid".
@@ -475,10 +492,13 @@ impl<S: ClientStream> Bridge<S> {
                 }
                 (None, _) => (publish.topic, false),
             };
+        let span = tracing::debug_span!("publish", topic = %topic, qos = publish.qos, decision = tracing::field::Empty);
         if let Err(reason) = self.principal.check_publish(topic) {
+            span.record("decision", reason.number());
             let topic = topic.to_owned();
             return self.refuse_publish(&publish, &topic, reason);
         }
+        span.record("decision", "allow");
         let mut first_byte = first_byte;
         if self.limits.strip_retained {
             first_byte &= !0x01;
@@ -490,16 +510,50 @@ impl<S: ClientStream> Bridge<S> {
             first_byte &= 0b1111_0001;
             after_topic = &after_topic[2..];
         }
-        if alias_known_upstream {
-            encode_publish(&mut self.to_upstream, first_byte, &[], after_topic);
+        let parts: [&[u8]; 2] = if alias_known_upstream {
+            [&[], &[]]
         } else {
-            let parts = self.rewrite.to_broker(topic).ok_or_else(|| {
+            self.rewrite.to_broker(topic).ok_or_else(|| {
                 CloseReason::with_detail(
                     CloseCode::NotAuthorized,
                     "topic outside the client's namespace",
                 )
-            })?;
-            encode_publish(&mut self.to_upstream, first_byte, &parts, after_topic);
+            })?
+        };
+        // A W3C trace context from an MQTT 5 client continues through the proxy's own span.
+        let traceparent =
+            (self.version.is_v5() && !downgrade && crate::telemetry::tracing_enabled())
+                .then(|| find_traceparent(body, &publish))
+                .flatten();
+        match traceparent.and_then(|parent| crate::telemetry::continue_trace(&span, parent)) {
+            Some(own) => {
+                let properties = parse_properties(
+                    publish_properties(body, &publish),
+                    PropertyContext::PublishFromClient,
+                )
+                .map_err(|e| e.close_reason(false))?;
+                let properties: Vec<Property<'_>> = properties
+                    .into_iter()
+                    .map(|property| match property.value {
+                        PropertyValue::Pair(TRACEPARENT, _) => Property {
+                            id: property.id,
+                            value: PropertyValue::Pair(TRACEPARENT, &own),
+                        },
+                        _ => property,
+                    })
+                    .collect();
+                encode_publish_with_properties(
+                    &mut self.to_upstream,
+                    first_byte,
+                    &parts,
+                    &publish,
+                    &properties,
+                    body,
+                );
+            }
+            None => encode_publish(&mut self.to_upstream, first_byte, &parts, after_topic),
+        }
+        if !alias_known_upstream {
             if let Some(alias) = publish.topic_alias.and_then(|a| self.aliases.get_mut(&a)) {
                 alias.upstream = true;
             }
@@ -641,6 +695,12 @@ impl<S: ClientStream> Bridge<S> {
 
     fn client_subscribe(&mut self, first_byte: u8, body: &[u8]) -> Result<(), CloseReason> {
         let subscribe = parse_subscribe(first_byte, body, self.version).map_err(filter_error)?;
+        let span = tracing::debug_span!(
+            "subscribe",
+            filters = subscribe.filters.len(),
+            refused = tracing::field::Empty
+        );
+        let _entered = span.enter();
         // For each filter: None to forward it, or the code the proxy answers itself.
         let mut verdicts: Vec<Option<u8>> = Vec::with_capacity(subscribe.filters.len());
         for filter in &subscribe.filters {
@@ -710,7 +770,9 @@ impl<S: ClientStream> Bridge<S> {
         for filter in allowed() {
             self.subscriptions.insert(filter.filter.into());
         }
-        if verdicts.iter().any(Option::is_some) {
+        let refused = verdicts.iter().filter(|verdict| verdict.is_some()).count();
+        span.record("refused", refused);
+        if refused > 0 {
             self.pending_subacks.insert(subscribe.packet_id, verdicts);
         }
         Ok(())

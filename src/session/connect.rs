@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use super::bridge::{Bridge, Limits};
 use super::{ClientStream, ConnectionInfo, FAREWELL_TIMEOUT};
@@ -147,7 +147,20 @@ pub async fn establish<S: ClientStream>(
         return None;
     }
     let auth_started = std::time::Instant::now();
-    let authenticated = authenticate(shared, &identity, &org, &connect, info).await;
+    let auth_span = tracing::info_span!(
+        "authenticate",
+        class = identity.class.name(),
+        code = tracing::field::Empty
+    );
+    let authenticated = authenticate(shared, &identity, &org, &connect, info)
+        .instrument(auth_span.clone())
+        .await;
+    auth_span.record(
+        "code",
+        authenticated
+            .as_ref()
+            .map_or_else(|reason| reason.number(), |_| 0),
+    );
     shared.metrics.auth_latency(auth_started.elapsed());
     let principal = match authenticated {
         Ok(principal) => principal,
@@ -323,6 +336,7 @@ async fn refuse<S: ClientStream>(
     reason: &CloseReason,
     counters: &mut Counters,
 ) {
+    tracing::Span::current().record("code", reason.number());
     let reason_string = reason.reason_string();
     let connack = match version {
         Some(ProtocolVersion::V5) => reason.v5_connack().map(|code| Connack {

@@ -54,17 +54,32 @@ pub async fn run<S: ClientStream>(
     shared: Arc<Shared>,
     permit: Option<OwnedSemaphorePermit>,
 ) {
-    let span = tracing::info_span!("session", peer = %info.peer, client_id = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "session",
+        peer = %info.peer,
+        client_id = tracing::field::Empty,
+        org = tracing::field::Empty,
+        protocol = tracing::field::Empty,
+        close_code = tracing::field::Empty,
+        close_reason = tracing::field::Empty,
+    );
     async move {
         let mut control = SessionControl::new();
-        let outcome =
-            connect::establish(client, &info, &shared, &mut control, permit.is_some()).await;
+        let connect_span = tracing::info_span!("connect", code = tracing::field::Empty);
+        let outcome = connect::establish(client, &info, &shared, &mut control, permit.is_some())
+            .instrument(connect_span)
+            .await;
         let Some(mut bridge) = outcome else {
             control.finish();
             return;
         };
-        tracing::Span::current().record("client_id", bridge.principal.identity.client_id.as_str());
+        let session_span = tracing::Span::current();
+        session_span.record("client_id", bridge.principal.identity.client_id.as_str());
+        session_span.record("org", bridge.principal.identity.org.as_str());
+        session_span.record("protocol", bridge.facts.protocol);
         let reason = bridge.run(&mut control.kill).await;
+        session_span.record("close_code", reason.number());
+        session_span.record("close_reason", reason.reason_string().as_str());
         close(bridge, reason, &shared, &control).await;
         control.finish();
         drop(permit);

@@ -212,6 +212,57 @@ impl Warden {
     }
 }
 
+/// A proxy process of the real binary; its listen address is read from its JSON log.
+pub struct ProxyProcess {
+    /// The child process.
+    pub child: Child,
+    /// The client-facing address.
+    pub addr: SocketAddr,
+}
+
+impl ProxyProcess {
+    /// Writes `config` (which must set `telemetry.log_format: json`) as `NAME.yaml` in `dir`,
+    /// runs `mqtt-warden run` on it with extra environment variables, and waits until it listens.
+    pub async fn start(
+        dir: &std::path::Path,
+        name: &str,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(&path, config).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mqtt-warden"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the binary runs");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout piped")).lines();
+        let addr = tokio::time::timeout(WAIT, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                    continue;
+                };
+                if entry["fields"]["message"] == "listening" {
+                    return entry["fields"]["address"]
+                        .as_str()
+                        .and_then(|a| a.parse().ok())
+                        .expect("address");
+                }
+            }
+            panic!("the proxy exited before listening");
+        })
+        .await
+        .expect("the proxy starts");
+        // Keep draining the log so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ProxyProcess { child, addr }
+    }
+}
+
 pub mod v4 {
     //! MQTT 3.1.1 clients (rumqttc).
     use super::*;
