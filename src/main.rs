@@ -34,9 +34,21 @@ enum Command {
     },
     /// Validate the config and every policy file; print file, line and reason for each error.
     Check {
-        /// The process config (warden.yaml).
+        /// The process config (warden.yaml); its policies are checked too.
+        #[arg(long, short, required_unless_present = "policy")]
+        config: Option<PathBuf>,
+        /// A policy file or folder to check on its own.
         #[arg(long, short)]
-        config: PathBuf,
+        policy: Vec<PathBuf>,
+    },
+    /// Ask a running proxy's admin endpoint (for container health checks): exit 0 on HTTP 200.
+    Probe {
+        /// The admin endpoint address.
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        address: String,
+        /// The path to ask for.
+        #[arg(long, default_value = "/healthz")]
+        path: String,
     },
     /// Hash a token read from stdin, for a policy file.
     HashToken {
@@ -50,7 +62,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config, grace_secs } => run(config, Duration::from_secs(grace_secs)),
-        Command::Check { config } => check(config),
+        Command::Check { config, policy } => check(config, policy),
+        Command::Probe { address, path } => probe(&address, &path),
         Command::HashToken { sha256 } => hash_token(sha256),
     };
     match result {
@@ -97,26 +110,60 @@ async fn wait_for_shutdown_signal(grace: Duration) -> anyhow::Result<Duration> {
     }
 }
 
-fn check(config_path: PathBuf) -> anyhow::Result<ExitCode> {
-    let config = match WardenConfig::load(&config_path) {
-        Ok(config) => config,
-        Err(error) => {
-            eprintln!("{error}");
-            return Ok(ExitCode::FAILURE);
-        }
-    };
-    match policy::load_policies(&config.policies) {
-        Ok(policy) => {
-            println!("{}: ok ({} orgs)", config_path.display(), policy.orgs.len());
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(errors) => {
-            for error in &errors.0 {
-                eprintln!("{error}");
+fn check(config_path: Option<PathBuf>, policy_paths: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+    let mut ok = true;
+    let mut policies = policy_paths;
+    if let Some(config_path) = config_path {
+        match WardenConfig::load(&config_path) {
+            Ok(config) => {
+                println!("{}: ok", config_path.display());
+                policies.push(config.policies);
             }
-            Ok(ExitCode::FAILURE)
+            Err(error) => {
+                eprintln!("{error}");
+                ok = false;
+            }
         }
     }
+    for path in policies {
+        match policy::load_policies(&path) {
+            Ok(policy) => println!("{}: ok ({} orgs)", path.display(), policy.orgs.len()),
+            Err(errors) => {
+                for error in &errors.0 {
+                    eprintln!("{error}");
+                }
+                ok = false;
+            }
+        }
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn probe(address: &str, path: &str) -> anyhow::Result<ExitCode> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(3);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(address)?
+        .next()
+        .context("the admin address resolves to nothing")?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let healthy = response.starts_with("HTTP/1.1 200");
+    print!("{}", response.split("\r\n\r\n").nth(1).unwrap_or_default());
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn hash_token(sha256: bool) -> anyhow::Result<ExitCode> {
