@@ -4,7 +4,6 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY examples ./examples
-COPY benches ./benches
 RUN cargo build --release --locked --bin mqtt-warden
 
 # Runtime stage: a small image with the binary, running as an unprivileged user.
