@@ -8,6 +8,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::policy::Rate;
+
 use crate::policy::yaml::{self, LineMap};
 
 /// The default org prefix on the broker.
@@ -126,6 +128,19 @@ pub struct ProcessLimits {
     pub auth_workers: usize,
     /// argon2id verifications waiting (176 above).
     pub auth_queue: usize,
+    /// Longest keep-alive a client may ask for, in seconds (MQTT 5 is told with Server Keep
+    /// Alive; an MQTT 3 client above it, or with 0, is refused). 65535 means no cap.
+    pub max_keep_alive_secs: u16,
+    /// Filters in one SUBSCRIBE (154 above).
+    pub max_filters_per_subscribe: usize,
+    /// Unacknowledged QoS 1/2 PUBLISHes from one client (MQTT 5 Receive Maximum; 0x93 above).
+    pub max_inflight: u16,
+    /// How long part of a packet may wait for the rest (slowloris), after CONNACK.
+    pub partial_packet_timeout: Duration,
+    /// CONNECTs per client ID (flapping clients; 104 above).
+    pub connect_rate_per_client_id: Rate,
+    /// CONNECTs per source address (104 above).
+    pub connect_rate_per_address: Rate,
 }
 
 impl Default for ProcessLimits {
@@ -137,6 +152,18 @@ impl Default for ProcessLimits {
             max_packet_bytes: 256 * 1024,
             monitor_queue: 100_000,
             auth_workers: 2,
+            max_keep_alive_secs: u16::MAX,
+            max_filters_per_subscribe: 100,
+            max_inflight: 1000,
+            partial_packet_timeout: Duration::from_secs(30),
+            connect_rate_per_client_id: Rate {
+                count: 10,
+                per: Duration::from_secs(10),
+            },
+            connect_rate_per_address: Rate {
+                count: 1000,
+                per: Duration::from_secs(1),
+            },
             auth_queue: 256,
         }
     }
@@ -432,7 +459,52 @@ impl Check<'_> {
                 Some(n) => usize::try_from(n)
                     .map_err(|_| self.invalid("limits.auth_queue", "too large"))?,
             },
+            max_keep_alive_secs: match limits.max_keep_alive_secs {
+                None => defaults.max_keep_alive_secs,
+                Some(n) => u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
+                    self.invalid("limits.max_keep_alive_secs", "must be 1 to 65535")
+                })?,
+            },
+            max_filters_per_subscribe: positive(
+                "max_filters_per_subscribe",
+                limits.max_filters_per_subscribe,
+                defaults.max_filters_per_subscribe,
+            )?,
+            max_inflight: match limits.max_inflight {
+                None => defaults.max_inflight,
+                Some(n) => u16::try_from(n)
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| self.invalid("limits.max_inflight", "must be 1 to 65535"))?,
+            },
+            partial_packet_timeout: match limits.partial_packet_timeout_secs {
+                None => defaults.partial_packet_timeout,
+                Some(0) => {
+                    return Err(
+                        self.invalid("limits.partial_packet_timeout_secs", "must be at least 1")
+                    )
+                }
+                Some(secs) => Duration::from_secs(secs),
+            },
+            connect_rate_per_client_id: self.rate(
+                "limits.connect_rate_per_client_id",
+                limits.connect_rate_per_client_id,
+                defaults.connect_rate_per_client_id,
+            )?,
+            connect_rate_per_address: self.rate(
+                "limits.connect_rate_per_address",
+                limits.connect_rate_per_address,
+                defaults.connect_rate_per_address,
+            )?,
         })
+    }
+
+    fn rate(&self, field: &str, text: Option<String>, default: Rate) -> Result<Rate, ConfigError> {
+        match text {
+            None => Ok(default),
+            Some(text) => crate::policy::load::parse_rate(&text)
+                .map_err(|message| self.invalid(field, message)),
+        }
     }
 }
 
@@ -511,6 +583,12 @@ struct LimitsFileConfig {
     monitor_queue: Option<u64>,
     auth_workers: Option<u64>,
     auth_queue: Option<u64>,
+    max_keep_alive_secs: Option<u64>,
+    max_filters_per_subscribe: Option<u64>,
+    max_inflight: Option<u64>,
+    partial_packet_timeout_secs: Option<u64>,
+    connect_rate_per_client_id: Option<String>,
+    connect_rate_per_address: Option<String>,
 }
 
 #[cfg(test)]
@@ -623,6 +701,7 @@ limits:
                 monitor_queue: 10,
                 auth_workers: 4,
                 auth_queue: 0,
+                ..ProcessLimits::default()
             }
         );
     }

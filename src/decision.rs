@@ -398,6 +398,7 @@ mod tests {
             quickstart,
             security: Default::default(),
             on_violation: Default::default(),
+            on_rate_exceeded: Default::default(),
             require_registered_devices: false,
             strip_retained: true,
             limits: OrgLimits::default(),

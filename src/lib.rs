@@ -17,6 +17,7 @@
 //! - [`topics`] — the `iot-2` topic grammar and the org-prefix rewrite.
 //! - [`decision`] — what an identity may do: connect, publish, subscribe → allow or a [`close::CloseReason`].
 //! - [`upstream`] — dialling the broker.
+//! - [`limits`] — rate limits: publishes, bytes, org aggregate, CONNECT rates.
 //! - [`registry`] — live sessions by client ID (takeover, org connection counts).
 //! - [`close`] — the one table of WIoTP closing codes.
 //! - [`ledger`] — which clients this instance connected, kept on the broker for crash recovery.
@@ -36,6 +37,7 @@ pub mod config;
 pub mod decision;
 pub mod identity;
 pub mod ledger;
+pub mod limits;
 pub mod metrics;
 pub mod monitor;
 pub mod policy;

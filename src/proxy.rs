@@ -42,6 +42,10 @@ pub struct Shared {
     pub connection_slots: Arc<Semaphore>,
     /// Metrics.
     pub metrics: Metrics,
+    /// Publish buckets shared by the connections of each org.
+    pub org_buckets: crate::limits::OrgBuckets,
+    /// CONNECT rates per client ID and per source address.
+    pub connect_rates: crate::limits::ConnectRates,
     /// Bumped on every applied policy reload; sessions watch it and re-evaluate themselves.
     pub policy_generation: watch::Sender<u64>,
     /// Every session task, so that shutdown can wait for them.
@@ -163,6 +167,11 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         monitor,
         dialer,
         metrics: Metrics::default(),
+        org_buckets: Default::default(),
+        connect_rates: crate::limits::ConnectRates::new(
+            config.limits.connect_rate_per_client_id,
+            config.limits.connect_rate_per_address,
+        ),
         policy_generation: watch::channel(0).0,
         sessions: TaskTracker::new(),
         shutting_down: AtomicBool::new(false),
@@ -203,7 +212,8 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         ),
         None => None,
     };
-    crate::reload::watch(shared.clone(), shutdown_rx);
+    crate::reload::watch(shared.clone(), shutdown_rx.clone());
+    tokio::spawn(forget_idle_connect_rates(shared.clone(), shutdown_rx));
     Ok(RunningProxy {
         listen_addrs,
         shared,
@@ -211,6 +221,19 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         shutdown,
         accept_tasks,
     })
+}
+
+/// How often the CONNECT-rate maps drop keys that have been idle.
+const CONNECT_RATE_SWEEP: Duration = Duration::from_secs(60);
+
+async fn forget_idle_connect_rates(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut sweep = tokio::time::interval(CONNECT_RATE_SWEEP);
+    loop {
+        tokio::select! {
+            _ = sweep.tick() => shared.connect_rates.shrink(),
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
 }
 
 async fn accept_loop(

@@ -15,6 +15,7 @@ fn policy(on_violation: &str) -> String {
 orgs:
   org1:
     on_violation: {on_violation}
+    limits: {{ publish_rate: {{ device: "100000/s", gateway: "100000/s", application: "100000/s" }} }}
     device_types:
       sensor: {{}}
       edge-gw: {{ class: gateway }}

@@ -11,8 +11,8 @@ use thiserror::Error;
 
 use super::yaml::{self, LineMap};
 use super::{
-    ApiKey, ApiRole, Device, DeviceClass, DeviceType, GatewayRole, OnViolation, Org, OrgLimits,
-    Policy, Rate, SecurityMode,
+    ApiKey, ApiRole, Device, DeviceClass, DeviceType, GatewayRole, OnRateExceeded, OnViolation,
+    Org, OrgLimits, Policy, Rate, SecurityMode,
 };
 use crate::auth::TokenHash;
 use crate::identity::is_valid_id_part;
@@ -268,6 +268,7 @@ impl Checker<'_> {
             quickstart: config.quickstart,
             security: config.security,
             on_violation: config.on_violation,
+            on_rate_exceeded: config.on_rate_exceeded,
             require_registered_devices: config.require_registered_devices,
             strip_retained: config.strip_retained,
             limits,
@@ -416,6 +417,27 @@ impl Checker<'_> {
             check("gateway", rates.gateway, &mut slots.gateway);
             check("application", rates.application, &mut slots.application);
         }
+        if let Some(rates) = config.byte_rate {
+            let field = format!("{field}.byte_rate");
+            let mut check = |class: &str, value: Option<String>, slot: &mut Option<Rate>| {
+                if let Some(text) = value {
+                    match parse_rate(&text) {
+                        Ok(rate) => *slot = Some(rate),
+                        Err(message) => self.error(format!("{field}.{class}"), message),
+                    }
+                }
+            };
+            let slots = &mut limits.byte_rate;
+            check("device", rates.device, &mut slots.device);
+            check("gateway", rates.gateway, &mut slots.gateway);
+            check("application", rates.application, &mut slots.application);
+        }
+        if let Some(text) = config.org_publish_rate {
+            match parse_rate(&text) {
+                Ok(rate) => limits.org_publish_rate = Some(rate),
+                Err(message) => self.error(format!("{field}.org_publish_rate"), message),
+            }
+        }
         limits
     }
 }
@@ -467,6 +489,8 @@ struct OrgConfig {
     security: SecurityMode,
     #[serde(default)]
     on_violation: OnViolation,
+    #[serde(default)]
+    on_rate_exceeded: OnRateExceeded,
     #[serde(default)]
     require_registered_devices: bool,
     #[serde(default = "yes")]
@@ -523,6 +547,8 @@ struct LimitsConfig {
     max_connections: Option<u32>,
     max_subscriptions: Option<PerClassConfig<u32>>,
     publish_rate: Option<PerClassConfig<String>>,
+    byte_rate: Option<PerClassConfig<String>>,
+    org_publish_rate: Option<String>,
 }
 
 /// A value per client class; every key optional.

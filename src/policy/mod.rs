@@ -56,6 +56,17 @@ pub enum SecurityMode {
     TlsCertOrToken,
 }
 
+/// What happens when a client publishes faster than its rate (PRODUCT.md §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnRateExceeded {
+    /// Stop reading the client until tokens refill: nothing is lost.
+    #[default]
+    Backpressure,
+    /// Close with 92 ("rate limit exceeded"; MQTT 5: DISCONNECT 0x96).
+    Disconnect,
+}
+
 /// What happens when a client does something its identity may not do (PRODUCT.md §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -110,6 +121,10 @@ pub struct OrgLimits {
     pub max_subscriptions: PerClass<u32>,
     /// Publishes per connection.
     pub publish_rate: PerClass<Rate>,
+    /// Bytes of PUBLISH payload per connection, when limited.
+    pub byte_rate: PerClass<Option<Rate>>,
+    /// Publishes of the whole org together, when limited.
+    pub org_publish_rate: Option<Rate>,
 }
 
 impl Default for OrgLimits {
@@ -131,6 +146,12 @@ impl Default for OrgLimits {
                 gateway: per_second(100),
                 application: per_second(20),
             },
+            byte_rate: PerClass {
+                device: None,
+                gateway: None,
+                application: None,
+            },
+            org_publish_rate: None,
         }
     }
 }
@@ -217,6 +238,8 @@ pub struct Org {
     pub security: SecurityMode,
     /// What a violation does.
     pub on_violation: OnViolation,
+    /// What publishing too fast does.
+    pub on_rate_exceeded: OnRateExceeded,
     /// Apps may publish only for registered devices.
     pub require_registered_devices: bool,
     /// Clear the retain flag of every PUBLISH and will (default true, as WIoTP does).

@@ -29,15 +29,18 @@ use crate::codec::{
 };
 use crate::decision::Principal;
 use crate::identity::{ClientClass, Identity};
+use crate::limits::{bucket, take, Bucket};
 use crate::monitor::Publication;
 use crate::monitor::{ConnectionFacts, Counters};
-use crate::policy::OnViolation;
+use crate::policy::{OnRateExceeded, OnViolation};
 use crate::proxy::Shared;
 use crate::telemetry::TRACEPARENT;
 use crate::topics::TopicRewrite;
 use crate::topics::{parse_iot2, Iot2Topic};
 use crate::upstream::READ_BUFFER_BYTES;
 
+/// How often a session logs that it hit a rate limit, at most.
+const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// Spare room a read buffer must have before a read, in bytes.
 const MIN_READ_ROOM: usize = 1024;
 /// Largest packet accepted from the broker, in bytes (the broker is trusted, but bounded).
@@ -62,6 +65,34 @@ pub struct Limits {
     pub topic_alias_maximum: u16,
     /// Quickstart: QoS is downgraded to 0.
     pub quickstart: bool,
+    /// How long part of a packet may wait for the rest.
+    pub partial_packet_timeout: Duration,
+    /// Unacknowledged QoS 1/2 PUBLISHes from the client (the Receive Maximum it was told).
+    pub max_inflight: usize,
+    /// Filters in one SUBSCRIBE.
+    pub max_filters_per_subscribe: usize,
+}
+
+/// The publish buckets of a connection: its own rate, its byte rate, and its org's aggregate.
+fn buckets(
+    principal: &Principal,
+    shared: &Shared,
+    max_payload_bytes: usize,
+) -> (Bucket, Option<Bucket>, Option<Arc<Bucket>>) {
+    let limits = &principal.org.limits;
+    let class = principal.identity.class;
+    // A byte bucket must hold the largest message at once, or that message could never pass.
+    let min_bytes = u32::try_from(max_payload_bytes).unwrap_or(u32::MAX);
+    (
+        bucket(limits.publish_rate.get(class), 1),
+        limits
+            .byte_rate
+            .get(class)
+            .map(|rate| bucket(rate, min_bytes)),
+        limits
+            .org_publish_rate
+            .map(|rate| shared.org_buckets.get(&principal.org.id, rate)),
+    )
 }
 
 /// A client topic alias.
@@ -155,7 +186,22 @@ pub struct Bridge<S> {
     pub counters: Counters,
     limits: Limits,
     keep_alive: Option<Duration>,
-    last_client_read: Instant,
+    /// When the last complete packet arrived (keep-alive counts packets, not bytes).
+    last_packet_at: Instant,
+    /// Since when an incomplete packet waits in the read buffer (slowloris).
+    partial_since: Option<Instant>,
+    /// Reading the client is paused by a rate limit until then.
+    resume_at: Option<Instant>,
+    /// Publishes per second of this connection.
+    publish_bucket: Bucket,
+    /// Payload bytes per second of this connection, when limited.
+    byte_bucket: Option<Bucket>,
+    /// Publishes per second of the whole org, when limited.
+    org_bucket: Option<Arc<Bucket>>,
+    /// Packet ids of the client's QoS 1/2 PUBLISHes the broker has not completed yet.
+    inflight: HashSet<u16>,
+    /// When a rate limit was last logged (limit hits are logged at most once a second).
+    last_limit_log: Option<Instant>,
     /// Client topic aliases (MQTT 5), by alias number.
     aliases: HashMap<u16, Alias>,
     /// `$share/GROUP/` for scalable applications, else empty: put in front of every filter.
@@ -199,6 +245,8 @@ impl<S: ClientStream> Bridge<S> {
         shared: Arc<Shared>,
     ) -> Bridge<S> {
         let share_prefix = share_prefix(&principal.identity);
+        let (publish_bucket, byte_bucket, org_bucket) =
+            buckets(&principal, &shared, limits.max_payload_bytes);
         let mut policy_generation = shared.policy_generation.subscribe();
         policy_generation.mark_unchanged();
         Bridge {
@@ -221,7 +269,14 @@ impl<S: ClientStream> Bridge<S> {
             limits,
             keep_alive: (keep_alive_secs > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500)),
-            last_client_read: Instant::now(),
+            last_packet_at: Instant::now(),
+            partial_since: None,
+            resume_at: None,
+            publish_bucket,
+            byte_bucket,
+            org_bucket,
+            inflight: HashSet::new(),
+            last_limit_log: None,
             aliases: HashMap::new(),
             share_prefix,
             pending_subacks: HashMap::new(),
@@ -248,25 +303,25 @@ impl<S: ClientStream> Bridge<S> {
             Err(reason) => return reason,
         }
         let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
-        let keep_alive_timer = tokio::time::sleep_until(
-            self.keep_alive
-                .map_or(far_future, |ka| self.last_client_read + ka),
-        );
-        tokio::pin!(keep_alive_timer);
+        // One timer for every deadline: keep-alive, a partly received packet, and the end of a
+        // rate-limit pause. It is re-armed only when it fires or a pause begins.
+        let timer = tokio::time::sleep_until(self.next_deadline().unwrap_or(far_future));
+        tokio::pin!(timer);
         loop {
             reserve_read_room(&mut self.client_in);
             reserve_read_room(&mut self.upstream_in);
             enum Event {
                 Client(std::io::Result<usize>),
                 Upstream(std::io::Result<usize>),
-                KeepAlive,
+                Timer,
                 Kill(Option<CloseReason>),
                 PolicyChanged,
             }
+            let paused = self.resume_at.is_some();
             let event = tokio::select! {
-                read = self.client.read_buf(&mut self.client_in) => Event::Client(read),
+                read = self.client.read_buf(&mut self.client_in), if !paused => Event::Client(read),
                 read = self.upstream.read_buf(&mut self.upstream_in) => Event::Upstream(read),
-                _ = &mut keep_alive_timer, if self.keep_alive.is_some() => Event::KeepAlive,
+                _ = &mut timer => Event::Timer,
                 reason = kill.recv() => Event::Kill(reason),
                 Ok(()) = self.policy_generation.changed() => Event::PolicyChanged,
             };
@@ -278,7 +333,6 @@ impl<S: ClientStream> Bridge<S> {
                 )),
                 Event::Client(Ok(read)) => {
                     self.counters.read_bytes += read as u64;
-                    self.last_client_read = Instant::now();
                     let before = self.counters.read_msg;
                     let flow = self.process_client();
                     let metrics = &self.shared.metrics;
@@ -307,21 +361,16 @@ impl<S: ClientStream> Bridge<S> {
                     processed
                 }
                 Event::PolicyChanged => self.reevaluate().map(|()| Flow::Continue),
-                Event::KeepAlive => {
-                    let deadline = self
-                        .keep_alive
-                        .map_or(far_future, |ka| self.last_client_read + ka);
-                    if Instant::now() >= deadline {
-                        Err(CloseReason::new(CloseCode::KeepAliveTimeout))
-                    } else {
-                        keep_alive_timer.as_mut().reset(deadline);
-                        Ok(Flow::Continue)
-                    }
-                }
+                Event::Timer => self.on_deadline(),
                 Event::Kill(reason) => {
                     Err(reason.unwrap_or_else(|| CloseReason::new(CloseCode::ClosedByServer)))
                 }
             };
+            if timer.is_elapsed() || self.resume_at.is_some() != paused {
+                timer
+                    .as_mut()
+                    .reset(self.next_deadline().unwrap_or(far_future));
+            }
             // Whatever was decided, what was already accepted goes out first.
             let flushed = self.flush().await;
             match (step, flushed) {
@@ -331,6 +380,46 @@ impl<S: ClientStream> Bridge<S> {
                 (Ok(Flow::Continue), Ok(())) => {}
             }
         }
+    }
+
+    /// The earliest of the keep-alive deadline, the partial-packet deadline and the end of a
+    /// rate-limit pause.
+    fn next_deadline(&self) -> Option<Instant> {
+        let keep_alive = self.keep_alive.map(|ka| self.last_packet_at + ka);
+        let partial = self
+            .partial_since
+            .map(|since| since + self.limits.partial_packet_timeout);
+        [keep_alive, partial, self.resume_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The timer fired: end a pause, or close for silence (160) or a packet that never completes.
+    fn on_deadline(&mut self) -> Result<Flow, CloseReason> {
+        let now = Instant::now();
+        if self.resume_at.is_some_and(|at| at <= now) {
+            self.resume_at = None;
+            // Time spent paused by the proxy is not the client's silence.
+            self.last_packet_at = now;
+            return self.process_client();
+        }
+        if self
+            .keep_alive
+            .is_some_and(|ka| self.last_packet_at + ka <= now)
+        {
+            return Err(CloseReason::new(CloseCode::KeepAliveTimeout));
+        }
+        if self
+            .partial_since
+            .is_some_and(|since| since + self.limits.partial_packet_timeout <= now)
+        {
+            return Err(CloseReason::with_detail(
+                CloseCode::KeepAliveTimeout,
+                "a packet was not completed in time",
+            ));
+        }
+        Ok(Flow::Continue)
     }
 
     /// Processes bytes that arrived together with the CONNECT or the CONNACK.
@@ -367,6 +456,9 @@ impl<S: ClientStream> Bridge<S> {
 
     /// Handles every complete frame from the client.
     fn process_client(&mut self) -> Result<Flow, CloseReason> {
+        if self.resume_at.is_some() {
+            return Ok(Flow::Continue);
+        }
         let input = std::mem::take(&mut self.client_in);
         let mut consumed = 0;
         let result = loop {
@@ -379,15 +471,69 @@ impl<S: ClientStream> Bridge<S> {
             let Some(frame) = rest.get(..header.frame_len()) else {
                 break Ok(Flow::Continue);
             };
+            if header.first_byte >> 4 == PacketType::Publish as u8 {
+                match self.rate_pause(frame.len()) {
+                    Ok(None) => {}
+                    Ok(Some(pause)) => {
+                        // Leave this PUBLISH (and what follows) unread until the bucket refills.
+                        self.resume_at = Some(Instant::now() + pause);
+                        break Ok(Flow::Continue);
+                    }
+                    Err(reason) => break Err(reason),
+                }
+            }
             consumed += frame.len();
             match self.client_packet(header.first_byte, frame, header.header_len) {
                 Ok(Flow::Continue) => {}
                 other => break other,
             }
         };
+        if consumed > 0 {
+            self.last_packet_at = Instant::now();
+        }
         self.client_in = input;
         self.client_in.advance(consumed);
+        // Bytes of an incomplete packet must not wait forever (slowloris).
+        self.partial_since = match (
+            self.client_in.is_empty() || self.resume_at.is_some(),
+            self.partial_since,
+        ) {
+            (true, _) => None,
+            (false, None) => Some(Instant::now()),
+            (false, since) if consumed > 0 => since.map(|_| Instant::now()),
+            (false, since) => since,
+        };
         result
+    }
+
+    /// Takes a PUBLISH's tokens: `None` to go on, the pause until the buckets refill, or the
+    /// close under `on_rate_exceeded: disconnect`.
+    fn rate_pause(&mut self, frame_len: usize) -> Result<Option<Duration>, CloseReason> {
+        let mut pause = take(&self.publish_bucket, 1).err();
+        if let Some(org_bucket) = &self.org_bucket {
+            pause = pause.max(take(org_bucket, 1).err());
+        }
+        if let Some(byte_bucket) = &self.byte_bucket {
+            pause =
+                pause.max(take(byte_bucket, u32::try_from(frame_len).unwrap_or(u32::MAX)).err());
+        }
+        let Some(pause) = pause else { return Ok(None) };
+        let org = &self.principal.org;
+        self.shared.metrics.limit(&org.id, "publish_rate");
+        let now = Instant::now();
+        if self
+            .last_limit_log
+            .is_none_or(|at| now.duration_since(at) >= LIMIT_LOG_INTERVAL)
+        {
+            self.last_limit_log = Some(now);
+            info!(org = %org.id, pause_ms = pause.as_millis() as u64, "publish rate limit reached");
+        }
+        if org.on_rate_exceeded == OnRateExceeded::Disconnect {
+            return Err(
+                CloseReason::with_detail(CloseCode::ClosedByServer, "rate limit exceeded").v5(0x96),
+            );
+        }
+        Ok(Some(pause))
     }
 
     fn client_packet(
@@ -509,6 +655,24 @@ impl<S: ClientStream> Bridge<S> {
             // Quickstart forwards at QoS 0; the packet id in front of the rest goes away.
             first_byte &= 0b1111_0001;
             after_topic = &after_topic[2..];
+        }
+        if let (Some(packet_id), false) = (publish.packet_id, downgrade) {
+            if self.inflight.len() >= self.limits.max_inflight
+                && !self.inflight.contains(&packet_id)
+            {
+                self.shared
+                    .metrics
+                    .limit(&self.principal.org.id, "inflight");
+                return Err(CloseReason::with_detail(
+                    CloseCode::InvalidData,
+                    format!(
+                        "more than {} unacknowledged QoS 1/2 messages",
+                        self.limits.max_inflight
+                    ),
+                )
+                .v5(0x93));
+            }
+            self.inflight.insert(packet_id);
         }
         let parts: [&[u8]; 2] = if alias_known_upstream {
             [&[], &[]]
@@ -695,6 +859,15 @@ impl<S: ClientStream> Bridge<S> {
 
     fn client_subscribe(&mut self, first_byte: u8, body: &[u8]) -> Result<(), CloseReason> {
         let subscribe = parse_subscribe(first_byte, body, self.version).map_err(filter_error)?;
+        if subscribe.filters.len() > self.limits.max_filters_per_subscribe {
+            return Err(CloseReason::with_detail(
+                CloseCode::TooManySubscriptions,
+                format!(
+                    "more than {} filters in one SUBSCRIBE",
+                    self.limits.max_filters_per_subscribe
+                ),
+            ));
+        }
         let span = tracing::debug_span!(
             "subscribe",
             filters = subscribe.filters.len(),
@@ -818,6 +991,8 @@ impl<S: ClientStream> Bridge<S> {
         self.limits.max_subscriptions =
             limits.max_subscriptions.get(self.principal.identity.class) as usize;
         self.limits.strip_retained = self.principal.org.strip_retained;
+        (self.publish_bucket, self.byte_bucket, self.org_bucket) =
+            buckets(&self.principal, &self.shared, self.limits.max_payload_bytes);
         let revoked: Vec<Box<str>> = self
             .subscriptions
             .iter()
@@ -953,10 +1128,19 @@ impl<S: ClientStream> Bridge<S> {
                 }
                 Ok(())
             }
-            PacketType::Puback
-            | PacketType::Pubrec
-            | PacketType::Pubcomp
-            | PacketType::Pingresp => {
+            PacketType::Puback | PacketType::Pubrec | PacketType::Pubcomp => {
+                // The broker completed (or refused) one of the client's QoS 1/2 PUBLISHes.
+                let packet_id = body
+                    .get(..2)
+                    .map_or(0, |id| u16::from_be_bytes([id[0], id[1]]));
+                let refused = body.get(2).is_some_and(|code| *code >= 0x80);
+                if kind != PacketType::Pubrec || refused {
+                    self.inflight.remove(&packet_id);
+                }
+                self.to_client.extend_from_slice(frame);
+                Ok(())
+            }
+            PacketType::Pingresp => {
                 self.to_client.extend_from_slice(frame);
                 Ok(())
             }

@@ -111,6 +111,33 @@ pub async fn establish<S: ClientStream>(
             return None;
         }
     };
+    // Flapping clients and connection storms from one address (104; MQTT 5: 0x9F).
+    let rates = &shared.connect_rates;
+    if let Err(exceeded) = rates
+        .check_address(info.peer.ip())
+        .and_then(|()| rates.check_client_id(&identity.client_id))
+    {
+        let reason = CloseReason::with_detail(
+            CloseCode::ServerCapacity,
+            format!("connect rate exceeded: {exceeded:?}"),
+        )
+        .v5(0x9F);
+        shared.metrics.limit(&identity.org, "connect_rate");
+        refuse(&mut client, Some(version), &reason, &mut counters).await;
+        return None;
+    }
+    let keep_alive_cap = limits.max_keep_alive_secs;
+    if !version.is_v5()
+        && keep_alive_cap < u16::MAX
+        && (connect.keep_alive == 0 || connect.keep_alive > keep_alive_cap)
+    {
+        let reason = CloseReason::with_detail(
+            CloseCode::NotAuthorized,
+            format!("keep-alive must be 1 to {keep_alive_cap} seconds"),
+        );
+        refuse(&mut client, Some(version), &reason, &mut counters).await;
+        return None;
+    }
     let policy = shared.policy.load_full();
     let Some(org) = policy.org(&identity.org).cloned() else {
         // An unknown org gets no monitoring message: its topic space does not exist.
@@ -213,7 +240,8 @@ pub async fn establish<S: ClientStream>(
         return None;
     }
 
-    let keep_alive = effective_keep_alive(&identity, connect.keep_alive);
+    let keep_alive =
+        effective_keep_alive(&identity, connect.keep_alive, limits.max_keep_alive_secs);
     let upstream = dial_broker(
         shared,
         &connect,
@@ -521,6 +549,7 @@ pub struct BrokerConnack {
     server_keep_alive: Option<u16>,
     topic_alias_maximum: u16,
     maximum_packet_size: Option<u32>,
+    receive_maximum: Option<u16>,
 }
 
 /// A property value that outlives the broker's read buffer.
@@ -669,12 +698,14 @@ async fn dial_broker(
         server_keep_alive: None,
         topic_alias_maximum: 0,
         maximum_packet_size: None,
+        receive_maximum: None,
     };
     for prop in &parsed.properties {
         match (prop.id, prop.value) {
             (property::SERVER_KEEP_ALIVE, PropertyValue::U16(v)) => {
                 connack.server_keep_alive = Some(v)
             }
+            (property::RECEIVE_MAXIMUM, PropertyValue::U16(v)) => connack.receive_maximum = Some(v),
             (property::TOPIC_ALIAS_MAXIMUM, PropertyValue::U16(v)) => {
                 connack.topic_alias_maximum = v
             }
@@ -692,11 +723,19 @@ async fn dial_broker(
 
 /// The keep-alive the proxy enforces: the client's, except that scalable applications are held
 /// to 1..=3600 s (0, which would disable it, and anything longer become 3600).
-fn effective_keep_alive(identity: &Identity, requested: u16) -> u16 {
-    if identity.class == ClientClass::ScalableApplication
+///
+/// The proxy-wide maximum (`limits.max_keep_alive_secs`) caps everyone; MQTT 5 clients are told
+/// with Server Keep Alive, and MQTT 3 clients above it were refused before.
+fn effective_keep_alive(identity: &Identity, requested: u16, maximum: u16) -> u16 {
+    let requested = if identity.class == ClientClass::ScalableApplication
         && !(1..=MAX_SCALABLE_KEEP_ALIVE_SECS).contains(&requested)
     {
         MAX_SCALABLE_KEEP_ALIVE_SECS
+    } else {
+        requested
+    };
+    if maximum < u16::MAX && (requested == 0 || requested > maximum) {
+        maximum
     } else {
         requested
     }
@@ -726,7 +765,8 @@ fn session_limits(
             (property::MAXIMUM_PACKET_SIZE, PropertyValue::U32(v)) => Some(v as usize),
             _ => None,
         });
-    let mut max_packet_bytes = shared.config.limits.max_packet_bytes;
+    let process = &shared.config.limits;
+    let mut max_packet_bytes = process.max_packet_bytes;
     if let Some(broker_max) = broker.maximum_packet_size {
         max_packet_bytes =
             max_packet_bytes.min((broker_max as usize).saturating_sub(rewrite.expansion()));
@@ -743,6 +783,14 @@ fn session_limits(
         client_max_packet,
         topic_alias_maximum: broker.topic_alias_maximum,
         quickstart: principal.org.quickstart,
+        partial_packet_timeout: process.partial_packet_timeout,
+        max_inflight: usize::from(
+            broker
+                .receive_maximum
+                .unwrap_or(u16::MAX)
+                .min(process.max_inflight),
+        ),
+        max_filters_per_subscribe: process.max_filters_per_subscribe,
     }
 }
 
@@ -757,6 +805,7 @@ fn client_connack<'a>(
     for (id, value) in &broker.properties {
         match *id {
             property::MAXIMUM_PACKET_SIZE
+            | property::RECEIVE_MAXIMUM
             | property::ASSIGNED_CLIENT_IDENTIFIER
             | property::SERVER_KEEP_ALIVE => {}
             property::RETAIN_AVAILABLE if org.strip_retained => {}
@@ -769,6 +818,10 @@ fn client_connack<'a>(
     properties.push(Property {
         id: property::MAXIMUM_PACKET_SIZE,
         value: PropertyValue::U32(u32::try_from(limits.max_packet_bytes).unwrap_or(u32::MAX)),
+    });
+    properties.push(Property {
+        id: property::RECEIVE_MAXIMUM,
+        value: PropertyValue::U16(u16::try_from(limits.max_inflight).unwrap_or(u16::MAX)),
     });
     if let Some(seconds) = server_keep_alive {
         properties.push(Property {

@@ -132,6 +132,7 @@ pub fn standard_policy() -> String {
         r#"
 orgs:
   org1:
+    limits: {{ publish_rate: {{ device: "100000/s", gateway: "100000/s", application: "100000/s" }} }}
     device_types:
       sensor: {{}}
       edge-gw: {{ class: gateway }}
@@ -142,6 +143,7 @@ orgs:
     api_keys:
       a-org1-key0000001: {{ token: "{app}" }}
   org2:
+    limits: {{ publish_rate: {{ device: "100000/s", gateway: "100000/s", application: "100000/s" }} }}
     device_types:
       sensor: {{}}
     devices:
