@@ -318,6 +318,7 @@ impl<S: ClientStream> Bridge<S> {
                 PolicyChanged,
             }
             let paused = self.resume_at.is_some();
+            let partial = self.partial_since.is_some();
             let event = tokio::select! {
                 read = self.client.read_buf(&mut self.client_in), if !paused => Event::Client(read),
                 read = self.upstream.read_buf(&mut self.upstream_in) => Event::Upstream(read),
@@ -366,7 +367,12 @@ impl<S: ClientStream> Bridge<S> {
                     Err(reason.unwrap_or_else(|| CloseReason::new(CloseCode::ClosedByServer)))
                 }
             };
-            if timer.is_elapsed() || self.resume_at.is_some() != paused {
+            // A deadline that moved earlier needs the timer now; one that moved later is found
+            // when the timer fires.
+            if timer.is_elapsed()
+                || self.resume_at.is_some() != paused
+                || self.partial_since.is_some() != partial
+            {
                 timer
                     .as_mut()
                     .reset(self.next_deadline().unwrap_or(far_future));
