@@ -149,20 +149,34 @@ async fn quickstart_needs_no_credentials_and_downgrades_qos() {
     assert_eq!(event.topic, "iot-2/type/thermo/id/qs-1/evt/temp/fmt/json");
     assert_eq!(event.qos, QoS::AtMostOnce);
 
-    // No + over device IDs, no commands, no scalable applications.
-    let mut wildcard = v4::connect(warden.addr, "a:quickstart:peeker", None, None)
+    // No + over device IDs and no commands: refused, and the connection stays (the SDKs'
+    // devices subscribe to commands on every connect). No scalable applications.
+    let mut peeker = v4::connect(warden.addr, "a:quickstart:peeker", None, None)
         .await
         .unwrap();
-    wildcard
+    peeker
         .client
         .subscribe("iot-2/type/thermo/id/+/evt/+/fmt/+", QoS::AtMostOnce)
         .await
         .unwrap();
-    wildcard.closed().await;
-    let mut commander = v4::connect(warden.addr, "a:quickstart:cmd", None, None)
+    assert_eq!(
+        peeker.suback().await,
+        vec![rumqttc::SubscribeReasonCode::Failure]
+    );
+    let mut qs_device = v4::connect(warden.addr, "d:quickstart:thermo:qs-2", None, None)
         .await
         .unwrap();
-    commander
+    qs_device
+        .client
+        .subscribe("iot-2/cmd/+/fmt/+", QoS::AtMostOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        qs_device.suback().await,
+        vec![rumqttc::SubscribeReasonCode::Failure]
+    );
+    // A refused command publish is dropped: the viewer's next message is the device's event.
+    peeker
         .client
         .publish(
             "iot-2/type/thermo/id/qs-1/cmd/c/fmt/json",
@@ -172,7 +186,15 @@ async fn quickstart_needs_no_credentials_and_downgrades_qos() {
         )
         .await
         .unwrap();
-    commander.closed().await;
+    device
+        .client
+        .publish("iot-2/evt/after/fmt/json", QoS::AtMostOnce, false, "{}")
+        .await
+        .unwrap();
+    assert_eq!(
+        app.next_publish().await.topic,
+        "iot-2/type/thermo/id/qs-1/evt/after/fmt/json"
+    );
     let scalable = v4::connect(warden.addr, "A:quickstart:app", None, None).await;
     assert_eq!(
         scalable.err(),

@@ -787,7 +787,10 @@ impl<S: ClientStream> Bridge<S> {
         reason: CloseReason,
     ) -> Result<u8, CloseReason> {
         let gateway = self.principal.identity.class == ClientClass::Gateway;
-        if !gateway && self.principal.org.on_violation == OnViolation::Disconnect {
+        // Quickstart refuses without closing: the WIoTP SDKs' devices subscribe to their commands
+        // on every connect, and quickstart has no commands.
+        let keeps_connection = gateway || self.principal.org.quickstart;
+        if !keeps_connection && self.principal.org.on_violation == OnViolation::Disconnect {
             return Err(reason);
         }
         self.counters_refused += 1;
