@@ -54,6 +54,12 @@ impl Ledger {
         format!("{LEDGER_ROOT}/{}/#", self.instance)
     }
 
+    /// A topic under [`Ledger::filter`] that is no entry: recovery publishes to it to learn that
+    /// every retained entry was delivered.
+    pub fn sentinel_topic(&self) -> String {
+        format!("{LEDGER_ROOT}/{}/{}", self.instance, self.boot)
+    }
+
     fn topic(&self, client_id: &str, session_id: u64) -> String {
         format!(
             "{LEDGER_ROOT}/{}/{}/{client_id}/{session_id:x}",

@@ -39,8 +39,6 @@ const MAX_BATCH: usize = 512;
 const RECOVERY_PACKET_ID: u16 = 1;
 /// Largest ledger entry read back, in bytes.
 const MAX_RECOVERY_PACKET_BYTES: usize = 64 * 1024;
-/// A PINGREQ.
-const PINGREQ: [u8; 2] = [0xC0, 0x00];
 /// First and longest wait between redials of the control connection.
 const REDIAL_MIN: Duration = Duration::from_millis(100);
 const REDIAL_MAX: Duration = Duration::from_secs(5);
@@ -479,15 +477,17 @@ impl Control {
         Ok(stream)
     }
 
-    /// Settles the ledger entries of earlier processes of this instance: subscribe to them, take
-    /// the retained ones the broker sends before answering the PINGREQ that follows, and queue a
-    /// Disconnect and a clearing for each.
+    /// Settles the ledger entries of earlier processes of this instance: subscribe to them, then
+    /// publish a sentinel on the same filter. The broker queues the retained entries at subscribe
+    /// time and the sentinel after them, so every entry has arrived when the sentinel does.
+    /// Each entry gets a Disconnect and a clearing, queued like any monitoring message.
     async fn recover(
         &mut self,
         stream: &mut TcpStream,
         inbound: &mut BytesMut,
     ) -> Result<(), std::io::Error> {
         let filter = self.ledger.filter();
+        let sentinel = self.ledger.sentinel_topic();
         let mut out = BytesMut::new();
         encode_subscribe(
             &mut out,
@@ -496,9 +496,9 @@ impl Control {
             &[],
             &[(&[filter.as_bytes()], 0)],
         );
-        out.extend_from_slice(&PINGREQ);
         stream.write_all(&out).await?;
         let mut found = Vec::new();
+        let mut sentinel_sent = false;
         'read: loop {
             if stream.read_buf(inbound).await? == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
@@ -510,12 +510,21 @@ impl Control {
                 }
                 let frame = inbound.split_to(header.frame_len());
                 match header.first_byte >> 4 {
-                    13 => break 'read,
+                    // SUBACK: the subscription is in place; the sentinel follows the entries.
+                    9 if !sentinel_sent => {
+                        out.clear();
+                        encode_publish(&mut out, 0x30, &[sentinel.as_bytes()], b"sentinel");
+                        stream.write_all(&out).await?;
+                        sentinel_sent = true;
+                    }
                     3 => {
                         let body = &frame[header.header_len..];
                         if let Ok(publish) =
                             parse_publish(header.first_byte, body, ProtocolVersion::V311, false)
                         {
+                            if publish.topic == sentinel {
+                                break 'read;
+                            }
                             found.push((publish.topic.to_string(), body[publish.payload].to_vec()));
                         }
                     }

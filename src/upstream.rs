@@ -15,8 +15,9 @@ use crate::config::UpstreamConfig;
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest CONNACK the proxy accepts from the broker, in bytes.
 const MAX_CONNACK_BYTES: usize = 64 * 1024;
-/// Initial capacity of a connection's read buffer, in bytes.
-pub const READ_BUFFER_BYTES: usize = 4096;
+/// Initial capacity of a connection's read buffer, in bytes. Small, because most connections
+/// are idle most of the time; a busy connection's buffer grows (see `session::bridge`).
+pub const READ_BUFFER_BYTES: usize = 2048;
 
 /// Why the broker could not be reached or did not answer.
 #[derive(Debug, Error)]

@@ -41,8 +41,8 @@ use crate::upstream::READ_BUFFER_BYTES;
 
 /// How often a session logs that it hit a rate limit, at most.
 const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(1);
-/// Spare room a read buffer must have before a read, in bytes.
-const MIN_READ_ROOM: usize = 1024;
+/// The most a single read asks for, in bytes: a busy connection's read size doubles up to this.
+const MAX_READ_CHUNK: usize = 64 * 1024;
 /// Largest packet accepted from the broker, in bytes (the broker is trusted, but bounded).
 const MAX_BROKER_PACKET_BYTES: usize = 16 * 1024 * 1024;
 /// Outgoing buffers larger than this after a burst are released, in bytes.
@@ -202,6 +202,10 @@ pub struct Bridge<S> {
     inflight: HashSet<u16>,
     /// When a rate limit was last logged (limit hits are logged at most once a second).
     last_limit_log: Option<Instant>,
+    /// How much the next client read asks for; doubles while reads fill the buffer.
+    client_chunk: usize,
+    /// How much the next broker read asks for.
+    upstream_chunk: usize,
     /// Client topic aliases (MQTT 5), by alias number.
     aliases: HashMap<u16, Alias>,
     /// `$share/GROUP/` for scalable applications, else empty: put in front of every filter.
@@ -277,6 +281,8 @@ impl<S: ClientStream> Bridge<S> {
             org_bucket,
             inflight: HashSet::new(),
             last_limit_log: None,
+            client_chunk: READ_BUFFER_BYTES,
+            upstream_chunk: READ_BUFFER_BYTES,
             aliases: HashMap::new(),
             share_prefix,
             pending_subacks: HashMap::new(),
@@ -308,8 +314,8 @@ impl<S: ClientStream> Bridge<S> {
         let timer = tokio::time::sleep_until(self.next_deadline().unwrap_or(far_future));
         tokio::pin!(timer);
         loop {
-            reserve_read_room(&mut self.client_in);
-            reserve_read_room(&mut self.upstream_in);
+            let client_room = reserve_read_room(&mut self.client_in, self.client_chunk);
+            let upstream_room = reserve_read_room(&mut self.upstream_in, self.upstream_chunk);
             enum Event {
                 Client(std::io::Result<usize>),
                 Upstream(std::io::Result<usize>),
@@ -333,6 +339,9 @@ impl<S: ClientStream> Bridge<S> {
                     error.to_string(),
                 )),
                 Event::Client(Ok(read)) => {
+                    if read >= client_room {
+                        self.client_chunk = (self.client_chunk * 2).min(MAX_READ_CHUNK);
+                    }
                     self.counters.read_bytes += read as u64;
                     let before = self.counters.read_msg;
                     let flow = self.process_client();
@@ -351,7 +360,10 @@ impl<S: ClientStream> Bridge<S> {
                     CloseCode::ClosedByServer,
                     error.to_string(),
                 )),
-                Event::Upstream(Ok(_)) => {
+                Event::Upstream(Ok(read)) => {
+                    if read >= upstream_room {
+                        self.upstream_chunk = (self.upstream_chunk * 2).min(MAX_READ_CHUNK);
+                    }
                     let before = self.counters.write_msg;
                     let processed = self.process_upstream().map(|()| Flow::Continue);
                     let delivered = self.counters.write_msg - before;
@@ -404,6 +416,10 @@ impl<S: ClientStream> Bridge<S> {
     /// The timer fired: end a pause, or close for silence (160) or a packet that never completes.
     fn on_deadline(&mut self) -> Result<Flow, CloseReason> {
         let now = Instant::now();
+        // The timer fires at least once per keep-alive period: a good moment to return the
+        // memory of a burst that is over.
+        shrink_when_idle(&mut self.client_in, &mut self.client_chunk);
+        shrink_when_idle(&mut self.upstream_in, &mut self.upstream_chunk);
         if self.resume_at.is_some_and(|at| at <= now) {
             self.resume_at = None;
             // Time spent paused by the proxy is not the client's silence.
@@ -1246,9 +1262,19 @@ fn broker_fault(error: CodecError) -> CloseReason {
     )
 }
 
-fn reserve_read_room(buf: &mut BytesMut) {
-    if buf.capacity() - buf.len() < MIN_READ_ROOM {
-        buf.reserve(READ_BUFFER_BYTES.max(buf.len()));
+/// Makes room for a read of `chunk` bytes and says how much room there is.
+fn reserve_read_room(buf: &mut BytesMut, chunk: usize) -> usize {
+    if buf.capacity() - buf.len() < chunk / 2 {
+        buf.reserve(chunk.max(buf.len()));
+    }
+    buf.capacity() - buf.len()
+}
+
+/// Gives back a read buffer that grew during a burst, once it is empty.
+fn shrink_when_idle(buf: &mut BytesMut, chunk: &mut usize) {
+    if buf.is_empty() && buf.capacity() > 2 * READ_BUFFER_BYTES {
+        *buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
+        *chunk = READ_BUFFER_BYTES;
     }
 }
 
