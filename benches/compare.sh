@@ -18,8 +18,10 @@
 #   none              nothing pinned
 #
 # Environment: REPS (3), DURATION (5 s, saturation), LAT_DURATION (8 s), WARMUP (2 s),
-# PAYLOAD (64), INFLIGHT (100), RATE (10000), LAYOUT (split), OUT (results folder; default a
-# temporary one that is removed), CARGO_TARGET_DIR (where cargo builds).
+# PAYLOAD (64), INFLIGHT (100), RATE (10000), LAYOUT (split), QUIET_IDLE (90 %) and QUIET_WAIT
+# (10 s): how idle the machine should be before each run and how long to wait for it, OUT (folder
+# to keep configs, logs and results.jsonl; default none), CARGO_TARGET_DIR (where cargo builds).
+# On a quiet 2-core machine the whole script takes about 5 minutes.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -156,10 +158,10 @@ log "mosquitto :$BROKER_PORT (cpu $BROKER_CPUS)  haproxy :$HAPROXY_PORT  warden 
 # CPU seconds a process has used so far (utime + stime of all its threads).
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 
-# This machine may be shared: before each run, wait (up to QUIET_WAIT s) until the CPUs are
+# This machine may be shared: before each run, wait (up to QUIET_WAIT s, default 10) until the CPUs are
 # at least QUIET_IDLE % idle over half a second, and record what was seen.
 QUIET_IDLE=${QUIET_IDLE:-90}
-QUIET_WAIT=${QUIET_WAIT:-120}
+QUIET_WAIT=${QUIET_WAIT:-10}
 idle_pct() {
   local a b
   a=($(head -1 /proc/stat)); sleep 0.5; b=($(head -1 /proc/stat))
