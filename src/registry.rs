@@ -18,18 +18,32 @@ use crate::identity::Identity;
 /// How long a new session waits for the session it takes over to finish closing.
 pub const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
+/// What the rest of the process asks of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionCommand {
+    /// Close with this reason (takeover, shutdown).
+    Close(CloseReason),
+    /// The policy changed: check whether the session may go on, and what it may do.
+    Reevaluate,
+}
+
 /// The registry's handle on one live session.
 #[derive(Debug, Clone)]
 pub struct SessionHandle {
     id: u64,
-    kill: mpsc::Sender<CloseReason>,
+    commands: mpsc::UnboundedSender<SessionCommand>,
     done: watch::Receiver<bool>,
 }
 
 impl SessionHandle {
     /// Asks the session to close with `reason`. A session that is already closing ignores it.
     pub fn close(&self, reason: CloseReason) {
-        let _ = self.kill.try_send(reason);
+        let _ = self.commands.send(SessionCommand::Close(reason));
+    }
+
+    /// Tells the session that the policy changed, so it re-evaluates itself.
+    pub fn reevaluate(&self) {
+        let _ = self.commands.send(SessionCommand::Reevaluate);
     }
 
     /// Waits until the session has finished closing, at most `limit`.
@@ -43,7 +57,7 @@ impl SessionHandle {
 #[derive(Debug)]
 pub struct SessionControl {
     /// Close requests from the registry (takeover, shutdown, policy edits).
-    pub kill: mpsc::Receiver<CloseReason>,
+    pub commands: mpsc::UnboundedReceiver<SessionCommand>,
     done: watch::Sender<bool>,
     handle: SessionHandle,
 }
@@ -52,14 +66,19 @@ impl SessionControl {
     /// A new control pair with a process-unique session ID.
     pub fn new() -> SessionControl {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        let (kill_tx, kill) = mpsc::channel(1);
+        // Per session and unbounded: a handful of commands in a session's life, never lost.
+        let (commands_tx, commands) = mpsc::unbounded_channel();
         let (done, done_rx) = watch::channel(false);
         let handle = SessionHandle {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            kill: kill_tx,
+            commands: commands_tx,
             done: done_rx,
         };
-        SessionControl { kill, done, handle }
+        SessionControl {
+            commands,
+            done,
+            handle,
+        }
     }
 
     /// The handle others use.
@@ -239,7 +258,10 @@ mod tests {
             .unwrap()
             .unwrap();
         displaced.close(CloseCode::ClientIdReused.into());
-        assert_eq!(first.kill.recv().await.unwrap().number(), 288);
+        assert_eq!(
+            first.commands.recv().await,
+            Some(SessionCommand::Close(CloseCode::ClientIdReused.into()))
+        );
         // The old session releasing must not remove the new session's entry.
         registry.release(&device, first.id());
         first.finish();

@@ -1,6 +1,7 @@
 //! Live policy edits: the policy path is watched (notify) and SIGHUP forces a reload. A valid
 //! policy is swapped in whole, the verification cache is dropped, and every session is told to
-//! re-evaluate itself (`Shared::policy_generation`). An invalid one is logged with file, line and
+//! re-evaluate itself (through the registry; a session still connecting compares
+//! `Shared::policy_generation` once it is registered). An invalid one is logged with file, line and
 //! field, counted, and the last good policy stays in force.
 //!
 //! Editors often save in several steps (truncate, write, rename). Changes are therefore applied
@@ -34,6 +35,9 @@ pub fn apply(shared: &Shared) -> Result<(), PolicyErrors> {
             shared
                 .policy_generation
                 .send_modify(|generation| *generation += 1);
+            for session in shared.registry.sessions() {
+                session.reevaluate();
+            }
             shared
                 .metrics
                 .policy_reloads

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::info;
 
@@ -34,6 +34,7 @@ use crate::monitor::Publication;
 use crate::monitor::{ConnectionFacts, Counters};
 use crate::policy::{OnRateExceeded, OnViolation};
 use crate::proxy::Shared;
+use crate::registry::SessionCommand;
 use crate::telemetry::TRACEPARENT;
 use crate::topics::TopicRewrite;
 use crate::topics::{parse_iot2, Iot2Topic};
@@ -41,6 +42,8 @@ use crate::upstream::READ_BUFFER_BYTES;
 
 /// How often a session logs that it hit a rate limit, at most.
 const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// Loop turns between two reports of a session's traffic to the process metrics.
+const METRICS_REPORT_EVERY: u32 = 64;
 /// The most a single read asks for, in bytes: a busy connection's read size doubles up to this.
 const MAX_READ_CHUNK: usize = 64 * 1024;
 /// Largest packet accepted from the broker, in bytes (the broker is trusted, but bounded).
@@ -202,6 +205,10 @@ pub struct Bridge<S> {
     inflight: HashSet<u16>,
     /// When a rate limit was last logged (limit hits are logged at most once a second).
     last_limit_log: Option<Instant>,
+    /// The counters already added to the process metrics.
+    reported: Counters,
+    /// Loop turns since the last metrics report.
+    events_since_report: u32,
     /// How much the next client read asks for; doubles while reads fill the buffer.
     client_chunk: usize,
     /// How much the next broker read asks for.
@@ -215,8 +222,8 @@ pub struct Bridge<S> {
     pending_subacks: HashMap<u16, Vec<Option<u8>>>,
     /// Monitor, metrics and the policy.
     shared: Arc<Shared>,
-    /// Tells the session about policy reloads.
-    policy_generation: watch::Receiver<u64>,
+    /// The policy generation the session was authorized under.
+    policy_generation: u64,
     /// UNSUBSCRIBEs the proxy sent itself (a policy edit revoked a subscription), by packet id:
     /// their UNSUBACKs are not the client's.
     proxy_unsubscribes: HashSet<u16>,
@@ -247,12 +254,12 @@ impl<S: ClientStream> Bridge<S> {
         limits: Limits,
         keep_alive_secs: u16,
         shared: Arc<Shared>,
+        policy_generation: u64,
     ) -> Bridge<S> {
         let share_prefix = share_prefix(&principal.identity);
         let (publish_bucket, byte_bucket, org_bucket) =
             buckets(&principal, &shared, limits.max_payload_bytes);
-        let mut policy_generation = shared.policy_generation.subscribe();
-        policy_generation.mark_unchanged();
+
         Bridge {
             client,
             upstream,
@@ -281,6 +288,8 @@ impl<S: ClientStream> Bridge<S> {
             org_bucket,
             inflight: HashSet::new(),
             last_limit_log: None,
+            reported: Counters::default(),
+            events_since_report: 0,
             client_chunk: READ_BUFFER_BYTES,
             upstream_chunk: READ_BUFFER_BYTES,
             aliases: HashMap::new(),
@@ -302,7 +311,16 @@ impl<S: ClientStream> Bridge<S> {
     }
 
     /// Runs until the session ends, and says why.
-    pub async fn run(&mut self, kill: &mut mpsc::Receiver<CloseReason>) -> CloseReason {
+    pub async fn run(
+        &mut self,
+        commands: &mut mpsc::UnboundedReceiver<SessionCommand>,
+    ) -> CloseReason {
+        // A policy edit that landed while this session was connecting has not reached it yet.
+        if *self.shared.policy_generation.borrow() != self.policy_generation {
+            if let Err(reason) = self.reevaluate() {
+                return reason;
+            }
+        }
         match self.pump_buffered().await {
             Ok(Flow::Continue) => {}
             Ok(Flow::Disconnected) => return CloseReason::new(CloseCode::Normal),
@@ -320,8 +338,7 @@ impl<S: ClientStream> Bridge<S> {
                 Client(std::io::Result<usize>),
                 Upstream(std::io::Result<usize>),
                 Timer,
-                Kill(Option<CloseReason>),
-                PolicyChanged,
+                Command(Option<SessionCommand>),
             }
             let paused = self.resume_at.is_some();
             let partial = self.partial_since.is_some();
@@ -329,8 +346,7 @@ impl<S: ClientStream> Bridge<S> {
                 read = self.client.read_buf(&mut self.client_in), if !paused => Event::Client(read),
                 read = self.upstream.read_buf(&mut self.upstream_in) => Event::Upstream(read),
                 _ = &mut timer => Event::Timer,
-                reason = kill.recv() => Event::Kill(reason),
-                Ok(()) = self.policy_generation.changed() => Event::PolicyChanged,
+                command = commands.recv() => Event::Command(command),
             };
             let step = match event {
                 Event::Client(Ok(0)) => Err(CloseReason::new(CloseCode::ClosedByClient)),
@@ -343,14 +359,7 @@ impl<S: ClientStream> Bridge<S> {
                         self.client_chunk = (self.client_chunk * 2).min(MAX_READ_CHUNK);
                     }
                     self.counters.read_bytes += read as u64;
-                    let before = self.counters.read_msg;
-                    let flow = self.process_client();
-                    let metrics = &self.shared.metrics;
-                    metrics.bytes_in.fetch_add(read as u64, Ordering::Relaxed);
-                    metrics
-                        .messages_in
-                        .fetch_add(self.counters.read_msg - before, Ordering::Relaxed);
-                    flow
+                    self.process_client()
                 }
                 Event::Upstream(Ok(0)) => Err(CloseReason::with_detail(
                     CloseCode::ClosedByServer,
@@ -364,20 +373,14 @@ impl<S: ClientStream> Bridge<S> {
                     if read >= upstream_room {
                         self.upstream_chunk = (self.upstream_chunk * 2).min(MAX_READ_CHUNK);
                     }
-                    let before = self.counters.write_msg;
-                    let processed = self.process_upstream().map(|()| Flow::Continue);
-                    let delivered = self.counters.write_msg - before;
-                    self.shared
-                        .metrics
-                        .messages_out
-                        .fetch_add(delivered, Ordering::Relaxed);
-                    processed
+                    self.process_upstream().map(|()| Flow::Continue)
                 }
-                Event::PolicyChanged => self.reevaluate().map(|()| Flow::Continue),
+                Event::Command(Some(SessionCommand::Reevaluate)) => {
+                    self.reevaluate().map(|()| Flow::Continue)
+                }
+                Event::Command(Some(SessionCommand::Close(reason))) => Err(reason),
                 Event::Timer => self.on_deadline(),
-                Event::Kill(reason) => {
-                    Err(reason.unwrap_or_else(|| CloseReason::new(CloseCode::ClosedByServer)))
-                }
+                Event::Command(None) => Err(CloseReason::new(CloseCode::ClosedByServer)),
             };
             // A deadline that moved earlier needs the timer now; one that moved later is found
             // when the timer fires.
@@ -389,6 +392,10 @@ impl<S: ClientStream> Bridge<S> {
                     .as_mut()
                     .reset(self.next_deadline().unwrap_or(far_future));
             }
+            self.events_since_report += 1;
+            if self.events_since_report >= METRICS_REPORT_EVERY {
+                self.report_metrics();
+            }
             // Whatever was decided, what was already accepted goes out first.
             let flushed = self.flush().await;
             match (step, flushed) {
@@ -398,6 +405,27 @@ impl<S: ClientStream> Bridge<S> {
                 (Ok(Flow::Continue), Ok(())) => {}
             }
         }
+    }
+
+    /// Adds this session's traffic since the last report to the process metrics. Done in batches,
+    /// because the process counters are shared by every session's core.
+    pub fn report_metrics(&mut self) {
+        let (now, before) = (self.counters, self.reported);
+        let metrics = &self.shared.metrics;
+        metrics
+            .bytes_in
+            .fetch_add(now.read_bytes - before.read_bytes, Ordering::Relaxed);
+        metrics
+            .messages_in
+            .fetch_add(now.read_msg - before.read_msg, Ordering::Relaxed);
+        metrics
+            .bytes_out
+            .fetch_add(now.write_bytes - before.write_bytes, Ordering::Relaxed);
+        metrics
+            .messages_out
+            .fetch_add(now.write_msg - before.write_msg, Ordering::Relaxed);
+        self.reported = now;
+        self.events_since_report = 0;
     }
 
     /// The earliest of the keep-alive deadline, the partial-packet deadline and the end of a
@@ -420,6 +448,7 @@ impl<S: ClientStream> Bridge<S> {
         // memory of a burst that is over.
         shrink_when_idle(&mut self.client_in, &mut self.client_chunk);
         shrink_when_idle(&mut self.upstream_in, &mut self.upstream_chunk);
+        self.report_metrics();
         if self.resume_at.is_some_and(|at| at <= now) {
             self.resume_at = None;
             // Time spent paused by the proxy is not the client's silence.
@@ -1009,6 +1038,7 @@ impl<S: ClientStream> Bridge<S> {
     /// The policy changed: is this session still allowed, and are its subscriptions? Limits and
     /// groups of the new policy apply from here on.
     fn reevaluate(&mut self) -> Result<(), CloseReason> {
+        self.policy_generation = *self.shared.policy_generation.borrow();
         let policy = self.shared.policy.load_full();
         self.principal = self.principal.revalidate(&policy)?;
         let limits = &self.principal.org.limits;

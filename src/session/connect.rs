@@ -138,6 +138,7 @@ pub async fn establish<S: ClientStream>(
         refuse(&mut client, Some(version), &reason, &mut counters).await;
         return None;
     }
+    let policy_generation = *shared.policy_generation.borrow();
     let policy = shared.policy.load_full();
     let Some(org) = policy.org(&identity.org).cloned() else {
         // An unknown org gets no monitoring message: its topic space does not exist.
@@ -215,7 +216,7 @@ pub async fn establish<S: ClientStream>(
             displaced.close(CloseReason::new(CloseCode::ClientIdReused));
             tokio::select! {
                 _ = displaced.closed(TAKEOVER_WAIT) => {}
-                Some(reason) = control.kill.recv() => {
+                Some(crate::registry::SessionCommand::Close(reason)) = control.commands.recv() => {
                     shared.registry.release(&identity, control.id());
                     refuse(&mut client, Some(version), &reason, &mut counters).await;
                     failed(reason, counters);
@@ -301,6 +302,7 @@ pub async fn establish<S: ClientStream>(
         limits,
         keep_alive,
         shared.clone(),
+        policy_generation,
     ))
 }
 

@@ -77,7 +77,7 @@ pub async fn run<S: ClientStream>(
         session_span.record("client_id", bridge.principal.identity.client_id.as_str());
         session_span.record("org", bridge.principal.identity.org.as_str());
         session_span.record("protocol", bridge.facts.protocol);
-        let reason = bridge.run(&mut control.kill).await;
+        let reason = bridge.run(&mut control.commands).await;
         session_span.record("close_code", reason.number());
         session_span.record("close_reason", reason.reason_string().as_str());
         close(bridge, reason, &shared, &control).await;
@@ -116,6 +116,7 @@ async fn close<S: ClientStream>(
     // Any other close drops the upstream socket without DISCONNECT, so the broker publishes the
     // client's will, as it would for a client that vanished.
 
+    bridge.report_metrics();
     let identity = &bridge.principal.identity;
     let last_instance = shared.registry.release(identity, control.id());
     let metrics = &shared.metrics;
