@@ -47,6 +47,34 @@ pub fn take(bucket: &Bucket, n: u32) -> Result<(), Duration> {
     }
 }
 
+/// Log lines per second the proxy writes about refusals and limit hits, at most: an attack must
+/// not be able to flood the log.
+const REFUSAL_LOG_LINES_PER_SECOND: u32 = 50;
+
+/// Whether a refusal or limit hit may be logged now, and how many were left out since the last
+/// one that was. Every refusal is counted in the metrics either way.
+pub fn refusal_log_budget() -> Option<u64> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static BUCKET: OnceLock<Bucket> = OnceLock::new();
+    static SUPPRESSED: AtomicU64 = AtomicU64::new(0);
+    let bucket = BUCKET.get_or_init(|| {
+        bucket(
+            Rate {
+                count: REFUSAL_LOG_LINES_PER_SECOND,
+                per: Duration::from_secs(1),
+            },
+            1,
+        )
+    });
+    if take(bucket, 1).is_ok() {
+        Some(SUPPRESSED.swap(0, Ordering::Relaxed))
+    } else {
+        SUPPRESSED.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
 /// Publish buckets shared by all connections of an org.
 #[derive(Debug, Default)]
 pub struct OrgBuckets {

@@ -22,6 +22,7 @@ use crate::codec::{
 };
 use crate::decision::Principal;
 use crate::identity::{parse_client_id, ClientClass, Identity, TOKEN_AUTH_USERNAME};
+use crate::limits::refusal_log_budget;
 use crate::monitor::{Action, ConnectionFacts, Counters, Report};
 use crate::policy::{ApiRole, DeviceClass, GatewayRole, Org, SecurityMode};
 use crate::proxy::Shared;
@@ -57,7 +58,9 @@ pub async fn establish<S: ClientStream>(
         Ok(header) => header,
         Err(FirstFrame::Closed) => return None,
         Err(FirstFrame::Refused(reason)) => {
-            info!(code = reason.number(), reason = %reason.reason_string(), "connection refused before CONNECT");
+            if let Some(suppressed) = refusal_log_budget() {
+                info!(code = reason.number(), reason = %reason.reason_string(), suppressed, "connection refused before CONNECT");
+            }
             let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.shutdown()).await;
             return None;
         }
@@ -65,7 +68,9 @@ pub async fn establish<S: ClientStream>(
     let frame = client_in.split_to(header.frame_len()).freeze();
     let body = &frame[header.header_len..];
     if header.first_byte >> 4 != PacketType::Connect as u8 {
-        info!(code = 105, "first packet is not CONNECT");
+        if let Some(suppressed) = refusal_log_budget() {
+            info!(code = 105, suppressed, "first packet is not CONNECT");
+        }
         return None;
     }
     let connect = match parse_connect(header.first_byte, body) {
@@ -73,7 +78,9 @@ pub async fn establish<S: ClientStream>(
         Err(error) => {
             let version = requested_version(body, &error);
             let reason = error.close_reason(true);
-            info!(code = reason.number(), reason = %reason.reason_string(), "invalid CONNECT");
+            if let Some(suppressed) = refusal_log_budget() {
+                info!(code = reason.number(), reason = %reason.reason_string(), suppressed, "invalid CONNECT");
+            }
             if let (CodecError::UnsupportedProtocolLevel(_), Some(ProtocolVersion::V311)) =
                 (&error, version)
             {
@@ -106,7 +113,9 @@ pub async fn establish<S: ClientStream>(
         Ok(identity) => identity,
         Err(error) => {
             let reason = CloseReason::with_detail(CloseCode::InvalidClientId, error.to_string());
-            info!(code = 166, reason = %reason.reason_string(), "client ID refused");
+            if let Some(suppressed) = refusal_log_budget() {
+                info!(code = 166, reason = %reason.reason_string(), suppressed, "client ID refused");
+            }
             refuse(&mut client, Some(version), &reason, &mut counters).await;
             return None;
         }
@@ -143,7 +152,9 @@ pub async fn establish<S: ClientStream>(
     let Some(org) = policy.org(&identity.org).cloned() else {
         // An unknown org gets no monitoring message: its topic space does not exist.
         let reason = CloseReason::with_detail(CloseCode::NotAuthorized, "unknown org");
-        info!(code = 180, client_id = %identity.client_id, "unknown org");
+        if let Some(suppressed) = refusal_log_budget() {
+            info!(code = 180, client_id = %identity.client_id, suppressed, "unknown org");
+        }
         refuse(&mut client, Some(version), &reason, &mut counters).await;
         return None;
     };
@@ -165,7 +176,9 @@ pub async fn establish<S: ClientStream>(
             last_instance: false,
             session_id: None,
         });
-        info!(code = reason.number(), reason = %reason.reason_string(), client_id = %identity.client_id, "connect refused");
+        if let Some(suppressed) = refusal_log_budget() {
+            info!(code = reason.number(), reason = %reason.reason_string(), client_id = %identity.client_id, suppressed, "connect refused");
+        }
     };
 
     if !has_slot {

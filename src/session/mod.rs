@@ -136,12 +136,23 @@ async fn close<S: ClientStream>(
         last_instance,
         session_id: Some(control.id()),
     });
-    info!(
-        code = reason.number(),
-        reason = %reason.reason_string(),
-        org = %identity.org,
-        read_msg = bridge.counters.read_msg,
-        write_msg = bridge.counters.write_msg,
-        "session closed"
-    );
+    // Ordinary closes are always logged; abnormal ones within the refusal log budget, so that
+    // a storm of them cannot flood the log (they are all counted in the metrics).
+    let ordinary = matches!(reason.code, CloseCode::Normal | CloseCode::ClosedByClient);
+    let budget = if ordinary {
+        Some(0)
+    } else {
+        crate::limits::refusal_log_budget()
+    };
+    if let Some(suppressed) = budget {
+        info!(
+            code = reason.number(),
+            reason = %reason.reason_string(),
+            org = %identity.org,
+            read_msg = bridge.counters.read_msg,
+            write_msg = bridge.counters.write_msg,
+            suppressed,
+            "session closed"
+        );
+    }
 }
