@@ -68,6 +68,21 @@ pub struct UpstreamConfig {
     pub topic_prefix: String,
     /// Client ID of the monitoring control connection. Default `mqtt-warden-control-<random>`.
     pub control_client_id: Option<String>,
+    /// TLS towards the broker, if any.
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// TLS towards the broker, with paths resolved against the config file's folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTlsConfig {
+    /// CA certificates that sign the broker's certificate (PEM).
+    pub ca: PathBuf,
+    /// The proxy's client certificate chain (PEM), if the broker asks for one.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM); set with `cert`.
+    pub key: Option<PathBuf>,
+    /// The name to verify the broker's certificate against. Default: the host of `address`.
+    pub server_name: Option<String>,
 }
 
 impl std::fmt::Debug for UpstreamConfig {
@@ -78,6 +93,7 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
             .field("topic_prefix", &self.topic_prefix)
             .field("control_client_id", &self.control_client_id)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -349,12 +365,48 @@ impl Check<'_> {
                 "must not be empty; leave it out for a generated one",
             ));
         }
+        let tls = match upstream.tls {
+            None => None,
+            Some(tls) => {
+                let optional = |name: &str, path: Option<PathBuf>| match path {
+                    Some(path) => self
+                        .non_empty_path(&format!("upstream.tls.{name}"), path)
+                        .map(Some),
+                    None => Ok(None),
+                };
+                let cert = optional("cert", tls.cert)?;
+                let key = optional("key", tls.key)?;
+                if cert.is_some() != key.is_some() {
+                    return Err(self.invalid(
+                        if cert.is_some() {
+                            "upstream.tls.cert"
+                        } else {
+                            "upstream.tls.key"
+                        },
+                        "set cert and key together, or neither",
+                    ));
+                }
+                if tls.server_name.as_deref() == Some("") {
+                    return Err(self.invalid(
+                        "upstream.tls.server_name",
+                        "must not be empty; leave it out to use the host of upstream.address",
+                    ));
+                }
+                Some(UpstreamTlsConfig {
+                    ca: self.non_empty_path("upstream.tls.ca", tls.ca)?,
+                    cert,
+                    key,
+                    server_name: tls.server_name,
+                })
+            }
+        };
         Ok(UpstreamConfig {
             address: upstream.address,
             username: upstream.username,
             password,
             topic_prefix,
             control_client_id: upstream.control_client_id,
+            tls,
         })
     }
 
@@ -484,6 +536,20 @@ struct UpstreamFileConfig {
     topic_prefix: Option<String>,
     #[serde(default)]
     control_client_id: Option<String>,
+    #[serde(default)]
+    tls: Option<UpstreamTlsFileConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamTlsFileConfig {
+    ca: PathBuf,
+    #[serde(default)]
+    cert: Option<PathBuf>,
+    #[serde(default)]
+    key: Option<PathBuf>,
+    #[serde(default)]
+    server_name: Option<String>,
 }
 
 #[derive(Deserialize)]

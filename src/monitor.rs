@@ -17,15 +17,15 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::close::CloseReason;
 use crate::codec::{decode_frame_header, encode_connect, encode_publish, Connect, ProtocolVersion};
 use crate::identity::{ClientClass, Identity};
-use crate::upstream::{Dialer, READ_BUFFER_BYTES};
+use crate::transport::write_flushed;
+use crate::upstream::{Dialer, UpstreamStream, READ_BUFFER_BYTES};
 
 /// Keep-alive of the control connection, in seconds.
 const CONTROL_KEEP_ALIVE_SECS: u16 = 30;
@@ -372,7 +372,7 @@ impl Control {
         self.queue.push_back(publication);
     }
 
-    async fn connect(&mut self) -> Result<TcpStream, crate::upstream::UpstreamError> {
+    async fn connect(&mut self) -> Result<UpstreamStream, crate::upstream::UpstreamError> {
         let mut stream = self.dialer.dial().await?;
         let connect = Connect {
             version: ProtocolVersion::V311,
@@ -396,7 +396,7 @@ impl Control {
         Ok(stream)
     }
 
-    async fn serve(&mut self, mut stream: TcpStream) -> Stop {
+    async fn serve(&mut self, mut stream: UpstreamStream) -> Stop {
         let mut out = BytesMut::new();
         let mut inbound = BytesMut::with_capacity(64);
         let mut in_flight = 0usize;
@@ -419,7 +419,7 @@ impl Control {
                 }
                 out.extend_from_slice(&[0xC0, 0x00]);
                 pings_outstanding += 1;
-                if stream.write_all(&out).await.is_err() {
+                if write_flushed(&mut stream, &out).await.is_err() {
                     return Stop::Broken;
                 }
             }
@@ -456,7 +456,7 @@ impl Control {
                         return Stop::Broken;
                     }
                     pings_outstanding += 1;
-                    if stream.write_all(&[0xC0, 0x00]).await.is_err() {
+                    if write_flushed(&mut stream, &[0xC0, 0x00]).await.is_err() {
                         return Stop::Broken;
                     }
                 }
