@@ -749,6 +749,42 @@ limits:
     }
 
     #[test]
+    fn upstream_tls() {
+        let config = parse(&MINIMAL.replace(
+            "  address: \"127.0.0.1:1884\"\n",
+            "  address: \"127.0.0.1:1884\"\n  tls: { ca: certs/ca.pem, cert: /abs/w.pem, key: w.key, server_name: broker }\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.upstream.tls,
+            Some(UpstreamTlsConfig {
+                ca: "/etc/warden/certs/ca.pem".into(),
+                cert: Some("/abs/w.pem".into()),
+                key: Some("/etc/warden/w.key".into()),
+                server_name: Some("broker".into()),
+            })
+        );
+        let only_ca = parse(&MINIMAL.replace(
+            "  address: \"127.0.0.1:1884\"\n",
+            "  address: \"127.0.0.1:1884\"\n  tls: { ca: ca.pem }\n",
+        ))
+        .unwrap();
+        assert_eq!(only_ca.upstream.tls.unwrap().cert, None);
+
+        let (line, field, message) = invalid(&MINIMAL.replace(
+            "  address: \"127.0.0.1:1884\"\n",
+            "  address: \"127.0.0.1:1884\"\n  tls:\n    ca: ca.pem\n    cert: w.pem\n",
+        ));
+        assert_eq!((line, field.as_str()), (Some(7), "upstream.tls.cert"));
+        assert!(message.contains("together"), "{message}");
+        let (_, field, _) = invalid(&MINIMAL.replace(
+            "  address: \"127.0.0.1:1884\"\n",
+            "  address: \"127.0.0.1:1884\"\n  tls: { cert: w.pem }\n",
+        ));
+        assert_eq!(field, "upstream.tls");
+    }
+
+    #[test]
     fn password_env_must_be_set() {
         let text = "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"h:1\"\n  password_env: WARDEN_TEST_UNSET_VARIABLE\npolicies: p\n";
         let (line, field, message) = invalid(text);

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use mqtt_warden::{auth, config::WardenConfig, policy, proxy, telemetry};
+use mqtt_warden::{auth, config::WardenConfig, policy, proxy, telemetry, transport, upstream};
 
 #[derive(Parser)]
 #[command(
@@ -28,7 +28,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate the config and every policy file; print file, line and reason for each error.
+    /// Validate the config, its TLS files and every policy file; print file, line and reason for
+    /// each error.
     Check {
         /// The process config (warden.yaml).
         #[arg(long, short)]
@@ -84,7 +85,26 @@ fn check(config_path: PathBuf) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    // TLS files are checked as the proxy would load them at start.
+    let mut tls_ok = true;
+    for listener in &config.listeners {
+        if let Some(tls) = &listener.tls {
+            if let Err(error) = transport::ServerTls::load(tls) {
+                eprintln!(
+                    "{}: listener {}: {error}",
+                    config_path.display(),
+                    listener.bind
+                );
+                tls_ok = false;
+            }
+        }
+    }
+    if let Err(error) = upstream::Dialer::new(&config.upstream) {
+        eprintln!("{}: upstream.tls: {error}", config_path.display());
+        tls_ok = false;
+    }
     match policy::load_policies(&config.policies) {
+        Ok(_) if !tls_ok => Ok(ExitCode::FAILURE),
         Ok(policy) => {
             println!("{}: ok ({} orgs)", config_path.display(), policy.orgs.len());
             Ok(ExitCode::SUCCESS)

@@ -104,8 +104,9 @@ impl AsyncWrite for UpstreamStream {
     }
 }
 
-/// How to reach the broker, with the proxy's own credentials.
-#[derive(Debug, Clone)]
+/// How to reach the broker, with the proxy's own credentials. Its `Debug` output hides the
+/// password.
+#[derive(Clone)]
 pub struct Dialer {
     /// Broker address.
     pub address: String,
@@ -115,6 +116,17 @@ pub struct Dialer {
     pub password: Option<String>,
     /// TLS towards the broker, if configured.
     pub tls: Option<UpstreamTls>,
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialer")
+            .field("address", &self.address)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<hidden>"))
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 impl Dialer {

@@ -673,3 +673,32 @@ async fn tls_towards_the_broker_with_a_client_certificate() {
         .unwrap();
     assert_eq!(&app.next_publish().await.payload[..], b"over tls");
 }
+
+#[tokio::test]
+async fn check_reports_unusable_tls_files_without_their_contents() {
+    let pki = TestPki::new("check");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), standard_policy()).unwrap();
+    let secret_looking =
+        "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1tYXRlcmlhbA==\n-----END PRIVATE KEY-----\n";
+    std::fs::write(dir.path().join("bad.key"), secret_looking).unwrap();
+    let config = dir.path().join("warden.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listeners:\n  - bind: \"127.0.0.1:0\"\n    tls: {{ cert: \"{}\", key: bad.key }}\nupstream:\n  address: \"127.0.0.1:1\"\npolicies: policy.yaml\n",
+            pki.server_cert.display()
+        ),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_mqtt-warden"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("listener 127.0.0.1:0"), "{stderr}");
+    assert!(!stderr.contains("c2VjcmV0"), "{stderr}");
+}
