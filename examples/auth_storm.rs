@@ -1,11 +1,12 @@
 //! Authentication under load, against a real `mqtt-warden` process in front of a real Mosquitto,
 //! all on loopback. Two measurements (BENCHMARKS-TLS.md has the figures):
 //!
-//! - `storm`: 10,000 CONNECTs with wrong argon2id tokens, while a good client (argon2id token,
-//!   verified once and then cached) connects every 50 ms. Reports the CONNACK codes of the storm
-//!   (4: verified and refused; 3: closing code 176, the verifier queue was full), the good
-//!   client's connect latency and failures, a cold good client's fate mid-storm, and the proxy's
-//!   RSS before, at its peak and after.
+//! - `storm`: 10,000 CONNECTs with wrong argon2id tokens, for one identity and then spread over
+//!   200, each twice, while a good client (argon2id token, verified once and then cached)
+//!   connects every 50 ms. Reports the CONNACK codes of the storm (4: verified and refused; 3:
+//!   closing code 176, the verifier queue was full), the good client's connect latency and
+//!   failures, a cold good client's fate 1 s into the storm, and the proxy's RSS before, at its
+//!   peak and after. `storm-sha256` runs the one-identity storm against a `sha256:` token.
 //! - `rate`: connects per second and latency for argon2id tokens (cold, then cached), `sha256:`
 //!   tokens, and Mosquitto's own `password_file` (mosquitto_passwd, sha512-pbkdf2), side by side
 //!   on the same machine with the same client.
@@ -60,10 +61,17 @@ async fn main() -> Result<(), Error> {
     let dir = tempfile::tempdir()?;
 
     // Tokens: hashing argon2id takes a while, so it is done once for both runs.
-    eprintln!("hashing {} argon2id tokens ...", RATE_DEVICES + 3);
+    eprintln!(
+        "hashing {} argon2id tokens ...",
+        RATE_DEVICES + 2 + STORM_ROUNDS * 2
+    );
     let mut policy =
         String::from("orgs:\n  bench:\n    device_types: { sensor: {} }\n    devices:\n");
-    for name in ["good", "victim", "cold"] {
+    let cold_names: Vec<String> = (1..=STORM_ROUNDS * 2).map(|n| format!("cold{n}")).collect();
+    for name in ["good", "victim"]
+        .into_iter()
+        .chain(cold_names.iter().map(String::as_str))
+    {
         let hash = hash_token_argon2id(format!("{name}-token").as_bytes())?;
         policy.push_str(&format!("      sensor/{name}: {{ token: \"{hash}\" }}\n"));
     }
@@ -82,15 +90,22 @@ async fn main() -> Result<(), Error> {
     );
 
     if mode == "storm" || mode == "all" {
-        // Twice, to show that a second storm does not add to the first one's memory.
-        for round in 1..=STORM_ROUNDS {
-            println!("\n# storm round {round} of {STORM_ROUNDS}");
-            storm(&warden, "victim").await?;
+        // Each twice, to show that a second storm does not add to the first one's memory: wrong
+        // tokens for one identity, then spread over the 200 argon2id devices of the rate test.
+        let one = vec!["victim".to_string()];
+        let spread: Vec<String> = (0..RATE_DEVICES).map(|n| format!("a{n}")).collect();
+        let mut cold = cold_names.iter();
+        for (targets, label) in [(&one, "one identity"), (&spread, "200 identities")] {
+            for round in 1..=STORM_ROUNDS {
+                println!("\n# storm on {label}, round {round} of {STORM_ROUNDS}");
+                let cold_name = cold.next().ok_or("not enough cold devices")?;
+                storm(&warden, targets, cold_name).await?;
+            }
         }
     }
     if mode == "storm-sha256" {
         // The same storm against a sha256 token, to tell the verifier's share from the rest.
-        storm(&warden, "s0").await?;
+        storm(&warden, &["s0".to_string()], "cold1").await?;
     }
     if mode == "rate" || mode == "all" {
         rate(&warden, &broker, dir.path()).await?;
@@ -288,11 +303,11 @@ fn ms(duration: Duration) -> String {
     format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
 }
 
-async fn storm(warden: &Warden, target: &str) -> Result<(), Error> {
+async fn storm(warden: &Warden, targets: &[String], cold_name: &str) -> Result<(), Error> {
     println!(
-        "\n## storm: {STORM_CONNECTS} bad-token CONNECTs for d:bench:sensor:{target}, {STORM_CONCURRENCY} in flight"
+        "## storm: {STORM_CONNECTS} bad-token CONNECTs over {} identities, {STORM_CONCURRENCY} in flight",
+        targets.len()
     );
-    let target_id = format!("d:bench:sensor:{target}");
     let (good_code, good_cold) = connect_once(
         warden.addr,
         "d:bench:sensor:good",
@@ -354,9 +369,11 @@ async fn storm(warden: &Warden, target: &str) -> Result<(), Error> {
     };
     let cold = {
         let addr = warden.addr;
+        let cold_id = format!("d:bench:sensor:{cold_name}");
+        let cold_token = format!("{cold_name}-token");
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            connect_once(addr, "d:bench:sensor:cold", "use-token-auth", "cold-token").await
+            connect_once(addr, &cold_id, "use-token-auth", &cold_token).await
         })
     };
 
@@ -366,7 +383,7 @@ async fn storm(warden: &Warden, target: &str) -> Result<(), Error> {
     for n in 0..STORM_CONNECTS {
         let permit = slots.clone().acquire_owned().await?;
         let addr = warden.addr;
-        let target_id = target_id.clone();
+        let target_id = format!("d:bench:sensor:{}", targets[n % targets.len()]);
         tasks.spawn(async move {
             let password = format!("wrong-{n}");
             let (code, took) = connect_once(addr, &target_id, "use-token-auth", &password).await;

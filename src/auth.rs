@@ -27,6 +27,10 @@ pub const SHA256_PREFIX: &str = "sha256:";
 pub const CACHE_CAPACITY: u64 = 100_000;
 /// How long a successful verification is remembered.
 pub const CACHE_TTL: Duration = Duration::from_secs(10 * 60);
+/// Most argon2id verifications for one identity waiting or running at once; more are
+/// [`AuthError::Busy`] (176). A storm of wrong tokens for one identity then holds two places in
+/// the queue, not all of them, and other clients' first connects still get verified.
+pub const MAX_PENDING_PER_IDENTITY: usize = 2;
 /// The longest argon2id salt accepted, in bytes (PHC strings allow up to 48).
 const MAX_SALT_BYTES: usize = 64;
 
@@ -177,6 +181,8 @@ pub struct Verifier {
     jobs: std::sync::mpsc::Sender<Job>,
     /// Slow verifications waiting or running.
     pending: Arc<AtomicUsize>,
+    /// Slow verifications waiting or running, by identity key (at most `max_pending` entries).
+    pending_by_identity: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     /// Most slow verifications waiting or running (`workers + queue`); beyond it [`AuthError::Busy`].
     max_pending: usize,
     /// Successful slow verifications.
@@ -216,6 +222,7 @@ impl Verifier {
         Arc::new(Verifier {
             jobs,
             pending: Arc::new(AtomicUsize::new(0)),
+            pending_by_identity: Arc::default(),
             max_pending: workers.saturating_add(queue),
             cache: Cache::builder()
                 .max_capacity(CACHE_CAPACITY)
@@ -243,6 +250,8 @@ impl Verifier {
         }
 
         // Count this verification before waiting, so the queue bound covers waiters too.
+        let identity =
+            IdentityGuard::enter(&self.pending_by_identity, key).ok_or(AuthError::Busy)?;
         let guard = PendingGuard::enter(&self.pending, self.max_pending).ok_or(AuthError::Busy)?;
         self.slow_runs.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
@@ -250,6 +259,7 @@ impl Verifier {
             phc: phc.clone(),
             presented: presented.to_vec(),
             guard,
+            identity,
             reply,
         };
         self.jobs.send(job).map_err(|_| AuthError::Hashing)?;
@@ -293,6 +303,8 @@ struct Job {
     presented: Vec<u8>,
     /// The job's slot in the pending count, given back when the hash is done.
     guard: PendingGuard,
+    /// Its slot in its identity's pending count, likewise.
+    identity: IdentityGuard,
     reply: oneshot::Sender<bool>,
 }
 
@@ -308,9 +320,48 @@ fn run_worker(queue: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>) {
             return;
         };
         let ok = verify_argon2id(&job.phc, &job.presented, &mut memory);
-        // The slot is free before the caller hears the answer.
+        // The slots are free before the caller hears the answer.
         drop(job.guard);
+        drop(job.identity);
         let _ = job.reply.send(ok);
+    }
+}
+
+/// One slot of an identity's pending count, given back on drop.
+struct IdentityGuard {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    key: String,
+}
+
+impl IdentityGuard {
+    /// Takes a slot for `key`, unless [`MAX_PENDING_PER_IDENTITY`] are already taken.
+    fn enter(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+        key: &str,
+    ) -> Option<IdentityGuard> {
+        let mut map = counts.lock().ok()?;
+        let count = map.entry(key.to_owned()).or_insert(0);
+        if *count >= MAX_PENDING_PER_IDENTITY {
+            return None;
+        }
+        *count += 1;
+        Some(IdentityGuard {
+            counts: Arc::clone(counts),
+            key: key.to_owned(),
+        })
+    }
+}
+
+impl Drop for IdentityGuard {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.counts.lock() {
+            if let Some(count) = map.get_mut(&self.key) {
+                *count -= 1;
+                if *count == 0 {
+                    map.remove(&self.key);
+                }
+            }
+        }
     }
 }
 
@@ -472,6 +523,34 @@ mod tests {
         verifier.clear_cache();
         assert_eq!(verifier.verify("key", &slow, b"secret").await, Ok(true));
         assert_eq!(verifier.slow_verifications(), 6, "the cache was cleared");
+    }
+
+    #[tokio::test]
+    async fn one_identity_cannot_fill_the_queue() {
+        let verifier = Verifier::new(1, 10);
+        let slow = slow_hash(b"secret");
+        let mut holders = Vec::new();
+        for _ in 0..MAX_PENDING_PER_IDENTITY {
+            let verifier = Arc::clone(&verifier);
+            let slow = slow.clone();
+            holders.push(tokio::spawn(async move {
+                verifier.verify("victim", &slow, b"wrong").await
+            }));
+        }
+        while verifier.pending() < MAX_PENDING_PER_IDENTITY {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            verifier.verify("victim", &slow, b"wrong").await,
+            Err(AuthError::Busy)
+        );
+        // Another identity still queues and is verified.
+        assert_eq!(verifier.verify("other", &slow, b"secret").await, Ok(true));
+        for holder in holders {
+            assert_eq!(holder.await.unwrap(), Ok(false));
+        }
+        assert_eq!(verifier.pending(), 0);
+        assert!(verifier.pending_by_identity.lock().unwrap().is_empty());
     }
 
     #[tokio::test]
