@@ -702,3 +702,80 @@ async fn check_reports_unusable_tls_files_without_their_contents() {
     assert!(stderr.contains("listener 127.0.0.1:0"), "{stderr}");
     assert!(!stderr.contains("c2VjcmV0"), "{stderr}");
 }
+
+#[tokio::test]
+async fn the_binary_reloads_certificates_on_sighup_and_keeps_running() {
+    let broker = Broker::start().await;
+    let pki = TestPki::new("sighup");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), standard_policy()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("warden.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listeners:\n  - bind: \"127.0.0.1:{port}\"\n    tls: {{ cert: \"{}\", key: \"{}\" }}\nupstream:\n  address: \"{}\"\npolicies: policy.yaml\ntelemetry: {{ log_format: json }}\n",
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            broker.addr()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mqtt-warden"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    wait_for(&mut lines, "listening").await;
+
+    let pid = child.id().unwrap().to_string();
+    let status = Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    wait_for(&mut lines, "TLS certificate reloaded").await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP must not end the proxy"
+    );
+
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let options = tls_client::options(
+        addr,
+        &pki.ca_path,
+        None,
+        "d:org1:sensor:dev1",
+        Some("use-token-auth"),
+        Some("dev1-token"),
+    );
+    let client = v4::connect_with(options)
+        .await
+        .expect("connects after SIGHUP");
+    client.disconnect().await;
+}
+
+/// Reads log lines until one contains `text`.
+async fn wait_for(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    text: &str,
+) {
+    tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains(text) {
+                return;
+            }
+        }
+        panic!("the proxy exited before logging {text:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {text:?} in the log"));
+}

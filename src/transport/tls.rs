@@ -350,38 +350,49 @@ impl ServerTls {
 }
 
 /// Reloads every TLS listener's files on SIGHUP and when they change on disk, until shutdown.
-pub async fn watch_reloads(listeners: Vec<Arc<ServerTls>>, mut shutdown: watch::Receiver<bool>) {
-    if listeners.is_empty() {
-        return;
-    }
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        Ok(signal) => Some(signal),
-        Err(error) => {
-            warn!(%error, "cannot listen for SIGHUP; certificates reload on file change only");
-            None
+/// The SIGHUP handler is installed before this returns, so no signal is missed once the
+/// listeners are bound.
+pub fn watch_reloads(
+    listeners: Vec<Arc<ServerTls>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut hangup = if listeners.is_empty() {
+        None
+    } else {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(signal) => Some(signal),
+            Err(error) => {
+                warn!(%error, "cannot listen for SIGHUP; certificates reload on file change only");
+                None
+            }
         }
     };
-    let mut poll = tokio::time::interval(RELOAD_POLL_INTERVAL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let forced = tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => return,
-            Some(()) = async {
-                match hangup.as_mut() {
-                    Some(signal) => signal.recv().await,
-                    None => std::future::pending().await,
-                }
-            } => true,
-            _ = poll.tick() => false,
-        };
-        for tls in &listeners {
-            let result = if forced {
-                tls.reload().map(|()| true)
-            } else {
-                tls.reload_if_changed()
+    async move {
+        if listeners.is_empty() {
+            return;
+        }
+        let mut poll = tokio::time::interval(RELOAD_POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let forced = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => return,
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(signal) => signal.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => true,
+                _ = poll.tick() => false,
             };
-            if let Err(error) = result {
-                warn!(%error, "TLS files not reloaded; the previous certificate stays in force");
+            for tls in &listeners {
+                let result = if forced {
+                    tls.reload().map(|()| true)
+                } else {
+                    tls.reload_if_changed()
+                };
+                if let Err(error) = result {
+                    warn!(%error, "TLS files not reloaded; the previous certificate stays in force");
+                }
             }
         }
     }
