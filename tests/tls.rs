@@ -10,6 +10,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rumqttc::{ConnectReturnCode, QoS};
+use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::Command;
@@ -778,4 +779,53 @@ async fn wait_for(
     })
     .await
     .unwrap_or_else(|_| panic!("no {text:?} in the log"));
+}
+
+#[tokio::test]
+async fn serves_tls_1_2_and_1_3_only() {
+    use std::sync::Arc;
+
+    let broker = Broker::start().await;
+    let pki = TestPki::new("versions");
+    let warden = Warden::start_tls(&broker, &standard_policy(), &pki, "").await;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(&pki.ca_path).unwrap();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let roots = Arc::new(roots);
+    for (version, expected) in [
+        (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
+        (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
+    ] {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(warden.tls_addr()).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await.expect("handshake");
+        assert_eq!(tls.get_ref().1.protocol_version(), Some(expected));
+        tls.write_all(&plain_connect()).await.unwrap();
+        tls.flush().await.unwrap();
+        let mut connack = [0u8; 4];
+        tls.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+    }
+
+    // TLS 1.1 (OpenSSL's client, with its own floor lowered) is refused in the handshake.
+    let before = warden.running.shared.tls_handshake_failures();
+    let output = Command::new("openssl")
+        .args(["s_client", "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"])
+        .args(["-connect", &warden.tls_addr().to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("openssl is installed");
+    assert!(!output.status.success(), "{output:?}");
+    wait_until(|| warden.running.shared.tls_handshake_failures() > before).await;
 }
