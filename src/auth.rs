@@ -1,20 +1,25 @@
 //! Token verification: `sha256:` and argon2id hashes compared in constant time, on a bounded
 //! pool, with verified results cached (moka) by identity and a digest of the presented token.
 //!
+//! The pool is `auth_workers` threads of its own, each with one argon2 memory buffer that it
+//! reuses for every verification: argon2id needs its whole memory cost (19 MiB with the default
+//! parameters) per hash, and allocating that per verification on short-lived blocking threads
+//! left hundreds of MiB with the allocator under a bad-token storm.
+//!
 //! Secrets never leave this module: no token, hash or digest is logged or put in an error.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::{Argon2, Params};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+use argon2::{Argon2, Block, Params, Version};
 use moka::sync::Cache;
 use rand::rngs::OsRng;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use thiserror::Error;
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 /// The prefix of a stored SHA-256 token hash.
 pub const SHA256_PREFIX: &str = "sha256:";
@@ -22,6 +27,12 @@ pub const SHA256_PREFIX: &str = "sha256:";
 pub const CACHE_CAPACITY: u64 = 100_000;
 /// How long a successful verification is remembered.
 pub const CACHE_TTL: Duration = Duration::from_secs(10 * 60);
+/// Most argon2id verifications for one identity waiting or running at once; more are
+/// [`AuthError::Busy`] (176). A storm of wrong tokens for one identity then holds two places in
+/// the queue, not all of them, and other clients' first connects still get verified.
+pub const MAX_PENDING_PER_IDENTITY: usize = 2;
+/// The longest argon2id salt accepted, in bytes (PHC strings allow up to 48).
+const MAX_SALT_BYTES: usize = 64;
 
 /// A stored token hash, as written in a policy file.
 #[derive(Clone, PartialEq, Eq)]
@@ -86,11 +97,7 @@ impl TokenHash {
     pub fn verify(&self, presented: &[u8]) -> bool {
         match self {
             TokenHash::Sha256(stored) => bool::from(sha256(presented).ct_eq(stored)),
-            TokenHash::Argon2id(phc) => match PasswordHash::new(phc) {
-                // The output comparison inside `verify_password` is constant time.
-                Ok(hash) => Argon2::default().verify_password(presented, &hash).is_ok(),
-                Err(_) => false,
-            },
+            TokenHash::Argon2id(phc) => verify_argon2id(phc, presented, &mut Vec::new()),
         }
     }
 
@@ -118,6 +125,40 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+/// Verifies `presented` against an argon2id PHC string, with `memory` as the argon2 work area
+/// (grown to the hash's memory cost and kept for the next call). The comparison is constant time.
+fn verify_argon2id(phc: &str, presented: &[u8], memory: &mut Vec<Block>) -> bool {
+    let Ok(hash) = PasswordHash::new(phc) else {
+        return false;
+    };
+    let (Ok(params), Some(expected), Some(salt)) = (Params::try_from(&hash), hash.hash, hash.salt)
+    else {
+        return false;
+    };
+    let version = match hash.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(version)) => version,
+        Some(Err(_)) => return false,
+    };
+    let mut salt_bytes = [0u8; MAX_SALT_BYTES];
+    let Ok(salt) = salt.decode_b64(&mut salt_bytes) else {
+        return false;
+    };
+    let blocks = params.block_count();
+    if memory.len() < blocks {
+        memory.resize(blocks, Block::default());
+    }
+    let mut output = [0u8; argon2::password_hash::Output::MAX_LENGTH];
+    let Some(output) = output.get_mut(..expected.len()) else {
+        return false;
+    };
+    let argon = Argon2::new(argon2::Algorithm::Argon2id, version, params);
+    argon
+        .hash_password_into_with_memory(presented, salt, output, &mut memory[..blocks])
+        .is_ok()
+        && bool::from(expected.as_bytes().ct_eq(output))
+}
+
 /// Why verification could not run.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AuthError {
@@ -136,10 +177,12 @@ pub enum AuthError {
 /// answer for a new one, even if a verification races a policy reload. The cache is cleared on
 /// every policy change ([`Verifier::clear_cache`]).
 pub struct Verifier {
-    /// One permit per worker: argon2id verifications running at once.
-    workers: Arc<Semaphore>,
+    /// The workers' queue: argon2id verifications waiting for a worker thread.
+    jobs: std::sync::mpsc::Sender<Job>,
     /// Slow verifications waiting or running.
     pending: Arc<AtomicUsize>,
+    /// Slow verifications waiting or running, by identity key (at most `max_pending` entries).
+    pending_by_identity: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     /// Most slow verifications waiting or running (`workers + queue`); beyond it [`AuthError::Busy`].
     max_pending: usize,
     /// Successful slow verifications.
@@ -164,9 +207,22 @@ impl Verifier {
     /// `queue` more; beyond that [`AuthError::Busy`]. `workers` is at least 1.
     pub fn new(workers: usize, queue: usize) -> Arc<Verifier> {
         let workers = workers.max(1);
+        let (jobs, queue_rx) = std::sync::mpsc::channel::<Job>();
+        let queue_rx = Arc::new(std::sync::Mutex::new(queue_rx));
+        for n in 0..workers {
+            let queue_rx = Arc::clone(&queue_rx);
+            // The threads end when the Verifier (the queue's only sender) is dropped.
+            let spawned = std::thread::Builder::new()
+                .name(format!("argon2-worker-{n}"))
+                .spawn(move || run_worker(&queue_rx));
+            if let Err(error) = spawned {
+                tracing::error!(%error, "cannot start an argon2 worker thread");
+            }
+        }
         Arc::new(Verifier {
-            workers: Arc::new(Semaphore::new(workers)),
+            jobs,
             pending: Arc::new(AtomicUsize::new(0)),
+            pending_by_identity: Arc::default(),
             max_pending: workers.saturating_add(queue),
             cache: Cache::builder()
                 .max_capacity(CACHE_CAPACITY)
@@ -194,23 +250,22 @@ impl Verifier {
         }
 
         // Count this verification before waiting, so the queue bound covers waiters too.
+        let identity =
+            IdentityGuard::enter(&self.pending_by_identity, key).ok_or(AuthError::Busy)?;
         let guard = PendingGuard::enter(&self.pending, self.max_pending).ok_or(AuthError::Busy)?;
-        let permit = Arc::clone(&self.workers)
-            .acquire_owned()
-            .await
-            .map_err(|_| AuthError::Hashing)?;
         self.slow_runs.fetch_add(1, Ordering::Relaxed);
-        let hash = stored.clone();
-        let presented = presented.to_vec();
-        // The permit and the pending count are released when the hash is done, even if the
-        // caller has gone away: a cancelled CONNECT must not free a worker that is still busy.
-        let ok = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let _guard = guard;
-            hash.verify(&presented)
-        })
-        .await
-        .map_err(|_| AuthError::Hashing)?;
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            phc: phc.clone(),
+            presented: presented.to_vec(),
+            guard,
+            identity,
+            reply,
+        };
+        self.jobs.send(job).map_err(|_| AuthError::Hashing)?;
+        // The job holds the pending count until its hash is done, even if this caller has gone
+        // away: a cancelled CONNECT must not free a worker that is still busy.
+        let ok = answer.await.map_err(|_| AuthError::Hashing)?;
         if ok {
             self.cache.insert(cache_key, ());
         }
@@ -240,6 +295,74 @@ fn cache_digest(stored: &str, presented: &[u8]) -> [u8; 32] {
     hasher.update(stored.as_bytes());
     hasher.update(presented);
     hasher.finalize().into()
+}
+
+/// One argon2id verification for a worker thread.
+struct Job {
+    phc: String,
+    presented: Vec<u8>,
+    /// The job's slot in the pending count, given back when the hash is done.
+    guard: PendingGuard,
+    /// Its slot in its identity's pending count, likewise.
+    identity: IdentityGuard,
+    reply: oneshot::Sender<bool>,
+}
+
+/// A worker thread: takes jobs until the queue closes, reusing one argon2 work area.
+fn run_worker(queue: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>) {
+    let mut memory = Vec::new();
+    loop {
+        let job = match queue.lock() {
+            Ok(receiver) => receiver.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else {
+            return;
+        };
+        let ok = verify_argon2id(&job.phc, &job.presented, &mut memory);
+        // The slots are free before the caller hears the answer.
+        drop(job.guard);
+        drop(job.identity);
+        let _ = job.reply.send(ok);
+    }
+}
+
+/// One slot of an identity's pending count, given back on drop.
+struct IdentityGuard {
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    key: String,
+}
+
+impl IdentityGuard {
+    /// Takes a slot for `key`, unless [`MAX_PENDING_PER_IDENTITY`] are already taken.
+    fn enter(
+        counts: &Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+        key: &str,
+    ) -> Option<IdentityGuard> {
+        let mut map = counts.lock().ok()?;
+        let count = map.entry(key.to_owned()).or_insert(0);
+        if *count >= MAX_PENDING_PER_IDENTITY {
+            return None;
+        }
+        *count += 1;
+        Some(IdentityGuard {
+            counts: Arc::clone(counts),
+            key: key.to_owned(),
+        })
+    }
+}
+
+impl Drop for IdentityGuard {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.counts.lock() {
+            if let Some(count) = map.get_mut(&self.key) {
+                *count -= 1;
+                if *count == 0 {
+                    map.remove(&self.key);
+                }
+            }
+        }
+    }
 }
 
 /// One slot of the verifier's pending count, given back on drop.
@@ -333,6 +456,26 @@ mod tests {
     }
 
     #[test]
+    fn verifies_other_argon2id_parameters_with_one_reused_work_area() {
+        let mut memory = Vec::new();
+        for (m_kib, t, p, output_len) in [(64, 1, 1, 32), (256, 2, 2, 16), (32, 3, 1, 64)] {
+            let params = Params::new(m_kib, t, p, Some(output_len)).unwrap();
+            let argon = Argon2::new(argon2::Algorithm::Argon2id, Version::V0x13, params);
+            let salt = SaltString::generate(&mut OsRng);
+            let phc = argon.hash_password(b"secret", &salt).unwrap().to_string();
+            assert!(verify_argon2id(&phc, b"secret", &mut memory), "{phc}");
+            assert!(!verify_argon2id(&phc, b"secreT", &mut memory), "{phc}");
+        }
+        // The work area grew to the largest memory cost and stayed.
+        assert_eq!(memory.len(), 256);
+        assert!(!verify_argon2id(
+            "$argon2id$v=19$m=64,t=1,p=1$bad",
+            b"x",
+            &mut memory
+        ));
+    }
+
+    #[test]
     fn debug_shows_no_secret() {
         let stored = hash_token_sha256(b"secret");
         let hash = TokenHash::parse(&stored).unwrap();
@@ -380,6 +523,34 @@ mod tests {
         verifier.clear_cache();
         assert_eq!(verifier.verify("key", &slow, b"secret").await, Ok(true));
         assert_eq!(verifier.slow_verifications(), 6, "the cache was cleared");
+    }
+
+    #[tokio::test]
+    async fn one_identity_cannot_fill_the_queue() {
+        let verifier = Verifier::new(1, 10);
+        let slow = slow_hash(b"secret");
+        let mut holders = Vec::new();
+        for _ in 0..MAX_PENDING_PER_IDENTITY {
+            let verifier = Arc::clone(&verifier);
+            let slow = slow.clone();
+            holders.push(tokio::spawn(async move {
+                verifier.verify("victim", &slow, b"wrong").await
+            }));
+        }
+        while verifier.pending() < MAX_PENDING_PER_IDENTITY {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            verifier.verify("victim", &slow, b"wrong").await,
+            Err(AuthError::Busy)
+        );
+        // Another identity still queues and is verified.
+        assert_eq!(verifier.verify("other", &slow, b"secret").await, Ok(true));
+        for holder in holders {
+            assert_eq!(holder.await.unwrap(), Ok(false));
+        }
+        assert_eq!(verifier.pending(), 0);
+        assert!(verifier.pending_by_identity.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

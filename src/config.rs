@@ -70,6 +70,21 @@ pub struct UpstreamConfig {
     pub topic_prefix: String,
     /// Client ID of the monitoring control connection. Default `mqtt-warden-control-<random>`.
     pub control_client_id: Option<String>,
+    /// TLS towards the broker, if any.
+    pub tls: Option<UpstreamTlsConfig>,
+}
+
+/// TLS towards the broker, with paths resolved against the config file's folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTlsConfig {
+    /// CA certificates that sign the broker's certificate (PEM).
+    pub ca: PathBuf,
+    /// The proxy's client certificate chain (PEM), if the broker asks for one.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM); set with `cert`.
+    pub key: Option<PathBuf>,
+    /// The name to verify the broker's certificate against. Default: the host of `address`.
+    pub server_name: Option<String>,
 }
 
 impl std::fmt::Debug for UpstreamConfig {
@@ -80,6 +95,7 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
             .field("topic_prefix", &self.topic_prefix)
             .field("control_client_id", &self.control_client_id)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -376,12 +392,48 @@ impl Check<'_> {
                 "must not be empty; leave it out for a generated one",
             ));
         }
+        let tls = match upstream.tls {
+            None => None,
+            Some(tls) => {
+                let optional = |name: &str, path: Option<PathBuf>| match path {
+                    Some(path) => self
+                        .non_empty_path(&format!("upstream.tls.{name}"), path)
+                        .map(Some),
+                    None => Ok(None),
+                };
+                let cert = optional("cert", tls.cert)?;
+                let key = optional("key", tls.key)?;
+                if cert.is_some() != key.is_some() {
+                    return Err(self.invalid(
+                        if cert.is_some() {
+                            "upstream.tls.cert"
+                        } else {
+                            "upstream.tls.key"
+                        },
+                        "set cert and key together, or neither",
+                    ));
+                }
+                if tls.server_name.as_deref() == Some("") {
+                    return Err(self.invalid(
+                        "upstream.tls.server_name",
+                        "must not be empty; leave it out to use the host of upstream.address",
+                    ));
+                }
+                Some(UpstreamTlsConfig {
+                    ca: self.non_empty_path("upstream.tls.ca", tls.ca)?,
+                    cert,
+                    key,
+                    server_name: tls.server_name,
+                })
+            }
+        };
         Ok(UpstreamConfig {
             address: upstream.address,
             username: upstream.username,
             password,
             topic_prefix,
             control_client_id: upstream.control_client_id,
+            tls,
         })
     }
 
@@ -556,6 +608,20 @@ struct UpstreamFileConfig {
     topic_prefix: Option<String>,
     #[serde(default)]
     control_client_id: Option<String>,
+    #[serde(default)]
+    tls: Option<UpstreamTlsFileConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpstreamTlsFileConfig {
+    ca: PathBuf,
+    #[serde(default)]
+    cert: Option<PathBuf>,
+    #[serde(default)]
+    key: Option<PathBuf>,
+    #[serde(default)]
+    server_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -759,6 +825,42 @@ limits:
             "{MINIMAL}telemetry: {{ otlp_endpoint: \"127.0.0.1:4317\" }}\n"
         ));
         assert_eq!((line, field.as_str()), (Some(6), "telemetry.otlp_endpoint"));
+    }
+
+    #[test]
+    fn upstream_tls() {
+        let config = parse(&MINIMAL.replace(
+            "  address: \"127.0.0.1:1884\"\n",
+            "  address: \"127.0.0.1:1884\"\n  tls: { ca: certs/ca.pem, cert: /abs/w.pem, key: w.key, server_name: broker }\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.upstream.tls,
+            Some(UpstreamTlsConfig {
+                ca: "/etc/warden/certs/ca.pem".into(),
+                cert: Some("/abs/w.pem".into()),
+                key: Some("/etc/warden/w.key".into()),
+                server_name: Some("broker".into()),
+            })
+        );
+        let only_ca = parse(&MINIMAL.replace(
+            "  address: \"127.0.0.1:1884\"\n",
+            "  address: \"127.0.0.1:1884\"\n  tls: { ca: ca.pem }\n",
+        ))
+        .unwrap();
+        assert_eq!(only_ca.upstream.tls.unwrap().cert, None);
+
+        let (line, field, message) = invalid(&MINIMAL.replace(
+            "  address: \"127.0.0.1:1884\"\n",
+            "  address: \"127.0.0.1:1884\"\n  tls:\n    ca: ca.pem\n    cert: w.pem\n",
+        ));
+        assert_eq!((line, field.as_str()), (Some(7), "upstream.tls.cert"));
+        assert!(message.contains("together"), "{message}");
+        let (_, field, _) = invalid(&MINIMAL.replace(
+            "  address: \"127.0.0.1:1884\"\n",
+            "  address: \"127.0.0.1:1884\"\n  tls: { cert: w.pem }\n",
+        ));
+        assert_eq!(field, "upstream.tls");
     }
 
     #[test]

@@ -88,6 +88,22 @@ impl Identity {
         }
     }
 
+    /// Whether a client certificate with this subject common name belongs to this client: the
+    /// common name is the client ID itself, or the device ID of a device or gateway, or the API
+    /// key (`api_key`, the CONNECT user name) of an application.
+    pub fn matches_certificate(&self, common_name: Option<&str>, api_key: Option<&str>) -> bool {
+        let Some(name) = common_name.filter(|name| !name.is_empty()) else {
+            return false;
+        };
+        name == self.client_id
+            || match self.class {
+                ClientClass::Device | ClientClass::Gateway => self.device_id() == Some(name),
+                ClientClass::Application | ClientClass::ScalableApplication => {
+                    api_key == Some(name)
+                }
+            }
+    }
+
     /// The topic (without org prefix) of this client's monitoring messages.
     pub fn mon_topic(&self) -> String {
         match self.class {
@@ -201,6 +217,23 @@ fn check_part(part: &str, name: &'static str) -> Result<(), IdentityError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_names_match_the_client() {
+        let device = parse_client_id("d:org1:sensor:dev1").unwrap();
+        assert!(device.matches_certificate(Some("dev1"), None));
+        assert!(device.matches_certificate(Some("d:org1:sensor:dev1"), None));
+        assert!(!device.matches_certificate(Some("dev2"), None));
+        assert!(!device.matches_certificate(Some("sensor"), None));
+        assert!(!device.matches_certificate(None, None));
+        let gateway = parse_client_id("g:org1:edge:gw1").unwrap();
+        assert!(gateway.matches_certificate(Some("gw1"), Some("use-token-auth")));
+        let app = parse_client_id("a:org1:app1").unwrap();
+        assert!(app.matches_certificate(Some("a-org1-key1"), Some("a-org1-key1")));
+        assert!(app.matches_certificate(Some("a:org1:app1"), None));
+        assert!(!app.matches_certificate(Some("app1"), Some("a-org1-key1")));
+        assert!(!app.matches_certificate(Some(""), Some("")));
+    }
 
     #[test]
     fn parses_each_class() {

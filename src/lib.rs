@@ -9,6 +9,7 @@
 //!
 //! - [`config`] — the process config (`warden.yaml`).
 //! - [`proxy`] — binds the listeners and runs the accept loop with its connection cap.
+//! - [`transport`] — TLS, WebSocket and secure WebSocket, told apart on one port: each a byte stream.
 //! - [`session`] — one client's life: the connect phase, the bridge loop (client ⇄ upstream), close.
 //! - [`codec`] — MQTT framing and packet views, for MQTT 3.1, 3.1.1 and 5.
 //! - [`identity`] — the client-ID grammar (`a:`, `A:`, `d:`, `g:`).
@@ -16,7 +17,7 @@
 //! - [`policy`] — the policy model and its loader.
 //! - [`topics`] — the `iot-2` topic grammar and the org-prefix rewrite.
 //! - [`decision`] — what an identity may do: connect, publish, subscribe → allow or a [`close::CloseReason`].
-//! - [`upstream`] — dialling the broker.
+//! - [`upstream`] — dialling the broker, over TCP or TLS.
 //! - [`limits`] — rate limits: publishes, bytes, org aggregate, CONNECT rates.
 //! - [`registry`] — live sessions by client ID (takeover, org connection counts).
 //! - [`close`] — the one table of WIoTP closing codes.
@@ -47,4 +48,5 @@ pub mod reload;
 pub mod session;
 pub mod telemetry;
 pub mod topics;
+pub mod transport;
 pub mod upstream;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use mqtt_warden::{auth, config::WardenConfig, policy, proxy, telemetry};
+use mqtt_warden::{auth, config::WardenConfig, policy, proxy, telemetry, transport, upstream};
 
 #[derive(Parser)]
 #[command(
@@ -32,7 +32,8 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         grace_secs: u64,
     },
-    /// Validate the config and every policy file; print file, line and reason for each error.
+    /// Validate the config, its TLS files and every policy file; print file, line and reason for
+    /// each error.
     Check {
         /// The process config (warden.yaml); its policies are checked too.
         #[arg(long, short, required_unless_present = "policy")]
@@ -116,7 +117,26 @@ fn check(config_path: Option<PathBuf>, policy_paths: Vec<PathBuf>) -> anyhow::Re
     if let Some(config_path) = config_path {
         match WardenConfig::load(&config_path) {
             Ok(config) => {
-                println!("{}: ok", config_path.display());
+                // TLS files are checked as the proxy would load them at start.
+                for listener in &config.listeners {
+                    if let Some(tls) = &listener.tls {
+                        if let Err(error) = transport::ServerTls::load(tls) {
+                            eprintln!(
+                                "{}: listener {}: {error}",
+                                config_path.display(),
+                                listener.bind
+                            );
+                            ok = false;
+                        }
+                    }
+                }
+                if let Err(error) = upstream::Dialer::new(&config.upstream) {
+                    eprintln!("{}: upstream.tls: {error}", config_path.display());
+                    ok = false;
+                }
+                if ok {
+                    println!("{}: ok", config_path.display());
+                }
                 policies.push(config.policies);
             }
             Err(error) => {

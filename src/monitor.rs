@@ -17,8 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -29,7 +28,8 @@ use crate::codec::{
 };
 use crate::identity::{ClientClass, Identity};
 use crate::ledger::Ledger;
-use crate::upstream::{Dialer, READ_BUFFER_BYTES};
+use crate::transport::write_flushed;
+use crate::upstream::{Dialer, UpstreamStream, READ_BUFFER_BYTES};
 
 /// Keep-alive of the control connection, in seconds.
 const CONTROL_KEEP_ALIVE_SECS: u16 = 30;
@@ -453,7 +453,7 @@ impl Control {
         self.queue.push_back(publication);
     }
 
-    async fn connect(&mut self) -> Result<TcpStream, crate::upstream::UpstreamError> {
+    async fn connect(&mut self) -> Result<UpstreamStream, crate::upstream::UpstreamError> {
         let mut stream = self.dialer.dial().await?;
         let connect = Connect {
             version: ProtocolVersion::V311,
@@ -483,7 +483,7 @@ impl Control {
     /// Each entry gets a Disconnect and a clearing, queued like any monitoring message.
     async fn recover(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut UpstreamStream,
         inbound: &mut BytesMut,
     ) -> Result<(), std::io::Error> {
         let filter = self.ledger.filter();
@@ -496,7 +496,7 @@ impl Control {
             &[],
             &[(&[filter.as_bytes()], 0)],
         );
-        stream.write_all(&out).await?;
+        write_flushed(stream, &out).await?;
         let mut found = Vec::new();
         let mut sentinel_sent = false;
         'read: loop {
@@ -514,7 +514,7 @@ impl Control {
                     9 if !sentinel_sent => {
                         out.clear();
                         encode_publish(&mut out, 0x30, &[sentinel.as_bytes()], b"sentinel");
-                        stream.write_all(&out).await?;
+                        write_flushed(stream, &out).await?;
                         sentinel_sent = true;
                     }
                     3 => {
@@ -557,12 +557,12 @@ impl Control {
             &[],
             &[&[filter.as_bytes()]],
         );
-        stream.write_all(&out).await?;
+        write_flushed(stream, &out).await?;
         self.recovered = true;
         Ok(())
     }
 
-    async fn serve(&mut self, mut stream: TcpStream) -> Stop {
+    async fn serve(&mut self, mut stream: UpstreamStream) -> Stop {
         let mut out = BytesMut::new();
         let mut inbound = BytesMut::with_capacity(64);
         if !self.recovered && self.recover(&mut stream, &mut inbound).await.is_err() {
@@ -588,7 +588,7 @@ impl Control {
                 }
                 out.extend_from_slice(&[0xC0, 0x00]);
                 pings_outstanding += 1;
-                if stream.write_all(&out).await.is_err() {
+                if write_flushed(&mut stream, &out).await.is_err() {
                     return Stop::Broken;
                 }
             }
@@ -625,7 +625,7 @@ impl Control {
                         return Stop::Broken;
                     }
                     pings_outstanding += 1;
-                    if stream.write_all(&[0xC0, 0x00]).await.is_err() {
+                    if write_flushed(&mut stream, &[0xC0, 0x00]).await.is_err() {
                         return Stop::Broken;
                     }
                 }

@@ -22,6 +22,7 @@ use crate::monitor::Monitor;
 use crate::policy::{load_policies, Policy, PolicyErrors};
 use crate::registry::Registry;
 use crate::session::{self, ConnectionInfo};
+use crate::transport::{self, tls, ListenerTransport, PeerCertificate, ServerTls, TlsError};
 use crate::upstream::Dialer;
 
 /// What every session shares.
@@ -66,6 +67,9 @@ pub enum StartError {
     /// The policy did not load.
     #[error("policy: {0}")]
     Policy(#[from] PolicyErrors),
+    /// A TLS file (a listener's or the upstream's) did not load.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
     /// A listener could not bind.
     #[error("cannot listen on {address}: {source}")]
     Bind {
@@ -84,6 +88,8 @@ pub struct RunningProxy {
     pub shared: Arc<Shared>,
     /// The admin endpoint's address, when configured.
     pub admin_addr: Option<SocketAddr>,
+    /// Each TLS listener's certificates, in config order (reloadable).
+    pub tls: Vec<Arc<ServerTls>>,
     shutdown: watch::Sender<bool>,
     accept_tasks: JoinSet<()>,
 }
@@ -131,7 +137,18 @@ impl RunningProxy {
 pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
     let policy = load_policies(&config.policies)?;
     info!(orgs = policy.orgs.len(), path = %config.policies.display(), "policy loaded");
-    let dialer = Dialer::new(&config.upstream);
+    let dialer = Dialer::new(&config.upstream)?;
+    let transports = config
+        .listeners
+        .iter()
+        .map(|listener| {
+            Ok(ListenerTransport {
+                tls: listener.tls.as_ref().map(ServerTls::load).transpose()?,
+                websocket: transport::websocket::config(config.limits.max_packet_bytes),
+                connect_timeout: config.limits.connect_timeout,
+            })
+        })
+        .collect::<Result<Vec<_>, TlsError>>()?;
     // The control client ID names this instance on the broker: it must stay the same across
     // restarts, so that a restarted process finds and settles its predecessor's clients.
     let control_id = config
@@ -181,7 +198,9 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     let mut listen_addrs = Vec::new();
     let mut accept_tasks = JoinSet::new();
-    for listener_config in &shared.config.listeners {
+    let tls: Vec<Arc<ServerTls>> = transports.iter().filter_map(|t| t.tls.clone()).collect();
+    accept_tasks.spawn(tls::watch_reloads(tls.clone(), shutdown_rx.clone()));
+    for (listener_config, transport) in shared.config.listeners.iter().zip(transports) {
         let listener = TcpListener::bind(listener_config.bind)
             .await
             .map_err(|source| StartError::Bind {
@@ -192,11 +211,12 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             address: listener_config.bind,
             source,
         })?;
-        info!(address = %local, "listening");
+        info!(address = %local, tls = transport.tls.is_some(), "listening");
         listen_addrs.push(local);
         accept_tasks.spawn(accept_loop(
             listener,
             local,
+            Arc::new(transport),
             shared.clone(),
             shutdown_rx.clone(),
         ));
@@ -218,6 +238,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         listen_addrs,
         shared,
         admin_addr,
+        tls,
         shutdown,
         accept_tasks,
     })
@@ -239,6 +260,7 @@ async fn forget_idle_connect_rates(shared: Arc<Shared>, mut shutdown: watch::Rec
 async fn accept_loop(
     listener: TcpListener,
     local: SocketAddr,
+    transport: Arc<ListenerTransport>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -248,7 +270,7 @@ async fn accept_loop(
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         match accepted {
-            Ok((stream, peer)) => spawn_session(stream, peer, local, &shared),
+            Ok((stream, peer)) => spawn_session(stream, peer, local, &transport, &shared),
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning on the error.
                 warn!(%error, "accept failed");
@@ -258,22 +280,62 @@ async fn accept_loop(
     }
 }
 
-fn spawn_session(stream: TcpStream, peer: SocketAddr, local: SocketAddr, shared: &Arc<Shared>) {
+/// Runs a connection's transport handshakes and then its session, in a task of its own.
+fn spawn_session(
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    transport: &Arc<ListenerTransport>,
+    shared: &Arc<Shared>,
+) {
     let _ = stream.set_nodelay(true);
-    let info = ConnectionInfo {
-        peer,
-        local,
-        secure: false,
-        websocket: false,
-        certname: None,
-        connected_at: SystemTime::now(),
-    };
     let permit = shared.connection_slots.clone().try_acquire_owned().ok();
     if permit.is_none() {
         debug!(%peer, "connection cap reached");
     }
     let task_shared = shared.clone();
+    let transport = transport.clone();
+    let connected_at = SystemTime::now();
     shared.sessions.spawn(async move {
-        session::run(stream, info, task_shared, permit).await;
+        let shared = task_shared;
+        let accepted = match transport::accept(stream, &transport).await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                if error.is_tls_failure() {
+                    shared
+                        .metrics
+                        .tls_handshake_failures
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                match error.close_code() {
+                    Some(code) => {
+                        info!(%peer, code = code.number(), %error, "connection closed before MQTT")
+                    }
+                    None => debug!(%peer, %error, "connection closed before MQTT"),
+                }
+                return;
+            }
+        };
+        let certname = match &accepted.certificate {
+            PeerCertificate::Verified { common_name } => common_name.clone(),
+            _ => None,
+        };
+        let info = ConnectionInfo {
+            peer,
+            local,
+            secure: accepted.secure,
+            websocket: accepted.websocket,
+            certname,
+            certificate: accepted.certificate,
+            connected_at,
+        };
+        session::run(accepted.stream, info, shared, permit).await;
     });
+}
+
+impl Shared {
+    /// TLS handshakes that failed so far (closing code 163).
+    pub fn tls_handshake_failures(&self) -> u64 {
+        self.metrics.tls_handshake_failures.load(Ordering::Relaxed)
+    }
 }

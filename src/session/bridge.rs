@@ -12,8 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::info;
@@ -38,7 +37,8 @@ use crate::registry::SessionCommand;
 use crate::telemetry::TRACEPARENT;
 use crate::topics::TopicRewrite;
 use crate::topics::{parse_iot2, Iot2Topic};
-use crate::upstream::READ_BUFFER_BYTES;
+use crate::transport::write_flushed;
+use crate::upstream::{UpstreamStream, READ_BUFFER_BYTES};
 
 /// How often a session logs that it hit a rate limit, at most.
 const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -171,7 +171,7 @@ enum Flow {
 /// One established session's two connections and its state.
 pub struct Bridge<S> {
     pub(super) client: S,
-    pub(super) upstream: TcpStream,
+    pub(super) upstream: UpstreamStream,
     client_in: BytesMut,
     upstream_in: BytesMut,
     to_upstream: BytesMut,
@@ -244,7 +244,7 @@ impl<S: ClientStream> Bridge<S> {
     pub fn new(
         client: S,
         client_in: BytesMut,
-        upstream: TcpStream,
+        upstream: UpstreamStream,
         upstream_in: BytesMut,
         version: ProtocolVersion,
         principal: Principal,
@@ -483,15 +483,13 @@ impl<S: ClientStream> Bridge<S> {
 
     async fn flush(&mut self) -> Result<(), CloseReason> {
         if !self.to_upstream.is_empty() {
-            self.upstream
-                .write_all(&self.to_upstream)
+            write_flushed(&mut self.upstream, &self.to_upstream)
                 .await
                 .map_err(|e| CloseReason::with_detail(CloseCode::ClosedByServer, e.to_string()))?;
             clear_and_shrink(&mut self.to_upstream);
         }
         if !self.to_client.is_empty() {
-            self.client
-                .write_all(&self.to_client)
+            write_flushed(&mut self.client, &self.to_client)
                 .await
                 .map_err(|e| CloseReason::with_detail(CloseCode::ClosedByClient, e.to_string()))?;
             self.counters.write_bytes += self.to_client.len() as u64;

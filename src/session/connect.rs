@@ -28,7 +28,8 @@ use crate::policy::{ApiRole, DeviceClass, GatewayRole, Org, SecurityMode};
 use crate::proxy::Shared;
 use crate::registry::{ClaimError, SessionControl, TAKEOVER_WAIT};
 use crate::topics::TopicRewrite;
-use crate::upstream::READ_BUFFER_BYTES;
+use crate::transport::{write_flushed, PeerCertificate};
+use crate::upstream::{UpstreamStream, READ_BUFFER_BYTES};
 
 /// The longest keep-alive a scalable application may use, in seconds.
 pub const MAX_SCALABLE_KEEP_ALIVE_SECS: u16 = 3600;
@@ -92,7 +93,8 @@ pub async fn establish<S: ClientStream>(
                     properties: Vec::new(),
                 };
                 encode_connack(&mut out, ProtocolVersion::V311, &connack);
-                let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.write_all(&out)).await;
+                let _ =
+                    tokio::time::timeout(FAREWELL_TIMEOUT, write_flushed(&mut client, &out)).await;
             }
             refuse(&mut client, version, &reason, &mut counters).await;
             return None;
@@ -281,7 +283,7 @@ pub async fn establish<S: ClientStream>(
     let announced_keep_alive = (keep_alive != connect.keep_alive).then_some(keep_alive);
     let connack = client_connack(&broker_connack, &limits, &org, announced_keep_alive);
     encode_connack(&mut out, version, &connack);
-    if client.write_all(&out).await.is_err() {
+    if write_flushed(&mut client, &out).await.is_err() {
         shared.registry.release(&identity, control.id());
         failed(CloseReason::new(CloseCode::ClosedByClient), counters);
         return None;
@@ -400,7 +402,9 @@ async fn refuse<S: ClientStream>(
     if let (Some(connack), Some(version)) = (connack, version) {
         let mut out = BytesMut::new();
         encode_connack(&mut out, version, &connack);
-        if let Ok(Ok(())) = tokio::time::timeout(FAREWELL_TIMEOUT, client.write_all(&out)).await {
+        if let Ok(Ok(())) =
+            tokio::time::timeout(FAREWELL_TIMEOUT, write_flushed(client, &out)).await
+        {
             counters.write_bytes += out.len() as u64;
         }
     }
@@ -442,9 +446,21 @@ async fn authenticate(
     if org.security != SecurityMode::TlsOptional && !info.secure {
         return Err(not_authorized("the org requires TLS"));
     }
-    let password = connect
-        .password
-        .ok_or_else(|| CloseReason::bad_credentials("no token"))?;
+    let by_certificate = check_certificate(org.security, identity, connect.username, info)?;
+    let token_needed = match org.security {
+        SecurityMode::TlsCert => false,
+        SecurityMode::TlsCertOrToken => !by_certificate,
+        SecurityMode::TlsOptional | SecurityMode::TlsToken | SecurityMode::TlsTokenAndCert => true,
+    };
+    let password = if token_needed {
+        Some(
+            connect
+                .password
+                .ok_or_else(|| CloseReason::bad_credentials("no token"))?,
+        )
+    } else {
+        None
+    };
     let (cache_key, token) = match identity.class {
         ClientClass::Application | ClientClass::ScalableApplication => {
             let key_name = connect
@@ -471,7 +487,10 @@ async fn authenticate(
             (key_name.to_string(), &key.token)
         }
         ClientClass::Device | ClientClass::Gateway => {
-            if connect.username != Some(TOKEN_AUTH_USERNAME) {
+            // Certificate-only devices may leave the user name out.
+            if connect.username != Some(TOKEN_AUTH_USERNAME)
+                && (token_needed || connect.username.is_some())
+            {
                 return Err(CloseReason::bad_credentials(
                     "devices and gateways use use-token-auth",
                 ));
@@ -501,18 +520,57 @@ async fn authenticate(
             (format!("{device_type}/{device_id}"), &device.token)
         }
     };
-    match shared.verifier.verify(&cache_key, token, password).await {
-        Ok(true) => {
-            if identity.class.is_application() {
-                principal.api_key = Some(cache_key);
-            }
-            principal.token = Some(token.clone());
-            principal.refresh_scope();
-            Ok(principal)
+    if let Some(password) = password {
+        match shared.verifier.verify(&cache_key, token, password).await {
+            Ok(true) => {}
+            Ok(false) => return Err(CloseReason::bad_credentials("the token does not match")),
+            Err(AuthError::Busy) => return Err(CloseReason::new(CloseCode::AuthenticationBusy)),
+            Err(AuthError::Hashing) => return Err(not_authorized("token verification failed")),
         }
-        Ok(false) => Err(CloseReason::bad_credentials("the token does not match")),
-        Err(AuthError::Busy) => Err(CloseReason::new(CloseCode::AuthenticationBusy)),
-        Err(AuthError::Hashing) => Err(not_authorized("token verification failed")),
+    }
+    if identity.class.is_application() {
+        principal.api_key = Some(cache_key);
+    }
+    principal.token = Some(token.clone());
+    principal.refresh_scope();
+    Ok(principal)
+}
+
+/// Judges the client certificate for the org's security mode: `Ok(true)` when a certificate
+/// authenticates the client, `Ok(false)` when the mode does not use one or it may be left out,
+/// 169 when a required one is missing and 170 when one is invalid or names someone else.
+/// Modes without certificates (`tls-optional`, `tls-token`) ignore any that was presented.
+fn check_certificate(
+    mode: SecurityMode,
+    identity: &Identity,
+    username: Option<&str>,
+    info: &ConnectionInfo,
+) -> Result<bool, CloseReason> {
+    let required = match mode {
+        SecurityMode::TlsOptional | SecurityMode::TlsToken => return Ok(false),
+        SecurityMode::TlsCert | SecurityMode::TlsTokenAndCert => true,
+        SecurityMode::TlsCertOrToken => false,
+    };
+    match &info.certificate {
+        PeerCertificate::Absent if required => Err(CloseReason::with_detail(
+            CloseCode::CertificateMissing,
+            "the org requires a client certificate",
+        )),
+        PeerCertificate::Absent => Ok(false),
+        PeerCertificate::Invalid { reason } => Err(CloseReason::with_detail(
+            CloseCode::CertificateInvalid,
+            format!("the client certificate did not verify: {reason}"),
+        )),
+        PeerCertificate::Verified { common_name } => {
+            if identity.matches_certificate(common_name.as_deref(), username) {
+                Ok(true)
+            } else {
+                Err(CloseReason::with_detail(
+                    CloseCode::CertificateInvalid,
+                    "the client certificate's common name does not match the client ID",
+                ))
+            }
+        }
     }
 }
 
@@ -614,7 +672,7 @@ async fn dial_broker(
     rewrite: &TopicRewrite,
     keep_alive: u16,
     session_id: u64,
-) -> Result<(tokio::net::TcpStream, BytesMut, BrokerConnack), CloseReason> {
+) -> Result<(UpstreamStream, BytesMut, BrokerConnack), CloseReason> {
     let unavailable =
         |detail: String| CloseReason::with_detail(CloseCode::ServerUnavailable, detail);
     let org = &principal.org;

@@ -22,11 +22,12 @@ use crate::codec::encode_disconnect_v5;
 use crate::monitor::{Action, Report};
 use crate::proxy::Shared;
 use crate::registry::SessionControl;
+use crate::transport::{write_flushed, PeerCertificate};
 
 /// How long the proxy waits to hand a client its last packet (a refusal or DISCONNECT).
 pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A client byte stream: plain TCP now, TLS and WebSocket later.
+/// A client byte stream: TCP, TLS, WebSocket or secure WebSocket ([`crate::transport`]).
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientStream for T {}
 
@@ -41,8 +42,10 @@ pub struct ConnectionInfo {
     pub secure: bool,
     /// MQTT over WebSocket.
     pub websocket: bool,
-    /// The client certificate's common name.
+    /// The client certificate's common name (of a certificate that verified against `client_ca`).
     pub certname: Option<String>,
+    /// The client certificate, judged against the listener's `client_ca`.
+    pub certificate: PeerCertificate,
     /// When the connection was accepted.
     pub connected_at: SystemTime,
 }
@@ -100,7 +103,7 @@ async fn close<S: ClientStream>(
             let mut out = BytesMut::new();
             encode_disconnect_v5(&mut out, code, Some(&reason.reason_string()));
             if bridge.client_fits(out.len())
-                && tokio::time::timeout(FAREWELL_TIMEOUT, bridge.client.write_all(&out))
+                && tokio::time::timeout(FAREWELL_TIMEOUT, write_flushed(&mut bridge.client, &out))
                     .await
                     .is_ok_and(|r| r.is_ok())
             {

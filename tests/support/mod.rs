@@ -450,3 +450,194 @@ pub mod mon {
         serde_json::from_slice(payload).expect("monitoring payload is JSON")
     }
 }
+
+impl Warden {
+    /// Starts the proxy with the given `listeners:` entries (YAML list items, indented by two
+    /// spaces) and extra top-level config YAML. `addr` is the first listener's address.
+    pub async fn start_listeners(
+        broker: &Broker,
+        policy: &str,
+        listeners: &str,
+        extra_config: &str,
+    ) -> Warden {
+        Self::start_upstream(broker, policy, listeners, "", extra_config).await
+    }
+
+    /// As [`Warden::start_listeners`], with extra `upstream:` keys (indented by two spaces).
+    pub async fn start_upstream(
+        broker: &Broker,
+        policy: &str,
+        listeners: &str,
+        upstream_extra: &str,
+        extra_config: &str,
+    ) -> Warden {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("policy.yaml"), policy).expect("write policy");
+        let config_path = dir.path().join("warden.yaml");
+        let text = format!(
+            "listeners:\n{listeners}\nupstream:\n  address: \"{}\"\n  topic_prefix: \"{{org}}/\"\n{upstream_extra}\npolicies: policy.yaml\n{extra_config}\n",
+            broker.addr()
+        );
+        std::fs::write(&config_path, &text).expect("write config");
+        let config = WardenConfig::from_yaml(&text, &config_path).expect("valid config");
+        let running = proxy::start(config).await.expect("proxy starts");
+        Warden {
+            addr: running.listen_addrs[0],
+            running,
+            dir,
+        }
+    }
+
+    /// Starts the proxy with a plain listener (`addr`) and a TLS listener ([`Warden::tls_addr`])
+    /// that asks for client certificates signed by `pki`'s CA.
+    pub async fn start_tls(
+        broker: &Broker,
+        policy: &str,
+        pki: &pki::TestPki,
+        extra_config: &str,
+    ) -> Warden {
+        let listeners = format!(
+            "  - bind: \"127.0.0.1:0\"\n  - bind: \"127.0.0.1:0\"\n    tls: {{ cert: \"{}\", key: \"{}\", client_ca: \"{}\" }}\n",
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            pki.ca_path.display()
+        );
+        Self::start_listeners(broker, policy, &listeners, extra_config).await
+    }
+
+    /// The second listener's address (the TLS listener of [`Warden::start_tls`]).
+    pub fn tls_addr(&self) -> SocketAddr {
+        self.running.listen_addrs[1]
+    }
+}
+
+pub mod pki {
+    //! Throwaway test certificates (rcgen), written as PEM files to a temporary folder. Nothing
+    //! here is committed: every run makes new keys.
+    use std::path::{Path, PathBuf};
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    use tempfile::TempDir;
+
+    /// The names the test server certificate carries.
+    pub const SERVER_NAMES: &[&str] = &[
+        "localhost",
+        "127.0.0.1",
+        "org1.messaging.warden.test",
+        "tlsorg.messaging.warden.test",
+    ];
+
+    /// A CA with a server certificate, able to issue client certificates.
+    pub struct TestPki {
+        /// The folder holding the PEM files.
+        pub dir: TempDir,
+        ca: CertifiedIssuer<'static, KeyPair>,
+        /// The CA certificate.
+        pub ca_path: PathBuf,
+        /// The server certificate (signed by the CA).
+        pub server_cert: PathBuf,
+        /// Its key.
+        pub server_key: PathBuf,
+    }
+
+    impl TestPki {
+        /// A new CA named `name`, and a server certificate for [`SERVER_NAMES`].
+        pub fn new(name: &str) -> TestPki {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            params
+                .distinguished_name
+                .push(DnType::CommonName, format!("{name} test CA"));
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key"))
+                .expect("CA certificate");
+            let ca_path = dir.path().join("ca.pem");
+            std::fs::write(&ca_path, ca.pem()).expect("write CA");
+            let mut pki = TestPki {
+                ca_path,
+                server_cert: PathBuf::new(),
+                server_key: PathBuf::new(),
+                ca,
+                dir,
+            };
+            let (cert, key) = pki.server("server", SERVER_NAMES);
+            pki.server_cert = cert;
+            pki.server_key = key;
+            pki
+        }
+
+        /// Issues a server certificate for `names`, written as `<stem>.pem` / `<stem>.key`.
+        pub fn server(&self, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let mut params = CertificateParams::new(names).expect("server names");
+            params
+                .distinguished_name
+                .push(DnType::CommonName, "localhost");
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            self.issue(stem, params)
+        }
+
+        /// Issues a client certificate with this common name, as `<stem>.pem` / `<stem>.key`.
+        pub fn client(&self, stem: &str, common_name: &str) -> (PathBuf, PathBuf) {
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+            params
+                .distinguished_name
+                .push(DnType::CommonName, common_name);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            self.issue(stem, params)
+        }
+
+        fn issue(&self, stem: &str, params: CertificateParams) -> (PathBuf, PathBuf) {
+            let key = KeyPair::generate().expect("key");
+            let cert = params.signed_by(&key, &self.ca).expect("sign");
+            let cert_path = self.dir.path().join(format!("{stem}.pem"));
+            let key_path = self.dir.path().join(format!("{stem}.key"));
+            std::fs::write(&cert_path, cert.pem()).expect("write certificate");
+            std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+            (cert_path, key_path)
+        }
+
+        /// Copies this PKI's server certificate and key over `cert` and `key` (for reloads).
+        pub fn install_server_files(&self, cert: &Path, key: &Path) {
+            std::fs::copy(&self.server_cert, cert).expect("copy certificate");
+            std::fs::copy(&self.server_key, key).expect("copy key");
+        }
+    }
+}
+
+pub mod tls_client {
+    //! MQTT 3.1.1 clients over TLS (rumqttc with rustls).
+    use super::*;
+    use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+
+    /// Options for a TLS client of `addr` that trusts `ca`, optionally with a client certificate.
+    pub fn options(
+        addr: SocketAddr,
+        ca: &std::path::Path,
+        client_cert: Option<(&std::path::Path, &std::path::Path)>,
+        client_id: &str,
+        user: Option<&str>,
+        password: Option<&str>,
+    ) -> MqttOptions {
+        let mut options = v4::options(addr, client_id, user, password);
+        let _ = options.set_transport(Transport::Tls(TlsConfiguration::Simple {
+            ca: std::fs::read(ca).expect("read CA"),
+            alpn: None,
+            client_auth: client_cert.map(|(cert, key)| {
+                (
+                    std::fs::read(cert).expect("read client certificate"),
+                    std::fs::read(key).expect("read client key"),
+                )
+            }),
+        }));
+        options
+    }
+}
