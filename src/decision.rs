@@ -219,24 +219,12 @@ impl Principal {
             return true;
         };
         match parse_iot2(topic) {
-            Some(
-                Iot2Topic::DeviceEvent {
-                    device_type,
-                    device_id,
-                    ..
-                }
-                | Iot2Topic::DeviceCommand {
-                    device_type,
-                    device_id,
-                    ..
-                }
-                | Iot2Topic::DeviceMon {
-                    device_type,
-                    device_id,
-                },
-            ) => self.is_self(device_type, device_id) || scope.contains(device_type, device_id),
-            Some(Iot2Topic::AppMon { .. } | Iot2Topic::DeviceNotify { .. }) => true,
-            _ => false,
+            // A gateway's own notify topic names the gateway itself.
+            Some(Iot2Topic::DeviceNotify { .. } | Iot2Topic::AppMon { .. }) => true,
+            Some(parsed) => parsed.device().is_some_and(|(device_type, device_id)| {
+                self.is_self(device_type, device_id) || scope.contains(device_type, device_id)
+            }),
+            None => false,
         }
     }
 

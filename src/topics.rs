@@ -72,6 +72,33 @@ pub enum Iot2Topic<'a> {
     },
 }
 
+impl<'a> Iot2Topic<'a> {
+    /// The device (type, ID) a topic of the `iot-2/type/T/id/I/...` form names.
+    pub fn device(&self) -> Option<(&'a str, &'a str)> {
+        match *self {
+            Iot2Topic::DeviceEvent {
+                device_type,
+                device_id,
+                ..
+            }
+            | Iot2Topic::DeviceCommand {
+                device_type,
+                device_id,
+                ..
+            }
+            | Iot2Topic::DeviceMon {
+                device_type,
+                device_id,
+            }
+            | Iot2Topic::DeviceNotify {
+                device_type,
+                device_id,
+            } => Some((device_type, device_id)),
+            _ => None,
+        }
+    }
+}
+
 /// The most levels any `iot-2` topic has.
 const MAX_IOT2_LEVELS: usize = 9;
 

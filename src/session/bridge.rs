@@ -36,7 +36,7 @@ use crate::proxy::Shared;
 use crate::registry::SessionCommand;
 use crate::telemetry::TRACEPARENT;
 use crate::topics::TopicRewrite;
-use crate::topics::{parse_iot2, Iot2Topic};
+use crate::topics::parse_iot2;
 use crate::transport::write_flushed;
 use crate::upstream::{UpstreamStream, READ_BUFFER_BYTES};
 
@@ -863,29 +863,9 @@ impl<S: ClientStream> Bridge<S> {
     /// Reports a gateway's refused request on its own `notify` topic.
     fn notify(&self, request: Request, topic: &str, reason: &CloseReason) {
         let identity = &self.principal.identity;
-        let (device_type, device_id) = match parse_iot2(topic) {
-            Some(
-                Iot2Topic::DeviceEvent {
-                    device_type,
-                    device_id,
-                    ..
-                }
-                | Iot2Topic::DeviceCommand {
-                    device_type,
-                    device_id,
-                    ..
-                }
-                | Iot2Topic::DeviceMon {
-                    device_type,
-                    device_id,
-                }
-                | Iot2Topic::DeviceNotify {
-                    device_type,
-                    device_id,
-                },
-            ) => (device_type, device_id),
-            _ => ("", ""),
-        };
+        let (device_type, device_id) = parse_iot2(topic)
+            .and_then(|parsed| parsed.device())
+            .unwrap_or(("", ""));
         let notification = serde_json::json!({
             "Request": request.name(),
             "Time": crate::monitor::iso_time(std::time::SystemTime::now()),
