@@ -320,3 +320,20 @@ async fn keep_alive_cap_refuses_mqtt3_and_tells_mqtt5() {
         "Server Keep Alive 60: {connack:02X?}"
     );
 }
+
+#[tokio::test]
+async fn byte_rate_pushes_back_too() {
+    let broker = Broker::start().await;
+    // 2,000 bytes per second; each PUBLISH below is about 1,030 bytes, so 6 of them need ~2 s
+    // after the first two (the bucket holds at least one maximal message).
+    let limits = "{ max_payload_bytes: 1024, publish_rate: { device: \"1000/s\" }, byte_rate: { device: \"2000/s\" } }";
+    let warden = Warden::start(&broker, &policy(limits, "")).await;
+    let mut app = watcher(&warden).await;
+    let device = device(&warden, "a").await;
+    let started = Instant::now();
+    for _ in 0..6 {
+        device.client.publish("iot-2/evt/big/fmt/bin", QoS::AtLeastOnce, false, vec![7u8; 1000]).await.unwrap();
+    }
+    let took = receive_events(&mut app, 6).await - started;
+    assert!(took >= Duration::from_millis(1200), "byte rate not enforced: {took:?}");
+}
