@@ -332,8 +332,20 @@ async fn byte_rate_pushes_back_too() {
     let device = device(&warden, "a").await;
     let started = Instant::now();
     for _ in 0..6 {
-        device.client.publish("iot-2/evt/big/fmt/bin", QoS::AtLeastOnce, false, vec![7u8; 1000]).await.unwrap();
+        device
+            .client
+            .publish(
+                "iot-2/evt/big/fmt/bin",
+                QoS::AtLeastOnce,
+                false,
+                vec![7u8; 1000],
+            )
+            .await
+            .unwrap();
     }
     let took = receive_events(&mut app, 6).await - started;
-    assert!(took >= Duration::from_millis(1200), "byte rate not enforced: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1200),
+        "byte rate not enforced: {took:?}"
+    );
 }

@@ -1,4 +1,5 @@
-//! Unit tests of the codec, organised by the rows of `malformed-inputs.md`.
+//! Unit tests of the codec, organised by the rows of `malformed-inputs.md`. Compiled only as the
+//! `#[cfg(test)]` module of `codec.rs`.
 
 use super::*;
 use crate::close::CloseCode;

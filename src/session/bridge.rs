@@ -35,8 +35,8 @@ use crate::policy::{OnRateExceeded, OnViolation};
 use crate::proxy::Shared;
 use crate::registry::SessionCommand;
 use crate::telemetry::TRACEPARENT;
-use crate::topics::TopicRewrite;
 use crate::topics::parse_iot2;
+use crate::topics::TopicRewrite;
 use crate::transport::write_flushed;
 use crate::upstream::{UpstreamStream, READ_BUFFER_BYTES};
 
