@@ -349,3 +349,72 @@ async fn byte_rate_pushes_back_too() {
         "byte rate not enforced: {took:?}"
     );
 }
+
+#[tokio::test]
+async fn a_subscriber_that_never_reads_slows_nobody_else() {
+    let broker = Broker::start().await;
+    let limits = "{ publish_rate: { device: \"100000/s\" } }";
+    let warden = Warden::start(&broker, &policy(limits, "")).await;
+    // A raw subscriber that subscribes and then never reads again.
+    let mut stuck = TcpStream::connect(warden.addr).await.unwrap();
+    let mut connect = BytesMut::new();
+    encode_connect(
+        &mut connect,
+        &Connect {
+            version: ProtocolVersion::V311,
+            clean_start: true,
+            keep_alive: 0,
+            properties: Vec::new(),
+            client_id: "a:org1:stuck",
+            will: None,
+            username: Some("a-org1-watcher001"),
+            password: Some(b"t"),
+        },
+    );
+    stuck.write_all(&connect).await.unwrap();
+    let filter = b"iot-2/type/+/id/+/evt/+/fmt/+";
+    let mut subscribe = vec![
+        0x82,
+        (2 + 2 + filter.len() + 1) as u8,
+        0,
+        1,
+        0,
+        filter.len() as u8,
+    ];
+    subscribe.extend_from_slice(filter);
+    subscribe.push(0);
+    stuck.write_all(&subscribe).await.unwrap();
+    let mut acks = [0u8; 9];
+    stuck.read_exact(&mut acks).await.unwrap();
+    assert_eq!(&acks[..4], &[0x20, 0x02, 0x00, 0x00], "CONNACK");
+    assert_eq!(acks[4], 0x90, "SUBACK");
+
+    // A reading subscriber receives every one of 2,000 16 KiB events (32 MiB, far more than
+    // socket buffers hold for the stuck one), published in steps it keeps up with.
+    let mut reader = watcher(&warden).await;
+    let device = device(&warden, "a").await;
+    const STEPS: usize = 40;
+    const PER_STEP: usize = 50;
+    for _ in 0..STEPS {
+        for _ in 0..PER_STEP {
+            device
+                .client
+                .publish(
+                    "iot-2/evt/big/fmt/bin",
+                    QoS::AtMostOnce,
+                    false,
+                    vec![1u8; 16 * 1024],
+                )
+                .await
+                .unwrap();
+        }
+        let mut received = 0;
+        while received < PER_STEP {
+            let publish = reader.next_publish().await;
+            if publish.topic.contains("/evt/") {
+                received += 1;
+            }
+        }
+    }
+    drop(stuck);
+}
