@@ -156,27 +156,16 @@ async fn reject_mode_answers_mqtt5_reason_codes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let broker = Broker::start().await;
     let warden = Warden::start(&broker, &policy("reject")).await;
-    let mut connect = bytes::BytesMut::new();
-    mqtt_warden::codec::encode_connect(
-        &mut connect,
-        &mqtt_warden::codec::Connect {
-            version: mqtt_warden::codec::ProtocolVersion::V5,
-            clean_start: true,
-            keep_alive: 60,
-            properties: Vec::new(),
-            client_id: "a:org1:viewer5",
-            will: None,
-            username: Some("a-org1-viewer0001"),
-            password: Some(b"t"),
-        },
-    );
-    let mut stream = tokio::net::TcpStream::connect(warden.addr).await.unwrap();
-    stream.write_all(&connect).await.unwrap();
-    let mut header = [0u8; 2];
-    stream.read_exact(&mut header).await.unwrap();
-    let mut rest = vec![0u8; usize::from(header[1])];
-    stream.read_exact(&mut rest).await.unwrap();
-    assert_eq!(rest[1], 0, "connected");
+    let (mut stream, connack) = support::raw::connect(
+        warden.addr,
+        mqtt_warden::codec::ProtocolVersion::V5,
+        "a:org1:viewer5",
+        Some("a-org1-viewer0001"),
+        Some(b"t"),
+        60,
+    )
+    .await;
+    assert_eq!(connack[3], 0, "connected");
     // PUBLISH QoS 1 to a command topic (the role forbids it): PUBACK 0x87.
     let topic = b"iot-2/type/sensor/id/dev1/cmd/c/fmt/t";
     let mut publish = vec![

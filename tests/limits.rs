@@ -5,12 +5,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use rumqttc::{ConnectReturnCode, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use mqtt_warden::codec::{encode_connect, Connect, ProtocolVersion};
+use mqtt_warden::codec::ProtocolVersion;
 use support::{mon, sha256_token, v4, Broker, Warden, WAIT};
 
 fn policy(limits: &str, extra: &str) -> String {
@@ -200,40 +199,21 @@ async fn too_many_filters_in_one_subscribe_is_154() {
     app.closed().await;
 }
 
-fn connect_bytes(version: ProtocolVersion, id: &str, keep_alive: u16) -> BytesMut {
-    let mut out = BytesMut::new();
-    encode_connect(
-        &mut out,
-        &Connect {
-            version,
-            clean_start: true,
-            keep_alive,
-            properties: Vec::new(),
-            client_id: id,
-            will: None,
-            username: Some("use-token-auth"),
-            password: Some(b"t"),
-        },
-    );
-    out
-}
-
-/// Connects with raw bytes and returns the stream and the CONNACK.
+/// Device `a` connects with raw bytes; returns the stream and the CONNACK.
 async fn raw_connect(
     addr: std::net::SocketAddr,
     version: ProtocolVersion,
     keep_alive: u16,
 ) -> (TcpStream, Vec<u8>) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(&connect_bytes(version, "d:org1:sensor:a", keep_alive))
-        .await
-        .unwrap();
-    let mut header = [0u8; 2];
-    stream.read_exact(&mut header).await.unwrap();
-    let mut rest = vec![0u8; usize::from(header[1])];
-    stream.read_exact(&mut rest).await.unwrap();
-    (stream, [header.to_vec(), rest].concat())
+    support::raw::connect(
+        addr,
+        version,
+        "d:org1:sensor:a",
+        Some("use-token-auth"),
+        Some(b"t"),
+        keep_alive,
+    )
+    .await
 }
 
 async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
@@ -306,7 +286,13 @@ async fn keep_alive_cap_refuses_mqtt3_and_tells_mqtt5() {
     .await;
     let mut stream = TcpStream::connect(warden.addr).await.unwrap();
     stream
-        .write_all(&connect_bytes(ProtocolVersion::V311, "d:org1:sensor:a", 0))
+        .write_all(&support::raw::connect_packet(
+            ProtocolVersion::V311,
+            "d:org1:sensor:a",
+            Some("use-token-auth"),
+            Some(b"t"),
+            0,
+        ))
         .await
         .unwrap();
     assert_eq!(
@@ -357,19 +343,12 @@ async fn a_subscriber_that_never_reads_slows_nobody_else() {
     let warden = Warden::start(&broker, &policy(limits, "")).await;
     // A raw subscriber that subscribes and then never reads again.
     let mut stuck = TcpStream::connect(warden.addr).await.unwrap();
-    let mut connect = BytesMut::new();
-    encode_connect(
-        &mut connect,
-        &Connect {
-            version: ProtocolVersion::V311,
-            clean_start: true,
-            keep_alive: 0,
-            properties: Vec::new(),
-            client_id: "a:org1:stuck",
-            will: None,
-            username: Some("a-org1-watcher001"),
-            password: Some(b"t"),
-        },
+    let connect = support::raw::connect_packet(
+        ProtocolVersion::V311,
+        "a:org1:stuck",
+        Some("a-org1-watcher001"),
+        Some(b"t"),
+        0,
     );
     stuck.write_all(&connect).await.unwrap();
     let filter = b"iot-2/type/+/id/+/evt/+/fmt/+";

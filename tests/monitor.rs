@@ -224,25 +224,15 @@ async fn raw_connect(
     client_id: &str,
     token: &str,
 ) -> tokio::net::TcpStream {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut out = bytes::BytesMut::new();
-    mqtt_warden::codec::encode_connect(
-        &mut out,
-        &mqtt_warden::codec::Connect {
-            version: mqtt_warden::codec::ProtocolVersion::V311,
-            clean_start: true,
-            keep_alive: 60,
-            properties: Vec::new(),
-            client_id,
-            will: None,
-            username: Some("use-token-auth"),
-            password: Some(token.as_bytes()),
-        },
-    );
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(&out).await.unwrap();
-    let mut connack = [0u8; 4];
-    stream.read_exact(&mut connack).await.unwrap();
+    let (stream, connack) = support::raw::connect(
+        addr,
+        mqtt_warden::codec::ProtocolVersion::V311,
+        client_id,
+        Some("use-token-auth"),
+        Some(token.as_bytes()),
+        60,
+    )
+    .await;
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
     stream
 }

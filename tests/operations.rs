@@ -343,26 +343,15 @@ async fn shutdown_closes_sessions_with_93_and_flushes_their_status() {
         .await;
 
     // An MQTT 5 device, as raw bytes, to read the DISCONNECT reason code.
-    let mut connect = bytes::BytesMut::new();
-    mqtt_warden::codec::encode_connect(
-        &mut connect,
-        &mqtt_warden::codec::Connect {
-            version: mqtt_warden::codec::ProtocolVersion::V5,
-            clean_start: true,
-            keep_alive: 60,
-            properties: Vec::new(),
-            client_id: "d:org1:sensor:dev1",
-            will: None,
-            username: Some("use-token-auth"),
-            password: Some(b"dev1-token"),
-        },
-    );
-    let mut stream = TcpStream::connect(warden.addr).await.unwrap();
-    stream.write_all(&connect).await.unwrap();
-    let mut header = [0u8; 2];
-    stream.read_exact(&mut header).await.unwrap();
-    let mut connack = vec![0u8; usize::from(header[1])];
-    stream.read_exact(&mut connack).await.unwrap();
+    let (mut stream, _connack) = support::raw::connect(
+        warden.addr,
+        mqtt_warden::codec::ProtocolVersion::V5,
+        "d:org1:sensor:dev1",
+        Some("use-token-auth"),
+        Some(b"dev1-token"),
+        60,
+    )
+    .await;
     assert_eq!(
         mon::parse(&spy.next_publish().await.payload)["Action"],
         "Connect"

@@ -641,3 +641,56 @@ pub mod tls_client {
         options
     }
 }
+
+pub mod raw {
+    //! Hand-written packets, for malformed-input and reason-code tests only.
+    use bytes::BytesMut;
+    use mqtt_warden::codec::{encode_connect, Connect, ProtocolVersion};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// A CONNECT packet.
+    pub fn connect_packet(
+        version: ProtocolVersion,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+        keep_alive: u16,
+    ) -> BytesMut {
+        let mut out = BytesMut::new();
+        let connect = Connect {
+            version,
+            clean_start: true,
+            keep_alive,
+            properties: Vec::new(),
+            client_id,
+            will: None,
+            username,
+            password,
+        };
+        encode_connect(&mut out, &connect);
+        out
+    }
+
+    /// Sends a CONNECT and returns the stream and the whole CONNACK packet.
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        version: ProtocolVersion,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+        keep_alive: u16,
+    ) -> (TcpStream, Vec<u8>) {
+        let mut stream = TcpStream::connect(addr).await.expect("proxy reachable");
+        let packet = connect_packet(version, client_id, username, password, keep_alive);
+        stream.write_all(&packet).await.expect("CONNECT sent");
+        let mut header = [0u8; 2];
+        stream
+            .read_exact(&mut header)
+            .await
+            .expect("CONNACK header");
+        let mut rest = vec![0u8; usize::from(header[1])];
+        stream.read_exact(&mut rest).await.expect("CONNACK body");
+        (stream, [header.to_vec(), rest].concat())
+    }
+}
