@@ -172,12 +172,14 @@ impl Default for ProcessLimits {
             max_filters_per_subscribe: 100,
             max_inflight: 1000,
             partial_packet_timeout: Duration::from_secs(30),
+            // Generous: the point is to stop a client that flaps without pause, never to refuse
+            // a test suite or a fleet reconnecting after an outage.
             connect_rate_per_client_id: Rate {
-                count: 10,
-                per: Duration::from_secs(10),
+                count: 100,
+                per: Duration::from_secs(1),
             },
             connect_rate_per_address: Rate {
-                count: 1000,
+                count: 10_000,
                 per: Duration::from_secs(1),
             },
             auth_queue: 256,

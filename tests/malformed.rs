@@ -27,13 +27,7 @@ struct Rig {
 impl Rig {
     async fn new() -> Rig {
         let broker = Broker::start().await;
-        // These tests reconnect the same device dozens of times in a second.
-        let warden = Warden::start_with(
-            &broker,
-            &standard_policy(),
-            "limits:\n  connect_rate_per_client_id: \"1000/s\"\n",
-        )
-        .await;
+        let warden = Warden::start(&broker, &standard_policy()).await;
         let addr: SocketAddr = broker.addr().parse().unwrap();
         let mut spy = v4::connect(addr, "spy", None, None).await.unwrap();
         spy.subscribe("#", QoS::AtMostOnce).await;
