@@ -289,10 +289,6 @@ fn spawn_session(
     shared: &Arc<Shared>,
 ) {
     let _ = stream.set_nodelay(true);
-    let permit = shared.connection_slots.clone().try_acquire_owned().ok();
-    if permit.is_none() {
-        debug!(%peer, "connection cap reached");
-    }
     let task_shared = shared.clone();
     let transport = transport.clone();
     let connected_at = SystemTime::now();
@@ -329,7 +325,7 @@ fn spawn_session(
             certificate: accepted.certificate,
             connected_at,
         };
-        session::run(accepted.stream, info, shared, permit).await;
+        session::run(accepted.stream, info, shared).await;
     });
 }
 

@@ -201,3 +201,24 @@ async fn quickstart_needs_no_credentials_and_downgrades_qos() {
         Some(v4::Refused::Code(ConnectReturnCode::NotAuthorized))
     );
 }
+
+#[tokio::test]
+async fn sockets_without_connect_do_not_take_connection_slots() {
+    let broker = Broker::start().await;
+    let warden = Warden::start_with(
+        &broker,
+        &standard_policy(),
+        "limits:\n  max_connections: 1\n",
+    )
+    .await;
+    // A slowloris socket that never sends CONNECT, then a real client: the slot is the client's.
+    let _idle = tokio::net::TcpStream::connect(warden.addr).await.unwrap();
+    let client = v4::connect(
+        warden.addr,
+        "d:org1:sensor:dev1",
+        Some("use-token-auth"),
+        Some("dev1-token"),
+    )
+    .await;
+    assert!(client.is_ok(), "{:?}", client.err());
+}

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tracing::info;
 
@@ -224,6 +224,8 @@ pub struct Bridge<S> {
     shared: Arc<Shared>,
     /// The policy generation the session was authorized under.
     policy_generation: u64,
+    /// This session's place under the process connection cap, given back when it ends.
+    _slot: OwnedSemaphorePermit,
     /// UNSUBSCRIBEs the proxy sent itself (a policy edit revoked a subscription), by packet id:
     /// their UNSUBACKs are not the client's.
     proxy_unsubscribes: HashSet<u16>,
@@ -255,6 +257,7 @@ impl<S: ClientStream> Bridge<S> {
         keep_alive_secs: u16,
         shared: Arc<Shared>,
         policy_generation: u64,
+        slot: OwnedSemaphorePermit,
     ) -> Bridge<S> {
         let share_prefix = share_prefix(&principal.identity);
         let (publish_bucket, byte_bucket, org_bucket) =
@@ -297,6 +300,7 @@ impl<S: ClientStream> Bridge<S> {
             pending_subacks: HashMap::new(),
             shared,
             policy_generation,
+            _slot: slot,
             proxy_unsubscribes: HashSet::new(),
             counters_refused: 0,
             subscriptions: HashSet::new(),

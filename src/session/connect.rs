@@ -41,7 +41,6 @@ pub async fn establish<S: ClientStream>(
     info: &ConnectionInfo,
     shared: &Arc<Shared>,
     control: &mut SessionControl,
-    has_slot: bool,
 ) -> Option<Bridge<S>> {
     let limits = &shared.config.limits;
     let mut client_in = BytesMut::with_capacity(READ_BUFFER_BYTES);
@@ -183,12 +182,14 @@ pub async fn establish<S: ClientStream>(
         }
     };
 
-    if !has_slot {
+    // A connection slot is taken only once a CONNECT has arrived, so sockets that never send one
+    // (slowloris) cannot use up the slots of real clients; they end at the CONNECT deadline.
+    let Ok(slot) = shared.connection_slots.clone().try_acquire_owned() else {
         let reason = CloseReason::new(CloseCode::ServerCapacity);
         refuse(&mut client, Some(version), &reason, &mut counters).await;
         failed(reason, counters);
         return None;
-    }
+    };
     let auth_started = std::time::Instant::now();
     let auth_span = tracing::info_span!(
         "authenticate",
@@ -318,6 +319,7 @@ pub async fn establish<S: ClientStream>(
         keep_alive,
         shared.clone(),
         policy_generation,
+        slot,
     ))
 }
 

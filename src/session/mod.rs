@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::{info, Instrument};
 
 use crate::close::{CloseCode, CloseReason};
@@ -51,12 +50,7 @@ pub struct ConnectionInfo {
 }
 
 /// Runs one client connection to its end.
-pub async fn run<S: ClientStream>(
-    client: S,
-    info: ConnectionInfo,
-    shared: Arc<Shared>,
-    permit: Option<OwnedSemaphorePermit>,
-) {
+pub async fn run<S: ClientStream>(client: S, info: ConnectionInfo, shared: Arc<Shared>) {
     let span = tracing::info_span!(
         "session",
         peer = %info.peer,
@@ -69,7 +63,7 @@ pub async fn run<S: ClientStream>(
     async move {
         let mut control = SessionControl::new();
         let connect_span = tracing::info_span!("connect", code = tracing::field::Empty);
-        let outcome = connect::establish(client, &info, &shared, &mut control, permit.is_some())
+        let outcome = connect::establish(client, &info, &shared, &mut control)
             .instrument(connect_span)
             .await;
         let Some(mut bridge) = outcome else {
@@ -85,7 +79,6 @@ pub async fn run<S: ClientStream>(
         session_span.record("close_reason", reason.reason_string().as_str());
         close(bridge, reason, &shared, &control).await;
         control.finish();
-        drop(permit);
     }
     .instrument(span)
     .await
