@@ -51,23 +51,16 @@ const MAX_BROKER_PACKET_BYTES: usize = 16 * 1024 * 1024;
 /// Outgoing buffers larger than this after a burst are released, in bytes.
 const SHRINK_ABOVE_BYTES: usize = 256 * 1024;
 
-/// Per-session limits fixed at CONNECT.
+/// Per-session limits fixed at CONNECT. The org's own limits (payload, subscriptions, retained
+/// flag, quickstart) are read from the principal's org, so a policy edit changes them at once.
 #[derive(Debug, Clone)]
 pub struct Limits {
     /// Largest packet from the client (the Maximum Packet Size announced to MQTT 5 clients).
     pub max_packet_bytes: usize,
-    /// Largest PUBLISH payload (287 above).
-    pub max_payload_bytes: usize,
-    /// Subscriptions per connection (154 above).
-    pub max_subscriptions: usize,
-    /// Clear the retain flag of client PUBLISHes.
-    pub strip_retained: bool,
     /// The client's own Maximum Packet Size (MQTT 5).
     pub client_max_packet: Option<usize>,
     /// The broker's Topic Alias Maximum, which the client was told.
     pub topic_alias_maximum: u16,
-    /// Quickstart: QoS is downgraded to 0.
-    pub quickstart: bool,
     /// How long part of a packet may wait for the rest.
     pub partial_packet_timeout: Duration,
     /// Unacknowledged QoS 1/2 PUBLISHes from the client (the Receive Maximum it was told).
@@ -80,12 +73,11 @@ pub struct Limits {
 fn buckets(
     principal: &Principal,
     shared: &Shared,
-    max_payload_bytes: usize,
 ) -> (Bucket, Option<Bucket>, Option<Arc<Bucket>>) {
     let limits = &principal.org.limits;
     let class = principal.identity.class;
     // A byte bucket must hold the largest message at once, or that message could never pass.
-    let min_bytes = u32::try_from(max_payload_bytes).unwrap_or(u32::MAX);
+    let min_bytes = u32::try_from(limits.max_payload_bytes).unwrap_or(u32::MAX);
     (
         bucket(limits.publish_rate.get(class), 1),
         limits
@@ -229,8 +221,6 @@ pub struct Bridge<S> {
     /// UNSUBSCRIBEs the proxy sent itself (a policy edit revoked a subscription), by packet id:
     /// their UNSUBACKs are not the client's.
     proxy_unsubscribes: HashSet<u16>,
-    /// Operations refused under `on_violation: reject` or for gateways.
-    pub counters_refused: u64,
     /// Active subscription filters, in client form.
     subscriptions: HashSet<Box<str>>,
     /// QoS 2 deliveries the proxy dropped and acknowledged itself; the broker's PUBREL is answered here.
@@ -260,8 +250,7 @@ impl<S: ClientStream> Bridge<S> {
         slot: OwnedSemaphorePermit,
     ) -> Bridge<S> {
         let share_prefix = share_prefix(&principal.identity);
-        let (publish_bucket, byte_bucket, org_bucket) =
-            buckets(&principal, &shared, limits.max_payload_bytes);
+        let (publish_bucket, byte_bucket, org_bucket) = buckets(&principal, &shared);
 
         Bridge {
             client,
@@ -302,11 +291,19 @@ impl<S: ClientStream> Bridge<S> {
             policy_generation,
             _slot: slot,
             proxy_unsubscribes: HashSet::new(),
-            counters_refused: 0,
             subscriptions: HashSet::new(),
             upstream_local_qos2: HashSet::new(),
             client_local_qos2: HashSet::new(),
         }
+    }
+
+    /// Subscriptions this connection may hold (154 above).
+    fn max_subscriptions(&self) -> usize {
+        self.principal
+            .org
+            .limits
+            .max_subscriptions
+            .get(self.principal.identity.class) as usize
     }
 
     /// Whether a packet of `len` bytes may be sent to the client (its Maximum Packet Size).
@@ -654,13 +651,13 @@ impl<S: ClientStream> Bridge<S> {
         let publish = parse_publish(first_byte, body, self.version, true)
             .map_err(|e| e.close_reason(false))?;
         self.counters.read_msg += 1;
-        if publish.payload.len() > self.limits.max_payload_bytes {
+        if publish.payload.len() > self.principal.org.limits.max_payload_bytes {
             return Err(CloseReason::with_detail(
                 CloseCode::MessageTooLarge,
                 format!(
                     "payload of {} bytes, limit {}",
                     publish.payload.len(),
-                    self.limits.max_payload_bytes
+                    self.principal.org.limits.max_payload_bytes
                 ),
             ));
         }
@@ -699,11 +696,11 @@ impl<S: ClientStream> Bridge<S> {
         }
         span.record("decision", "allow");
         let mut first_byte = first_byte;
-        if self.limits.strip_retained {
+        if self.principal.org.strip_retained {
             first_byte &= !0x01;
         }
         let mut after_topic = &body[publish.after_topic.clone()];
-        let downgrade = self.limits.quickstart && publish.qos > 0;
+        let downgrade = self.principal.org.quickstart && publish.qos > 0;
         if downgrade {
             // Quickstart forwards at QoS 0; the packet id in front of the rest goes away.
             first_byte &= 0b1111_0001;
@@ -840,7 +837,6 @@ impl<S: ClientStream> Bridge<S> {
         if !keeps_connection && self.principal.org.on_violation == OnViolation::Disconnect {
             return Err(reason);
         }
-        self.counters_refused += 1;
         let org = &self.principal.org.id;
         self.shared
             .metrics
@@ -933,10 +929,10 @@ impl<S: ClientStream> Bridge<S> {
         let added = allowed()
             .filter(|f| !self.subscriptions.contains(f.filter))
             .count();
-        if self.subscriptions.len() + added > self.limits.max_subscriptions {
+        if self.subscriptions.len() + added > self.max_subscriptions() {
             return Err(CloseReason::with_detail(
                 CloseCode::TooManySubscriptions,
-                format!("limit {}", self.limits.max_subscriptions),
+                format!("limit {}", self.max_subscriptions()),
             ));
         }
         if allowed().next().is_none() {
@@ -958,7 +954,7 @@ impl<S: ClientStream> Bridge<S> {
                     "filter outside the client's namespace",
                 )
             })?;
-            let options = if self.limits.quickstart {
+            let options = if self.principal.org.quickstart {
                 filter.options & !0x03
             } else {
                 filter.options
@@ -1023,13 +1019,8 @@ impl<S: ClientStream> Bridge<S> {
         self.policy_generation = *self.shared.policy_generation.borrow();
         let policy = self.shared.policy.load_full();
         self.principal = self.principal.revalidate(&policy)?;
-        let limits = &self.principal.org.limits;
-        self.limits.max_payload_bytes = limits.max_payload_bytes;
-        self.limits.max_subscriptions =
-            limits.max_subscriptions.get(self.principal.identity.class) as usize;
-        self.limits.strip_retained = self.principal.org.strip_retained;
         (self.publish_bucket, self.byte_bucket, self.org_bucket) =
-            buckets(&self.principal, &self.shared, self.limits.max_payload_bytes);
+            buckets(&self.principal, &self.shared);
         let revoked: Vec<Box<str>> = self
             .subscriptions
             .iter()

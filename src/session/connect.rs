@@ -278,7 +278,7 @@ pub async fn establish<S: ClientStream>(
         }
     };
 
-    let limits = session_limits(shared, &connect, &principal, &rewrite, &broker_connack);
+    let limits = session_limits(shared, &connect, &rewrite, &broker_connack);
     let mut out = BytesMut::new();
     let keep_alive = broker_connack.server_keep_alive.unwrap_or(keep_alive);
     let announced_keep_alive = (keep_alive != connect.keep_alive).then_some(keep_alive);
@@ -829,7 +829,6 @@ fn upstream_keep_alive(client: u16) -> u16 {
 fn session_limits(
     shared: &Shared,
     connect: &Connect<'_>,
-    principal: &Principal,
     rewrite: &TopicRewrite,
     broker: &BrokerConnack,
 ) -> Limits {
@@ -848,16 +847,8 @@ fn session_limits(
     }
     Limits {
         max_packet_bytes,
-        max_payload_bytes: principal.org.limits.max_payload_bytes,
-        max_subscriptions: principal
-            .org
-            .limits
-            .max_subscriptions
-            .get(principal.identity.class) as usize,
-        strip_retained: principal.org.strip_retained,
         client_max_packet,
         topic_alias_maximum: broker.topic_alias_maximum,
-        quickstart: principal.org.quickstart,
         partial_packet_timeout: process.partial_packet_timeout,
         max_inflight: usize::from(
             broker
