@@ -1148,9 +1148,7 @@ impl<S: ClientStream> Bridge<S> {
             }
             PacketType::Suback => self.broker_suback(frame, body),
             PacketType::Unsuback => {
-                let packet_id = body
-                    .get(..2)
-                    .map_or(0, |id| u16::from_be_bytes([id[0], id[1]]));
+                let packet_id = leading_packet_id(body);
                 if !self.proxy_unsubscribes.remove(&packet_id) {
                     self.to_client.extend_from_slice(frame);
                 }
@@ -1158,9 +1156,8 @@ impl<S: ClientStream> Bridge<S> {
             }
             PacketType::Puback | PacketType::Pubrec | PacketType::Pubcomp => {
                 // The broker completed (or refused) one of the client's QoS 1/2 PUBLISHes.
-                let packet_id = body
-                    .get(..2)
-                    .map_or(0, |id| u16::from_be_bytes([id[0], id[1]]));
+                let packet_id =
+                    check_ack(kind, body, self.upstream_version).map_err(broker_fault)?;
                 let refused = body.get(2).is_some_and(|code| *code >= 0x80);
                 if kind != PacketType::Pubrec || refused {
                     self.inflight.remove(&packet_id);
@@ -1256,6 +1253,12 @@ impl<S: ClientStream> Bridge<S> {
             self.upstream_local_qos2.insert(packet_id);
         }
     }
+}
+
+/// The packet identifier at the start of an acknowledgement's body (0 if it is too short).
+fn leading_packet_id(body: &[u8]) -> u16 {
+    body.get(..2)
+        .map_or(0, |id| u16::from_be_bytes([id[0], id[1]]))
 }
 
 fn broker_fault(error: CodecError) -> CloseReason {
