@@ -2,7 +2,7 @@
 //! process-wide connection cap, and the process's life: start, policy reloads and shutdown.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -47,8 +47,9 @@ pub struct Shared {
     pub org_buckets: crate::limits::OrgBuckets,
     /// CONNECT rates per client ID and per source address.
     pub connect_rates: crate::limits::ConnectRates,
-    /// Bumped on every applied policy reload; sessions watch it and re-evaluate themselves.
-    pub policy_generation: watch::Sender<u64>,
+    /// Bumped on every applied policy reload, so that a session that was still connecting
+    /// during a reload notices it (registered sessions are told through the registry).
+    pub policy_generation: AtomicU64,
     /// Every session task, so that shutdown can wait for them.
     pub sessions: TaskTracker,
     shutting_down: AtomicBool,
@@ -189,7 +190,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             config.limits.connect_rate_per_client_id,
             config.limits.connect_rate_per_address,
         ),
-        policy_generation: watch::channel(0).0,
+        policy_generation: AtomicU64::new(0),
         sessions: TaskTracker::new(),
         shutting_down: AtomicBool::new(false),
         config,

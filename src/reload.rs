@@ -32,9 +32,7 @@ pub fn apply(shared: &Shared) -> Result<(), PolicyErrors> {
             let orgs = policy.orgs.len();
             shared.policy.store(Arc::new(policy));
             shared.verifier.clear_cache();
-            shared
-                .policy_generation
-                .send_modify(|generation| *generation += 1);
+            shared.policy_generation.fetch_add(1, Ordering::Release);
             for session in shared.registry.sessions() {
                 session.reevaluate();
             }

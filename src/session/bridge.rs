@@ -317,7 +317,7 @@ impl<S: ClientStream> Bridge<S> {
         commands: &mut mpsc::UnboundedReceiver<SessionCommand>,
     ) -> CloseReason {
         // A policy edit that landed while this session was connecting has not reached it yet.
-        if *self.shared.policy_generation.borrow() != self.policy_generation {
+        if self.shared.policy_generation.load(Ordering::Acquire) != self.policy_generation {
             if let Err(reason) = self.reevaluate() {
                 return reason;
             }
@@ -1016,7 +1016,7 @@ impl<S: ClientStream> Bridge<S> {
     /// The policy changed: is this session still allowed, and are its subscriptions? Limits and
     /// groups of the new policy apply from here on.
     fn reevaluate(&mut self) -> Result<(), CloseReason> {
-        self.policy_generation = *self.shared.policy_generation.borrow();
+        self.policy_generation = self.shared.policy_generation.load(Ordering::Acquire);
         let policy = self.shared.policy.load_full();
         self.principal = self.principal.revalidate(&policy)?;
         (self.publish_bucket, self.byte_bucket, self.org_bucket) =

@@ -148,7 +148,9 @@ pub async fn establish<S: ClientStream>(
         refuse(&mut client, Some(version), &reason, &mut counters).await;
         return None;
     }
-    let policy_generation = *shared.policy_generation.borrow();
+    let policy_generation = shared
+        .policy_generation
+        .load(std::sync::atomic::Ordering::Relaxed);
     let policy = shared.policy.load_full();
     let Some(org) = policy.org(&identity.org).cloned() else {
         // An unknown org gets no monitoring message: its topic space does not exist.
