@@ -313,6 +313,7 @@ impl Monitor {
             ledger: ledger.clone(),
             is_live,
             recovered: false,
+            in_flight: 0,
         };
         tokio::spawn(control.run());
         Monitor { tx, status, ledger }
@@ -342,28 +343,35 @@ impl Monitor {
         let clear = report.action == Action::Disconnect
             && report.last_instance
             && clears_on_disconnect(report.identity.class, report.quickstart);
-        let mut out = publications(
+        let statuses = publications(
             &message,
             report.identity,
             report.org_prefix,
             report.quickstart,
             clear,
         );
+        // The ledger entry goes out before the Connect status and is cleared after the
+        // Disconnect status. The broker handles one connection's packets in order, so a crash at
+        // any point leaves an entry for every client that anyone saw connected.
         match (report.action, report.session_id) {
             (Action::Connect, Some(session)) => {
+                let mut out = Vec::with_capacity(statuses.len() + 1);
                 out.push(self.ledger.entry(
                     &message,
                     report.org_prefix,
                     report.quickstart,
                     session,
                 ));
+                out.extend(statuses);
+                self.send(out);
             }
             (Action::Disconnect, Some(session)) => {
+                let mut out = statuses;
                 out.push(self.ledger.clear(&report.identity.client_id, session));
+                self.send(out);
             }
-            _ => {}
+            _ => self.send(statuses),
         }
-        self.send(out);
     }
 
     /// Resolves once every message handed over so far was confirmed by the broker (or dropped).
@@ -398,6 +406,8 @@ struct Control {
     is_live: IsLive,
     /// Whether the ledger of earlier processes was settled.
     recovered: bool,
+    /// How many messages at the front of `queue` were written and await the broker's PINGRESP.
+    in_flight: usize,
 }
 
 enum Stop {
@@ -444,10 +454,16 @@ impl Control {
 
     fn enqueue(&mut self, publication: Publication) {
         if self.queue.len() >= self.queue_limit {
-            self.queue.pop_front();
             let dropped = self.status.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if dropped.is_power_of_two() {
                 warn!(dropped, "monitoring queue full, oldest messages dropped");
+            }
+            // The oldest message not yet written goes. Messages in flight stay, so the PINGRESP
+            // that confirms them removes exactly those; when all are in flight, the new one goes.
+            if self.queue.len() > self.in_flight {
+                self.queue.remove(self.in_flight);
+            } else {
+                return;
             }
         }
         self.queue.push_back(publication);
@@ -568,16 +584,22 @@ impl Control {
         if !self.recovered && self.recover(&mut stream, &mut inbound).await.is_err() {
             return Stop::Broken;
         }
-        let mut in_flight = 0usize;
+        // Anything written on an earlier connection and not confirmed is written again.
+        self.in_flight = 0;
         let mut pings_outstanding = 0usize;
         let mut idle =
             tokio::time::interval(Duration::from_secs(u64::from(CONTROL_KEEP_ALIVE_SECS) / 2));
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            if in_flight == 0 && !self.queue.is_empty() {
-                in_flight = self.queue.len().min(MAX_BATCH);
+            // Whatever is already waiting joins this batch, so one report's publications travel
+            // in one write.
+            while let Ok(publication) = self.rx.try_recv() {
+                self.enqueue(publication);
+            }
+            if self.in_flight == 0 && !self.queue.is_empty() {
+                self.in_flight = self.queue.len().min(MAX_BATCH);
                 out.clear();
-                for publication in self.queue.iter().take(in_flight) {
+                for publication in self.queue.iter().take(self.in_flight) {
                     let first_byte = 0x30 | u8::from(publication.retain);
                     encode_publish(
                         &mut out,
@@ -611,10 +633,11 @@ impl Control {
                         let _ = inbound.split_to(header.frame_len());
                         if is_pingresp {
                             pings_outstanding = pings_outstanding.saturating_sub(1);
-                            if pings_outstanding == 0 && in_flight > 0 {
-                                self.queue.drain(..in_flight.min(self.queue.len()));
-                                self.status.published.fetch_add(in_flight as u64, Ordering::Relaxed);
-                                in_flight = 0;
+                            if pings_outstanding == 0 && self.in_flight > 0 {
+                                let confirmed = self.in_flight.min(self.queue.len());
+                                self.queue.drain(..confirmed);
+                                self.status.published.fetch_add(confirmed as u64, Ordering::Relaxed);
+                                self.in_flight = 0;
                             }
                         }
                     }
