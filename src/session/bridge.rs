@@ -221,6 +221,9 @@ pub struct Bridge<S> {
     /// UNSUBSCRIBEs the proxy sent itself (a policy edit revoked a subscription), by packet id:
     /// their UNSUBACKs are not the client's.
     proxy_unsubscribes: HashSet<u16>,
+    /// The client's UNSUBSCRIBEs the broker has not answered yet, by packet id: the proxy never
+    /// picks one of these for its own, so the broker's in-order answers can be told apart.
+    client_unsubscribes: HashSet<u16>,
     /// Active subscription filters, in client form.
     subscriptions: HashSet<Box<str>>,
     /// QoS 2 deliveries the proxy dropped and acknowledged itself; the broker's PUBREL is answered here.
@@ -291,6 +294,7 @@ impl<S: ClientStream> Bridge<S> {
             policy_generation,
             _slot: slot,
             proxy_unsubscribes: HashSet::new(),
+            client_unsubscribes: HashSet::new(),
             subscriptions: HashSet::new(),
             upstream_local_qos2: HashSet::new(),
             client_local_qos2: HashSet::new(),
@@ -1010,6 +1014,7 @@ impl<S: ClientStream> Bridge<S> {
         for filter in &unsubscribe.filters {
             self.subscriptions.remove(*filter);
         }
+        self.client_unsubscribes.insert(unsubscribe.packet_id);
         Ok(())
     }
 
@@ -1037,11 +1042,18 @@ impl<S: ClientStream> Bridge<S> {
                 "a subscription is no longer allowed",
             ));
         }
-        // Proxy packet ids count down from the top, far from the ids clients usually use.
-        let packet_id = (1..=u16::MAX)
-            .rev()
-            .find(|id| !self.proxy_unsubscribes.contains(id))
-            .unwrap_or(u16::MAX);
+        // An id of none of the UNSUBSCRIBEs waiting for an answer, the client's or the proxy's:
+        // the broker answers in order, so the first UNSUBACK of a proxy id is the proxy's even if
+        // the client picks the same id later. Counting down from the top stays clear of the ids
+        // clients usually use.
+        let Some(packet_id) = (1..=u16::MAX).rev().find(|id| {
+            !self.proxy_unsubscribes.contains(id) && !self.client_unsubscribes.contains(id)
+        }) else {
+            return Err(CloseReason::with_detail(
+                CloseCode::ClosedByAdministrator,
+                "a subscription is no longer allowed",
+            ));
+        };
         let rewritten: Vec<[&[u8]; 3]> = revoked
             .iter()
             .filter_map(|filter| {
@@ -1150,6 +1162,7 @@ impl<S: ClientStream> Bridge<S> {
             PacketType::Unsuback => {
                 let packet_id = leading_packet_id(body);
                 if !self.proxy_unsubscribes.remove(&packet_id) {
+                    self.client_unsubscribes.remove(&packet_id);
                     self.to_client.extend_from_slice(frame);
                 }
                 Ok(())
