@@ -8,6 +8,8 @@
 //!
 //! We use our own parser rather than `mqttbytes` for the data path: `mqttbytes` re-encodes payloads,
 //! accepts non-minimal lengths and repeated properties, and knows no MQTT 3.1 (`MQIsdp`).
+//! `mqttbytes` serves instead as an independent oracle: `codec/interop.rs` decodes what we encode
+//! with it, and parses what it encodes with us, comparing every field.
 
 use std::ops::Range;
 
@@ -1645,3 +1647,6 @@ fn reason_property(reason: &str) -> Property<'_> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod interop;
