@@ -25,7 +25,6 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 REPS=${REPS:-3}
 DURATION=${DURATION:-5}
 LAT_DURATION=${LAT_DURATION:-8}
@@ -47,6 +46,8 @@ esac
 PROXY_THREADS=$(awk -F, '{print NF}' <<<"$PROXY_CPUS")
 
 log() { echo "[compare] $*" >&2; }
+# shellcheck source=benches/common.sh
+source "$ROOT/benches/common.sh"
 
 # --- tools ---------------------------------------------------------------------------------
 need_pkgs=()
@@ -60,65 +61,11 @@ if ((${#need_pkgs[@]})); then
 fi
 export PATH="$PATH:/usr/sbin"
 
-log "building (release)"
-(cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release --quiet --bin mqtt-warden --example loadgen)
-WARDEN_BIN="$TARGET_DIR/release/mqtt-warden"
-LOADGEN="$TARGET_DIR/release/examples/loadgen"
+build_release
 
-# --- processes -----------------------------------------------------------------------------
-WORK=$(mktemp -d /tmp/warden-bench.XXXXXX)
-PIDS=()
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [[ -n "${OUT:-}" ]]; then
-    mkdir -p "$OUT" && cp "$WORK"/*.log "$WORK"/results.jsonl "$WORK"/*.yaml "$WORK"/*.cfg "$WORK"/*.conf "$OUT"/ 2>/dev/null || true
-  fi
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-free_port() {
-  local port
-  while :; do
-    port=$((20000 + RANDOM % 40000))
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
-  done
-}
-
-wait_port() {
-  local port=$1 pid=$2
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
-    kill -0 "$pid" 2>/dev/null || { log "process $pid died"; return 1; }
-    sleep 0.05
-  done
-  log "port $port did not open"; return 1
-}
-
-BROKER_PORT=$(free_port)
+start_mosquitto "$BROKER_CPUS" "max_inflight_messages $INFLIGHT"
 HAPROXY_PORT=$(free_port)
 WARDEN_PORT=$(free_port)
-
-cat >"$WORK/mosquitto.conf" <<EOF
-listener $BROKER_PORT 127.0.0.1
-allow_anonymous true
-persistence false
-# The load generator bounds how far publishers run ahead, so queues never need a cap here.
-max_queued_messages 0
-max_queued_bytes 0
-max_inflight_messages $INFLIGHT
-# Without this Mosquitto's small writes meet delayed ACKs: 40 ms stalls in the latency tail.
-set_tcp_nodelay true
-log_dest stderr
-log_type error
-log_type warning
-EOF
-taskset -c "$BROKER_CPUS" mosquitto -c "$WORK/mosquitto.conf" 2>"$WORK/mosquitto.log" &
-BROKER_PID=$!; PIDS+=("$BROKER_PID")
-wait_port "$BROKER_PORT" "$BROKER_PID"
 
 cat >"$WORK/haproxy.cfg" <<EOF
 global
@@ -157,27 +104,6 @@ log "mosquitto :$BROKER_PORT (cpu $BROKER_CPUS)  haproxy :$HAPROXY_PORT  warden 
 
 # CPU seconds a process has used so far (utime + stime of all its threads).
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$1/stat"; }
-
-# This machine may be shared: before each run, wait (up to QUIET_WAIT s, default 10) until the CPUs are
-# at least QUIET_IDLE % idle over half a second, and record what was seen.
-QUIET_IDLE=${QUIET_IDLE:-90}
-QUIET_WAIT=${QUIET_WAIT:-10}
-idle_pct() {
-  local a b
-  a=($(head -1 /proc/stat)); sleep 0.5; b=($(head -1 /proc/stat))
-  local total=0 i
-  for i in 1 2 3 4 5 6 7 8; do total=$((total + b[i] - a[i])); done
-  echo $(((100 * (b[4] - a[4] + b[5] - a[5])) / (total > 0 ? total : 1)))
-}
-wait_quiet() {
-  local waited=0 idle
-  idle=$(idle_pct)
-  while ((idle < QUIET_IDLE && waited < QUIET_WAIT)); do
-    ((waited == 0)) && log "machine busy (${idle}% idle), waiting"
-    sleep 2; waited=$((waited + 3)); idle=$(idle_pct)
-  done
-  IDLE_BEFORE=$idle
-}
 
 run_one() {
   local scenario=$1 target=$2 rep=$3 port mode proxy_pid args
@@ -221,19 +147,7 @@ log "runs took $(($(date +%s) - START)) s"
 
 # --- summary -------------------------------------------------------------------------------
 summarize() {
-  awk '
-    function field(line, key,   re, value) {
-      re = "\"" key "\":\"?[-0-9.a-z]+"
-      if (!match(line, re)) return ""
-      value = substr(line, RSTART + length(key) + 3, RLENGTH - length(key) - 3)
-      gsub(/"/, "", value); return value
-    }
-    function median(key,   n, i, j, t, a) {
-      n = split(vals[key], a, " ")
-      for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j-1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j-1]; a[j-1] = t }
-      if (n == 0) return 0
-      return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-    }
+  awk "$AWK_HELPERS"'
     {
       s = field($0, "scenario"); v = field($0, "via")
       split("throughput p50_us p99_us p999_us loss proxy_cpu_s broker_cpu_s sent_total", ks, " ")
@@ -276,9 +190,4 @@ echo
 summarize
 echo
 echo "Raw runs (label, throughput msg/s, p50/p99 µs, loss, proxy CPU s, % CPU idle just before):"
-awk '{
-  out = ""
-  n = split("label throughput p50_us p99_us loss proxy_cpu_s idle_before", k, " ")
-  for (i = 1; i <= n; i++) if (match($0, "\"" k[i] "\":\"?[-0-9.a-z/]+")) out = out "  " substr($0, RSTART + length(k[i]) + 3, RLENGTH - length(k[i]) - 3)
-  gsub(/"/, "", out); print out
-}' "$WORK/results.jsonl"
+raw_runs "label throughput p50_us p99_us loss proxy_cpu_s idle_before" "$WORK/results.jsonl"
