@@ -1,7 +1,7 @@
 //! The process config, `warden.yaml` (PRODUCT.md §8): listeners, upstream, policies, admin,
 //! telemetry and process-wide limits. YAML → structs with serde defaults → `validate()`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -72,6 +72,10 @@ pub struct UpstreamConfig {
     pub control_client_id: Option<String>,
     /// TLS towards the broker, if any.
     pub tls: Option<UpstreamTlsConfig>,
+    /// Local addresses the proxy's connections to the broker come from, in turn; empty: the
+    /// kernel's choice. Each one gives its own range of ephemeral ports, so together they lift
+    /// the ~28,000-connection ceiling of one source address towards one broker address.
+    pub source_addresses: Vec<IpAddr>,
 }
 
 /// TLS towards the broker, with paths resolved against the config file's folder.
@@ -96,6 +100,7 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("topic_prefix", &self.topic_prefix)
             .field("control_client_id", &self.control_client_id)
             .field("tls", &self.tls)
+            .field("source_addresses", &self.source_addresses)
             .finish()
     }
 }
@@ -429,6 +434,19 @@ impl Check<'_> {
                 })
             }
         };
+        let source_addresses = upstream
+            .source_addresses
+            .iter()
+            .enumerate()
+            .map(|(index, text)| {
+                text.parse::<IpAddr>().map_err(|_| {
+                    self.invalid(
+                        &format!("upstream.source_addresses[{index}]"),
+                        "must be an IP address of this host, for example 127.0.0.2",
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(UpstreamConfig {
             address: upstream.address,
             username: upstream.username,
@@ -436,6 +454,7 @@ impl Check<'_> {
             topic_prefix,
             control_client_id: upstream.control_client_id,
             tls,
+            source_addresses,
         })
     }
 
@@ -612,6 +631,8 @@ struct UpstreamFileConfig {
     control_client_id: Option<String>,
     #[serde(default)]
     tls: Option<UpstreamTlsFileConfig>,
+    #[serde(default)]
+    source_addresses: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -827,6 +848,31 @@ limits:
             "{MINIMAL}telemetry: {{ otlp_endpoint: \"127.0.0.1:4317\" }}\n"
         ));
         assert_eq!((line, field.as_str()), (Some(6), "telemetry.otlp_endpoint"));
+    }
+
+    #[test]
+    fn upstream_source_addresses() {
+        let with = |list: &str| {
+            MINIMAL.replace(
+                "  address: \"127.0.0.1:1884\"\n",
+                &format!("  address: \"127.0.0.1:1884\"\n  source_addresses:\n{list}"),
+            )
+        };
+        let config = parse(&with("    - 127.0.0.2\n    - \"::1\"\n")).unwrap();
+        assert_eq!(
+            config.upstream.source_addresses,
+            [
+                "127.0.0.2".parse::<IpAddr>().unwrap(),
+                "::1".parse().unwrap()
+            ]
+        );
+        assert!(parse(MINIMAL).unwrap().upstream.source_addresses.is_empty());
+
+        let (line, field, _) = invalid(&with("    - 127.0.0.2\n    - 10.0.0.300\n"));
+        assert_eq!(
+            (line, field.as_str()),
+            (Some(7), "upstream.source_addresses[1]")
+        );
     }
 
     #[test]

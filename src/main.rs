@@ -131,7 +131,7 @@ fn check(config_path: Option<PathBuf>, policy_paths: Vec<PathBuf>) -> anyhow::Re
                     }
                 }
                 if let Err(error) = upstream::Dialer::new(&config.upstream) {
-                    eprintln!("{}: upstream.tls: {error}", config_path.display());
+                    eprintln!("{}: {error}", config_path.display());
                     ok = false;
                 }
                 if ok {

@@ -68,9 +68,12 @@ pub enum StartError {
     /// The policy did not load.
     #[error("policy: {0}")]
     Policy(#[from] PolicyErrors),
-    /// A TLS file (a listener's or the upstream's) did not load.
+    /// A listener's TLS files did not load.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    /// The broker's TLS files or the source addresses cannot be used.
+    #[error("{0}")]
+    Upstream(#[from] crate::upstream::DialerError),
     /// A listener could not bind.
     #[error("cannot listen on {address}: {source}")]
     Bind {

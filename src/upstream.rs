@@ -1,15 +1,19 @@
 //! Dialling the broker: one connection per client session, plus the monitor's control
-//! connection, over TCP or TLS (`upstream.tls`), and reading the broker's CONNACK.
+//! connection, over TCP or TLS (`upstream.tls`), from the configured source addresses in turn,
+//! and reading the broker's CONNACK.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{lookup_host, TcpSocket, TcpStream};
 
 use crate::codec::{decode_frame_header, CodecError, FrameHeader};
 use crate::config::UpstreamConfig;
@@ -22,6 +26,22 @@ const MAX_CONNACK_BYTES: usize = 64 * 1024;
 /// Initial capacity of a connection's read buffer, in bytes. Small, because most connections
 /// are idle most of the time; a busy connection's buffer grows (see `session::bridge`).
 pub const READ_BUFFER_BYTES: usize = 2048;
+
+/// Why the configured way to the broker cannot be used (at start, and by `mqtt-warden check`).
+#[derive(Debug, Error)]
+pub enum DialerError {
+    /// A file of `upstream.tls` did not load.
+    #[error("upstream.tls: {0}")]
+    Tls(#[from] TlsError),
+    /// A source address cannot be bound on this host.
+    #[error("upstream.source_addresses: cannot use {address} on this host: {source}")]
+    SourceAddress {
+        /// The address.
+        address: IpAddr,
+        /// The error binding it.
+        source: io::Error,
+    },
+}
 
 /// Why the broker could not be reached or did not answer.
 #[derive(Debug, Error)]
@@ -117,6 +137,10 @@ pub struct Dialer {
     pub password: Option<String>,
     /// TLS towards the broker, if configured.
     pub tls: Option<UpstreamTls>,
+    /// Local addresses to dial from, in turn (`upstream.source_addresses`); empty: any.
+    source_addresses: Arc<[IpAddr]>,
+    /// The source address the next dial starts with, shared by every clone.
+    next_source: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Dialer {
@@ -126,13 +150,20 @@ impl std::fmt::Debug for Dialer {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
             .field("tls", &self.tls)
+            .field("source_addresses", &self.source_addresses)
             .finish()
     }
 }
 
 impl Dialer {
-    /// A dialer for the configured broker; loads the TLS files when `upstream.tls` is set.
-    pub fn new(config: &UpstreamConfig) -> Result<Dialer, TlsError> {
+    /// A dialer for the configured broker; loads the TLS files when `upstream.tls` is set and
+    /// checks that this host has every source address.
+    pub fn new(config: &UpstreamConfig) -> Result<Dialer, DialerError> {
+        for &address in &config.source_addresses {
+            // A typo here would otherwise only show as every dial passing the address over.
+            std::net::TcpListener::bind(SocketAddr::new(address, 0))
+                .map_err(|source| DialerError::SourceAddress { address, source })?;
+        }
         let tls = match &config.tls {
             Some(tls) => {
                 let host = config
@@ -148,6 +179,8 @@ impl Dialer {
             username: config.username.clone(),
             password: config.password.clone(),
             tls,
+            source_addresses: config.source_addresses.as_slice().into(),
+            next_source: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -170,21 +203,59 @@ impl Dialer {
     }
 
     async fn dial_tcp(&self) -> Result<TcpStream, UpstreamError> {
-        let connect = TcpStream::connect(&self.address);
+        let io_error = |source| UpstreamError::Io {
+            address: self.address.clone(),
+            source,
+        };
+        let connect = async {
+            if self.source_addresses.is_empty() {
+                TcpStream::connect(&self.address).await
+            } else {
+                self.connect_from_source().await
+            }
+        };
         let stream = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| UpstreamError::Timeout(UPSTREAM_CONNECT_TIMEOUT))?
-            .map_err(|source| UpstreamError::Io {
-                address: self.address.clone(),
-                source,
-            })?;
-        stream
-            .set_nodelay(true)
-            .map_err(|source| UpstreamError::Io {
-                address: self.address.clone(),
-                source,
-            })?;
+            .map_err(io_error)?;
+        stream.set_nodelay(true).map_err(io_error)?;
         Ok(stream)
+    }
+
+    /// Connects from the next source address in turn. Each source address has its own range of
+    /// ephemeral ports towards the broker; one whose ports are used up (or that this host does
+    /// not have) is passed over for the next.
+    async fn connect_from_source(&self) -> io::Result<TcpStream> {
+        let broker: Vec<SocketAddr> = lookup_host(&self.address).await?.collect();
+        let count = self.source_addresses.len();
+        let first = self.next_source.fetch_add(1, Ordering::Relaxed);
+        let mut last_error = None;
+        for turn in 0..count {
+            let source = self.source_addresses[(first + turn) % count];
+            let Some(target) = broker
+                .iter()
+                .find(|addr| addr.is_ipv4() == source.is_ipv4())
+            else {
+                last_error = Some(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("the broker has no address of the family of source {source}"),
+                ));
+                continue;
+            };
+            let socket = match source {
+                IpAddr::V4(_) => TcpSocket::new_v4()?,
+                IpAddr::V6(_) => TcpSocket::new_v6()?,
+            };
+            if let Err(error) = socket.bind(SocketAddr::new(source, 0)) {
+                last_error = Some(io::Error::new(
+                    error.kind(),
+                    format!("source address {source}: {error}"),
+                ));
+                continue;
+            }
+            return socket.connect(*target).await;
+        }
+        Err(last_error.unwrap_or_else(|| io::Error::other("no source address")))
     }
 
     /// Sends an encoded CONNECT and reads frames into `buf` until the broker's first packet is
