@@ -14,14 +14,7 @@ async fn broker_outage_closes_sessions_refuses_connects_and_keeps_monitoring_mes
     let port = broker.port;
     let warden = Warden::start(&broker, &standard_policy()).await;
     warden.wait_monitor_connected().await;
-    let mut device = v4::connect(
-        warden.addr,
-        "d:org1:sensor:dev1",
-        Some("use-token-auth"),
-        Some("dev1-token"),
-    )
-    .await
-    .unwrap();
+    let mut device = v4::org1_device(warden.addr, "dev1").await;
 
     broker.stop().await;
     // The live session ends (92); its Disconnect message is queued.
@@ -55,14 +48,7 @@ async fn broker_outage_closes_sessions_refuses_connects_and_keeps_monitoring_mes
     .expect("queued monitoring messages are published after the broker returns");
 
     // The retained Disconnect of dev1 is on the broker now, with code 92.
-    let mut app = v4::connect(
-        warden.addr,
-        "a:org1:watch",
-        Some("a-org1-key0000001"),
-        Some("app-token"),
-    )
-    .await
-    .unwrap();
+    let mut app = v4::org1_app(warden.addr, "a:org1:watch").await;
     app.subscribe("iot-2/type/sensor/id/dev1/mon", QoS::AtMostOnce)
         .await;
     let retained = app.next_publish().await;

@@ -7,14 +7,7 @@ use rumqttc::QoS;
 use support::{mon, standard_policy, v4, Broker, Warden};
 
 async fn watcher(warden: &Warden, filter: &str) -> v4::Client {
-    let mut app = v4::connect(
-        warden.addr,
-        "a:org1:watcher",
-        Some("a-org1-key0000001"),
-        Some("app-token"),
-    )
-    .await
-    .unwrap();
+    let mut app = v4::org1_app(warden.addr, "a:org1:watcher").await;
     app.subscribe(filter, QoS::AtMostOnce).await;
     app
 }
@@ -36,14 +29,7 @@ async fn device_connect_and_disconnect_are_reported_with_all_fields() {
     let mut app = watcher(&warden, "iot-2/type/+/id/+/mon").await;
     let topic = "iot-2/type/sensor/id/dev1/mon";
 
-    let device = v4::connect(
-        warden.addr,
-        "d:org1:sensor:dev1",
-        Some("use-token-auth"),
-        Some("dev1-token"),
-    )
-    .await
-    .unwrap();
+    let device = v4::org1_device(warden.addr, "dev1").await;
     let (connect, _) = next_on(&mut app, topic).await;
     assert_eq!(connect["Action"], "Connect");
     assert_eq!(connect["ClientID"], "d:org1:sensor:dev1");
@@ -86,14 +72,7 @@ async fn device_connect_and_disconnect_are_reported_with_all_fields() {
     assert_eq!(disconnect["WriteBytes"], 4, "CONNACK only");
 
     // A later subscriber sees the retained Disconnect as the device's state.
-    let mut late = v4::connect(
-        warden.addr,
-        "a:org1:late",
-        Some("a-org1-key0000001"),
-        Some("app-token"),
-    )
-    .await
-    .unwrap();
+    let mut late = v4::org1_app(warden.addr, "a:org1:late").await;
     late.subscribe(topic, QoS::AtMostOnce).await;
     let publish = late.next_publish().await;
     assert!(publish.retain);
@@ -150,23 +129,9 @@ async fn takeover_reports_288_before_the_new_connect() {
     let mut app = watcher(&warden, "iot-2/type/+/id/+/mon").await;
     let topic = "iot-2/type/sensor/id/dev1/mon";
 
-    let mut first = v4::connect(
-        warden.addr,
-        "d:org1:sensor:dev1",
-        Some("use-token-auth"),
-        Some("dev1-token"),
-    )
-    .await
-    .unwrap();
+    let mut first = v4::org1_device(warden.addr, "dev1").await;
     assert_eq!(next_on(&mut app, topic).await.0["Action"], "Connect");
-    let _second = v4::connect(
-        warden.addr,
-        "d:org1:sensor:dev1",
-        Some("use-token-auth"),
-        Some("dev1-token"),
-    )
-    .await
-    .unwrap();
+    let _second = v4::org1_device(warden.addr, "dev1").await;
     first.closed().await;
     let (old, _) = next_on(&mut app, topic).await;
     assert_eq!(old["Action"], "Disconnect");
@@ -181,14 +146,7 @@ async fn application_status_is_cleared_on_disconnect() {
     let warden = Warden::start(&broker, &standard_policy()).await;
     let mut watcher = watcher(&warden, "iot-2/app/+/mon").await;
     let topic = "iot-2/app/app9/mon";
-    let app = v4::connect(
-        warden.addr,
-        "a:org1:app9",
-        Some("a-org1-key0000001"),
-        Some("app-token"),
-    )
-    .await
-    .unwrap();
+    let app = v4::org1_app(warden.addr, "a:org1:app9").await;
     assert_eq!(next_on(&mut watcher, topic).await.0["Action"], "Connect");
     app.disconnect().await;
     // The zero-length clearing publish is never delivered; the next message is the Disconnect.
@@ -202,14 +160,7 @@ async fn application_status_is_cleared_on_disconnect() {
     assert_eq!(mon::parse(&publish.payload)["Action"], "Disconnect");
 
     // Nothing retained remains for the app: a new subscriber sees only its own sentinel.
-    let mut late = v4::connect(
-        warden.addr,
-        "a:org1:late",
-        Some("a-org1-key0000001"),
-        Some("app-token"),
-    )
-    .await
-    .unwrap();
+    let mut late = v4::org1_app(warden.addr, "a:org1:late").await;
     late.subscribe(topic, QoS::AtMostOnce).await;
     late.subscribe("iot-2/app/late/mon", QoS::AtMostOnce).await;
     let first = late.next_publish().await;

@@ -42,14 +42,7 @@ async fn admin_endpoint_reports_health_readiness_and_metrics() {
     assert_eq!(http_get(admin, "/healthz").await.0, 200);
     assert_eq!(http_get(admin, "/readyz").await.0, 200);
 
-    let device = v4::connect(
-        warden.addr,
-        "d:org1:sensor:dev1",
-        Some("use-token-auth"),
-        Some("dev1-token"),
-    )
-    .await
-    .unwrap();
+    let device = v4::org1_device(warden.addr, "dev1").await;
     device
         .client
         .publish("iot-2/evt/e/fmt/t", QoS::AtLeastOnce, false, "x")
@@ -94,25 +87,11 @@ async fn admin_endpoint_reports_health_readiness_and_metrics() {
 async fn a_policy_edit_closes_revoked_sessions_with_94_and_keeps_others() {
     let broker = Broker::start().await;
     let warden = Warden::start(&broker, &standard_policy()).await;
-    let mut watcher = v4::connect(
-        warden.addr,
-        "a:org1:watcher",
-        Some("a-org1-key0000001"),
-        Some("app-token"),
-    )
-    .await
-    .unwrap();
+    let mut watcher = v4::org1_app(warden.addr, "a:org1:watcher").await;
     watcher
         .subscribe("iot-2/type/+/id/+/mon", QoS::AtMostOnce)
         .await;
-    let mut dev1 = v4::connect(
-        warden.addr,
-        "d:org1:sensor:dev1",
-        Some("use-token-auth"),
-        Some("dev1-token"),
-    )
-    .await
-    .unwrap();
+    let mut dev1 = v4::org1_device(warden.addr, "dev1").await;
 
     // Disable dev1 in the file; the watcher applies the edit.
     let edited =
@@ -185,14 +164,7 @@ async fn a_policy_edit_revokes_subscriptions_in_reject_mode() {
             &format!("{key}\n      a-org1-commander1: {{ token: \"{token}\" }}"),
         );
     let warden = Warden::start(&broker, &policy).await;
-    let mut app = v4::connect(
-        warden.addr,
-        "a:org1:app1",
-        Some("a-org1-key0000001"),
-        Some("app-token"),
-    )
-    .await
-    .unwrap();
+    let mut app = v4::org1_app(warden.addr, "a:org1:app1").await;
     app.subscribe("iot-2/type/+/id/+/cmd/+/fmt/+", QoS::AtLeastOnce)
         .await;
     app.subscribe("iot-2/type/+/id/+/evt/+/fmt/+", QoS::AtLeastOnce)
@@ -216,14 +188,7 @@ async fn a_policy_edit_revokes_subscriptions_in_reject_mode() {
     )
     .await
     .unwrap();
-    let dev1 = v4::connect(
-        warden.addr,
-        "d:org1:sensor:dev1",
-        Some("use-token-auth"),
-        Some("dev1-token"),
-    )
-    .await
-    .unwrap();
+    let dev1 = v4::org1_device(warden.addr, "dev1").await;
     // A command (no longer visible to the key), then an event: only the event arrives.
     commander
         .client
@@ -275,24 +240,10 @@ async fn a_policy_edit_revokes_subscriptions_in_reject_mode() {
 async fn a_burst_of_edits_under_traffic_loses_nothing() {
     let broker = Broker::start().await;
     let warden = Warden::start(&broker, &standard_policy()).await;
-    let mut app = v4::connect(
-        warden.addr,
-        "a:org1:app1",
-        Some("a-org1-key0000001"),
-        Some("app-token"),
-    )
-    .await
-    .unwrap();
+    let mut app = v4::org1_app(warden.addr, "a:org1:app1").await;
     app.subscribe("iot-2/type/sensor/id/dev1/evt/+/fmt/+", QoS::AtLeastOnce)
         .await;
-    let dev1 = v4::connect(
-        warden.addr,
-        "d:org1:sensor:dev1",
-        Some("use-token-auth"),
-        Some("dev1-token"),
-    )
-    .await
-    .unwrap();
+    let dev1 = v4::org1_device(warden.addr, "dev1").await;
     const MESSAGES: usize = 300;
     let publisher = tokio::spawn(async move {
         for n in 0..MESSAGES {

@@ -15,14 +15,7 @@ async fn process_connection_cap_answers_104() {
         "limits:\n  max_connections: 1\n",
     )
     .await;
-    let _first = v4::connect(
-        warden.addr,
-        "d:org1:sensor:dev1",
-        Some("use-token-auth"),
-        Some("dev1-token"),
-    )
-    .await
-    .unwrap();
+    let _first = v4::org1_device(warden.addr, "dev1").await;
     let second = v4::connect(
         warden.addr,
         "d:org1:sensor:dev2",

@@ -33,26 +33,12 @@ async fn a_killed_proxy_settles_its_own_clients_after_restart() {
 
     let mut first = start_proxy(dir.path(), &broker, "instance-a").await;
     let other = start_proxy(dir.path(), &broker, "instance-b").await;
-    let _dev1 = v4::connect(
-        first.addr,
-        "d:org1:sensor:dev1",
-        Some("use-token-auth"),
-        Some("dev1-token"),
-    )
-    .await
-    .unwrap();
+    let _dev1 = v4::org1_device(first.addr, "dev1").await;
     assert_eq!(
         next_status(&mut spy).await["ClientID"],
         "d:org1:sensor:dev1"
     );
-    let _dev2 = v4::connect(
-        other.addr,
-        "d:org1:sensor:dev2",
-        Some("use-token-auth"),
-        Some("dev2-token"),
-    )
-    .await
-    .unwrap();
+    let _dev2 = v4::org1_device(other.addr, "dev2").await;
     assert_eq!(
         next_status(&mut spy).await["ClientID"],
         "d:org1:sensor:dev2"
@@ -70,14 +56,7 @@ async fn a_killed_proxy_settles_its_own_clients_after_restart() {
 
     // dev2 belongs to the other instance and is still connected: a sentinel status published
     // now is the next message, with nothing about dev2 before it.
-    let _sentinel = v4::connect(
-        other.addr,
-        "d:org1:sensor:dev1",
-        Some("use-token-auth"),
-        Some("dev1-token"),
-    )
-    .await
-    .unwrap();
+    let _sentinel = v4::org1_device(other.addr, "dev1").await;
     let status = next_status(&mut spy).await;
     assert_eq!(
         (status["ClientID"].as_str(), status["Action"].as_str()),

@@ -659,14 +659,7 @@ async fn tls_towards_the_broker_with_a_client_certificate() {
     .expect("the session reaches the broker over TLS");
     app.subscribe("iot-2/type/+/id/+/evt/+/fmt/+", QoS::AtLeastOnce)
         .await;
-    let device = v4::connect(
-        warden.addr,
-        "d:org1:sensor:dev1",
-        Some("use-token-auth"),
-        Some("dev1-token"),
-    )
-    .await
-    .unwrap();
+    let device = v4::org1_device(warden.addr, "dev1").await;
     device
         .client
         .publish("iot-2/evt/e/fmt/txt", QoS::AtLeastOnce, false, "over tls")

@@ -41,23 +41,9 @@ async fn broker_connections_come_from_the_source_addresses_in_turn() {
     warden.wait_monitor_connected().await;
     let mut sources = vec![next_connection_source(&mut broker).await];
 
-    let mut app = v4::connect(
-        warden.addr,
-        "a:org1:watcher",
-        Some("a-org1-key0000001"),
-        Some("app-token"),
-    )
-    .await
-    .unwrap();
+    let mut app = v4::org1_app(warden.addr, "a:org1:watcher").await;
     sources.push(next_connection_source(&mut broker).await);
-    let device = v4::connect(
-        warden.addr,
-        "d:org1:sensor:dev1",
-        Some("use-token-auth"),
-        Some("dev1-token"),
-    )
-    .await
-    .unwrap();
+    let device = v4::org1_device(warden.addr, "dev1").await;
     sources.push(next_connection_source(&mut broker).await);
     // Control connection, application, device: alternating, never the kernel's default.
     assert_ne!(sources[1], sources[2], "{sources:?}");

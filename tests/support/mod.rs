@@ -312,6 +312,29 @@ pub mod v4 {
         connect_with(options(addr, client_id, user, password)).await
     }
 
+    /// Connects device `sensor/DEVICE` of org1 in [`standard_policy`](super::standard_policy)
+    /// with its token (`DEVICE-token`), and waits for a successful CONNACK.
+    pub async fn org1_device(addr: SocketAddr, device: &str) -> Client {
+        let token = format!("{device}-token");
+        let client_id = format!("d:org1:sensor:{device}");
+        connect(addr, &client_id, Some("use-token-auth"), Some(&token))
+            .await
+            .unwrap_or_else(|refused| panic!("{client_id} refused: {refused:?}"))
+    }
+
+    /// Connects application `client_id` (`a:org1:...`) with org1's standard API key, and waits
+    /// for a successful CONNACK.
+    pub async fn org1_app(addr: SocketAddr, client_id: &str) -> Client {
+        connect(
+            addr,
+            client_id,
+            Some("a-org1-key0000001"),
+            Some("app-token"),
+        )
+        .await
+        .unwrap_or_else(|refused| panic!("{client_id} refused: {refused:?}"))
+    }
+
     /// Connects with custom options and waits for CONNACK.
     pub async fn connect_with(options: MqttOptions) -> Result<Client, Refused> {
         let (client, mut eventloop) = AsyncClient::new(options, 1000);
