@@ -179,21 +179,14 @@ impl Warden {
 
     /// Starts the proxy with extra top-level config YAML (for example a `limits:` section).
     pub async fn start_with(broker: &Broker, policy: &str, extra_config: &str) -> Warden {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("policy.yaml"), policy).expect("write policy");
-        let config_path = dir.path().join("warden.yaml");
-        let text = format!(
-            "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"{}\"\n  topic_prefix: \"{{org}}/\"\npolicies: policy.yaml\n{extra_config}\n",
-            broker.addr()
-        );
-        std::fs::write(&config_path, &text).expect("write config");
-        let config = WardenConfig::from_yaml(&text, &config_path).expect("valid config");
-        let running = proxy::start(config).await.expect("proxy starts");
-        Warden {
-            addr: running.listen_addrs[0],
-            running,
-            dir,
-        }
+        Self::start_upstream(
+            broker,
+            policy,
+            "  - bind: \"127.0.0.1:0\"",
+            "",
+            extra_config,
+        )
+        .await
     }
 
     /// The path of the policy file.
