@@ -422,17 +422,26 @@ pub mod v4 {
 
         /// Subscribes and waits for the SUBACK.
         pub async fn subscribe(&mut self, filter: &str, qos: QoS) {
-            self.client
-                .subscribe(filter, qos)
-                .await
-                .expect("subscribe queued");
-            let codes = self.suback().await;
+            let codes = self.subscribe_codes(filter, qos).await;
             assert!(
                 codes
                     .iter()
                     .all(|code| !matches!(code, rumqttc::SubscribeReasonCode::Failure)),
                 "subscription to {filter} refused"
             );
+        }
+
+        /// Subscribes to one filter and returns the SUBACK's codes, granted or not.
+        pub async fn subscribe_codes(
+            &mut self,
+            filter: &str,
+            qos: QoS,
+        ) -> Vec<rumqttc::SubscribeReasonCode> {
+            self.client
+                .subscribe(filter, qos)
+                .await
+                .expect("subscribe queued");
+            self.suback().await
         }
 
         /// Waits until the connection ends (closed by the proxy) and returns the error text.
