@@ -427,6 +427,9 @@ impl Control {
                     self.status.connected.store(true, Ordering::Relaxed);
                     let stop = self.serve(stream).await;
                     self.status.connected.store(false, Ordering::Relaxed);
+                    // Whatever was written and not confirmed is written again on the next
+                    // connection, and is no longer protected from overflow meanwhile.
+                    self.in_flight = 0;
                     if matches!(stop, Stop::ChannelClosed) {
                         return;
                     }
@@ -584,8 +587,6 @@ impl Control {
         if !self.recovered && self.recover(&mut stream, &mut inbound).await.is_err() {
             return Stop::Broken;
         }
-        // Anything written on an earlier connection and not confirmed is written again.
-        self.in_flight = 0;
         let mut pings_outstanding = 0usize;
         let mut idle =
             tokio::time::interval(Duration::from_secs(u64::from(CONTROL_KEEP_ALIVE_SECS) / 2));
