@@ -3,7 +3,6 @@
 //! request per connection, `GET` only, a bounded request head and a deadline.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,20 +11,31 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, info};
 
-use crate::proxy::Shared;
+use crate::metrics::{Metrics, CONTENT_TYPE};
+
+/// Whether the proxy is ready for clients (the broker is reachable, no shutdown under way).
+pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// What the endpoint reports on.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The metrics to render.
+    pub metrics: Arc<Metrics>,
+    /// Readiness for `/readyz`.
+    pub ready: Readiness,
+}
 
 /// The largest request head accepted, in bytes.
 const MAX_REQUEST_HEAD_BYTES: usize = 8192;
 /// How long a request may take to arrive and be answered.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Binds the admin endpoint and serves it until `shutdown` turns true.
-pub async fn serve(
-    bind: SocketAddr,
-    shared: Arc<Shared>,
+/// Serves the admin endpoint on a bound listener until `shutdown` turns true.
+pub fn serve(
+    listener: TcpListener,
+    state: AdminState,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(bind).await?;
     let local = listener.local_addr()?;
     info!(address = %local, "admin endpoint listening");
     tokio::spawn(async move {
@@ -35,9 +45,9 @@ pub async fn serve(
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
             if let Ok((stream, _)) = accepted {
-                let shared = shared.clone();
+                let state = state.clone();
                 tokio::spawn(async move {
-                    if tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &shared))
+                    if tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &state))
                         .await
                         .is_err()
                     {
@@ -50,7 +60,7 @@ pub async fn serve(
     Ok(local)
 }
 
-async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -66,27 +76,15 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         parts.next().unwrap_or_default(),
         parts.next().unwrap_or_default(),
     );
-    let status = shared.monitor.status();
-    let upstream_up = status.connected.load(Ordering::Relaxed);
     let (code, content_type, body) = match (method, path) {
         (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        (b"GET", b"/readyz") if upstream_up && !shared.is_shutting_down() => {
-            ("200 OK", "text/plain", "ready\n".to_string())
-        }
+        (b"GET", b"/readyz") if (state.ready)() => ("200 OK", "text/plain", "ready\n".to_string()),
         (b"GET", b"/readyz") => (
             "503 Service Unavailable",
             "text/plain",
             "not ready\n".to_string(),
         ),
-        (b"GET", b"/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            shared.metrics.render(
-                upstream_up,
-                status.dropped.load(Ordering::Relaxed),
-                status.published.load(Ordering::Relaxed),
-            ),
-        ),
+        (b"GET", b"/metrics") => ("200 OK", CONTENT_TYPE, state.metrics.render()),
         (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (
             "405 Method Not Allowed",

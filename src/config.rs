@@ -1,4 +1,4 @@
-//! The process config, `warden.yaml` (PRODUCT.md §8): listeners, upstream, policies, admin,
+//! The process config, `warden.yaml`: listeners, upstream, policies, admin,
 //! telemetry and process-wide limits. YAML → structs with serde defaults → `validate()`.
 
 use std::net::{IpAddr, SocketAddr};
@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::policy::Rate;
+use crate::limits::Rate;
 
 use crate::policy::yaml::{self, LineMap};
 
@@ -16,6 +16,8 @@ use crate::policy::yaml::{self, LineMap};
 pub const DEFAULT_TOPIC_PREFIX: &str = "{org}/";
 /// The placeholder in `topic_prefix` that is replaced by the org ID.
 pub const ORG_PLACEHOLDER: &str = "{org}";
+/// How long a write may make no progress, by default (`limits.write_timeout_secs`).
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 /// The largest packet MQTT can frame, in bytes (remaining length plus a 5-byte fixed header).
 pub const MAX_MQTT_PACKET_BYTES: u64 = 268_435_455 + 5;
 
@@ -132,7 +134,7 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<String>,
 }
 
-/// Process-wide limits (PRODUCT.md §4), the `limits:` section of the config.
+/// Process-wide limits, the `limits:` section of the config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessLimits {
     /// Concurrent client connections (104 above).
@@ -158,6 +160,11 @@ pub struct ProcessLimits {
     pub max_inflight: u16,
     /// How long part of a packet may wait for the rest (slowloris), after CONNACK.
     pub partial_packet_timeout: Duration,
+    /// How long a write to a client or to the broker may make no progress before the session
+    /// closes (92): a peer that stops reading cannot hold a session forever.
+    pub write_timeout: Duration,
+    /// Bytes (topics and payloads) of status messages held while the broker is away.
+    pub monitor_queue_bytes: usize,
     /// CONNECTs per client ID (flapping clients; 104 above).
     pub connect_rate_per_client_id: Rate,
     /// CONNECTs per source address (104 above).
@@ -177,6 +184,8 @@ impl Default for ProcessLimits {
             max_filters_per_subscribe: 100,
             max_inflight: 1000,
             partial_packet_timeout: Duration::from_secs(30),
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            monitor_queue_bytes: 64 * 1024 * 1024,
             // Generous: the point is to stop a client that flaps without pause, never to refuse
             // a test suite or a fleet reconnecting after an outage.
             connect_rate_per_client_id: Rate {
@@ -559,6 +568,18 @@ impl Check<'_> {
                 }
                 Some(secs) => Duration::from_secs(secs),
             },
+            write_timeout: match limits.write_timeout_secs {
+                None => defaults.write_timeout,
+                Some(0) => {
+                    return Err(self.invalid("limits.write_timeout_secs", "must be at least 1"))
+                }
+                Some(secs) => Duration::from_secs(secs),
+            },
+            monitor_queue_bytes: positive(
+                "monitor_queue_bytes",
+                limits.monitor_queue_bytes,
+                defaults.monitor_queue_bytes,
+            )?,
             connect_rate_per_client_id: self.rate(
                 "limits.connect_rate_per_client_id",
                 limits.connect_rate_per_client_id,
@@ -581,7 +602,7 @@ impl Check<'_> {
     }
 }
 
-// The file format (PRODUCT.md §8). Unknown keys are errors, so a typo never silently means a default.
+// The file format. Unknown keys are errors, so a typo never silently means a default.
 
 /// `warden.yaml` as written.
 #[derive(Deserialize)]
@@ -676,6 +697,8 @@ struct LimitsFileConfig {
     max_filters_per_subscribe: Option<u64>,
     max_inflight: Option<u64>,
     partial_packet_timeout_secs: Option<u64>,
+    write_timeout_secs: Option<u64>,
+    monitor_queue_bytes: Option<u64>,
     connect_rate_per_client_id: Option<String>,
     connect_rate_per_address: Option<String>,
 }

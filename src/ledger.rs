@@ -1,147 +1,163 @@
-//! The session ledger, for crash recovery: which clients this proxy instance has connected.
+//! The session ledger, for crash recovery: which sessions this proxy process holds, kept on the
+//! broker, which is the proxy's only storage.
 //!
-//! The broker is the proxy's only storage. For every established session the monitor publishes a
-//! retained entry on `warden:ledger/INSTANCE/BOOT/CLIENT_ID/SESSION` (holding the Connect
-//! monitoring message) and clears it when the session closes. After a crash, nothing clears the
-//! entries. The next process of the same instance reads them back when its control connection
-//! first comes up, publishes a Disconnect (92) for each client that is not connected again, and
-//! clears them. Each process has its own BOOT, so it never settles its own live sessions, and each
-//! instance has its own INSTANCE, so several proxies in front of one broker only settle their own
-//! clients.
+//! Topics, under [`LEDGER_ROOT`] and the instance's namespace `NS` (stable across restarts):
 //!
-//! `warden:ledger` cannot collide with an org's space: `:` is not allowed in org IDs.
+//! - `NS/BOOT`: a process's *marker*, retained while the process is alive. The control
+//!   connection publishes it on every connect and sets an empty retained will on the same topic,
+//!   so the broker clears it when the process dies; a clean shutdown clears it too.
+//! - `NS/BOOT/CLIENT/SESSION`: an *entry* per established session, retained, holding what the
+//!   profile needs to settle the session ([`crate::profile::Profile::settlement`]); cleared
+//!   when the session closes.
+//! - `NS/BOOT/sentinel`: published (not retained) by a starting process after it subscribed to
+//!   `NS/#`; the broker delivers it after the retained messages, so it marks their end.
+//!
+//! A starting process reads every marker and entry back. Entries of a process whose marker is
+//! gone are settled: the profile's status messages are published (unless a connection with the
+//! same presence is live again here) and the entry is cleared. Entries of processes that are
+//! alive, such as a second instance sharing the namespace, are left alone.
+//!
+//! `warden:ledger` cannot collide with a tenant's space: `:` is not allowed in org IDs, and
+//! tenants live under their own mount prefix.
 
-use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::fmt::Display;
 
-use crate::close::{CloseCode, CloseReason};
-use crate::identity::{parse_client_id, Identity};
-use crate::monitor::{iso_time, publications, Action, MonitorMessage, Publication};
+use crate::profile::{Publication, Settlement};
 
-/// The first topic level of every ledger entry.
+/// The first topic level of every ledger topic.
 pub const LEDGER_ROOT: &str = "warden:ledger";
-
-/// What a ledger entry stores.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct Entry {
-    /// The org prefix the client's monitoring messages go under.
-    org_prefix: String,
-    /// Whether the client was in the quickstart org.
-    quickstart: bool,
-    /// The client's Connect monitoring message.
-    connect: MonitorMessage,
-}
+/// The last level of the sentinel topic.
+const SENTINEL: &str = "sentinel";
 
 /// This process's place in the ledger.
 #[derive(Debug, Clone)]
 pub struct Ledger {
-    instance: String,
+    namespace: String,
     boot: String,
 }
 
+/// A topic level made safe: no separators or wildcards.
+fn level(text: &str) -> String {
+    text.replace(['/', '+', '#'], "_")
+}
+
 impl Ledger {
-    /// The ledger of `instance`, for a new process (a fresh random boot ID).
-    pub fn new(instance: &str) -> Ledger {
-        // Topic levels must not contain wildcards or separators.
-        let instance = instance.replace(['/', '+', '#'], "_");
+    /// The ledger of instance `namespace`, for the process `boot` (unique per process).
+    pub fn new(namespace: &str, boot: &str) -> Ledger {
         Ledger {
-            instance,
-            boot: format!("{:016x}", rand::random::<u64>()),
+            namespace: level(namespace),
+            boot: level(boot),
         }
     }
 
-    /// The filter that covers every entry of this instance, from any process.
+    /// The filter that covers every marker and entry of this namespace.
     pub fn filter(&self) -> String {
-        format!("{LEDGER_ROOT}/{}/#", self.instance)
+        format!("{LEDGER_ROOT}/{}/#", self.namespace)
     }
 
-    /// A topic under [`Ledger::filter`] that is no entry: recovery publishes to it to learn that
-    /// every retained entry was delivered.
+    /// The topic recovery publishes to learn that every retained message was delivered.
     pub fn sentinel_topic(&self) -> String {
-        format!("{LEDGER_ROOT}/{}/{}", self.instance, self.boot)
+        format!("{LEDGER_ROOT}/{}/{}/{SENTINEL}", self.namespace, self.boot)
     }
 
-    fn topic(&self, client_id: &str, session_id: u64) -> String {
+    fn marker_topic(&self) -> String {
+        format!("{LEDGER_ROOT}/{}/{}", self.namespace, self.boot)
+    }
+
+    /// This process's marker: retained while it lives.
+    pub fn marker(&self) -> Publication {
+        Publication {
+            topic: self.marker_topic(),
+            payload: "alive".into(),
+            retain: true,
+        }
+    }
+
+    /// The marker's clearing: the control connection's will, and the last word of a shutdown.
+    pub fn marker_clear(&self) -> Publication {
+        Publication {
+            topic: self.marker_topic(),
+            payload: Default::default(),
+            retain: true,
+        }
+    }
+
+    fn topic(&self, client_id: &str, session: &dyn Display) -> String {
         format!(
-            "{LEDGER_ROOT}/{}/{}/{client_id}/{session_id:x}",
-            self.instance, self.boot
+            "{LEDGER_ROOT}/{}/{}/{}/{session}",
+            self.namespace,
+            self.boot,
+            level(client_id)
         )
     }
 
-    /// The retained entry for an established session.
+    /// The retained entry of an established session.
     pub fn entry(
         &self,
-        connect: &MonitorMessage,
-        org_prefix: &str,
-        quickstart: bool,
-        session_id: u64,
+        client_id: &str,
+        session: impl Display,
+        settlement: Vec<u8>,
     ) -> Publication {
-        let entry = Entry {
-            org_prefix: org_prefix.to_string(),
-            quickstart,
-            connect: connect.clone(),
-        };
         Publication {
-            topic: self.topic(&connect.client_id, session_id),
-            payload: serde_json::to_vec(&entry).unwrap_or_default().into(),
+            topic: self.topic(client_id, &session),
+            payload: settlement.into(),
             retain: true,
         }
     }
 
     /// Clears a session's entry.
-    pub fn clear(&self, client_id: &str, session_id: u64) -> Publication {
+    pub fn clear(&self, client_id: &str, session: impl Display) -> Publication {
         Publication {
-            topic: self.topic(client_id, session_id),
+            topic: self.topic(client_id, &session),
             payload: Default::default(),
             retain: true,
         }
     }
 
-    /// What to publish for an entry found at startup: nothing for this process's own entries;
-    /// otherwise the Disconnect the crashed process could not send (unless `is_live` says the
-    /// client is connected again) and the entry's clearing.
+    /// What to publish for the retained messages found at startup (see the module
+    /// documentation). `settle` reads an entry, `is_live` says whether a presence key has a
+    /// live connection here.
     pub fn recover(
         &self,
-        topic: &str,
-        payload: &[u8],
-        is_live: impl Fn(&Identity) -> bool,
+        found: &[(String, Vec<u8>)],
+        settle: impl Fn(&[u8]) -> Option<Settlement>,
+        is_live: impl Fn(&str) -> bool,
     ) -> Vec<Publication> {
-        let own_boot = format!("{LEDGER_ROOT}/{}/{}/", self.instance, self.boot);
-        if payload.is_empty() || topic.starts_with(&own_boot) {
-            return Vec::new();
-        }
-        let clear = Publication {
-            topic: topic.to_string(),
-            payload: Default::default(),
-            retain: true,
+        let prefix = format!("{LEDGER_ROOT}/{}/", self.namespace);
+        let levels = |topic: &str| -> Option<Vec<String>> {
+            topic
+                .strip_prefix(&prefix)
+                .map(|rest| rest.split('/').map(str::to_owned).collect())
         };
-        let Ok(entry) = serde_json::from_slice::<Entry>(payload) else {
-            return vec![clear];
-        };
-        let Ok(identity) = parse_client_id(&entry.connect.client_id) else {
-            return vec![clear];
-        };
+        let live_boots: HashSet<String> = found
+            .iter()
+            .filter(|(_, payload)| !payload.is_empty())
+            .filter_map(|(topic, _)| match levels(topic)?.as_slice() {
+                [boot] => Some(boot.clone()),
+                _ => None,
+            })
+            .collect();
         let mut out = Vec::new();
-        if !is_live(&identity) {
-            let reason = CloseReason::with_detail(
-                CloseCode::ClosedByServer,
-                "settled after a proxy restart",
-            );
-            let mut message = entry.connect;
-            message.action = Action::Disconnect;
-            message.time = iso_time(std::time::SystemTime::now());
-            message.close_code = reason.number();
-            message.reason = reason.reason_string();
-            let clear_status =
-                crate::monitor::clears_on_disconnect(identity.class, entry.quickstart);
-            out = publications(
-                &message,
-                &identity,
-                &entry.org_prefix,
-                entry.quickstart,
-                clear_status,
-            );
+        for (topic, payload) in found {
+            let Some(parts) = levels(topic) else { continue };
+            let [boot, _client, _session] = parts.as_slice() else {
+                continue;
+            };
+            if payload.is_empty() || *boot == self.boot || live_boots.contains(boot) {
+                continue;
+            }
+            if let Some(settlement) = settle(payload) {
+                if !is_live(&settlement.presence) {
+                    out.extend(settlement.publications);
+                }
+            }
+            out.push(Publication {
+                topic: topic.clone(),
+                payload: Default::default(),
+                retain: true,
+            });
         }
-        out.push(clear);
         out
     }
 }
@@ -149,63 +165,70 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::monitor::{ConnectionFacts, Counters};
 
-    fn connect_message(client_id: &str) -> MonitorMessage {
-        let facts = ConnectionFacts {
-            peer: "127.0.0.1:5000".parse().unwrap(),
-            local: "127.0.0.1:1883".parse().unwrap(),
-            secure: false,
-            protocol: "mqtt4",
-            user: None,
-            certname: None,
-            connected_at: std::time::SystemTime::UNIX_EPOCH,
-        };
-        let identity = parse_client_id(client_id).unwrap();
-        MonitorMessage::new(
-            Action::Connect,
-            &identity,
-            &facts,
-            None,
-            Counters::default(),
-        )
+    fn settle(entry: &[u8]) -> Option<Settlement> {
+        let presence = std::str::from_utf8(entry).ok()?.to_owned();
+        Some(Settlement {
+            publications: vec![Publication {
+                topic: format!("status/{presence}"),
+                payload: "Disconnect".into(),
+                retain: true,
+            }],
+            presence,
+        })
+    }
+
+    fn found(publications: &[Publication]) -> Vec<(String, Vec<u8>)> {
+        publications
+            .iter()
+            .map(|p| (p.topic.clone(), p.payload.to_vec()))
+            .collect()
     }
 
     #[test]
-    fn a_previous_process_entry_becomes_a_disconnect() {
-        let before_crash = Ledger::new("proxy-a");
-        let entry = before_crash.entry(&connect_message("d:org1:sensor:d1"), "org1/", false, 7);
-        assert!(entry.retain && entry.topic.starts_with("warden:ledger/proxy-a/"));
-        let after_restart = Ledger::new("proxy-a");
-        let published = after_restart.recover(&entry.topic, &entry.payload, |_| false);
+    fn a_dead_process_entry_is_settled_and_cleared() {
+        let before_crash = Ledger::new("proxy-a", "boot1");
+        let entry = before_crash.entry("d:o:t:i", 7, b"d:o:t:i".to_vec());
+        assert!(entry.retain && entry.topic.starts_with("warden:ledger/proxy-a/boot1/"));
+        let after_restart = Ledger::new("proxy-a", "boot2");
+        let published =
+            after_restart.recover(&found(std::slice::from_ref(&entry)), settle, |_| false);
         assert_eq!(published.len(), 2);
-        assert_eq!(published[0].topic, "org1/iot-2/type/sensor/id/d1/mon");
-        assert!(
-            published[0].retain,
-            "devices keep their retained Disconnect"
-        );
-        let status: serde_json::Value = serde_json::from_slice(&published[0].payload).unwrap();
-        assert_eq!(status["Action"], "Disconnect");
-        assert_eq!(status["CloseCode"], 92);
-        assert_eq!(
-            published[1],
-            Publication {
-                topic: entry.topic.clone(),
-                payload: Default::default(),
-                retain: true
-            }
-        );
+        assert_eq!(published[0].topic, "status/d:o:t:i");
+        assert_eq!(published[1].topic, entry.topic);
+        assert!(published[1].payload.is_empty() && published[1].retain);
 
         // A client that is connected again only has its stale entry cleared.
         assert_eq!(
             after_restart
-                .recover(&entry.topic, &entry.payload, |_| true)
+                .recover(&found(std::slice::from_ref(&entry)), settle, |_| true)
                 .len(),
             1
         );
         // The process's own entries are never settled.
         assert!(before_crash
-            .recover(&entry.topic, &entry.payload, |_| false)
+            .recover(&found(&[entry]), settle, |_| false)
             .is_empty());
+    }
+
+    #[test]
+    fn entries_of_a_live_process_are_left_alone() {
+        let sibling = Ledger::new("shared", "boot1");
+        let entry = sibling.entry("d:o:t:i", 1, b"d:o:t:i".to_vec());
+        let starting = Ledger::new("shared", "boot2");
+        let alive = found(&[sibling.marker(), entry.clone()]);
+        assert!(starting.recover(&alive, settle, |_| false).is_empty());
+        // Once the sibling's marker is cleared (its will), its entries are settled.
+        assert_eq!(
+            starting.recover(&found(&[entry]), settle, |_| false).len(),
+            2
+        );
+    }
+
+    #[test]
+    fn client_ids_cannot_escape_their_level() {
+        let ledger = Ledger::new("ns/+", "b#");
+        let entry = ledger.entry("a/b+c#", 1, Vec::new());
+        assert_eq!(entry.topic, "warden:ledger/ns__/b_/a_b_c_/1");
     }
 }

@@ -5,48 +5,53 @@
 //!
 //! # Layout
 //!
-//! The data path reads top to bottom:
+//! Three kinds of module: the **machinery**, which knows MQTT and no tenant model; the
+//! **profiles**, which know identities, topics and status messages; and the **coordination**
+//! state that sessions share. The data path reads top to bottom:
 //!
-//! - [`config`] — the process config (`warden.yaml`).
-//! - [`proxy`] — binds the listeners and runs the accept loop with its connection cap.
-//! - [`transport`] — TLS, WebSocket and secure WebSocket, told apart on one port: each a byte stream.
-//! - [`session`] — one client's life: the connect phase, the bridge loop (client ⇄ upstream), close.
-//! - [`codec`] — MQTT framing and packet views, for MQTT 3.1, 3.1.1 and 5.
-//! - [`identity`] — the client-ID grammar (`a:`, `A:`, `d:`, `g:`).
-//! - [`auth`] — token hashes, verification pool and cache.
-//! - [`policy`] — the policy model and its loader.
-//! - [`topics`] — the `iot-2` topic grammar and the org-prefix rewrite.
-//! - [`decision`] — what an identity may do: connect, publish, subscribe → allow or a [`close::CloseReason`].
-//! - [`upstream`] — dialling the broker, over TCP or TLS.
-//! - [`limits`] — rate limits: publishes, bytes, org aggregate, CONNECT rates.
-//! - [`registry`] — live sessions by client ID (takeover, org connection counts).
-//! - [`close`] — the one table of WIoTP closing codes.
-//! - [`ledger`] — which clients this instance connected, kept on the broker for crash recovery.
-//! - [`monitor`] — monitoring messages and the control connection that publishes them.
-//! - [`reload`] — live policy edits (file watch, SIGHUP) and session re-evaluation.
-//! - [`metrics`] and [`admin`] — Prometheus metrics, `/healthz`, `/readyz`.
-//! - [`telemetry`] — logging.
+//! - [`config`]: the process config (`warden.yaml`).
+//! - [`proxy`]: assembly only: builds everything, binds, accepts, shuts down. Nothing imports it.
+//! - [`transport`]: TCP, TLS, WebSocket and secure WebSocket, told apart on one port.
+//! - [`session`]: one client's life: connect phase, bridge loop (generic over both streams),
+//!   close.
+//! - [`codec`]: MQTT framing and packet views, for MQTT 3.1, 3.1.1 and 5.
+//! - [`refusal`]: why a connection or request ends, and what MQTT 3 and 5 clients are told.
+//! - [`rewrite`]: the topic rewrite between a client's form and the broker's.
+//! - [`profile`]: the seam: the trait a tenant model implements.
+//! - [`wiotp`]: the WIoTP profile: identities, `iot-2` topics, roles, groups, gateways,
+//!   quickstart, scalable apps, status messages and the closing-code table.
+//! - [`policy`]: the policy files' model, its loader and the store that reloads swap.
+//! - [`auth`]: token hashes, the verification pool and its cache.
+//! - [`coord`]: admission (slots, tenant counts, client-ID ownership), tenant buckets, the
+//!   status reporter and session mailboxes: traits with in-process implementations.
+//! - [`limits`]: token buckets, CONNECT rates and the refusal log budget.
+//! - [`upstream`]: dialling the broker, over TCP or TLS.
+//! - [`monitor`]: the control connection that publishes the proxy's own messages.
+//! - [`ledger`]: which sessions a process holds, kept on the broker for crash recovery.
+//! - [`reload`]: live reloads of policy and TLS files.
+//! - [`metrics`] and [`admin`]: OpenMetrics, `/healthz`, `/readyz`.
+//! - [`telemetry`]: logging and traces.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod auth;
-pub mod close;
 pub mod codec;
 pub mod config;
-pub mod decision;
-pub mod identity;
+pub mod coord;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod monitor;
 pub mod policy;
+pub mod profile;
 pub mod proxy;
-pub mod registry;
+pub mod refusal;
 pub mod reload;
+pub mod rewrite;
 pub mod session;
 pub mod telemetry;
-pub mod topics;
 pub mod transport;
 pub mod upstream;
+pub mod wiotp;

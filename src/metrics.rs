@@ -1,256 +1,261 @@
-//! Process metrics, rendered in the Prometheus text format by the admin endpoint.
+//! Process metrics, with the `prometheus-client` crate, rendered in the OpenMetrics text format
+//! by the admin endpoint.
 //!
-//! Counters on the data path are plain atomics added once per read or write batch, not per
-//! message. Labelled series (by org, rule, code or limit) live in small maps behind a mutex and
-//! are touched only on connect, close, refusal and limit events.
+//! Counters on the data path are atomics added once per batch of reads or writes, not per
+//! message. Labelled series are touched only on connect, close, refusal and limit events, and
+//! every label value comes from the policy or the code (tenants the policy knows, closing codes,
+//! rule and limit names), never from what a client sends, so the number of series is bounded.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::close::CloseCode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Upper bounds of the authentication latency histogram, in seconds.
 const AUTH_BUCKETS_SECS: [f64; 10] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
 
-/// Every metric of the process.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Bytes read from clients.
-    pub bytes_in: AtomicU64,
-    /// Bytes written to clients.
-    pub bytes_out: AtomicU64,
-    /// PUBLISH packets from clients.
-    pub messages_in: AtomicU64,
-    /// PUBLISH packets to clients.
-    pub messages_out: AtomicU64,
-    /// TLS handshakes that failed (163).
-    pub tls_handshake_failures: AtomicU64,
-    /// Policy reloads that were applied.
-    pub policy_reloads: AtomicU64,
-    /// Policy reloads that were rejected (the last good policy stayed).
-    pub policy_reload_failures: AtomicU64,
-    connections: Mutex<BTreeMap<(String, &'static str), i64>>,
-    closes: Mutex<BTreeMap<(u16, String), u64>>,
-    denials: Mutex<BTreeMap<(String, String), u64>>,
-    limits: Mutex<BTreeMap<(String, &'static str), u64>>,
-    auth_buckets: [AtomicU64; AUTH_BUCKETS_SECS.len()],
-    auth_count: AtomicU64,
-    auth_sum_micros: AtomicU64,
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabels {
+    org: String,
+    protocol: &'static str,
 }
 
-fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every update is a single insert or increment, so a poisoned map is still consistent.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    code: u16,
+    org: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DenialLabels {
+    org: String,
+    rule: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    org: String,
+    limit: &'static str,
+}
+
+/// The monitor's own series, updated by the control connection.
+#[derive(Debug, Clone, Default)]
+pub struct MonitorMetrics {
+    /// Whether the control connection (so the broker) is up.
+    pub upstream_up: Gauge,
+    /// Status messages the broker confirmed.
+    pub published: Counter,
+    /// Status messages dropped because the queue was full.
+    pub dropped: Counter,
+}
+
+/// Every metric of the process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Bytes read from clients.
+    pub bytes_in: Counter,
+    /// Bytes written to clients.
+    pub bytes_out: Counter,
+    /// PUBLISH packets from clients.
+    pub messages_in: Counter,
+    /// PUBLISH packets to clients.
+    pub messages_out: Counter,
+    /// TLS handshakes that failed.
+    pub tls_handshake_failures: Counter,
+    /// Policy reloads that were applied.
+    pub policy_reloads: Counter,
+    /// Policy reloads that were rejected (the last good policy stayed).
+    pub policy_reload_failures: Counter,
+    /// The control connection's series.
+    pub monitor: MonitorMetrics,
+    connections: Family<ConnectionLabels, Gauge>,
+    closes: Family<CloseLabels, Counter>,
+    denials: Family<DenialLabels, Counter>,
+    limits: Family<LimitLabels, Counter>,
+    auth_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let metrics = Metrics {
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            messages_in: Counter::default(),
+            messages_out: Counter::default(),
+            tls_handshake_failures: Counter::default(),
+            policy_reloads: Counter::default(),
+            policy_reload_failures: Counter::default(),
+            monitor: MonitorMetrics::default(),
+            connections: Family::default(),
+            closes: Family::default(),
+            denials: Family::default(),
+            limits: Family::default(),
+            auth_seconds: Histogram::new(AUTH_BUCKETS_SECS),
+            registry: Registry::default(),
+        };
+        let counters = [
+            (
+                "warden_bytes_in",
+                "Bytes read from clients",
+                &metrics.bytes_in,
+            ),
+            (
+                "warden_bytes_out",
+                "Bytes written to clients",
+                &metrics.bytes_out,
+            ),
+            (
+                "warden_messages_in",
+                "PUBLISH packets from clients",
+                &metrics.messages_in,
+            ),
+            (
+                "warden_messages_out",
+                "PUBLISH packets to clients",
+                &metrics.messages_out,
+            ),
+            (
+                "warden_tls_handshake_failures",
+                "TLS handshakes that failed",
+                &metrics.tls_handshake_failures,
+            ),
+            (
+                "warden_policy_reloads",
+                "Policy reloads applied",
+                &metrics.policy_reloads,
+            ),
+            (
+                "warden_policy_reload_failures",
+                "Policy reloads rejected; the last good policy stayed",
+                &metrics.policy_reload_failures,
+            ),
+            (
+                "warden_monitor_published",
+                "Status messages confirmed by the broker",
+                &metrics.monitor.published,
+            ),
+            (
+                "warden_monitor_dropped",
+                "Status messages dropped because the queue was full",
+                &metrics.monitor.dropped,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        registry.register(
+            "warden_upstream_up",
+            "Whether the broker is reachable",
+            metrics.monitor.upstream_up.clone(),
+        );
+        registry.register(
+            "warden_connections",
+            "Live client sessions",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "warden_closes",
+            "Closed connections by closing code",
+            metrics.closes.clone(),
+        );
+        registry.register(
+            "warden_denials",
+            "Refused operations by rule",
+            metrics.denials.clone(),
+        );
+        registry.register("warden_limit_hits", "Limits hit", metrics.limits.clone());
+        registry.register(
+            "warden_auth_seconds",
+            "Time to authenticate a CONNECT",
+            metrics.auth_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
 }
 
 impl Metrics {
-    /// A session connected (`delta` 1) or closed (`delta` -1).
+    /// A session of `org` connected (`delta` 1) or closed (`delta` -1).
     pub fn connection(&self, org: &str, protocol: &'static str, delta: i64) {
-        *locked(&self.connections)
-            .entry((org.to_string(), protocol))
-            .or_insert(0) += delta;
+        self.connections
+            .get_or_create(&ConnectionLabels {
+                org: org.to_owned(),
+                protocol,
+            })
+            .inc_by(delta);
     }
 
-    /// A connection closed with a WIoTP code.
+    /// A connection of `org` closed with a closing code.
     pub fn close(&self, code: u16, org: &str) {
-        *locked(&self.closes)
-            .entry((code, org.to_string()))
-            .or_insert(0) += 1;
+        self.closes
+            .get_or_create(&CloseLabels {
+                code,
+                org: org.to_owned(),
+            })
+            .inc();
     }
 
-    /// An operation was refused by a rule.
-    pub fn denial(&self, org: &str, rule: &str) {
-        *locked(&self.denials)
-            .entry((org.to_string(), rule.to_string()))
-            .or_insert(0) += 1;
+    /// A request of `org` was refused by a rule.
+    pub fn denial(&self, org: &str, rule: &'static str) {
+        self.denials
+            .get_or_create(&DenialLabels {
+                org: org.to_owned(),
+                rule,
+            })
+            .inc();
     }
 
-    /// A limit was hit.
+    /// A limit was hit (`org` empty when the client named no known tenant).
     pub fn limit(&self, org: &str, limit: &'static str) {
-        *locked(&self.limits)
-            .entry((org.to_string(), limit))
-            .or_insert(0) += 1;
+        self.limits
+            .get_or_create(&LimitLabels {
+                org: org.to_owned(),
+                limit,
+            })
+            .inc();
     }
 
     /// How long one authentication took.
     pub fn auth_latency(&self, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        for (bucket, bound) in self.auth_buckets.iter().zip(AUTH_BUCKETS_SECS) {
-            if seconds <= bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.auth_count.fetch_add(1, Ordering::Relaxed);
-        self.auth_sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.auth_seconds.observe(elapsed.as_secs_f64());
     }
 
-    /// The Prometheus text exposition of every metric. `upstream_up` and `monitor_*` come from
-    /// the monitor's status at the time of the scrape.
-    pub fn render(
-        &self,
-        upstream_up: bool,
-        monitor_queued_dropped: u64,
-        monitor_published: u64,
-    ) -> String {
+    /// The OpenMetrics text exposition of every metric ([`CONTENT_TYPE`]).
+    pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
-            );
-        };
-        let load = |value: &AtomicU64| value.load(Ordering::Relaxed);
-        counter(
-            &mut out,
-            "warden_bytes_in_total",
-            "Bytes read from clients.",
-            load(&self.bytes_in),
-        );
-        counter(
-            &mut out,
-            "warden_bytes_out_total",
-            "Bytes written to clients.",
-            load(&self.bytes_out),
-        );
-        counter(
-            &mut out,
-            "warden_messages_in_total",
-            "PUBLISH packets from clients.",
-            load(&self.messages_in),
-        );
-        counter(
-            &mut out,
-            "warden_messages_out_total",
-            "PUBLISH packets to clients.",
-            load(&self.messages_out),
-        );
-        counter(
-            &mut out,
-            "warden_tls_handshake_failures_total",
-            "TLS handshakes that failed (163).",
-            load(&self.tls_handshake_failures),
-        );
-        counter(
-            &mut out,
-            "warden_policy_reloads_total",
-            "Policy reloads applied.",
-            load(&self.policy_reloads),
-        );
-        counter(
-            &mut out,
-            "warden_policy_reload_failures_total",
-            "Policy reloads rejected; the last good policy stayed.",
-            load(&self.policy_reload_failures),
-        );
-        counter(
-            &mut out,
-            "warden_monitor_published_total",
-            "Monitoring messages confirmed by the broker.",
-            monitor_published,
-        );
-        counter(
-            &mut out,
-            "warden_monitor_dropped_total",
-            "Monitoring messages dropped because the queue was full.",
-            monitor_queued_dropped,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP warden_upstream_up Whether the broker is reachable.\n# TYPE warden_upstream_up gauge\nwarden_upstream_up {}",
-            u8::from(upstream_up)
-        );
-
-        let _ = writeln!(
-            out,
-            "# HELP warden_connections Live client sessions.\n# TYPE warden_connections gauge"
-        );
-        for ((org, protocol), value) in locked(&self.connections).iter() {
-            let _ = writeln!(
-                out,
-                "warden_connections{{org=\"{}\",protocol=\"{protocol}\"}} {value}",
-                escape(org)
-            );
-        }
-        let _ = writeln!(out, "# HELP warden_closes_total Closed connections by WIoTP code.\n# TYPE warden_closes_total counter");
-        for ((code, org), value) in locked(&self.closes).iter() {
-            let _ = writeln!(
-                out,
-                "warden_closes_total{{code=\"{code}\",org=\"{}\"}} {value}",
-                escape(org)
-            );
-        }
-        let _ = writeln!(out, "# HELP warden_denials_total Refused operations by rule.\n# TYPE warden_denials_total counter");
-        for ((org, rule), value) in locked(&self.denials).iter() {
-            let _ = writeln!(
-                out,
-                "warden_denials_total{{org=\"{}\",rule=\"{}\"}} {value}",
-                escape(org),
-                escape(rule)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP warden_limit_hits_total Limits hit.\n# TYPE warden_limit_hits_total counter"
-        );
-        for ((org, limit), value) in locked(&self.limits).iter() {
-            let _ = writeln!(
-                out,
-                "warden_limit_hits_total{{org=\"{}\",limit=\"{limit}\"}} {value}",
-                escape(org)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP warden_auth_seconds Time to authenticate a CONNECT.\n# TYPE warden_auth_seconds histogram"
-        );
-        for (bucket, bound) in self.auth_buckets.iter().zip(AUTH_BUCKETS_SECS) {
-            let _ = writeln!(
-                out,
-                "warden_auth_seconds_bucket{{le=\"{bound}\"}} {}",
-                load(bucket)
-            );
-        }
-        let count = load(&self.auth_count);
-        let _ = writeln!(out, "warden_auth_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "warden_auth_seconds_sum {}",
-            load(&self.auth_sum_micros) as f64 / 1e6
-        );
-        let _ = writeln!(out, "warden_auth_seconds_count {count}");
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
 
-/// The limit a closing code stands for, for `warden_limit_hits_total`.
-pub fn limit_name(code: CloseCode) -> Option<&'static str> {
-    Some(match code {
-        CloseCode::ServerCapacity => "process_connections",
-        CloseCode::OrgConnectionQuota => "org_connections",
-        CloseCode::AuthenticationBusy => "auth_queue",
-        CloseCode::TooManySubscriptions => "subscriptions",
-        CloseCode::MessageTooLarge => "payload",
-        CloseCode::InitialPacketTooLarge => "connect_size",
-        CloseCode::NoData => "connect_deadline",
-        CloseCode::KeepAliveTimeout => "keep_alive",
+/// The limit a cause stands for, for `warden_limit_hits_total`.
+pub fn limit_name(cause: crate::refusal::Cause) -> Option<&'static str> {
+    use crate::refusal::Cause;
+    Some(match cause {
+        Cause::ServerCapacity => "process_connections",
+        Cause::TenantQuota => "org_connections",
+        Cause::AuthenticationBusy => "auth_queue",
+        Cause::TooManySubscriptions => "subscriptions",
+        Cause::MessageTooLarge => "payload",
+        Cause::InitialPacketTooLarge => "connect_size",
+        Cause::NoData => "connect_deadline",
+        Cause::KeepAliveTimeout => "keep_alive",
         _ => return None,
     })
-}
-
-/// Escapes a label value (backslash, quote, newline).
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -258,15 +263,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_labelled_series() {
+    fn renders_labelled_series_under_the_documented_names() {
         let metrics = Metrics::default();
         metrics.connection("org1", "mqtt4", 1);
         metrics.close(180, "org1");
         metrics.denial("org1", "publish not allowed");
         metrics.limit("org1", "payload");
         metrics.auth_latency(Duration::from_micros(700));
-        metrics.bytes_in.fetch_add(42, Ordering::Relaxed);
-        let text = metrics.render(true, 0, 3);
+        metrics.bytes_in.inc_by(42);
+        metrics.monitor.upstream_up.set(1);
+        metrics.monitor.published.inc_by(3);
+        let text = metrics.render();
         for line in [
             "warden_connections{org=\"org1\",protocol=\"mqtt4\"} 1",
             "warden_closes_total{code=\"180\",org=\"org1\"} 1",
@@ -274,6 +281,7 @@ mod tests {
             "warden_limit_hits_total{org=\"org1\",limit=\"payload\"} 1",
             "warden_auth_seconds_bucket{le=\"0.001\"} 1",
             "warden_auth_seconds_bucket{le=\"0.0005\"} 0",
+            "warden_auth_seconds_count 1",
             "warden_bytes_in_total 42",
             "warden_upstream_up 1",
             "warden_monitor_published_total 3",

@@ -1,66 +1,47 @@
-//! The proxy as a whole: the state every session shares, the listeners, the accept loop with its
-//! process-wide connection cap, and the process's life: start, policy reloads and shutdown.
+//! Assembly: builds the profile, the shared state and the session context from the config,
+//! binds the listeners (before anything dials the broker), runs the accept loops, and shuts
+//! down. Nothing imports this module; it is the one place that knows every piece.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use thiserror::Error;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::admin::AdminState;
 use crate::auth::Verifier;
-use crate::close::{CloseCode, CloseReason};
 use crate::config::WardenConfig;
+use crate::coord::ids::process_hex;
+use crate::coord::local::{LocalAdmission, LocalReporter, LocalTenantBuckets};
+use crate::coord::{Admission, ProcessSlots};
+use crate::ledger::Ledger;
+use crate::limits::{refusal_log_budget, ConnectRates};
 use crate::metrics::Metrics;
-use crate::monitor::Monitor;
-use crate::policy::{load_policies, Policy, PolicyErrors};
-use crate::registry::Registry;
-use crate::session::{self, ConnectionInfo};
-use crate::transport::{self, tls, ListenerTransport, PeerCertificate, ServerTls, TlsError};
+use crate::monitor::{ControlConfig, Monitor, Recovery};
+use crate::policy::{load_policies, PolicyErrors, PolicyStore};
+use crate::profile::Profile;
+use crate::refusal::{Cause, Refusal};
+use crate::reload::Reloader;
+use crate::session::{self, Context};
+use crate::transport::{
+    self, ConnectionInfo, ListenerTransport, PeerCertificate, ServerTls, TlsError,
+};
 use crate::upstream::Dialer;
+use crate::wiotp::Wiotp;
 
-/// What every session shares.
-pub struct Shared {
-    /// The process config.
-    pub config: WardenConfig,
-    /// The policy in force; a reload swaps it whole.
-    pub policy: ArcSwap<Policy>,
-    /// Token verification.
-    pub verifier: Arc<Verifier>,
-    /// Live sessions.
-    pub registry: Arc<Registry>,
-    /// Monitoring messages.
-    pub monitor: Monitor,
-    /// How to reach the broker.
-    pub dialer: Dialer,
-    /// Free connection slots (104 when none).
-    pub connection_slots: Arc<Semaphore>,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Publish buckets shared by the connections of each org.
-    pub org_buckets: crate::limits::OrgBuckets,
-    /// CONNECT rates per client ID and per source address.
-    pub connect_rates: crate::limits::ConnectRates,
-    /// Bumped on every applied policy reload, so that a session that was still connecting
-    /// during a reload notices it (registered sessions are told through the registry).
-    pub policy_generation: AtomicU64,
-    /// Every session task, so that shutdown can wait for them.
-    pub sessions: TaskTracker,
-    shutting_down: AtomicBool,
-}
+/// The session context of this proxy: the WIoTP profile, dialling the configured broker.
+type ProxyContext = Context<Wiotp, Dialer>;
 
-impl Shared {
-    /// Whether a shutdown has begun (new CONNECTs are refused, `/readyz` is red).
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Relaxed)
-    }
-}
+/// How often the CONNECT-rate maps drop keys that have been idle.
+const CONNECT_RATE_SWEEP: Duration = Duration::from_secs(60);
+/// How long the accept loop backs off after an accept error (EMFILE and friends).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Why the proxy could not start.
 #[derive(Debug, Error)]
@@ -88,12 +69,20 @@ pub enum StartError {
 pub struct RunningProxy {
     /// The bound listener addresses, in config order (useful with port 0).
     pub listen_addrs: Vec<SocketAddr>,
-    /// The shared state.
-    pub shared: Arc<Shared>,
     /// The admin endpoint's address, when configured.
     pub admin_addr: Option<SocketAddr>,
     /// Each TLS listener's certificates, in config order (reloadable).
     pub tls: Vec<Arc<ServerTls>>,
+    /// The process metrics.
+    pub metrics: Arc<Metrics>,
+    /// The control connection.
+    pub monitor: Monitor,
+    /// Live sessions.
+    pub admission: Arc<LocalAdmission>,
+    reloader: Arc<Reloader>,
+    ledger: Ledger,
+    sessions: TaskTracker,
+    shutting_down: Arc<AtomicBool>,
     shutdown: watch::Sender<bool>,
     accept_tasks: JoinSet<()>,
 }
@@ -106,42 +95,55 @@ impl RunningProxy {
     }
 
     /// Shuts down: stop accepting, close every session with 93 (MQTT 5: DISCONNECT 0x8B), let
-    /// their Disconnect monitoring messages reach the broker, all within `grace`.
+    /// their Disconnect statuses reach the broker, all within `grace`.
     pub async fn shutdown(mut self, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
-        self.shared.shutting_down.store(true, Ordering::Relaxed);
+        self.shutting_down.store(true, Ordering::Relaxed);
         self.stop_accepting().await;
-        let sessions = self.shared.registry.sessions();
+        let sessions = self.admission.sessions();
         info!(sessions = sessions.len(), "closing sessions for shutdown");
         for session in &sessions {
-            session.close(CloseReason::new(CloseCode::ServerShutdown));
+            session.close(Refusal::new(Cause::Shutdown));
         }
-        self.shared.sessions.close();
-        if tokio::time::timeout_at(deadline, self.shared.sessions.wait())
+        self.sessions.close();
+        if tokio::time::timeout_at(deadline, self.sessions.wait())
             .await
             .is_err()
         {
             warn!("grace time over before every session closed");
         }
-        if tokio::time::timeout_at(deadline, self.shared.monitor.flushed())
+        // This process is going: its ledger marker goes too, unless sessions are left (then the
+        // will clears it when the connection drops, and the next process settles them).
+        if self.admission.sessions().is_empty() {
+            self.monitor.send(vec![self.ledger.marker_clear()]);
+        }
+        self.monitor.close();
+        if tokio::time::timeout_at(deadline, self.monitor.flushed())
             .await
             .is_err()
         {
-            warn!("grace time over before every monitoring message was published");
+            warn!("grace time over before every status message was published");
         }
     }
 
     /// Reloads the policy now (what SIGHUP and a file change do).
     pub fn reload_policy(&self) -> Result<(), PolicyErrors> {
-        crate::reload::apply(&self.shared)
+        self.reloader.reload_policy()
+    }
+
+    /// TLS handshakes that failed so far (closing code 163).
+    pub fn tls_handshake_failures(&self) -> u64 {
+        self.metrics.tls_handshake_failures.get()
     }
 }
 
-/// Loads the policy, starts the monitor and binds every listener.
+/// Loads the policy, binds every listener, then starts the control connection and the accept
+/// loops. Binding comes first, so a second start of the same config fails before it touches
+/// the broker.
 pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
     let policy = load_policies(&config.policies)?;
     info!(orgs = policy.orgs.len(), path = %config.policies.display(), "policy loaded");
-    let dialer = Dialer::new(&config.upstream)?;
+    let dialer = Arc::new(Dialer::new(&config.upstream)?);
     let transports = config
         .listeners
         .iter()
@@ -153,9 +155,45 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             })
         })
         .collect::<Result<Vec<_>, TlsError>>()?;
-    // The control client ID names this instance on the broker: it must stay the same across
-    // restarts, so that a restarted process finds and settles its predecessor's clients.
-    let control_id = config
+    let mut listeners = Vec::with_capacity(config.listeners.len());
+    for listener_config in &config.listeners {
+        let bind_error = |source| StartError::Bind {
+            address: listener_config.bind,
+            source,
+        };
+        let listener = TcpListener::bind(listener_config.bind)
+            .await
+            .map_err(bind_error)?;
+        let local = listener.local_addr().map_err(bind_error)?;
+        listeners.push((listener, local));
+    }
+    let admin_listener = match config.admin.as_ref().map(|admin| admin.bind) {
+        Some(bind) => Some(
+            TcpListener::bind(bind)
+                .await
+                .map_err(|source| StartError::Bind {
+                    address: bind,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+
+    let metrics = Arc::new(Metrics::default());
+    let store = Arc::new(PolicyStore::new(policy));
+    let verifier = Verifier::new(config.limits.auth_workers, config.limits.auth_queue);
+    let profile = Arc::new(Wiotp::new(
+        store.clone(),
+        verifier.clone(),
+        &config.upstream.topic_prefix,
+    ));
+    let admission = LocalAdmission::new();
+
+    // The ledger namespace names this instance on the broker and stays the same across
+    // restarts, so that a restarted process finds and settles its predecessor's clients. The
+    // control connection's client ID adds this process's own ID, so that two processes never
+    // take each other's control connection over.
+    let namespace = config
         .upstream
         .control_client_id
         .clone()
@@ -167,105 +205,140 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
                 .unwrap_or_default();
             format!("mqtt-warden-{}", first_bind.replace([':', '[', ']'], "_"))
         });
-    let registry = Registry::new();
-    let is_live: crate::monitor::IsLive = {
-        let registry = registry.clone();
-        Arc::new(move |identity| registry.is_live(identity))
+    let boot = process_hex();
+    let ledger = Ledger::new(&namespace, &boot);
+    let recovery = {
+        let (ledger, profile, admission) = (ledger.clone(), profile.clone(), admission.clone());
+        Recovery {
+            filter: ledger.filter(),
+            sentinel: ledger.sentinel_topic(),
+            settle: Box::new(move |found| {
+                let settled = ledger.recover(
+                    found,
+                    |entry| profile.settle(entry),
+                    |presence| admission.is_present(presence),
+                );
+                let clients = settled.iter().filter(|p| !p.payload.is_empty()).count();
+                if clients > 0 {
+                    warn!(
+                        statuses = clients,
+                        "settled clients of an earlier process that stopped without closing them"
+                    );
+                }
+                settled
+            }),
+        }
     };
-    let ledger = crate::ledger::Ledger::new(&control_id);
     let monitor = Monitor::spawn(
         dialer.clone(),
-        control_id,
-        config.limits.monitor_queue,
-        ledger,
-        is_live,
+        ControlConfig {
+            client_id: format!("{namespace}-{boot}"),
+            will: Some(ledger.marker_clear()),
+            greeting: vec![ledger.marker()],
+            recovery: Some(recovery),
+            queue_limit: config.limits.monitor_queue,
+            queue_bytes: config.limits.monitor_queue_bytes,
+        },
+        metrics.monitor.clone(),
     );
-    let shared = Arc::new(Shared {
-        verifier: Verifier::new(config.limits.auth_workers, config.limits.auth_queue),
-        connection_slots: Arc::new(Semaphore::new(config.limits.max_connections)),
-        policy: ArcSwap::from_pointee(policy),
-        registry,
-        monitor,
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let connect_rates = Arc::new(ConnectRates::new(
+        config.limits.connect_rate_per_client_id,
+        config.limits.connect_rate_per_address,
+    ));
+    let context: Arc<ProxyContext> = Arc::new(Context {
+        profile,
         dialer,
-        metrics: Metrics::default(),
-        org_buckets: Default::default(),
-        connect_rates: crate::limits::ConnectRates::new(
-            config.limits.connect_rate_per_client_id,
-            config.limits.connect_rate_per_address,
-        ),
-        policy_generation: AtomicU64::new(0),
-        sessions: TaskTracker::new(),
-        shutting_down: AtomicBool::new(false),
-        config,
+        admission: admission.clone(),
+        slots: ProcessSlots::new(config.limits.max_connections),
+        buckets: Arc::new(LocalTenantBuckets::default()),
+        reporter: Arc::new(LocalReporter::new(monitor.clone(), ledger.clone())),
+        connect_rates: connect_rates.clone(),
+        metrics: metrics.clone(),
+        limits: config.limits.clone(),
+        shutting_down: shutting_down.clone(),
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let tls: Vec<Arc<ServerTls>> = transports.iter().filter_map(|t| t.tls.clone()).collect();
+    let reloader = Arc::new(Reloader {
+        policy_path: config.policies.clone(),
+        store,
+        verifier,
+        admission: admission.clone(),
+        metrics: metrics.clone(),
+        tls: tls.clone(),
+    });
+    reloader.clone().spawn(shutdown_rx.clone());
+
+    let sessions = TaskTracker::new();
     let mut listen_addrs = Vec::new();
     let mut accept_tasks = JoinSet::new();
-    let tls: Vec<Arc<ServerTls>> = transports.iter().filter_map(|t| t.tls.clone()).collect();
-    accept_tasks.spawn(tls::watch_reloads(tls.clone(), shutdown_rx.clone()));
-    for (listener_config, transport) in shared.config.listeners.iter().zip(transports) {
-        let listener = TcpListener::bind(listener_config.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                address: listener_config.bind,
-                source,
-            })?;
-        let local = listener.local_addr().map_err(|source| StartError::Bind {
-            address: listener_config.bind,
-            source,
-        })?;
+    for ((listener, local), transport) in listeners.into_iter().zip(transports) {
         info!(address = %local, tls = transport.tls.is_some(), "listening");
         listen_addrs.push(local);
         accept_tasks.spawn(accept_loop(
             listener,
             local,
             Arc::new(transport),
-            shared.clone(),
+            context.clone(),
+            sessions.clone(),
             shutdown_rx.clone(),
         ));
     }
-    let admin_addr = match shared.config.admin.as_ref().map(|admin| admin.bind) {
-        Some(bind) => Some(
-            crate::admin::serve(bind, shared.clone(), shutdown_rx.clone())
-                .await
-                .map_err(|source| StartError::Bind {
-                    address: bind,
-                    source,
-                })?,
-        ),
+    let admin_addr = match admin_listener {
+        Some(listener) => {
+            let ready = {
+                let (monitor, shutting_down) = (monitor.clone(), shutting_down.clone());
+                Arc::new(move || monitor.is_connected() && !shutting_down.load(Ordering::Relaxed))
+            };
+            let state = AdminState {
+                metrics: metrics.clone(),
+                ready,
+            };
+            let address = listener.local_addr().map_err(|source| StartError::Bind {
+                address: ([0, 0, 0, 0], 0).into(),
+                source,
+            })?;
+            crate::admin::serve(listener, state, shutdown_rx.clone())
+                .map_err(|source| StartError::Bind { address, source })?;
+            Some(address)
+        }
         None => None,
     };
-    crate::reload::watch(shared.clone(), shutdown_rx.clone());
-    tokio::spawn(forget_idle_connect_rates(shared.clone(), shutdown_rx));
+    tokio::spawn(forget_idle_connect_rates(connect_rates, shutdown_rx));
     Ok(RunningProxy {
         listen_addrs,
-        shared,
         admin_addr,
         tls,
+        metrics,
+        monitor,
+        admission,
+        reloader,
+        ledger,
+        sessions,
+        shutting_down,
         shutdown,
         accept_tasks,
     })
 }
 
-/// How often the CONNECT-rate maps drop keys that have been idle.
-const CONNECT_RATE_SWEEP: Duration = Duration::from_secs(60);
-
-async fn forget_idle_connect_rates(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+async fn forget_idle_connect_rates(rates: Arc<ConnectRates>, mut shutdown: watch::Receiver<bool>) {
     let mut sweep = tokio::time::interval(CONNECT_RATE_SWEEP);
     loop {
         tokio::select! {
-            _ = sweep.tick() => shared.connect_rates.shrink(),
+            _ = sweep.tick() => rates.shrink(),
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
 }
 
-async fn accept_loop(
+async fn accept_loop<P: Profile>(
     listener: TcpListener,
     local: SocketAddr,
     transport: Arc<ListenerTransport>,
-    shared: Arc<Shared>,
+    context: Arc<Context<P, Dialer>>,
+    sessions: TaskTracker,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -274,68 +347,65 @@ async fn accept_loop(
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         match accepted {
-            Ok((stream, peer)) => spawn_session(stream, peer, local, &transport, &shared),
+            Ok((stream, peer)) => {
+                sessions.spawn(serve_connection(
+                    stream,
+                    peer,
+                    local,
+                    transport.clone(),
+                    context.clone(),
+                ));
+            }
             Err(error) => {
                 // EMFILE and friends: back off briefly instead of spinning on the error.
                 warn!(%error, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }
 }
 
-/// Runs a connection's transport handshakes and then its session, in a task of its own.
-fn spawn_session(
+/// Runs a connection's transport handshakes and then its session.
+async fn serve_connection<P: Profile>(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
-    transport: &Arc<ListenerTransport>,
-    shared: &Arc<Shared>,
+    transport: Arc<ListenerTransport>,
+    context: Arc<Context<P, Dialer>>,
 ) {
     let _ = stream.set_nodelay(true);
-    let task_shared = shared.clone();
-    let transport = transport.clone();
     let connected_at = SystemTime::now();
-    shared.sessions.spawn(async move {
-        let shared = task_shared;
-        let accepted = match transport::accept(stream, &transport).await {
-            Ok(accepted) => accepted,
-            Err(error) => {
-                if error.is_tls_failure() {
-                    shared
-                        .metrics
-                        .tls_handshake_failures
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                match error.close_code() {
-                    Some(code) => {
-                        info!(%peer, code = code.number(), %error, "connection closed before MQTT")
-                    }
-                    None => debug!(%peer, %error, "connection closed before MQTT"),
-                }
-                return;
+    let accepted = match transport::accept(stream, &transport).await {
+        Ok(accepted) => accepted,
+        Err(error) => {
+            if error.is_tls_failure() {
+                context.metrics.tls_handshake_failures.inc();
             }
-        };
-        let certname = match &accepted.certificate {
-            PeerCertificate::Verified { common_name } => common_name.clone(),
-            _ => None,
-        };
-        let info = ConnectionInfo {
-            peer,
-            local,
-            secure: accepted.secure,
-            websocket: accepted.websocket,
-            certname,
-            certificate: accepted.certificate,
-            connected_at,
-        };
-        session::run(accepted.stream, info, shared).await;
-    });
-}
-
-impl Shared {
-    /// TLS handshakes that failed so far (closing code 163).
-    pub fn tls_handshake_failures(&self) -> u64 {
-        self.metrics.tls_handshake_failures.load(Ordering::Relaxed)
-    }
+            match error.cause() {
+                Some(cause) => {
+                    let code = context.profile.code(cause).number;
+                    context.metrics.close(code, "");
+                    if let Some(suppressed) = refusal_log_budget() {
+                        info!(%peer, code, %error, suppressed, "connection closed before MQTT");
+                    }
+                }
+                None => debug!(%peer, %error, "connection closed before MQTT"),
+            }
+            return;
+        }
+    };
+    let certname = match &accepted.certificate {
+        PeerCertificate::Verified { common_name } => common_name.clone(),
+        _ => None,
+    };
+    let info = ConnectionInfo {
+        peer,
+        local,
+        secure: accepted.secure,
+        websocket: accepted.websocket,
+        certname,
+        certificate: accepted.certificate,
+        connected_at,
+    };
+    session::run(accepted.stream, info, context).await;
 }

@@ -1,15 +1,16 @@
-//! Live policy edits: the policy path is watched (notify) and SIGHUP forces a reload. A valid
-//! policy is swapped in whole, the verification cache is dropped, and every session is told to
-//! re-evaluate itself (through the registry; a session still connecting compares
-//! `Shared::policy_generation` once it is registered). An invalid one is logged with file, line and
-//! field, counted, and the last good policy stays in force.
+//! Live reloads: one service watches the policy files and the TLS listeners' files (notify, with
+//! polling as the fallback) and listens for SIGHUP, which forces a reload of both.
 //!
-//! Editors often save in several steps (truncate, write, rename). Changes are therefore applied
-//! only after the files have been quiet for [`SETTLE`] and read the same twice in a row, so a
-//! half-written file is never applied.
+//! A valid policy is swapped in whole, the verification cache is dropped, and every session is
+//! told to re-evaluate itself (a session still connecting notices through the policy
+//! generation). An invalid one is logged with file, line and field, counted, and the last good
+//! policy stays in force. TLS files that do not load leave the last good certificate in force.
+//!
+//! Editors often save in several steps (truncate, write, rename). Policy changes are therefore
+//! applied only after the files have been quiet for [`SETTLE`] and read the same twice in a row,
+//! so a half-written file is never applied.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -17,48 +18,153 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::policy::{load_policies, PolicyErrors};
-use crate::proxy::Shared;
+use crate::auth::Verifier;
+use crate::coord::Admission;
+use crate::metrics::Metrics;
+use crate::policy::{load_policies, PolicyErrors, PolicyStore};
+use crate::transport::ServerTls;
 
 /// How long the policy files must be quiet before a change is applied.
 pub const SETTLE: Duration = Duration::from_millis(250);
-/// How often the files are compared when the file-system watcher is unavailable.
+/// How often the files are compared, whether or not the file-system watcher works.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// File-system events waiting to be looked at, at most (more only repeat "something changed").
+const EVENT_QUEUE: usize = 16;
 
-/// Loads the policy and, when valid, swaps it in and tells every session.
-pub fn apply(shared: &Shared) -> Result<(), PolicyErrors> {
-    match load_policies(&shared.config.policies) {
-        Ok(policy) => {
-            let orgs = policy.orgs.len();
-            shared.policy.store(Arc::new(policy));
-            shared.verifier.clear_cache();
-            shared.policy_generation.fetch_add(1, Ordering::Release);
-            for session in shared.registry.sessions() {
-                session.reevaluate();
+/// What a reload touches.
+pub struct Reloader {
+    /// A policy file or a folder of them.
+    pub policy_path: PathBuf,
+    /// The policy in force.
+    pub store: Arc<PolicyStore>,
+    /// Its verification cache is dropped on every policy change.
+    pub verifier: Arc<Verifier>,
+    /// The sessions to tell.
+    pub admission: Arc<dyn Admission>,
+    /// Reload counters.
+    pub metrics: Arc<Metrics>,
+    /// The TLS listeners.
+    pub tls: Vec<Arc<ServerTls>>,
+}
+
+impl Reloader {
+    /// Loads the policy and, when valid, puts it in force and tells every session.
+    pub fn reload_policy(&self) -> Result<(), PolicyErrors> {
+        match load_policies(&self.policy_path) {
+            Ok(policy) => {
+                let orgs = policy.orgs.len();
+                self.store.replace(policy);
+                self.verifier.clear_cache();
+                for session in self.admission.sessions() {
+                    session.reevaluate();
+                }
+                self.metrics.policy_reloads.inc();
+                info!(orgs, "policy reloaded");
+                Ok(())
             }
-            shared
-                .metrics
-                .policy_reloads
-                .fetch_add(1, Ordering::Relaxed);
-            info!(orgs, "policy reloaded");
-            Ok(())
-        }
-        Err(errors) => {
-            shared
-                .metrics
-                .policy_reload_failures
-                .fetch_add(1, Ordering::Relaxed);
-            for error in &errors.0 {
-                warn!(
-                    file = %error.file.display(),
-                    line = error.line,
-                    field = %error.field,
-                    message = %error.message,
-                    "policy edit rejected; the last good policy stays"
-                );
+            Err(errors) => {
+                self.metrics.policy_reload_failures.inc();
+                for error in &errors.0 {
+                    warn!(
+                        file = %error.file.display(),
+                        line = error.line,
+                        field = %error.field,
+                        message = %error.message,
+                        "policy edit rejected; the last good policy stays"
+                    );
+                }
+                Err(errors)
             }
-            Err(errors)
         }
+    }
+
+    /// Reloads the TLS files that changed (every one when `forced`).
+    pub fn reload_tls(&self, forced: bool) {
+        for tls in &self.tls {
+            let result = if forced {
+                tls.reload().map(|()| true)
+            } else {
+                tls.reload_if_changed()
+            };
+            if let Err(error) = result {
+                warn!(%error, "TLS files not reloaded; the previous certificate stays in force");
+            }
+        }
+    }
+
+    /// Watches the files and SIGHUP until `shutdown`. The SIGHUP handler is installed before this
+    /// returns, so no signal is missed once the listeners are bound.
+    pub fn spawn(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut hangup = hangup_signal();
+        let (tx, mut changes) = mpsc::channel::<()>(EVENT_QUEUE);
+        // Editors replace files by rename, so folders are watched, not files.
+        let mut folders: Vec<PathBuf> = vec![folder_of(&self.policy_path)];
+        for tls in &self.tls {
+            for file in tls.files() {
+                folders.push(folder_of(file));
+            }
+        }
+        folders.sort();
+        folders.dedup();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                // A full queue already says that something changed.
+                let _ = tx.try_send(());
+            }
+        })
+        .and_then(|mut watcher| {
+            for folder in &folders {
+                watcher.watch(folder, RecursiveMode::NonRecursive)?;
+            }
+            Ok(watcher)
+        });
+        if let Err(error) = &watcher {
+            warn!(%error, "cannot watch the policy and certificate folders; polling only");
+        }
+        tokio::spawn(async move {
+            let _watcher = watcher;
+            let mut last = fingerprint(&self.policy_path);
+            let mut poll = tokio::time::interval(POLL_INTERVAL);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let forced = tokio::select! {
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                    Some(()) = changes.recv() => false,
+                    _ = poll.tick() => false,
+                    Some(()) = next_hangup(&mut hangup) => true,
+                };
+                self.reload_tls(forced);
+                if !forced && fingerprint(&self.policy_path) == last {
+                    continue;
+                }
+                // Let a multi-step save finish: wait until nothing changes for SETTLE.
+                loop {
+                    tokio::select! {
+                        Some(()) = changes.recv() => continue,
+                        _ = tokio::time::sleep(SETTLE) => {}
+                    }
+                    let now = fingerprint(&self.policy_path);
+                    tokio::time::sleep(SETTLE).await;
+                    if fingerprint(&self.policy_path) == now {
+                        break;
+                    }
+                }
+                let now = fingerprint(&self.policy_path);
+                if forced || now != last {
+                    last = now;
+                    let _ = self.reload_policy();
+                }
+            }
+        });
+    }
+}
+
+/// The folder a path lives in (the path itself when it is a folder).
+fn folder_of(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().map(Path::to_path_buf).unwrap_or_default()
     }
 }
 
@@ -87,66 +193,6 @@ fn fingerprint(path: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         .collect()
 }
 
-/// Watches the policy path and SIGHUP until `shutdown`, reloading on every settled change.
-pub fn watch(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
-    let path = shared.config.policies.clone();
-    let (tx, mut changes) = mpsc::unbounded_channel::<()>();
-    // Editors replace files by rename, so the folder (or the file's folder) is what is watched.
-    let watched = if path.is_dir() {
-        path.clone()
-    } else {
-        path.parent().map(Path::to_path_buf).unwrap_or_default()
-    };
-    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.send(());
-        }
-    })
-    .and_then(|mut watcher| {
-        watcher
-            .watch(&watched, RecursiveMode::NonRecursive)
-            .map(|()| watcher)
-    });
-    let polling = match &watcher {
-        Ok(_) => false,
-        Err(error) => {
-            warn!(%error, path = %watched.display(), "cannot watch the policy folder; polling instead");
-            true
-        }
-    };
-    tokio::spawn(async move {
-        let _watcher = watcher;
-        let mut hangup = hangup_signal();
-        let mut last = fingerprint(&path);
-        let mut poll = tokio::time::interval(POLL_INTERVAL);
-        loop {
-            let forced = tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => return,
-                Some(()) = changes.recv() => false,
-                _ = poll.tick(), if polling => false,
-                Some(()) = next_hangup(&mut hangup) => true,
-            };
-            // Let a multi-step save finish: wait until nothing changes for SETTLE.
-            loop {
-                tokio::select! {
-                    Some(()) = changes.recv() => continue,
-                    _ = tokio::time::sleep(SETTLE) => {}
-                }
-                let now = fingerprint(&path);
-                tokio::time::sleep(SETTLE).await;
-                if fingerprint(&path) == now {
-                    break;
-                }
-            }
-            let now = fingerprint(&path);
-            if forced || now != last {
-                last = now;
-                let _ = apply(&shared);
-            }
-        }
-    });
-}
-
 #[cfg(unix)]
 type Hangup = Option<tokio::signal::unix::Signal>;
 #[cfg(not(unix))]
@@ -154,7 +200,13 @@ type Hangup = Option<()>;
 
 #[cfg(unix)]
 fn hangup_signal() -> Hangup {
-    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            warn!(%error, "cannot listen for SIGHUP; reloads follow file changes only");
+            None
+        }
+    }
 }
 
 #[cfg(not(unix))]

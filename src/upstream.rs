@@ -1,19 +1,19 @@
 //! Dialling the broker: one connection per client session, plus the monitor's control
-//! connection, over TCP or TLS (`upstream.tls`), from the configured source addresses in turn,
-//! and reading the broker's CONNACK.
+//! connection, over TCP or TLS (`upstream.tls`), from the configured source addresses in turn
+//! ([`Dialer`], behind the [`Dial`] trait), and the CONNECT / CONNACK exchange ([`handshake`]).
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{lookup_host, TcpSocket, TcpStream};
+use tokio_util::either::Either;
 
 use crate::codec::{decode_frame_header, CodecError, FrameHeader};
 use crate::config::UpstreamConfig;
@@ -57,6 +57,9 @@ pub enum UpstreamError {
     /// The broker did not answer in time.
     #[error("broker did not answer within {0:?}")]
     Timeout(Duration),
+    /// Writing the CONNECT or reading the CONNACK failed.
+    #[error("broker handshake: {0}")]
+    Handshake(#[source] std::io::Error),
     /// The broker closed the connection before CONNACK.
     #[error("broker closed the connection before CONNACK")]
     Closed,
@@ -77,52 +80,22 @@ pub enum UpstreamError {
 }
 
 /// A connection to the broker: TCP, or TLS over TCP.
-#[derive(Debug)]
-pub enum UpstreamStream {
-    /// Plain TCP.
-    Tcp(TcpStream),
-    /// TLS.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
+pub type UpstreamStream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
-impl AsyncRead for UpstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(stream) => Pin::new(stream).poll_read(cx, buf),
-            UpstreamStream::Tls(stream) => Pin::new(&mut **stream).poll_read(cx, buf),
-        }
-    }
-}
+/// A way to open connections to the broker. The session and the monitor dial through it; tests
+/// dial in-memory streams.
+pub trait Dial: Send + Sync + 'static {
+    /// A connection.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
 
-impl AsyncWrite for UpstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(stream) => Pin::new(stream).poll_write(cx, buf),
-            UpstreamStream::Tls(stream) => Pin::new(&mut **stream).poll_write(cx, buf),
-        }
-    }
+    /// Opens a connection (no MQTT yet).
+    fn dial(&self) -> impl Future<Output = Result<Self::Stream, UpstreamError>> + Send;
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(stream) => Pin::new(stream).poll_flush(cx),
-            UpstreamStream::Tls(stream) => Pin::new(&mut **stream).poll_flush(cx),
-        }
-    }
+    /// The proxy's user name on the broker.
+    fn username(&self) -> Option<&str>;
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(stream) => Pin::new(stream).poll_shutdown(cx),
-            UpstreamStream::Tls(stream) => Pin::new(&mut **stream).poll_shutdown(cx),
-        }
-    }
+    /// Its password.
+    fn password(&self) -> Option<&[u8]>;
 }
 
 /// How to reach the broker, with the proxy's own credentials. Its `Debug` output hides the
@@ -186,10 +159,10 @@ impl Dialer {
 
     /// Opens a connection to the broker (TCP with Nagle off, as the proxy batches its own writes;
     /// then TLS if configured).
-    pub async fn dial(&self) -> Result<UpstreamStream, UpstreamError> {
+    pub async fn dial_stream(&self) -> Result<UpstreamStream, UpstreamError> {
         let stream = self.dial_tcp().await?;
         let Some(tls) = &self.tls else {
-            return Ok(UpstreamStream::Tcp(stream));
+            return Ok(Either::Left(stream));
         };
         let handshake = tls.connector.connect(tls.server_name.clone(), stream);
         let stream = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, handshake)
@@ -199,7 +172,7 @@ impl Dialer {
                 address: self.address.clone(),
                 source,
             })?;
-        Ok(UpstreamStream::Tls(Box::new(stream)))
+        Ok(Either::Right(Box::new(stream)))
     }
 
     async fn dial_tcp(&self) -> Result<TcpStream, UpstreamError> {
@@ -257,49 +230,59 @@ impl Dialer {
         }
         Err(last_error.unwrap_or_else(|| io::Error::other("no source address")))
     }
+}
 
-    /// Sends an encoded CONNECT and reads frames into `buf` until the broker's first packet is
-    /// complete. Returns its header; the CONNACK is `buf[..header.frame_len()]`, and anything after
-    /// it (messages of a persistent session) stays in `buf` for the bridge.
-    pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
-        &self,
-        stream: &mut S,
-        connect: &[u8],
-        buf: &mut BytesMut,
-    ) -> Result<FrameHeader, UpstreamError> {
-        let exchange = async {
-            let sent = async {
-                stream.write_all(connect).await?;
-                stream.flush().await
-            };
-            sent.await.map_err(|source| UpstreamError::Io {
-                address: self.address.clone(),
-                source,
-            })?;
-            loop {
-                if let Some(header) = decode_frame_header(buf, MAX_CONNACK_BYTES)? {
-                    if buf.len() >= header.frame_len() {
-                        if header.first_byte != 0x20 {
-                            return Err(UpstreamError::NotConnack);
-                        }
-                        return Ok(header);
+impl Dial for Dialer {
+    type Stream = UpstreamStream;
+
+    async fn dial(&self) -> Result<UpstreamStream, UpstreamError> {
+        self.dial_stream().await
+    }
+
+    fn username(&self) -> Option<&str> {
+        self.username.as_deref()
+    }
+
+    fn password(&self) -> Option<&[u8]> {
+        self.password.as_deref().map(str::as_bytes)
+    }
+}
+
+/// Sends an encoded CONNECT and reads frames into `buf` until the broker's first packet is
+/// complete, within [`UPSTREAM_CONNECT_TIMEOUT`]. Returns its header; the CONNACK is
+/// `buf[..header.frame_len()]`, and anything after it (messages of a persistent session) stays in
+/// `buf` for the bridge.
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    connect: &[u8],
+    buf: &mut BytesMut,
+) -> Result<FrameHeader, UpstreamError> {
+    let exchange = async {
+        stream
+            .write_all(connect)
+            .await
+            .map_err(UpstreamError::Handshake)?;
+        stream.flush().await.map_err(UpstreamError::Handshake)?;
+        loop {
+            if let Some(header) = decode_frame_header(buf, MAX_CONNACK_BYTES)? {
+                if buf.len() >= header.frame_len() {
+                    if header.first_byte != 0x20 {
+                        return Err(UpstreamError::NotConnack);
                     }
-                }
-                buf.reserve(READ_BUFFER_BYTES);
-                let read = stream
-                    .read_buf(buf)
-                    .await
-                    .map_err(|source| UpstreamError::Io {
-                        address: self.address.clone(),
-                        source,
-                    })?;
-                if read == 0 {
-                    return Err(UpstreamError::Closed);
+                    return Ok(header);
                 }
             }
-        };
-        tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, exchange)
-            .await
-            .map_err(|_| UpstreamError::Timeout(UPSTREAM_CONNECT_TIMEOUT))?
-    }
+            buf.reserve(READ_BUFFER_BYTES);
+            let read = stream
+                .read_buf(buf)
+                .await
+                .map_err(UpstreamError::Handshake)?;
+            if read == 0 {
+                return Err(UpstreamError::Closed);
+            }
+        }
+    };
+    tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, exchange)
+        .await
+        .map_err(|_| UpstreamError::Timeout(UPSTREAM_CONNECT_TIMEOUT))?
 }

@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::sync::atomic::Ordering;
-
 use rumqttc::{ConnectReturnCode, QoS};
 use support::{mon, standard_policy, v4, Broker, Warden, WAIT};
 
@@ -32,15 +30,15 @@ async fn broker_outage_closes_sessions_refuses_connects_and_keeps_monitoring_mes
         Some(v4::Refused::Code(ConnectReturnCode::ServiceUnavailable))
     );
 
-    let status = warden.running.shared.monitor.status();
-    let confirmed_before = status.published.load(Ordering::Relaxed);
+    let published = &warden.running.metrics.monitor.published;
+    let confirmed_before = published.get();
 
     // The broker returns on the same port; the queued messages are flushed and confirmed.
     let broker = Broker::start_on(port, "")
         .await
         .expect("broker restarts on its port");
     tokio::time::timeout(WAIT, async {
-        while status.published.load(Ordering::Relaxed) < confirmed_before + 2 {
+        while published.get() < confirmed_before + 2 {
             tokio::task::yield_now().await;
         }
     })

@@ -179,7 +179,7 @@ async fn mosquitto_clients_over_tls_with_cafile_and_client_certificates() {
     assert_eq!(line, "iot-2/type/sensor/id/dev1/evt/temp/fmt/txt 21.5");
 
     // Without the CA the client refuses the server: a failed handshake, counted.
-    let before = warden.running.shared.tls_handshake_failures();
+    let before = warden.running.tls_handshake_failures();
     let other = TestPki::new("other");
     let out = Command::new("mosquitto_pub")
         .args(["-h", "localhost", "-p", &port])
@@ -197,7 +197,7 @@ async fn mosquitto_clients_over_tls_with_cafile_and_client_certificates() {
         .await
         .unwrap();
     assert!(!out.status.success());
-    wait_until(|| warden.running.shared.tls_handshake_failures() > before).await;
+    wait_until(|| warden.running.tls_handshake_failures() > before).await;
 }
 
 async fn wait_until(mut condition: impl FnMut() -> bool) {
@@ -487,8 +487,8 @@ async fn hostile_inputs_on_the_tls_port_are_closed_and_counted() {
         "limits:\n  connect_timeout_secs: 2\n",
     )
     .await;
-    let shared = warden.running.shared.clone();
-    let failures = || shared.tls_handshake_failures();
+    let running = &warden.running;
+    let failures = || running.tls_handshake_failures();
 
     // Plain MQTT sent to the TLS port: closed without an answer.
     let mut stream = TcpStream::connect(warden.tls_addr()).await.unwrap();
@@ -813,7 +813,7 @@ async fn serves_tls_1_2_and_1_3_only() {
     }
 
     // TLS 1.1 (OpenSSL's client, with its own floor lowered) is refused in the handshake.
-    let before = warden.running.shared.tls_handshake_failures();
+    let before = warden.running.tls_handshake_failures();
     let output = Command::new("openssl")
         .args(["s_client", "-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"])
         .args(["-connect", &warden.tls_addr().to_string()])
@@ -822,5 +822,5 @@ async fn serves_tls_1_2_and_1_3_only() {
         .await
         .expect("openssl is installed");
     assert!(!output.status.success(), "{output:?}");
-    wait_until(|| warden.running.shared.tls_handshake_failures() > before).await;
+    wait_until(|| warden.running.tls_handshake_failures() > before).await;
 }

@@ -232,9 +232,9 @@ async fn websocket_on_a_tls_listener_needs_tls() {
     assert!(tokio_tungstenite::connect_async(url.as_str())
         .await
         .is_err());
-    let shared = warden.running.shared.clone();
+    let running = &warden.running;
     tokio::time::timeout(WAIT, async {
-        while shared.tls_handshake_failures() != 1 {
+        while running.tls_handshake_failures() != 1 {
             tokio::time::sleep(Duration::from_millis(20)).await; // sleep-ok: polls a counter, which has no event to await
         }
     })

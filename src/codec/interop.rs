@@ -520,8 +520,8 @@ fn connack(session_present: bool, code: u8, properties: Vec<Property<'_>>) -> Co
 /// MQTT 3.1.1 CONNECTs. mqttbytes reads a password as a string, so these are UTF-8.
 #[rustfmt::skip]
 fn v311_connects() -> Vec<(ProtocolVersion, v5::Connect)> {
-    let status = |qos, retain| their_will("iot-2/type/sensor/id/s-1/evt/status/fmt/json", b"{\"online\":false}", qos, retain);
-    let lwt = their_will("iot-2/evt/lwt/fmt/txt", b"gone\x00\xff", ExactlyOnce, true);
+    let status = |qos, retain| their_will("things/type/sensor/id/s-1/evt/status/fmt/json", b"{\"online\":false}", qos, retain);
+    let lwt = their_will("things/evt/lwt/fmt/txt", b"gone\x00\xff", ExactlyOnce, true);
     [
         their_connect("d:org1:sensor:s-1", (60, true), status(AtLeastOnce, true), Some(("use-token-auth", "t0ken-\u{e9}")), None),
         their_connect("a:org1:app", (0, false), status(ExactlyOnce, false), Some(("a-org1-key", "")), None),
@@ -547,7 +547,7 @@ fn v5_connects() -> Vec<(ProtocolVersion, v5::Connect)> {
     };
     let sensor_will = v5::WillProperties {
         delay_interval: Some(30), payload_format_indicator: Some(1), message_expiry_interval: Some(600),
-        content_type: text("application/json"), response_topic: text("iot-2/cmd/ack/fmt/json"),
+        content_type: text("application/json"), response_topic: text("things/cmd/ack/fmt/json"),
         correlation_data: Some(Bytes::from_static(b"\x00\x01corr")), user_properties: pairs(&[("k", "v")]),
     };
     let app = v5::ConnectProperties {
@@ -559,7 +559,7 @@ fn v5_connects() -> Vec<(ProtocolVersion, v5::Connect)> {
     };
     let app_will = v5::WillProperties {
         delay_interval: Some(10), payload_format_indicator: Some(1), message_expiry_interval: Some(3600),
-        content_type: text("application/json"), response_topic: text("iot-2/cmd/lwt-ack/fmt/json"),
+        content_type: text("application/json"), response_topic: text("things/cmd/lwt-ack/fmt/json"),
         correlation_data: Some(Bytes::from_static(&[0, 1, 2])), user_properties: pairs(&[("k", "v")]),
     };
     let forever = v5::ConnectProperties {
@@ -568,8 +568,8 @@ fn v5_connects() -> Vec<(ProtocolVersion, v5::Connect)> {
         user_properties: vec![], authentication_method: None, authentication_data: None,
     };
     let with = |will: Option<v5::LastWill>, p| will.map(|w| v5::LastWill { properties: Some(p), ..w });
-    let sensor_lwt = with(their_will("iot-2/evt/lwt/fmt/json", b"{\"online\":false}", AtLeastOnce, true), sensor_will);
-    let app_lwt = with(their_will("iot-2/evt/lwt/fmt/json", b"{}", AtLeastOnce, true), app_will);
+    let sensor_lwt = with(their_will("things/evt/lwt/fmt/json", b"{\"online\":false}", AtLeastOnce, true), sensor_will);
+    let app_lwt = with(their_will("things/evt/lwt/fmt/json", b"{}", AtLeastOnce, true), app_will);
     let lwt = their_will("lwt", b"", ExactlyOnce, false);
     [
         their_connect("d:org1:sensor:s-1", (45, true), sensor_lwt, Some(("use-token-auth", "t0ken")), Some(sensor)),
@@ -593,14 +593,14 @@ fn subscribes() -> Vec<(ProtocolVersion, v5::Subscribe)> {
         v5::Subscribe { pkid, filters, properties }
     };
     let with = |id, user_properties| Some(v5::SubscribeProperties { id: Some(id), user_properties });
-    let proxy_v311 = [("org1/iot-2/type/+/id/+/evt/+/fmt/+", 0), ("org1/iot-2/cmd/#", 1), ("org1/a/b", 2)];
-    let client_v311 = [("iot-2/type/+/id/+/evt/+/fmt/+", 0), ("iot-2/cmd/#", 1), ("#", 2), ("a/+/c", 1)];
+    let proxy_v311 = [("org1/things/type/+/id/+/evt/+/fmt/+", 0), ("org1/things/cmd/#", 1), ("org1/a/b", 2)];
+    let client_v311 = [("things/type/+/id/+/evt/+/fmt/+", 0), ("things/cmd/#", 1), ("#", 2), ("a/+/c", 1)];
     let proxy = [
-        ("org1/iot-2/type/+/id/+/evt/+/fmt/+", 0x01), ("$share/g1/org1/iot-2/#", 0x02 | 0x08 | 0x20),
+        ("org1/things/type/+/id/+/evt/+/fmt/+", 0x01), ("$share/g1/org1/things/#", 0x02 | 0x08 | 0x20),
         ("org1/a/b", 0x04 | 0x10), ("org1/c", 0x04 | 0x08 | 0x20 | 0x02),
     ];
     let client = [
-        ("iot-2/type/+/id/+/evt/+/fmt/+", 0x01), ("$share/group/iot-2/cmd/#", 0x02 | 0x08 | 0x20),
+        ("things/type/+/id/+/evt/+/fmt/+", 0x01), ("$share/group/things/cmd/#", 0x02 | 0x08 | 0x20),
         ("org1/a/b", 0x04 | 0x10), ("+", 0x02 | 0x04 | 0x08 | 0x20),
     ];
     vec![
@@ -621,8 +621,8 @@ fn unsubscribes() -> Vec<(ProtocolVersion, v5::Unsubscribe)> {
         let properties = user_properties.map(|p| v5::UnsubscribeProperties { user_properties: pairs(p) });
         v5::Unsubscribe { pkid, filters: filters.iter().map(|f| f.to_string()).collect(), properties }
     };
-    let proxy = ["org1/iot-2/type/+/id/+/evt/+/fmt/+", "$share/g1/org1/iot-2/#", "org1/caf\u{e9}"];
-    let client = ["iot-2/type/+/id/+/evt/+/fmt/+", "iot-2/cmd/#", "caf\u{e9}/+"];
+    let proxy = ["org1/things/type/+/id/+/evt/+/fmt/+", "$share/g1/org1/things/#", "org1/caf\u{e9}"];
+    let client = ["things/type/+/id/+/evt/+/fmt/+", "things/cmd/#", "caf\u{e9}/+"];
     vec![
         (V311, unsubscribe(7, &proxy, None)),
         (V311, unsubscribe(5, &client, None)),
@@ -647,7 +647,7 @@ fn subacks() -> Vec<(ProtocolVersion, v5::SubAck)> {
     vec![
         (V311, suback(9, &v311[..], None)),
         (V311, suback(77, &v311, None)),
-        (V5, suback(0xFFFE, &proxy, reason("not authorized: iot-2/cmd/#", vec![]))),
+        (V5, suback(0xFFFE, &proxy, reason("not authorized: things/cmd/#", vec![]))),
         (V5, suback(0xFFFE, &proxy, None)),
         (V5, suback(78, &broker, reason("partly refused", pairs(&[("k", "v")])))),
         (V5, suback(78, &broker, None)),
@@ -710,11 +710,11 @@ fn our_connect_v5_decodes_in_mqttbytes() {
 /// rest (packet id, MQTT 5 properties, payload), and drop RETAIN.
 #[test]
 fn our_publish_rewrite_decodes_in_mqttbytes() {
-    let topic = "iot-2/type/sensor/id/s-1/evt/temp/fmt/json";
+    let topic = "things/type/sensor/id/s-1/evt/temp/fmt/json";
     #[rustfmt::skip]
     let properties = v5::PublishProperties {
         payload_format_indicator: Some(0), message_expiry_interval: Some(120),
-        response_topic: text("iot-2/cmd/reply/fmt/json"), correlation_data: Some(Bytes::from_static(b"\x00corr")),
+        response_topic: text("things/cmd/reply/fmt/json"), correlation_data: Some(Bytes::from_static(b"\x00corr")),
         content_type: text("application/json"), ..publish_props_with(None, pairs(&[("a", "1"), ("a", "2")]))
     };
     for version in [V311, V5] {
@@ -756,8 +756,8 @@ fn our_publish_with_properties_decodes_in_mqttbytes() {
         let view = parse_publish(first_byte, body, V5, true).expect("our parse");
         assert_eq!(view.topic_alias, Some(7));
 
-        let expected = their_publish("org1/iot-2/evt/x/fmt/bin", flags, pkid, &payload);
-        let parts: [&[u8]; 2] = [b"org1/", b"iot-2/evt/x/fmt/bin"];
+        let expected = their_publish("org1/things/evt/x/fmt/bin", flags, pkid, &payload);
+        let parts: [&[u8]; 2] = [b"org1/", b"things/evt/x/fmt/bin"];
         for properties in [&new_properties[..], &[]] {
             let frame = encoded(|out| {
                 encode_publish_with_properties(out, first_byte, &parts, &view, properties, body)
@@ -942,7 +942,7 @@ fn check_their_publish(version: ProtocolVersion, theirs: &v5::Publish) {
 #[test]
 fn mqttbytes_publish_v311_parses() {
     for topic in [
-        "iot-2/type/sensor/id/s-1/evt/temp/fmt/json",
+        "things/type/sensor/id/s-1/evt/temp/fmt/json",
         "capteurs/température/été",
         "/",
     ] {
@@ -968,10 +968,10 @@ fn mqttbytes_publish_v5_parses() {
         ..full.clone()
     };
     let cases = [
-        ("iot-2/type/sensor/id/s-1/evt/temp/fmt/json", None),
-        ("iot-2/evt/temp/fmt/json", Some(full)),
+        ("things/type/sensor/id/s-1/evt/temp/fmt/json", None),
+        ("things/evt/temp/fmt/json", Some(full)),
         (
-            "org1/iot-2/type/t/id/d/cmd/reboot/fmt/json",
+            "org1/things/type/t/id/d/cmd/reboot/fmt/json",
             Some(from_broker),
         ),
         // An empty topic with a Topic Alias (MQTT 5 §3.3.2.3.4).

@@ -2,7 +2,8 @@
 //! `#[cfg(test)]` module of `codec.rs`.
 
 use super::*;
-use crate::close::CloseCode;
+use crate::refusal::{Cause, Refusal};
+use crate::wiotp::codes::code;
 
 use CodecError::*;
 use ProtocolVersion::{V31, V311, V5};
@@ -36,15 +37,15 @@ fn split(frame: &[u8]) -> (u8, &[u8]) {
 
 /// Asserts the WIoTP number and the MQTT 5 DISCONNECT reason code of an error after CONNACK.
 fn assert_close(err: &CodecError, number: u16, v5_disconnect: u8) {
-    let reason = err.close_reason(false);
-    assert_eq!(reason.number(), number, "{err:?}");
+    let reason = Refusal::from_codec(err, false);
+    assert_eq!(code(reason.cause).number, number, "{err:?}");
     assert_eq!(reason.v5_disconnect(), Some(v5_disconnect), "{err:?}");
 }
 
 /// Asserts the WIoTP number and the MQTT 5 CONNACK reason code of an error in CONNECT.
 fn assert_connect_close(err: &CodecError, number: u16, v5_connack: Option<u8>) {
-    let reason = err.close_reason(true);
-    assert_eq!(reason.number(), number, "{err:?}");
+    let reason = Refusal::from_codec(err, true);
+    assert_eq!(code(reason.cause).number, number, "{err:?}");
     assert_eq!(reason.v5_connack(), v5_connack, "{err:?}");
 }
 
@@ -215,9 +216,9 @@ fn row03_huge_declared_length() {
             max: MAX
         }
     );
-    let reason = err.close_reason(true);
-    assert_eq!(reason.code, CloseCode::InitialPacketTooLarge);
-    assert_eq!(reason.number(), 165);
+    let reason = Refusal::from_codec(&err, true);
+    assert_eq!(reason.cause, Cause::InitialPacketTooLarge);
+    assert_eq!(code(reason.cause).number, 165);
     assert_close(&err, 287, 0x95);
 
     let err = decode_frame_header(&h("20 80 80 80 74"), MAX).unwrap_err();
@@ -610,7 +611,7 @@ fn row24_auth_data_without_method() {
 
 const BAD_UTF8: [&str; 3] = ["C0 AF", "ED A0 80", "FF"];
 
-/// Row 26: ill-formed UTF-8. Topics and filters are invalid topics (276, PRODUCT.md §3); other
+/// Row 26: ill-formed UTF-8. Topics and filters are invalid topics (276); other
 /// strings are malformed.
 #[test]
 fn row26_ill_formed_utf8() {
@@ -1007,7 +1008,7 @@ fn publish_view_ranges() {
 fn publish_round_trip_with_rewritten_topic() {
     let props = h("01 01 08 00 05 72 2F 6D 2F 31 09 00 02 AB CD");
     let body = publish_body(
-        b"iot-2/evt/e/fmt/json",
+        b"things/evt/e/fmt/json",
         Some(0x1234),
         Some(&props),
         b"{\"x\":1}",
@@ -1016,12 +1017,12 @@ fn publish_round_trip_with_rewritten_topic() {
     let rest = &body[view.after_topic.clone()];
 
     let mut out = BytesMut::new();
-    let parts: [&[u8]; 3] = [b"org/", b"iot-2/type/T/id/I", b"/evt/e/fmt/json"];
+    let parts: [&[u8]; 3] = [b"org/", b"things/type/T/id/I", b"/evt/e/fmt/json"];
     encode_publish(&mut out, 0x34, &parts, rest);
     let (first, new_body) = split(&out);
     assert_eq!(first, 0x34);
     let new_view = parse_publish(first, new_body, V5, true).unwrap();
-    assert_eq!(new_view.topic, "org/iot-2/type/T/id/I/evt/e/fmt/json");
+    assert_eq!(new_view.topic, "org/things/type/T/id/I/evt/e/fmt/json");
     assert_eq!(new_view.packet_id, Some(0x1234));
     assert_eq!(&new_body[new_view.after_topic.clone()], rest);
     assert_eq!(&new_body[new_view.payload], b"{\"x\":1}");
@@ -1317,7 +1318,7 @@ fn subscribe_round_trips() {
         },
     ];
     let filters: [(&[&[u8]], u8); 3] = [
-        (&[b"org/", b"iot-2/type/+/id/+/evt/+/fmt/+"], 1),
+        (&[b"org/", b"things/type/+/id/+/evt/+/fmt/+"], 1),
         (&[b"$share/g/", b"a/#"], 0x22),
         (&[b"#"], 0x19),
     ];
@@ -1336,7 +1337,7 @@ fn subscribe_round_trips() {
     assert_eq!(
         got,
         [
-            ("org/iot-2/type/+/id/+/evt/+/fmt/+", 1),
+            ("org/things/type/+/id/+/evt/+/fmt/+", 1),
             ("$share/g/a/#", 0x22),
             ("#", 0x19)
         ]

@@ -11,11 +11,10 @@ use thiserror::Error;
 
 use super::yaml::{self, LineMap};
 use super::{
-    ApiKey, ApiRole, Device, DeviceClass, DeviceType, GatewayRole, OnRateExceeded, OnViolation,
-    Org, OrgLimits, Policy, Rate, SecurityMode,
+    is_valid_id_part, ApiKey, ApiRole, Device, DeviceClass, DeviceType, GatewayRole,
+    OnRateExceeded, OnViolation, Org, OrgLimits, Policy, Rate, SecurityMode,
 };
 use crate::auth::TokenHash;
-use crate::identity::is_valid_id_part;
 
 /// The largest payload an MQTT packet can carry, in bytes (the remaining-length maximum).
 pub const MAX_MQTT_PAYLOAD_BYTES: u64 = 268_435_455;
@@ -246,11 +245,16 @@ impl Checker<'_> {
             device_types.insert(name, DeviceType { class });
         }
 
-        let mut devices = HashMap::new();
+        let mut devices: HashMap<String, HashMap<String, Device>> = HashMap::new();
         for (key, device) in config.devices {
             let device_field = format!("{field}.devices.{key}");
             if let Some(device) = self.device(&device_field, &key, device, &device_types) {
-                devices.insert(key, device);
+                if let Some((device_type, device_id)) = key.split_once('/') {
+                    devices
+                        .entry(device_type.to_owned())
+                        .or_default()
+                        .insert(device_id.to_owned(), device);
+                }
             }
         }
 
@@ -438,6 +442,12 @@ impl Checker<'_> {
                 Err(message) => self.error(format!("{field}.org_publish_rate"), message),
             }
         }
+        if let Some(text) = config.subscribe_rate {
+            match parse_rate(&text) {
+                Ok(rate) => limits.subscribe_rate = rate,
+                Err(message) => self.error(format!("{field}.subscribe_rate"), message),
+            }
+        }
         limits
     }
 }
@@ -467,7 +477,7 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
     Ok(Rate { count, per })
 }
 
-// The file format (PRODUCT.md §8). Unknown keys are errors, so a typo never silently means a default.
+// The file format. Unknown keys are errors, so a typo never silently means a default.
 
 /// A policy file.
 #[derive(Deserialize)]
@@ -549,6 +559,7 @@ struct LimitsConfig {
     publish_rate: Option<PerClassConfig<String>>,
     byte_rate: Option<PerClassConfig<String>>,
     org_publish_rate: Option<String>,
+    subscribe_rate: Option<String>,
 }
 
 /// A value per client class; every key optional.
@@ -567,7 +578,6 @@ fn yes() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::ClientClass;
     use crate::policy::PerClass;
 
     const DEV_HASH: &str =
@@ -660,7 +670,7 @@ mod tests {
             }
         );
         assert_eq!(
-            org.limits.publish_rate.get(ClientClass::Device),
+            org.limits.publish_rate.device,
             Rate {
                 count: 600,
                 per: Duration::from_secs(60)

@@ -1,8 +1,8 @@
 //! The policy model: orgs, device types, devices, gateways and API keys, as operators write them in
-//! `policies/*.yaml` (PRODUCT.md §8), in the compiled form the data path reads.
+//! `policies/*.yaml`, in the compiled form the data path reads.
 //!
-//! A [`Policy`] is immutable. A reload builds a new one and swaps it in whole (`arc_swap`), so a
-//! session sees either the old policy or the new one, never a mix. Loading and its precise errors
+//! A [`Policy`] is immutable. A reload builds a new one and swaps it into the [`PolicyStore`]
+//! whole, so a session sees either the old policy or the new one, never a mix. Loading and its precise errors
 //! (file, line, field) live in [`load`]. The enums below deserialise from the kebab-case names the
 //! files use (`tls-cert-or-token`, `backend-trusted`, ...).
 
@@ -12,18 +12,34 @@ pub(crate) mod yaml;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::auth::TokenHash;
+pub use crate::limits::Rate;
 
 pub use load::{load_policies, PolicyError, PolicyErrors};
+pub use store::PolicyStore;
 
-/// Default payload limit in bytes (PRODUCT.md §4).
+pub mod store;
+
+/// Default payload limit in bytes.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 131_072;
 /// Default concurrent connections per org.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Default SUBSCRIBE and UNSUBSCRIBE filters per second per connection.
+pub const DEFAULT_SUBSCRIBE_RATE: Rate = Rate::per_second(100);
+/// The longest org, app, type, device or instance ID, in characters.
+pub const MAX_ID_PART_CHARS: usize = 36;
+
+/// Whether `part` is a valid org, app, type, device or instance ID: 1 to
+/// [`MAX_ID_PART_CHARS`] characters of `[A-Za-z0-9._-]`.
+pub fn is_valid_id_part(part: &str) -> bool {
+    (1..=MAX_ID_PART_CHARS).contains(&part.len())
+        && part
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
 
 /// Every org the proxy knows. An org not in here is denied.
 #[derive(Debug, Default)]
@@ -39,7 +55,7 @@ impl Policy {
     }
 }
 
-/// How an org secures its connections (PRODUCT.md §2).
+/// How an org secures its connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SecurityMode {
@@ -56,7 +72,7 @@ pub enum SecurityMode {
     TlsCertOrToken,
 }
 
-/// What happens when a client publishes faster than its rate (PRODUCT.md §4).
+/// What happens when a client publishes faster than its rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnRateExceeded {
@@ -67,7 +83,7 @@ pub enum OnRateExceeded {
     Disconnect,
 }
 
-/// What happens when a client does something its identity may not do (PRODUCT.md §3).
+/// What happens when a client does something its identity may not do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnViolation {
@@ -89,28 +105,7 @@ pub struct PerClass<T> {
     pub application: T,
 }
 
-impl<T: Copy> PerClass<T> {
-    /// The value for a class.
-    pub fn get(&self, class: crate::identity::ClientClass) -> T {
-        use crate::identity::ClientClass;
-        match class {
-            ClientClass::Device => self.device,
-            ClientClass::Gateway => self.gateway,
-            ClientClass::Application | ClientClass::ScalableApplication => self.application,
-        }
-    }
-}
-
-/// A token-bucket rate: `count` per `per`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate {
-    /// Messages per period.
-    pub count: u32,
-    /// The period.
-    pub per: Duration,
-}
-
-/// Per-org limits (PRODUCT.md §4).
+/// Per-org limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrgLimits {
     /// Largest PUBLISH payload in bytes (287 above).
@@ -125,14 +120,13 @@ pub struct OrgLimits {
     pub byte_rate: PerClass<Option<Rate>>,
     /// Publishes of the whole org together, when limited.
     pub org_publish_rate: Option<Rate>,
+    /// SUBSCRIBE and UNSUBSCRIBE filters per connection.
+    pub subscribe_rate: Rate,
 }
 
 impl Default for OrgLimits {
     fn default() -> Self {
-        let per_second = |count| Rate {
-            count,
-            per: Duration::from_secs(1),
-        };
+        let per_second = Rate::per_second;
         OrgLimits {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -152,6 +146,7 @@ impl Default for OrgLimits {
                 application: None,
             },
             org_publish_rate: None,
+            subscribe_rate: DEFAULT_SUBSCRIBE_RATE,
         }
     }
 }
@@ -198,7 +193,7 @@ pub struct Device {
     pub enabled: bool,
 }
 
-/// An API key role (PRODUCT.md §3).
+/// An API key role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[allow(missing_docs)]
@@ -248,8 +243,9 @@ pub struct Org {
     pub limits: OrgLimits,
     /// Device types by name.
     pub device_types: HashMap<String, DeviceType>,
-    /// Devices and gateways by `TYPE/ID`.
-    pub devices: HashMap<String, Device>,
+    /// Devices and gateways by type, then ID (`TYPE/ID` in the file). Two levels, so that a
+    /// lookup on the data path builds no key.
+    pub devices: HashMap<String, HashMap<String, Device>>,
     /// API keys by key.
     pub api_keys: HashMap<String, ApiKey>,
 }
@@ -257,7 +253,22 @@ pub struct Org {
 impl Org {
     /// A registered device or gateway.
     pub fn device(&self, device_type: &str, device_id: &str) -> Option<&Device> {
-        // Keyed as the file writes it; the lookup builds the key once per CONNECT, not per message.
-        self.devices.get(&format!("{device_type}/{device_id}"))
+        self.devices.get(device_type)?.get(device_id)
+    }
+
+    /// Every registered device and gateway, with its type and ID.
+    pub fn all_devices(&self) -> impl Iterator<Item = (&str, &str, &Device)> {
+        self.devices.iter().flat_map(|(device_type, ids)| {
+            ids.iter()
+                .map(move |(id, device)| (device_type.as_str(), id.as_str(), device))
+        })
+    }
+
+    /// Registers a device or gateway (policy loading and tests).
+    pub fn insert_device(&mut self, device_type: &str, device_id: &str, device: Device) {
+        self.devices
+            .entry(device_type.to_owned())
+            .or_default()
+            .insert(device_id.to_owned(), device);
     }
 }

@@ -1,24 +1,31 @@
-//! The bridge loop: client ⇄ upstream for an established session.
+//! The bridge loop: client ⇄ broker for an established session.
 //!
 //! Each read fills a reusable buffer; every complete frame in it is checked and either copied
 //! unchanged into the outgoing buffer of the other side or, for PUBLISH, SUBSCRIBE and
-//! UNSUBSCRIBE, re-framed with the rewritten topic in front of the untouched rest. One write per
-//! read sends the whole batch. Nothing is allocated per forwarded PUBLISH: the buffers grow to
-//! the working-set size once and are reused.
+//! UNSUBSCRIBE, re-framed with the rewritten topic in front of the untouched rest. Nothing is
+//! allocated per forwarded PUBLISH: the buffers grow to the working-set size once and are
+//! reused.
+//!
+//! The loop waits on everything at once: both reads, both writes, its one timer and its mailbox.
+//! No write is awaited on its own, so a peer that stops reading freezes nothing: keep-alive,
+//! takeover, shutdown and policy edits still act at once. A side whose outgoing buffer is full
+//! is simply not read from (back-pressure), so memory stays bounded, and a write that makes no
+//! progress for `limits.write_timeout` closes the session.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::Ordering;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncReadExt;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::io::AsyncWrite;
 use tokio::time::Instant;
 use tracing::info;
 
-use super::ClientStream;
-use crate::close::{CloseCode, CloseReason};
+use super::{ClientStream, Context};
 use crate::codec::{
     check_ack, check_disconnect, decode_frame_header, encode_ack, encode_publish,
     encode_publish_with_properties, encode_suback, encode_subscribe, encode_unsubscribe,
@@ -26,19 +33,13 @@ use crate::codec::{
     parse_unsubscribe, publish_properties, varint_len, CodecError, PacketType, Property,
     PropertyContext, PropertyValue, ProtocolVersion, PublishView,
 };
-use crate::decision::Principal;
-use crate::identity::{ClientClass, Identity};
-use crate::limits::{bucket, take, Bucket};
-use crate::monitor::Publication;
-use crate::monitor::{ConnectionFacts, Counters};
-use crate::policy::{OnRateExceeded, OnViolation};
-use crate::proxy::Shared;
-use crate::registry::SessionCommand;
+use crate::coord::{Command, SessionControl, TenantBucket};
+use crate::limits::{refusal_log_budget, TokenBucket};
+use crate::profile::{Counters, Profile, RateAction, Request, SessionLimits};
+use crate::refusal::{Cause, Refusal};
+use crate::rewrite::{RewriteError, TopicMap};
 use crate::telemetry::TRACEPARENT;
-use crate::topics::parse_iot2;
-use crate::topics::TopicRewrite;
-use crate::transport::write_flushed;
-use crate::upstream::{UpstreamStream, READ_BUFFER_BYTES};
+use crate::upstream::{Dial, READ_BUFFER_BYTES};
 
 /// How often a session logs that it hit a rate limit, at most.
 const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -48,85 +49,32 @@ const METRICS_REPORT_EVERY: u32 = 64;
 const MAX_READ_CHUNK: usize = 64 * 1024;
 /// Largest packet accepted from the broker, in bytes (the broker is trusted, but bounded).
 const MAX_BROKER_PACKET_BYTES: usize = 16 * 1024 * 1024;
+/// Outgoing bytes above which neither side is read until the writes catch up. One read adds at
+/// most [`MAX_READ_CHUNK`] (and the topic rewrite's growth) on top.
+const OUTPUT_HIGH_WATER_BYTES: usize = 128 * 1024;
 /// Outgoing buffers larger than this after a burst are released, in bytes.
 const SHRINK_ABOVE_BYTES: usize = 256 * 1024;
 
-/// Per-session limits fixed at CONNECT. The org's own limits (payload, subscriptions, retained
-/// flag, quickstart) are read from the principal's org, so a policy edit changes them at once.
+/// What the session agreed with the client and the broker at CONNECT.
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub struct Negotiated {
     /// Largest packet from the client (the Maximum Packet Size announced to MQTT 5 clients).
     pub max_packet_bytes: usize,
     /// The client's own Maximum Packet Size (MQTT 5).
     pub client_max_packet: Option<usize>,
     /// The broker's Topic Alias Maximum, which the client was told.
     pub topic_alias_maximum: u16,
-    /// How long part of a packet may wait for the rest.
-    pub partial_packet_timeout: Duration,
     /// Unacknowledged QoS 1/2 PUBLISHes from the client (the Receive Maximum it was told).
     pub max_inflight: usize,
-    /// Filters in one SUBSCRIBE.
-    pub max_filters_per_subscribe: usize,
-}
-
-/// The publish buckets of a connection: its own rate, its byte rate, and its org's aggregate.
-fn buckets(
-    principal: &Principal,
-    shared: &Shared,
-) -> (Bucket, Option<Bucket>, Option<Arc<Bucket>>) {
-    let limits = &principal.org.limits;
-    let class = principal.identity.class;
-    // A byte bucket must hold the largest message at once, or that message could never pass.
-    let min_bytes = u32::try_from(limits.max_payload_bytes).unwrap_or(u32::MAX);
-    (
-        bucket(limits.publish_rate.get(class), 1),
-        limits
-            .byte_rate
-            .get(class)
-            .map(|rate| bucket(rate, min_bytes)),
-        limits
-            .org_publish_rate
-            .map(|rate| shared.org_buckets.get(&principal.org.id, rate)),
-    )
 }
 
 /// A client topic alias.
 #[derive(Debug)]
 struct Alias {
-    /// The topic, in client form.
-    topic: Box<str>,
+    /// The topic, in client form; its capacity is reused when the alias is set again.
+    topic: String,
     /// Whether the broker knows the alias (it does not if the PUBLISH that set it was refused).
     upstream: bool,
-}
-
-/// The kind of client request a refusal is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Request {
-    Publish,
-    Subscribe,
-}
-
-impl Request {
-    fn name(self) -> &'static str {
-        match self {
-            Request::Publish => "Publish",
-            Request::Subscribe => "Subscribe",
-        }
-    }
-}
-
-/// The shared-subscription group of a scalable application: `A:ORG:APP` connections share one
-/// group, `A:ORG:APP:INSTANCE` connections another (PRODUCT.md §3).
-fn share_prefix(identity: &Identity) -> String {
-    if identity.class != ClientClass::ScalableApplication {
-        return String::new();
-    }
-    let kind = if identity.instance().is_some() {
-        "instances"
-    } else {
-        "app"
-    };
-    format!("$share/wiotp.{}.{}.{kind}/", identity.org, identity.first)
 }
 
 /// The value of a `traceparent` user property of an MQTT 5 PUBLISH, without allocating.
@@ -144,13 +92,41 @@ fn find_traceparent<'a>(body: &'a [u8], publish: &PublishView<'_>) -> Option<&'a
     found
 }
 
-/// A topic-filter syntax error is 276 with MQTT 5's "Topic Filter invalid".
-fn filter_error(error: CodecError) -> CloseReason {
-    let mut reason = error.close_reason(false);
-    if reason.code == CloseCode::InvalidTopic {
-        reason.v5_reason = Some(0x8F);
+/// The refusal for a topic or filter that has no broker form.
+fn rewrite_refusal(error: RewriteError, filter: bool) -> Refusal {
+    match error {
+        RewriteError::Outside => Refusal::with_detail(
+            Cause::NotAuthorized,
+            if filter {
+                "filter outside the client's namespace"
+            } else {
+                "topic outside the client's namespace"
+            },
+        ),
+        RewriteError::TooLong | RewriteError::TooDeep => {
+            let refusal = Refusal::with_detail(
+                Cause::InvalidTopic,
+                if error == RewriteError::TooLong {
+                    "longer than 65535 bytes with the broker prefix"
+                } else {
+                    "too many levels with the broker prefix"
+                },
+            );
+            if filter {
+                refusal.v5(0x8F)
+            } else {
+                refusal
+            }
+        }
     }
-    reason
+}
+
+/// The refusal for invalid data from the broker.
+fn broker_fault(error: CodecError) -> Refusal {
+    Refusal::with_detail(
+        Cause::ServerClosed,
+        format!("invalid data from the broker: {error}"),
+    )
 }
 
 /// What processing a batch of client packets asks for next.
@@ -160,26 +136,105 @@ enum Flow {
     Disconnected,
 }
 
+/// What one turn of the loop was woken by.
+enum Event {
+    Command(Command),
+    Timer,
+    ClientWrote(io::Result<Wrote>),
+    UpstreamWrote(io::Result<Wrote>),
+    ClientRead(io::Result<usize>),
+    UpstreamRead(io::Result<usize>),
+}
+
+/// What a write step did.
+enum Wrote {
+    /// Bytes left the buffer.
+    Bytes(usize),
+    /// Everything written before was flushed (TLS and WebSocket hold bytes until then).
+    Flushed,
+}
+
+/// One side's outgoing bytes.
+#[derive(Debug, Default)]
+struct Outgoing {
+    buf: BytesMut,
+    /// Bytes were written and not flushed yet.
+    unflushed: bool,
+    /// Since when output has waited without any progress.
+    stalled_since: Option<Instant>,
+}
+
+impl Outgoing {
+    fn pending(&self) -> bool {
+        !self.buf.is_empty() || self.unflushed
+    }
+
+    /// One step of writing: some bytes, or the flush once every byte is written.
+    fn poll_write<W: AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut W,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<io::Result<Wrote>> {
+        if self.buf.is_empty() {
+            return Pin::new(stream).poll_flush(cx).map_ok(|()| Wrote::Flushed);
+        }
+        match Pin::new(stream).poll_write(cx, &self.buf) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => Poll::Ready(Ok(Wrote::Bytes(n))),
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Accounts for a write step; returns the bytes written.
+    fn wrote(&mut self, wrote: Wrote, now: Instant) -> usize {
+        self.stalled_since = Some(now);
+        match wrote {
+            Wrote::Bytes(n) => {
+                self.buf.advance(n);
+                self.unflushed = true;
+                if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE_BYTES {
+                    self.buf = BytesMut::new();
+                }
+                n
+            }
+            Wrote::Flushed => {
+                self.unflushed = false;
+                0
+            }
+        }
+    }
+
+    /// Starts or stops the stall clock after the buffer changed.
+    fn track(&mut self, now: Instant) {
+        if !self.pending() {
+            self.stalled_since = None;
+        } else if self.stalled_since.is_none() {
+            self.stalled_since = Some(now);
+        }
+    }
+}
+
 /// One established session's two connections and its state.
-pub struct Bridge<S> {
-    pub(super) client: S,
-    pub(super) upstream: UpstreamStream,
+pub struct Bridge<P: Profile, D: Dial, C> {
+    context: Arc<Context<P, D>>,
+    pub(super) client: C,
+    pub(super) upstream: D::Stream,
     client_in: BytesMut,
     upstream_in: BytesMut,
-    to_upstream: BytesMut,
-    to_client: BytesMut,
+    to_upstream: Outgoing,
+    to_client: Outgoing,
     /// The client's protocol version.
     pub version: ProtocolVersion,
     upstream_version: ProtocolVersion,
-    /// Who the client is.
-    pub principal: Principal,
-    /// Its topic rewrite.
-    pub rewrite: TopicRewrite,
-    /// Monitoring facts.
-    pub facts: ConnectionFacts,
+    /// Who the client is, as the profile sees it.
+    pub principal: P::Principal,
+    topics: TopicMap,
+    tenant: Arc<str>,
+    limits: SessionLimits,
+    negotiated: Negotiated,
     /// Byte and message counts.
     pub counters: Counters,
-    limits: Limits,
     keep_alive: Option<Duration>,
     /// When the last complete packet arrived (keep-alive counts packets, not bytes).
     last_packet_at: Instant,
@@ -187,12 +242,16 @@ pub struct Bridge<S> {
     partial_since: Option<Instant>,
     /// Reading the client is paused by a rate limit until then.
     resume_at: Option<Instant>,
+    /// Whether the last turn left the client unread because output was full.
+    client_held: bool,
     /// Publishes per second of this connection.
-    publish_bucket: Bucket,
+    publish_bucket: TokenBucket,
     /// Payload bytes per second of this connection, when limited.
-    byte_bucket: Option<Bucket>,
-    /// Publishes per second of the whole org, when limited.
-    org_bucket: Option<Arc<Bucket>>,
+    byte_bucket: Option<TokenBucket>,
+    /// Publishes per second of the whole tenant, when limited.
+    tenant_bucket: Option<Arc<dyn TenantBucket>>,
+    /// Subscription filters per second of this connection.
+    subscribe_bucket: TokenBucket,
     /// Packet ids of the client's QoS 1/2 PUBLISHes the broker has not completed yet.
     inflight: HashSet<u16>,
     /// When a rate limit was last logged (limit hits are logged at most once a second).
@@ -207,17 +266,9 @@ pub struct Bridge<S> {
     upstream_chunk: usize,
     /// Client topic aliases (MQTT 5), by alias number.
     aliases: HashMap<u16, Alias>,
-    /// `$share/GROUP/` for scalable applications, else empty: put in front of every filter.
-    share_prefix: String,
     /// SUBSCRIBEs with filters the proxy refused itself, by packet id: the codes to merge into
     /// the broker's SUBACK (`None`: the broker's code).
     pending_subacks: HashMap<u16, Vec<Option<u8>>>,
-    /// Monitor, metrics and the policy.
-    shared: Arc<Shared>,
-    /// The policy generation the session was authorized under.
-    policy_generation: u64,
-    /// This session's place under the process connection cap, given back when it ends.
-    _slot: OwnedSemaphorePermit,
     /// UNSUBSCRIBEs the proxy sent itself (a policy edit revoked a subscription), by packet id:
     /// their UNSUBACKs are not the client's.
     proxy_unsubscribes: HashSet<u16>,
@@ -228,40 +279,65 @@ pub struct Bridge<S> {
     subscriptions: HashSet<Box<str>>,
     /// QoS 2 deliveries the proxy dropped and acknowledged itself; the broker's PUBREL is answered here.
     upstream_local_qos2: HashSet<u16>,
-    /// QoS 2 publishes the proxy acknowledged itself (quickstart downgrade); the client's PUBREL is answered here.
+    /// QoS 2 publishes the proxy acknowledged itself (a QoS downgrade); the client's PUBREL is
+    /// answered here.
     client_local_qos2: HashSet<u16>,
 }
 
-impl<S: ClientStream> Bridge<S> {
+/// The buckets of a connection's limits: publishes, payload bytes, the tenant's, subscriptions.
+fn buckets<P: Profile, D: Dial>(
+    context: &Context<P, D>,
+    tenant: &str,
+    limits: &SessionLimits,
+) -> (
+    TokenBucket,
+    Option<TokenBucket>,
+    Option<Arc<dyn TenantBucket>>,
+    TokenBucket,
+) {
+    // A byte bucket must hold the largest message at once, or that message could never pass.
+    let min_bytes = u32::try_from(limits.max_payload_bytes).unwrap_or(u32::MAX);
+    (
+        TokenBucket::new(limits.publish_rate, 1),
+        limits
+            .byte_rate
+            .map(|rate| TokenBucket::new(rate, min_bytes)),
+        limits
+            .tenant_publish_rate
+            .map(|rate| context.buckets.bucket(tenant, rate)),
+        TokenBucket::new(limits.subscribe_rate, 1),
+    )
+}
+
+impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
     /// A bridge over an established pair of connections. `client_in` and `upstream_in` may hold
     /// bytes that arrived behind the CONNECT and the CONNACK.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        client: S,
+        context: Arc<Context<P, D>>,
+        client: C,
         client_in: BytesMut,
-        upstream: UpstreamStream,
+        upstream: D::Stream,
         upstream_in: BytesMut,
         version: ProtocolVersion,
-        principal: Principal,
-        rewrite: TopicRewrite,
-        facts: ConnectionFacts,
+        principal: P::Principal,
+        topics: TopicMap,
+        tenant: Arc<str>,
+        limits: SessionLimits,
+        negotiated: Negotiated,
         counters: Counters,
-        limits: Limits,
         keep_alive_secs: u16,
-        shared: Arc<Shared>,
-        policy_generation: u64,
-        slot: OwnedSemaphorePermit,
-    ) -> Bridge<S> {
-        let share_prefix = share_prefix(&principal.identity);
-        let (publish_bucket, byte_bucket, org_bucket) = buckets(&principal, &shared);
-
+    ) -> Bridge<P, D, C> {
+        let (publish_bucket, byte_bucket, tenant_bucket, subscribe_bucket) =
+            buckets(&context, &tenant, &limits);
         Bridge {
+            context,
             client,
             upstream,
             client_in,
             upstream_in,
-            to_upstream: BytesMut::new(),
-            to_client: BytesMut::new(),
+            to_upstream: Outgoing::default(),
+            to_client: Outgoing::default(),
             version,
             upstream_version: if version == ProtocolVersion::V31 {
                 ProtocolVersion::V311
@@ -269,18 +345,21 @@ impl<S: ClientStream> Bridge<S> {
                 version
             },
             principal,
-            rewrite,
-            facts,
-            counters,
+            topics,
+            tenant,
             limits,
+            negotiated,
+            counters,
             keep_alive: (keep_alive_secs > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500)),
             last_packet_at: Instant::now(),
             partial_since: None,
             resume_at: None,
+            client_held: false,
             publish_bucket,
             byte_bucket,
-            org_bucket,
+            tenant_bucket,
+            subscribe_bucket,
             inflight: HashSet::new(),
             last_limit_log: None,
             reported: Counters::default(),
@@ -288,11 +367,7 @@ impl<S: ClientStream> Bridge<S> {
             client_chunk: READ_BUFFER_BYTES,
             upstream_chunk: READ_BUFFER_BYTES,
             aliases: HashMap::new(),
-            share_prefix,
             pending_subacks: HashMap::new(),
-            shared,
-            policy_generation,
-            _slot: slot,
             proxy_unsubscribes: HashSet::new(),
             client_unsubscribes: HashSet::new(),
             subscriptions: HashSet::new(),
@@ -301,113 +376,189 @@ impl<S: ClientStream> Bridge<S> {
         }
     }
 
-    /// Subscriptions this connection may hold (154 above).
-    fn max_subscriptions(&self) -> usize {
-        self.principal
-            .org
-            .limits
-            .max_subscriptions
-            .get(self.principal.identity.class) as usize
-    }
-
     /// Whether a packet of `len` bytes may be sent to the client (its Maximum Packet Size).
     pub fn client_fits(&self, len: usize) -> bool {
-        self.limits.client_max_packet.is_none_or(|max| len <= max)
+        self.negotiated
+            .client_max_packet
+            .is_none_or(|max| len <= max)
+    }
+
+    /// Whether both outgoing buffers have room for what another read may bring.
+    fn output_has_room(&self) -> bool {
+        self.to_client.buf.len() < OUTPUT_HIGH_WATER_BYTES
+            && self.to_upstream.buf.len() < OUTPUT_HIGH_WATER_BYTES
     }
 
     /// Runs until the session ends, and says why.
-    pub async fn run(
-        &mut self,
-        commands: &mut mpsc::UnboundedReceiver<SessionCommand>,
-    ) -> CloseReason {
+    pub async fn run(&mut self, control: &SessionControl) -> Refusal {
         // A policy edit that landed while this session was connecting has not reached it yet.
-        if self.shared.policy_generation.load(Ordering::Acquire) != self.policy_generation {
-            if let Err(reason) = self.reevaluate() {
-                return reason;
+        if self.context.profile.stale(&self.principal) {
+            if let Err(refusal) = self.reevaluate() {
+                return refusal;
             }
         }
-        match self.pump_buffered().await {
+        // Bytes that arrived together with the CONNECT or the CONNACK.
+        match self.process_client() {
             Ok(Flow::Continue) => {}
-            Ok(Flow::Disconnected) => return CloseReason::new(CloseCode::Normal),
-            Err(reason) => return reason,
+            Ok(Flow::Disconnected) => return Refusal::new(Cause::Normal),
+            Err(refusal) => return refusal,
+        }
+        if let Err(refusal) = self.process_upstream() {
+            return refusal;
         }
         let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
-        // One timer for every deadline: keep-alive, a partly received packet, and the end of a
-        // rate-limit pause. It is re-armed only when it fires or a pause begins.
+        // One timer for every deadline: keep-alive, a partly received packet, the end of a
+        // rate-limit pause and stalled writes. It is re-armed when it fires or a deadline moves
+        // earlier; one that moved later is found when the timer fires.
         let timer = tokio::time::sleep_until(self.next_deadline().unwrap_or(far_future));
         tokio::pin!(timer);
         loop {
-            let client_room = reserve_read_room(&mut self.client_in, self.client_chunk);
-            let upstream_room = reserve_read_room(&mut self.upstream_in, self.upstream_chunk);
-            enum Event {
-                Client(std::io::Result<usize>),
-                Upstream(std::io::Result<usize>),
-                Timer,
-                Command(Option<SessionCommand>),
+            let now = Instant::now();
+            self.to_client.track(now);
+            self.to_upstream.track(now);
+            let room = self.output_has_room();
+            let read_client = room && self.resume_at.is_none();
+            if self.client_held && room {
+                // Time the proxy held the client back is not the client's silence.
+                self.last_packet_at = now;
             }
-            let paused = self.resume_at.is_some();
-            let partial = self.partial_since.is_some();
-            let event = tokio::select! {
-                read = self.client.read_buf(&mut self.client_in), if !paused => Event::Client(read),
-                read = self.upstream.read_buf(&mut self.upstream_in) => Event::Upstream(read),
-                _ = &mut timer => Event::Timer,
-                command = commands.recv() => Event::Command(command),
+            self.client_held = !room;
+            let client_room = if read_client {
+                reserve_read_room(&mut self.client_in, self.client_chunk)
+            } else {
+                0
             };
+            let upstream_room = if room {
+                reserve_read_room(&mut self.upstream_in, self.upstream_chunk)
+            } else {
+                0
+            };
+            if let Some(deadline) = self.next_deadline() {
+                if timer.is_elapsed() || deadline < timer.deadline() {
+                    timer.as_mut().reset(deadline);
+                }
+            } else if timer.is_elapsed() {
+                timer.as_mut().reset(far_future);
+            }
+
+            let event = std::future::poll_fn(|cx| {
+                if let Poll::Ready(command) = control.poll_next(cx) {
+                    return Poll::Ready(Event::Command(command));
+                }
+                if timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Timer);
+                }
+                if self.to_upstream.pending() {
+                    if let Poll::Ready(wrote) = self.to_upstream.poll_write(&mut self.upstream, cx)
+                    {
+                        return Poll::Ready(Event::UpstreamWrote(wrote));
+                    }
+                }
+                if self.to_client.pending() {
+                    if let Poll::Ready(wrote) = self.to_client.poll_write(&mut self.client, cx) {
+                        return Poll::Ready(Event::ClientWrote(wrote));
+                    }
+                }
+                if read_client {
+                    if let Poll::Ready(read) = tokio_util::io::poll_read_buf(
+                        Pin::new(&mut self.client),
+                        cx,
+                        &mut self.client_in,
+                    ) {
+                        return Poll::Ready(Event::ClientRead(read));
+                    }
+                }
+                if room {
+                    if let Poll::Ready(read) = tokio_util::io::poll_read_buf(
+                        Pin::new(&mut self.upstream),
+                        cx,
+                        &mut self.upstream_in,
+                    ) {
+                        return Poll::Ready(Event::UpstreamRead(read));
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+
             let step = match event {
-                Event::Client(Ok(0)) => Err(CloseReason::new(CloseCode::ClosedByClient)),
-                Event::Client(Err(error)) => Err(CloseReason::with_detail(
-                    CloseCode::ClosedByClient,
-                    error.to_string(),
-                )),
-                Event::Client(Ok(read)) => {
+                Event::Command(Command::Close(refusal)) => Err(refusal),
+                Event::Command(Command::Reevaluate) => self.reevaluate().map(|()| Flow::Continue),
+                Event::Timer => self.on_deadline(),
+                Event::ClientWrote(Ok(wrote)) => {
+                    let written = self.to_client.wrote(wrote, Instant::now());
+                    self.counters.write_bytes += written as u64;
+                    Ok(Flow::Continue)
+                }
+                Event::ClientWrote(Err(error)) => {
+                    Err(Refusal::with_detail(Cause::ClientClosed, error.to_string()))
+                }
+                Event::UpstreamWrote(Ok(wrote)) => {
+                    self.to_upstream.wrote(wrote, Instant::now());
+                    Ok(Flow::Continue)
+                }
+                Event::UpstreamWrote(Err(error)) => {
+                    Err(Refusal::with_detail(Cause::ServerClosed, error.to_string()))
+                }
+                Event::ClientRead(Ok(0)) => Err(Refusal::new(Cause::ClientClosed)),
+                Event::ClientRead(Err(error)) => {
+                    Err(Refusal::with_detail(Cause::ClientClosed, error.to_string()))
+                }
+                Event::ClientRead(Ok(read)) => {
                     if read >= client_room {
                         self.client_chunk = (self.client_chunk * 2).min(MAX_READ_CHUNK);
                     }
                     self.counters.read_bytes += read as u64;
                     self.process_client()
                 }
-                Event::Upstream(Ok(0)) => Err(CloseReason::with_detail(
-                    CloseCode::ClosedByServer,
+                Event::UpstreamRead(Ok(0)) => Err(Refusal::with_detail(
+                    Cause::ServerClosed,
                     "the broker closed the connection",
                 )),
-                Event::Upstream(Err(error)) => Err(CloseReason::with_detail(
-                    CloseCode::ClosedByServer,
-                    error.to_string(),
-                )),
-                Event::Upstream(Ok(read)) => {
+                Event::UpstreamRead(Err(error)) => {
+                    Err(Refusal::with_detail(Cause::ServerClosed, error.to_string()))
+                }
+                Event::UpstreamRead(Ok(read)) => {
                     if read >= upstream_room {
                         self.upstream_chunk = (self.upstream_chunk * 2).min(MAX_READ_CHUNK);
                     }
                     self.process_upstream().map(|()| Flow::Continue)
                 }
-                Event::Command(Some(SessionCommand::Reevaluate)) => {
-                    self.reevaluate().map(|()| Flow::Continue)
-                }
-                Event::Command(Some(SessionCommand::Close(reason))) => Err(reason),
-                Event::Timer => self.on_deadline(),
-                Event::Command(None) => Err(CloseReason::new(CloseCode::ClosedByServer)),
             };
-            // A deadline that moved earlier needs the timer now; one that moved later is found
-            // when the timer fires.
-            if timer.is_elapsed()
-                || self.resume_at.is_some() != paused
-                || self.partial_since.is_some() != partial
-            {
-                timer
-                    .as_mut()
-                    .reset(self.next_deadline().unwrap_or(far_future));
-            }
             self.events_since_report += 1;
             if self.events_since_report >= METRICS_REPORT_EVERY {
                 self.report_metrics();
             }
-            // Whatever was decided, what was already accepted goes out first.
-            let flushed = self.flush().await;
-            match (step, flushed) {
-                (Err(reason), _) => return reason,
-                (Ok(_), Err(reason)) => return reason,
-                (Ok(Flow::Disconnected), Ok(())) => return CloseReason::new(CloseCode::Normal),
-                (Ok(Flow::Continue), Ok(())) => {}
+            match step {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Disconnected) => return Refusal::new(Cause::Normal),
+                Err(refusal) => return refusal,
+            }
+        }
+    }
+
+    /// Hands both sides what is waiting for them, until `deadline` (the close). Errors end it
+    /// quietly: the session is over either way.
+    pub async fn flush_until(&mut self, deadline: Instant) {
+        if !self.to_upstream.buf.is_empty() || self.to_upstream.unflushed {
+            let written = tokio::time::timeout_at(
+                deadline,
+                crate::transport::write_flushed(&mut self.upstream, &self.to_upstream.buf),
+            )
+            .await;
+            if matches!(written, Ok(Ok(()))) {
+                self.to_upstream.buf.clear();
+            }
+        }
+        if !self.to_client.buf.is_empty() || self.to_client.unflushed {
+            let written = tokio::time::timeout_at(
+                deadline,
+                crate::transport::write_flushed(&mut self.client, &self.to_client.buf),
+            )
+            .await;
+            if matches!(written, Ok(Ok(()))) {
+                self.counters.write_bytes += self.to_client.buf.len() as u64;
+                self.to_client.buf.clear();
             }
         }
     }
@@ -416,100 +567,113 @@ impl<S: ClientStream> Bridge<S> {
     /// because the process counters are shared by every session's core.
     pub fn report_metrics(&mut self) {
         let (now, before) = (self.counters, self.reported);
-        let metrics = &self.shared.metrics;
-        metrics
-            .bytes_in
-            .fetch_add(now.read_bytes - before.read_bytes, Ordering::Relaxed);
-        metrics
-            .messages_in
-            .fetch_add(now.read_msg - before.read_msg, Ordering::Relaxed);
+        let metrics = &self.context.metrics;
+        metrics.bytes_in.inc_by(now.read_bytes - before.read_bytes);
+        metrics.messages_in.inc_by(now.read_msg - before.read_msg);
         metrics
             .bytes_out
-            .fetch_add(now.write_bytes - before.write_bytes, Ordering::Relaxed);
+            .inc_by(now.write_bytes - before.write_bytes);
         metrics
             .messages_out
-            .fetch_add(now.write_msg - before.write_msg, Ordering::Relaxed);
+            .inc_by(now.write_msg - before.write_msg);
         self.reported = now;
         self.events_since_report = 0;
     }
 
-    /// The earliest of the keep-alive deadline, the partial-packet deadline and the end of a
-    /// rate-limit pause.
+    /// The earliest deadline: keep-alive (while the client is read), a partly received packet,
+    /// the end of a rate-limit pause, and a stalled write.
     fn next_deadline(&self) -> Option<Instant> {
-        let keep_alive = self.keep_alive.map(|ka| self.last_packet_at + ka);
+        let keep_alive = self
+            .keep_alive
+            .filter(|_| !self.client_held)
+            .map(|ka| self.last_packet_at + ka);
         let partial = self
             .partial_since
-            .map(|since| since + self.limits.partial_packet_timeout);
-        [keep_alive, partial, self.resume_at]
-            .into_iter()
-            .flatten()
-            .min()
+            .map(|since| since + self.context.limits.partial_packet_timeout);
+        let write_timeout = self.context.limits.write_timeout;
+        let client_stall = self
+            .to_client
+            .stalled_since
+            .map(|since| since + write_timeout);
+        let upstream_stall = self
+            .to_upstream
+            .stalled_since
+            .map(|since| since + write_timeout);
+        [
+            keep_alive,
+            partial,
+            self.resume_at,
+            client_stall,
+            upstream_stall,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
-    /// The timer fired: end a pause, or close for silence (160) or a packet that never completes.
-    fn on_deadline(&mut self) -> Result<Flow, CloseReason> {
+    /// The timer fired: end a pause, or close for silence (160), a packet that never completes,
+    /// or a peer that stopped reading.
+    fn on_deadline(&mut self) -> Result<Flow, Refusal> {
         let now = Instant::now();
         // The timer fires at least once per keep-alive period: a good moment to return the
         // memory of a burst that is over.
         shrink_when_idle(&mut self.client_in, &mut self.client_chunk);
         shrink_when_idle(&mut self.upstream_in, &mut self.upstream_chunk);
         self.report_metrics();
+        let write_timeout = self.context.limits.write_timeout;
+        if self
+            .to_client
+            .stalled_since
+            .is_some_and(|since| since + write_timeout <= now)
+        {
+            return Err(Refusal::with_detail(
+                Cause::ServerClosed,
+                format!(
+                    "the client read nothing for {} s",
+                    write_timeout.as_secs_f64()
+                ),
+            ));
+        }
+        if self
+            .to_upstream
+            .stalled_since
+            .is_some_and(|since| since + write_timeout <= now)
+        {
+            return Err(Refusal::with_detail(
+                Cause::ServerClosed,
+                format!(
+                    "the broker read nothing for {} s",
+                    write_timeout.as_secs_f64()
+                ),
+            ));
+        }
         if self.resume_at.is_some_and(|at| at <= now) {
             self.resume_at = None;
             // Time spent paused by the proxy is not the client's silence.
             self.last_packet_at = now;
             return self.process_client();
         }
-        if self
-            .keep_alive
-            .is_some_and(|ka| self.last_packet_at + ka <= now)
+        if !self.client_held
+            && self
+                .keep_alive
+                .is_some_and(|ka| self.last_packet_at + ka <= now)
         {
-            return Err(CloseReason::new(CloseCode::KeepAliveTimeout));
+            return Err(Refusal::new(Cause::KeepAliveTimeout));
         }
         if self
             .partial_since
-            .is_some_and(|since| since + self.limits.partial_packet_timeout <= now)
+            .is_some_and(|since| since + self.context.limits.partial_packet_timeout <= now)
         {
-            return Err(CloseReason::with_detail(
-                CloseCode::KeepAliveTimeout,
+            return Err(Refusal::with_detail(
+                Cause::KeepAliveTimeout,
                 "a packet was not completed in time",
             ));
         }
         Ok(Flow::Continue)
     }
 
-    /// Processes bytes that arrived together with the CONNECT or the CONNACK.
-    async fn pump_buffered(&mut self) -> Result<Flow, CloseReason> {
-        let flow = self.process_client()?;
-        self.process_upstream()?;
-        self.flush().await?;
-        Ok(flow)
-    }
-
-    async fn flush(&mut self) -> Result<(), CloseReason> {
-        if !self.to_upstream.is_empty() {
-            write_flushed(&mut self.upstream, &self.to_upstream)
-                .await
-                .map_err(|e| CloseReason::with_detail(CloseCode::ClosedByServer, e.to_string()))?;
-            clear_and_shrink(&mut self.to_upstream);
-        }
-        if !self.to_client.is_empty() {
-            write_flushed(&mut self.client, &self.to_client)
-                .await
-                .map_err(|e| CloseReason::with_detail(CloseCode::ClosedByClient, e.to_string()))?;
-            self.counters.write_bytes += self.to_client.len() as u64;
-            let written = self.to_client.len() as u64;
-            self.shared
-                .metrics
-                .bytes_out
-                .fetch_add(written, Ordering::Relaxed);
-            clear_and_shrink(&mut self.to_client);
-        }
-        Ok(())
-    }
-
     /// Handles every complete frame from the client.
-    fn process_client(&mut self) -> Result<Flow, CloseReason> {
+    fn process_client(&mut self) -> Result<Flow, Refusal> {
         if self.resume_at.is_some() {
             return Ok(Flow::Continue);
         }
@@ -517,24 +681,31 @@ impl<S: ClientStream> Bridge<S> {
         let mut consumed = 0;
         let result = loop {
             let rest = &input[consumed..];
-            let header = match decode_frame_header(rest, self.limits.max_packet_bytes) {
+            let header = match decode_frame_header(rest, self.negotiated.max_packet_bytes) {
                 Ok(Some(header)) => header,
                 Ok(None) => break Ok(Flow::Continue),
-                Err(error) => break Err(error.close_reason(false)),
+                Err(error) => break Err(Refusal::from_codec(&error, false)),
             };
             let Some(frame) = rest.get(..header.frame_len()) else {
                 break Ok(Flow::Continue);
             };
-            if header.first_byte >> 4 == PacketType::Publish as u8 {
-                match self.rate_pause(frame.len()) {
-                    Ok(None) => {}
-                    Ok(Some(pause)) => {
-                        // Leave this PUBLISH (and what follows) unread until the bucket refills.
-                        self.resume_at = Some(Instant::now() + pause);
-                        break Ok(Flow::Continue);
-                    }
-                    Err(reason) => break Err(reason),
+            let pause = match header.first_byte >> 4 {
+                kind if kind == PacketType::Publish as u8 => self.publish_pause(frame.len()),
+                kind if kind == PacketType::Subscribe as u8
+                    || kind == PacketType::Unsubscribe as u8 =>
+                {
+                    Ok(self.subscribe_pause())
                 }
+                _ => Ok(None),
+            };
+            match pause {
+                Ok(None) => {}
+                Ok(Some(pause)) => {
+                    // Leave this packet (and what follows) unread until the bucket refills.
+                    self.resume_at = Some(Instant::now() + pause);
+                    break Ok(Flow::Continue);
+                }
+                Err(refusal) => break Err(refusal),
             }
             consumed += frame.len();
             match self.client_packet(header.first_byte, frame, header.header_len) {
@@ -561,33 +732,48 @@ impl<S: ClientStream> Bridge<S> {
     }
 
     /// Takes a PUBLISH's tokens: `None` to go on, the pause until the buckets refill, or the
-    /// close under `on_rate_exceeded: disconnect`.
-    fn rate_pause(&mut self, frame_len: usize) -> Result<Option<Duration>, CloseReason> {
-        let mut pause = take(&self.publish_bucket, 1).err();
-        if let Some(org_bucket) = &self.org_bucket {
-            pause = pause.max(take(org_bucket, 1).err());
-        }
-        if let Some(byte_bucket) = &self.byte_bucket {
-            pause =
-                pause.max(take(byte_bucket, u32::try_from(frame_len).unwrap_or(u32::MAX)).err());
-        }
-        let Some(pause) = pause else { return Ok(None) };
-        let org = &self.principal.org;
-        self.shared.metrics.limit(&org.id, "publish_rate");
+    /// close when the profile says exceeding the rate disconnects. The connection's buckets are
+    /// asked first and the tenant's is charged only when they agree; the connection's are
+    /// charged only when the tenant's did: a PUBLISH held back costs nothing anywhere.
+    fn publish_pause(&mut self, frame_len: usize) -> Result<Option<Duration>, Refusal> {
         let now = Instant::now();
+        let bytes = u32::try_from(frame_len).unwrap_or(u32::MAX);
+        let mut pause = self.publish_bucket.wait(1, now);
+        if let Some(byte_bucket) = &self.byte_bucket {
+            pause = pause.max(byte_bucket.wait(bytes, now));
+        }
+        if pause.is_none() {
+            if let Some(tenant_bucket) = &self.tenant_bucket {
+                pause = tenant_bucket.try_take(1, now).err();
+            }
+        }
+        let Some(pause) = pause else {
+            self.publish_bucket.take(1, now);
+            if let Some(byte_bucket) = &mut self.byte_bucket {
+                byte_bucket.take(bytes, now);
+            }
+            return Ok(None);
+        };
+        self.context.metrics.limit(&self.tenant, "publish_rate");
         if self
             .last_limit_log
             .is_none_or(|at| now.duration_since(at) >= LIMIT_LOG_INTERVAL)
         {
             self.last_limit_log = Some(now);
-            info!(org = %org.id, pause_ms = pause.as_millis() as u64, "publish rate limit reached");
+            info!(org = %self.tenant, pause_ms = pause.as_millis() as u64, "publish rate limit reached");
         }
-        if org.on_rate_exceeded == OnRateExceeded::Disconnect {
-            return Err(
-                CloseReason::with_detail(CloseCode::ClosedByServer, "rate limit exceeded").v5(0x96),
-            );
+        if self.limits.on_rate_exceeded == RateAction::Disconnect {
+            return Err(Refusal::with_detail(Cause::ServerClosed, "rate limit exceeded").v5(0x96));
         }
         Ok(Some(pause))
+    }
+
+    /// Whether a SUBSCRIBE or UNSUBSCRIBE must wait: the subscribe bucket is charged per filter
+    /// once the packet is handled, and the next one waits while the bucket is in debt.
+    fn subscribe_pause(&mut self) -> Option<Duration> {
+        let pause = self.subscribe_bucket.wait(1, Instant::now())?;
+        self.context.metrics.limit(&self.tenant, "subscribe_rate");
+        Some(pause)
     }
 
     fn client_packet(
@@ -595,23 +781,24 @@ impl<S: ClientStream> Bridge<S> {
         first_byte: u8,
         frame: &[u8],
         header_len: usize,
-    ) -> Result<Flow, CloseReason> {
+    ) -> Result<Flow, Refusal> {
         let body = &frame[header_len..];
-        let kind = packet_type(first_byte, self.version).map_err(|e| e.close_reason(false))?;
+        let kind =
+            packet_type(first_byte, self.version).map_err(|e| Refusal::from_codec(&e, false))?;
         match kind {
             PacketType::Publish => self.client_publish(first_byte, body)?,
             PacketType::Subscribe => self.client_subscribe(first_byte, body)?,
             PacketType::Unsubscribe => self.client_unsubscribe(first_byte, body)?,
             PacketType::Puback | PacketType::Pubrec | PacketType::Pubcomp => {
-                check_ack(kind, body, self.version).map_err(|e| e.close_reason(false))?;
-                self.to_upstream.extend_from_slice(frame);
+                check_ack(kind, body, self.version).map_err(|e| Refusal::from_codec(&e, false))?;
+                self.to_upstream.buf.extend_from_slice(frame);
             }
             PacketType::Pubrel => {
-                let packet_id =
-                    check_ack(kind, body, self.version).map_err(|e| e.close_reason(false))?;
+                let packet_id = check_ack(kind, body, self.version)
+                    .map_err(|e| Refusal::from_codec(&e, false))?;
                 if self.client_local_qos2.remove(&packet_id) {
                     encode_ack(
-                        &mut self.to_client,
+                        &mut self.to_client.buf,
                         PacketType::Pubcomp,
                         self.version,
                         packet_id,
@@ -619,23 +806,26 @@ impl<S: ClientStream> Bridge<S> {
                         None,
                     );
                 } else {
-                    self.to_upstream.extend_from_slice(frame);
+                    self.to_upstream.buf.extend_from_slice(frame);
                 }
             }
             PacketType::Pingreq => {
                 if !body.is_empty() {
-                    return Err(CodecError::BadLength("PINGREQ with a body").close_reason(false));
+                    return Err(Refusal::from_codec(
+                        &CodecError::BadLength("PINGREQ with a body"),
+                        false,
+                    ));
                 }
-                self.to_upstream.extend_from_slice(frame);
+                self.to_upstream.buf.extend_from_slice(frame);
             }
             PacketType::Disconnect => {
-                check_disconnect(body, self.version).map_err(|e| e.close_reason(false))?;
-                self.to_upstream.extend_from_slice(frame);
+                check_disconnect(body, self.version).map_err(|e| Refusal::from_codec(&e, false))?;
+                self.to_upstream.buf.extend_from_slice(frame);
                 return Ok(Flow::Disconnected);
             }
-            PacketType::Connect => return Err(CloseReason::protocol_error("second CONNECT")),
+            PacketType::Connect => return Err(Refusal::protocol_error("second CONNECT")),
             PacketType::Auth => {
-                return Err(CloseReason::protocol_error(
+                return Err(Refusal::protocol_error(
                     "AUTH without an authentication method",
                 ))
             }
@@ -643,7 +833,7 @@ impl<S: ClientStream> Bridge<S> {
             | PacketType::Suback
             | PacketType::Unsuback
             | PacketType::Pingresp => {
-                return Err(CloseReason::protocol_error(
+                return Err(Refusal::protocol_error(
                     "server-to-client packet from the client",
                 ))
             }
@@ -651,26 +841,26 @@ impl<S: ClientStream> Bridge<S> {
         Ok(Flow::Continue)
     }
 
-    fn client_publish(&mut self, first_byte: u8, body: &[u8]) -> Result<(), CloseReason> {
+    fn client_publish(&mut self, first_byte: u8, body: &[u8]) -> Result<(), Refusal> {
         let publish = parse_publish(first_byte, body, self.version, true)
-            .map_err(|e| e.close_reason(false))?;
+            .map_err(|e| Refusal::from_codec(&e, false))?;
         self.counters.read_msg += 1;
-        if publish.payload.len() > self.principal.org.limits.max_payload_bytes {
-            return Err(CloseReason::with_detail(
-                CloseCode::MessageTooLarge,
+        if publish.payload.len() > self.limits.max_payload_bytes {
+            return Err(Refusal::with_detail(
+                Cause::MessageTooLarge,
                 format!(
                     "payload of {} bytes, limit {}",
                     publish.payload.len(),
-                    self.principal.org.limits.max_payload_bytes
+                    self.limits.max_payload_bytes
                 ),
             ));
         }
         // The topic this PUBLISH is for, and whether the broker already knows its alias.
         let (topic, alias_known_upstream): (&str, bool) =
             match (publish.topic_alias, publish.topic.is_empty()) {
-                (Some(alias), _) if alias > self.limits.topic_alias_maximum => {
-                    return Err(CloseReason::with_detail(
-                        CloseCode::InvalidData,
+                (Some(alias), _) if alias > self.negotiated.topic_alias_maximum => {
+                    return Err(Refusal::with_detail(
+                        Cause::InvalidData,
                         "topic alias above the maximum",
                     )
                     .v5(0x94));
@@ -679,49 +869,55 @@ impl<S: ClientStream> Bridge<S> {
                     let known = self
                         .aliases
                         .get(&alias)
-                        .ok_or_else(|| CloseReason::protocol_error("unknown topic alias"))?;
+                        .ok_or_else(|| Refusal::protocol_error("unknown topic alias"))?;
                     (&known.topic, known.upstream)
                 }
                 (Some(alias), false) => {
-                    let alias_entry = Alias {
-                        topic: publish.topic.into(),
+                    let entry = self.aliases.entry(alias).or_insert_with(|| Alias {
+                        topic: String::new(),
                         upstream: false,
-                    };
-                    self.aliases.insert(alias, alias_entry);
-                    (publish.topic, false)
+                    });
+                    // Clients often send the same topic with its alias every time: keep it.
+                    if entry.topic != publish.topic {
+                        entry.topic.clear();
+                        entry.topic.push_str(publish.topic);
+                        entry.upstream = false;
+                    }
+                    (publish.topic, entry.upstream)
                 }
                 (None, _) => (publish.topic, false),
             };
         let span = tracing::debug_span!("publish", topic = %topic, qos = publish.qos, decision = tracing::field::Empty);
-        if let Err(reason) = self.principal.check_publish(topic) {
-            span.record("decision", reason.number());
+        if let Err(refusal) = self.context.profile.check_publish(&self.principal, topic) {
+            span.record("decision", self.context.profile.code(refusal.cause).number);
             let topic = topic.to_owned();
-            return self.refuse_publish(&publish, &topic, reason);
+            return self.refuse_publish(&publish, &topic, refusal);
         }
         span.record("decision", "allow");
         let mut first_byte = first_byte;
-        if self.principal.org.strip_retained {
+        if self.limits.strip_retained {
             first_byte &= !0x01;
         }
         let mut after_topic = &body[publish.after_topic.clone()];
-        let downgrade = self.principal.org.quickstart && publish.qos > 0;
+        let downgrade = publish.qos > self.limits.max_qos;
         if downgrade {
-            // Quickstart forwards at QoS 0; the packet id in front of the rest goes away.
+            if self.limits.max_qos > 0 {
+                return Err(Refusal::protocol_error("QoS above the maximum").v5(0x9B));
+            }
+            // Forwarded at QoS 0; the packet id in front of the rest goes away.
             first_byte &= 0b1111_0001;
             after_topic = &after_topic[2..];
         }
         if let (Some(packet_id), false) = (publish.packet_id, downgrade) {
-            if self.inflight.len() >= self.limits.max_inflight
+            if self.inflight.len() >= self.negotiated.max_inflight
                 && !self.inflight.contains(&packet_id)
             {
-                self.shared
-                    .metrics
-                    .limit(&self.principal.org.id, "inflight");
-                return Err(CloseReason::with_detail(
-                    CloseCode::InvalidData,
+                self.context.metrics.limit(&self.tenant, "inflight");
+                return Err(Refusal::with_detail(
+                    Cause::InvalidData,
                     format!(
                         "more than {} unacknowledged QoS 1/2 messages",
-                        self.limits.max_inflight
+                        self.negotiated.max_inflight
                     ),
                 )
                 .v5(0x93));
@@ -731,12 +927,9 @@ impl<S: ClientStream> Bridge<S> {
         let parts: [&[u8]; 2] = if alias_known_upstream {
             [&[], &[]]
         } else {
-            self.rewrite.to_broker(topic).ok_or_else(|| {
-                CloseReason::with_detail(
-                    CloseCode::NotAuthorized,
-                    "topic outside the client's namespace",
-                )
-            })?
+            self.topics
+                .to_broker(topic)
+                .map_err(|error| rewrite_refusal(error, false))?
         };
         // A W3C trace context from an MQTT 5 client continues through the proxy's own span.
         let traceparent =
@@ -749,7 +942,7 @@ impl<S: ClientStream> Bridge<S> {
                     publish_properties(body, &publish),
                     PropertyContext::PublishFromClient,
                 )
-                .map_err(|e| e.close_reason(false))?;
+                .map_err(|e| Refusal::from_codec(&e, false))?;
                 let properties: Vec<Property<'_>> = properties
                     .into_iter()
                     .map(|property| match property.value {
@@ -761,7 +954,7 @@ impl<S: ClientStream> Bridge<S> {
                     })
                     .collect();
                 encode_publish_with_properties(
-                    &mut self.to_upstream,
+                    &mut self.to_upstream.buf,
                     first_byte,
                     &parts,
                     &publish,
@@ -769,7 +962,7 @@ impl<S: ClientStream> Bridge<S> {
                     body,
                 );
             }
-            None => encode_publish(&mut self.to_upstream, first_byte, &parts, after_topic),
+            None => encode_publish(&mut self.to_upstream.buf, first_byte, &parts, after_topic),
         }
         if !alias_known_upstream {
             if let Some(alias) = publish.topic_alias.and_then(|a| self.aliases.get_mut(&a)) {
@@ -789,121 +982,81 @@ impl<S: ClientStream> Bridge<S> {
             return;
         };
         let code = if self.version.is_v5() { reason_code } else { 0 };
-        if publish.qos == 1 {
-            encode_ack(
-                &mut self.to_client,
-                PacketType::Puback,
-                self.version,
-                packet_id,
-                code,
-                None,
-            );
+        let kind = if publish.qos == 1 {
+            PacketType::Puback
         } else {
-            encode_ack(
-                &mut self.to_client,
-                PacketType::Pubrec,
-                self.version,
-                packet_id,
-                code,
-                None,
-            );
-            if code < 0x80 {
-                self.client_local_qos2.insert(packet_id);
-            }
+            PacketType::Pubrec
+        };
+        encode_ack(
+            &mut self.to_client.buf,
+            kind,
+            self.version,
+            packet_id,
+            code,
+            None,
+        );
+        if kind == PacketType::Pubrec && code < 0x80 {
+            self.client_local_qos2.insert(packet_id);
         }
     }
 
-    /// A PUBLISH the identity may not make: close, or drop it and complete its QoS flow.
+    /// A PUBLISH the client may not make: close, or drop it and complete its QoS flow.
     fn refuse_publish(
         &mut self,
         publish: &PublishView<'_>,
         topic: &str,
-        reason: CloseReason,
-    ) -> Result<(), CloseReason> {
-        let code = self.refusal(Request::Publish, topic, reason)?;
+        refusal: Refusal,
+    ) -> Result<(), Refusal> {
+        let code = self.refusal(Request::Publish, topic, &refusal)?;
         self.acknowledge_here(publish, code);
         Ok(())
     }
 
-    /// Decides what a refused operation does under the org's violation policy. Gateways always
-    /// keep their connection and are told on their `notify` topic. Returns the reason code for
-    /// the client's acknowledgement, or the close.
-    fn refusal(
-        &mut self,
-        request: Request,
-        topic: &str,
-        reason: CloseReason,
-    ) -> Result<u8, CloseReason> {
-        let gateway = self.principal.identity.class == ClientClass::Gateway;
-        // Quickstart refuses without closing: the WIoTP SDKs' devices subscribe to their commands
-        // on every connect, and quickstart has no commands.
-        let keeps_connection = gateway || self.principal.org.quickstart;
-        if !keeps_connection && self.principal.org.on_violation == OnViolation::Disconnect {
-            return Err(reason);
+    /// What a refused request does: the close, when the refusal does not keep the connection;
+    /// otherwise it is counted, logged (within the log budget), reported through the profile,
+    /// and the reason code for the client's acknowledgement is returned.
+    fn refusal(&mut self, request: Request, topic: &str, refusal: &Refusal) -> Result<u8, Refusal> {
+        if !refusal.keeps_connection {
+            return Err(refusal.clone());
         }
-        let org = &self.principal.org.id;
-        self.shared
-            .metrics
-            .denial(org, reason.detail.as_deref().unwrap_or("not authorized"));
-        info!(
-            request = request.name(),
-            topic,
-            code = reason.number(),
-            reason = %reason.reason_string(),
-            "operation refused"
-        );
-        if gateway {
-            self.notify(request, topic, &reason);
+        let profile = &*self.context.profile;
+        self.context.metrics.denial(&self.tenant, refusal.rule());
+        if let Some(suppressed) = refusal_log_budget() {
+            let code = profile.code(refusal.cause);
+            info!(
+                request = request.name(),
+                topic,
+                code = code.number,
+                reason = %code.reason_string(refusal),
+                suppressed,
+                "request refused"
+            );
         }
-        let namespace_invalid = parse_iot2(topic).is_none();
-        Ok(match (self.version.is_v5(), namespace_invalid, request) {
-            (false, _, _) => 0x80,
-            (true, true, Request::Publish) => 0x90,
-            (true, true, Request::Subscribe) => 0x8F,
-            (true, false, _) => 0x87,
+        let publications = profile.refused(&self.principal, request, topic, refusal);
+        if !publications.is_empty() {
+            self.context.reporter.publish(publications);
+        }
+        Ok(if self.version.is_v5() {
+            refusal.v5_ack()
+        } else {
+            0x80
         })
     }
 
-    /// Reports a gateway's refused request on its own `notify` topic.
-    fn notify(&self, request: Request, topic: &str, reason: &CloseReason) {
-        let identity = &self.principal.identity;
-        let (device_type, device_id) = parse_iot2(topic)
-            .and_then(|parsed| parsed.device())
-            .unwrap_or(("", ""));
-        let notification = serde_json::json!({
-            "Request": request.name(),
-            "Time": crate::monitor::iso_time(std::time::SystemTime::now()),
-            "Topic": topic,
-            "Type": device_type,
-            "Id": device_id,
-            "Client": identity.client_id,
-            "RC": reason.number(),
-            "Message": reason.reason_string(),
-        });
-        let notify_topic = format!(
-            "{}iot-2/type/{}/id/{}/notify",
-            self.rewrite.org_prefix,
-            identity.first,
-            identity.second.as_deref().unwrap_or_default()
-        );
-        self.shared.monitor.send(vec![Publication {
-            topic: notify_topic,
-            payload: notification.to_string().into(),
-            retain: false,
-        }]);
-    }
-
-    fn client_subscribe(&mut self, first_byte: u8, body: &[u8]) -> Result<(), CloseReason> {
-        let subscribe = parse_subscribe(first_byte, body, self.version).map_err(filter_error)?;
-        if subscribe.filters.len() > self.limits.max_filters_per_subscribe {
-            return Err(CloseReason::with_detail(
-                CloseCode::TooManySubscriptions,
-                format!(
-                    "more than {} filters in one SUBSCRIBE",
-                    self.limits.max_filters_per_subscribe
-                ),
+    fn client_subscribe(&mut self, first_byte: u8, body: &[u8]) -> Result<(), Refusal> {
+        let subscribe = parse_subscribe(first_byte, body, self.version)
+            .map_err(|e| Refusal::from_filter_error(&e))?;
+        let max_filters = self.context.limits.max_filters_per_subscribe;
+        if subscribe.filters.len() > max_filters {
+            return Err(Refusal::with_detail(
+                Cause::TooManySubscriptions,
+                format!("more than {max_filters} filters in one SUBSCRIBE"),
             ));
         }
+        self.subscribe_bucket.charge(
+            u32::try_from(subscribe.filters.len()).unwrap_or(u32::MAX),
+            Instant::now(),
+        );
         let span = tracing::debug_span!(
             "subscribe",
             filters = subscribe.filters.len(),
@@ -913,12 +1066,16 @@ impl<S: ClientStream> Bridge<S> {
         // For each filter: None to forward it, or the code the proxy answers itself.
         let mut verdicts: Vec<Option<u8>> = Vec::with_capacity(subscribe.filters.len());
         for filter in &subscribe.filters {
-            match self.principal.check_subscribe(filter.filter) {
+            match self
+                .context
+                .profile
+                .check_subscribe(&self.principal, filter.filter)
+            {
                 Ok(()) => verdicts.push(None),
-                Err(reason) => verdicts.push(Some(self.refusal(
+                Err(refusal) => verdicts.push(Some(self.refusal(
                     Request::Subscribe,
                     filter.filter,
-                    reason,
+                    &refusal,
                 )?)),
             }
         }
@@ -933,16 +1090,16 @@ impl<S: ClientStream> Bridge<S> {
         let added = allowed()
             .filter(|f| !self.subscriptions.contains(f.filter))
             .count();
-        if self.subscriptions.len() + added > self.max_subscriptions() {
-            return Err(CloseReason::with_detail(
-                CloseCode::TooManySubscriptions,
-                format!("limit {}", self.max_subscriptions()),
+        if self.subscriptions.len() + added > self.limits.max_subscriptions {
+            return Err(Refusal::with_detail(
+                Cause::TooManySubscriptions,
+                format!("limit {}", self.limits.max_subscriptions),
             ));
         }
         if allowed().next().is_none() {
             let codes: Vec<u8> = verdicts.iter().map(|v| v.unwrap_or(0x80)).collect();
             encode_suback(
-                &mut self.to_client,
+                &mut self.to_client.buf,
                 self.version,
                 subscribe.packet_id,
                 &codes,
@@ -950,27 +1107,30 @@ impl<S: ClientStream> Bridge<S> {
             );
             return Ok(());
         }
+        let shared = self.topics.is_shared();
         let mut rewritten: Vec<([&[u8]; 3], u8)> = Vec::with_capacity(verdicts.len());
         for filter in allowed() {
-            let [head, rest] = self.rewrite.to_broker(filter.filter).ok_or_else(|| {
-                CloseReason::with_detail(
-                    CloseCode::NotAuthorized,
-                    "filter outside the client's namespace",
-                )
-            })?;
-            let options = if self.principal.org.quickstart {
-                filter.options & !0x03
-            } else {
-                filter.options
-            };
-            rewritten.push(([self.share_prefix.as_bytes(), head, rest], options));
+            let parts = self
+                .topics
+                .filter_to_broker(filter.filter)
+                .map_err(|error| rewrite_refusal(error, true))?;
+            let mut options = filter.options;
+            if options & 0x03 > self.limits.max_qos {
+                options = (options & !0x03) | self.limits.max_qos;
+            }
+            // No Local on a shared subscription is a protocol error [MQTT-3.8.3-4]; the client
+            // did not ask for one, the proxy's mapping made it shared, so the flag goes.
+            if shared && self.version.is_v5() {
+                options &= !0x04;
+            }
+            rewritten.push((parts, options));
         }
         let filters: Vec<(&[&[u8]], u8)> = rewritten
             .iter()
             .map(|(parts, options)| (&parts[..], *options))
             .collect();
         encode_subscribe(
-            &mut self.to_upstream,
+            &mut self.to_upstream.buf,
             self.upstream_version,
             subscribe.packet_id,
             &subscribe.properties,
@@ -987,25 +1147,24 @@ impl<S: ClientStream> Bridge<S> {
         Ok(())
     }
 
-    fn client_unsubscribe(&mut self, first_byte: u8, body: &[u8]) -> Result<(), CloseReason> {
-        let unsubscribe =
-            parse_unsubscribe(first_byte, body, self.version).map_err(filter_error)?;
-        let rewritten: Vec<[&[u8]; 3]> = unsubscribe
-            .filters
-            .iter()
-            .map(|filter| {
-                // A filter outside the client's form can only name nothing of its own; it is
-                // still kept inside the client's space so it can never touch another's.
-                let [head, rest] = self
-                    .rewrite
-                    .to_broker(filter)
-                    .unwrap_or([self.rewrite.broker_add.as_bytes(), filter.as_bytes()]);
-                [self.share_prefix.as_bytes(), head, rest]
-            })
-            .collect();
+    fn client_unsubscribe(&mut self, first_byte: u8, body: &[u8]) -> Result<(), Refusal> {
+        let unsubscribe = parse_unsubscribe(first_byte, body, self.version)
+            .map_err(|e| Refusal::from_filter_error(&e))?;
+        self.subscribe_bucket.charge(
+            u32::try_from(unsubscribe.filters.len()).unwrap_or(u32::MAX),
+            Instant::now(),
+        );
+        let mut rewritten: Vec<[&[u8]; 3]> = Vec::with_capacity(unsubscribe.filters.len());
+        for filter in &unsubscribe.filters {
+            rewritten.push(
+                self.topics
+                    .unsubscribe_to_broker(filter)
+                    .map_err(|error| rewrite_refusal(error, true))?,
+            );
+        }
         let filters: Vec<&[&[u8]]> = rewritten.iter().map(|parts| &parts[..]).collect();
         encode_unsubscribe(
-            &mut self.to_upstream,
+            &mut self.to_upstream.buf,
             self.upstream_version,
             unsubscribe.packet_id,
             &unsubscribe.properties,
@@ -1018,29 +1177,35 @@ impl<S: ClientStream> Bridge<S> {
         Ok(())
     }
 
-    /// The policy changed: is this session still allowed, and are its subscriptions? Limits and
-    /// groups of the new policy apply from here on.
-    fn reevaluate(&mut self) -> Result<(), CloseReason> {
-        self.policy_generation = self.shared.policy_generation.load(Ordering::Acquire);
-        let policy = self.shared.policy.load_full();
-        self.principal = self.principal.revalidate(&policy)?;
-        (self.publish_bucket, self.byte_bucket, self.org_bucket) =
-            buckets(&self.principal, &self.shared);
-        let revoked: Vec<Box<str>> = self
+    /// The policy changed: is this session still allowed, and are its subscriptions? Limits of
+    /// the new policy apply from here on.
+    fn reevaluate(&mut self) -> Result<(), Refusal> {
+        let profile = self.context.profile.clone();
+        self.principal = profile.reevaluate(&self.principal)?;
+        self.limits = profile.limits(&self.principal);
+        (
+            self.publish_bucket,
+            self.byte_bucket,
+            self.tenant_bucket,
+            self.subscribe_bucket,
+        ) = buckets(&self.context, &self.tenant, &self.limits);
+        let revoked: Vec<(Box<str>, Refusal)> = self
             .subscriptions
             .iter()
-            .filter(|filter| self.principal.check_subscribe(filter).is_err())
-            .cloned()
+            .filter_map(|filter| {
+                profile
+                    .check_subscribe(&self.principal, filter)
+                    .err()
+                    .map(|refusal| (filter.clone(), refusal))
+            })
             .collect();
         if revoked.is_empty() {
             return Ok(());
         }
-        let gateway = self.principal.identity.class == ClientClass::Gateway;
-        if !gateway && self.principal.org.on_violation == OnViolation::Disconnect {
-            return Err(CloseReason::with_detail(
-                CloseCode::ClosedByAdministrator,
-                "a subscription is no longer allowed",
-            ));
+        let no_longer_allowed =
+            || Refusal::with_detail(Cause::Revoked, "a subscription is no longer allowed");
+        if revoked.iter().any(|(_, refusal)| !refusal.keeps_connection) {
+            return Err(no_longer_allowed());
         }
         // An id of none of the UNSUBSCRIBEs waiting for an answer, the client's or the proxy's:
         // the broker answers in order, so the first UNSUBACK of a proxy id is the proxy's even if
@@ -1049,34 +1214,29 @@ impl<S: ClientStream> Bridge<S> {
         let Some(packet_id) = (1..=u16::MAX).rev().find(|id| {
             !self.proxy_unsubscribes.contains(id) && !self.client_unsubscribes.contains(id)
         }) else {
-            return Err(CloseReason::with_detail(
-                CloseCode::ClosedByAdministrator,
-                "a subscription is no longer allowed",
-            ));
+            return Err(no_longer_allowed());
         };
         let rewritten: Vec<[&[u8]; 3]> = revoked
             .iter()
-            .filter_map(|filter| {
-                let [head, rest] = self.rewrite.to_broker(filter)?;
-                Some([self.share_prefix.as_bytes(), head, rest])
-            })
+            .filter_map(|(filter, _)| self.topics.filter_to_broker(filter).ok())
             .collect();
         let filters: Vec<&[&[u8]]> = rewritten.iter().map(|parts| &parts[..]).collect();
         encode_unsubscribe(
-            &mut self.to_upstream,
+            &mut self.to_upstream.buf,
             self.upstream_version,
             packet_id,
             &[],
             &filters,
         );
         self.proxy_unsubscribes.insert(packet_id);
-        for filter in &revoked {
+        let revocation = Refusal::with_detail(Cause::NotAuthorized, "revoked by a policy edit");
+        for (filter, _) in &revoked {
             self.subscriptions.remove(filter);
             info!(filter = %filter, "subscription revoked by a policy edit");
-            if gateway {
-                let reason =
-                    CloseReason::with_detail(CloseCode::NotAuthorized, "revoked by a policy edit");
-                self.notify(Request::Subscribe, filter, &reason);
+            let publications =
+                profile.refused(&self.principal, Request::Subscribe, filter, &revocation);
+            if !publications.is_empty() {
+                self.context.reporter.publish(publications);
             }
         }
         Ok(())
@@ -1084,7 +1244,7 @@ impl<S: ClientStream> Bridge<S> {
 
     /// A SUBACK from the broker: merged with the proxy's own refusals when some filters of that
     /// SUBSCRIBE were answered here.
-    fn broker_suback(&mut self, frame: &[u8], body: &[u8]) -> Result<(), CloseReason> {
+    fn broker_suback(&mut self, frame: &[u8], body: &[u8]) -> Result<(), Refusal> {
         if !self.pending_subacks.is_empty() {
             let suback = parse_suback(body, self.upstream_version).map_err(broker_fault)?;
             if let Some(verdicts) = self.pending_subacks.remove(&suback.packet_id) {
@@ -1094,7 +1254,7 @@ impl<S: ClientStream> Bridge<S> {
                     .map(|verdict| verdict.unwrap_or_else(|| from_broker.next().unwrap_or(0x80)))
                     .collect();
                 encode_suback(
-                    &mut self.to_client,
+                    &mut self.to_client.buf,
                     self.version,
                     suback.packet_id,
                     &codes,
@@ -1103,12 +1263,12 @@ impl<S: ClientStream> Bridge<S> {
                 return Ok(());
             }
         }
-        self.to_client.extend_from_slice(frame);
+        self.to_client.buf.extend_from_slice(frame);
         Ok(())
     }
 
     /// Handles every complete frame from the broker.
-    fn process_upstream(&mut self) -> Result<(), CloseReason> {
+    fn process_upstream(&mut self) -> Result<(), Refusal> {
         let input = std::mem::take(&mut self.upstream_in);
         let mut consumed = 0;
         let result = loop {
@@ -1122,8 +1282,9 @@ impl<S: ClientStream> Bridge<S> {
                 break Ok(());
             };
             consumed += frame.len();
-            if let Err(reason) = self.upstream_packet(header.first_byte, frame, header.header_len) {
-                break Err(reason);
+            if let Err(refusal) = self.upstream_packet(header.first_byte, frame, header.header_len)
+            {
+                break Err(refusal);
             }
         };
         self.upstream_in = input;
@@ -1136,7 +1297,7 @@ impl<S: ClientStream> Bridge<S> {
         first_byte: u8,
         frame: &[u8],
         header_len: usize,
-    ) -> Result<(), CloseReason> {
+    ) -> Result<(), Refusal> {
         let body = &frame[header_len..];
         let kind = packet_type(first_byte, self.upstream_version).map_err(broker_fault)?;
         match kind {
@@ -1146,7 +1307,7 @@ impl<S: ClientStream> Bridge<S> {
                     check_ack(kind, body, self.upstream_version).map_err(broker_fault)?;
                 if self.upstream_local_qos2.remove(&packet_id) {
                     encode_ack(
-                        &mut self.to_upstream,
+                        &mut self.to_upstream.buf,
                         PacketType::Pubcomp,
                         self.upstream_version,
                         packet_id,
@@ -1154,7 +1315,7 @@ impl<S: ClientStream> Bridge<S> {
                         None,
                     );
                 } else {
-                    self.to_client.extend_from_slice(frame);
+                    self.to_client.buf.extend_from_slice(frame);
                 }
                 Ok(())
             }
@@ -1163,7 +1324,7 @@ impl<S: ClientStream> Bridge<S> {
                 let packet_id = leading_packet_id(body);
                 if !self.proxy_unsubscribes.remove(&packet_id) {
                     self.client_unsubscribes.remove(&packet_id);
-                    self.to_client.extend_from_slice(frame);
+                    self.to_client.buf.extend_from_slice(frame);
                 }
                 Ok(())
             }
@@ -1175,26 +1336,26 @@ impl<S: ClientStream> Bridge<S> {
                 if kind != PacketType::Pubrec || refused {
                     self.inflight.remove(&packet_id);
                 }
-                self.to_client.extend_from_slice(frame);
+                self.to_client.buf.extend_from_slice(frame);
                 Ok(())
             }
             PacketType::Pingresp => {
-                self.to_client.extend_from_slice(frame);
+                self.to_client.buf.extend_from_slice(frame);
                 Ok(())
             }
             PacketType::Disconnect => {
                 let code = check_disconnect(body, self.upstream_version).map_err(broker_fault)?;
                 if code == 0x8E {
-                    Err(CloseReason::new(CloseCode::ClientIdReused))
+                    Err(Refusal::new(Cause::TakenOver))
                 } else {
-                    Err(CloseReason::with_detail(
-                        CloseCode::ClosedByServer,
+                    Err(Refusal::with_detail(
+                        Cause::ServerClosed,
                         format!("the broker disconnected with 0x{code:02X}"),
                     ))
                 }
             }
-            _ => Err(CloseReason::with_detail(
-                CloseCode::ClosedByServer,
+            _ => Err(Refusal::with_detail(
+                Cause::ServerClosed,
                 "unexpected packet from the broker",
             )),
         }
@@ -1202,31 +1363,29 @@ impl<S: ClientStream> Bridge<S> {
 
     /// A PUBLISH from the broker: rewrite its topic to the client's form, or drop it (and complete
     /// the broker's QoS flow) when the client may not or cannot receive it.
-    fn deliver(&mut self, first_byte: u8, body: &[u8]) -> Result<(), CloseReason> {
+    fn deliver(&mut self, first_byte: u8, body: &[u8]) -> Result<(), Refusal> {
         let publish =
             parse_publish(first_byte, body, self.upstream_version, false).map_err(broker_fault)?;
         if publish.topic.is_empty() {
-            return Err(CloseReason::with_detail(
-                CloseCode::ClosedByServer,
+            return Err(Refusal::with_detail(
+                Cause::ServerClosed,
                 "the broker used a topic alias",
             ));
         }
-        let Some(parts) = self.rewrite.to_client(publish.topic) else {
+        let Some(parts) = self.topics.to_client(publish.topic) else {
             self.drop_delivery(&publish);
             return Ok(());
         };
-        if self.principal.scope.is_some() {
-            let client_topic = publish
-                .topic
-                .get(self.rewrite.broker_add.len()..)
-                .unwrap_or_default();
-            if !self.principal.may_receive(client_topic) {
-                self.drop_delivery(&publish);
-                return Ok(());
-            }
-        }
-        // Clearing a retained monitoring message is state housekeeping, not a message.
-        if publish.payload.is_empty() && publish.topic.ends_with("/mon") {
+        let rest = publish
+            .topic
+            .get(self.topics.broker_prefix().len()..)
+            .unwrap_or_default();
+        let payload = body.get(publish.payload.clone()).unwrap_or_default();
+        if !self
+            .context
+            .profile
+            .may_deliver(&self.principal, rest, payload)
+        {
             self.drop_delivery(&publish);
             return Ok(());
         }
@@ -1236,7 +1395,7 @@ impl<S: ClientStream> Bridge<S> {
             self.drop_delivery(&publish);
             return Ok(());
         }
-        encode_publish(&mut self.to_client, first_byte, &parts, after_topic);
+        encode_publish(&mut self.to_client.buf, first_byte, &parts, after_topic);
         self.counters.write_msg += 1;
         Ok(())
     }
@@ -1245,26 +1404,20 @@ impl<S: ClientStream> Bridge<S> {
         let Some(packet_id) = publish.packet_id else {
             return;
         };
-        if publish.qos == 1 {
-            encode_ack(
-                &mut self.to_upstream,
-                PacketType::Puback,
-                self.upstream_version,
-                packet_id,
-                0,
-                None,
-            );
+        let kind = if publish.qos == 1 {
+            PacketType::Puback
         } else {
-            encode_ack(
-                &mut self.to_upstream,
-                PacketType::Pubrec,
-                self.upstream_version,
-                packet_id,
-                0,
-                None,
-            );
             self.upstream_local_qos2.insert(packet_id);
-        }
+            PacketType::Pubrec
+        };
+        encode_ack(
+            &mut self.to_upstream.buf,
+            kind,
+            self.upstream_version,
+            packet_id,
+            0,
+            None,
+        );
     }
 }
 
@@ -1272,13 +1425,6 @@ impl<S: ClientStream> Bridge<S> {
 fn leading_packet_id(body: &[u8]) -> u16 {
     body.get(..2)
         .map_or(0, |id| u16::from_be_bytes([id[0], id[1]]))
-}
-
-fn broker_fault(error: CodecError) -> CloseReason {
-    CloseReason::with_detail(
-        CloseCode::ClosedByServer,
-        format!("invalid data from the broker: {error}"),
-    )
 }
 
 /// Makes room for a read of `chunk` bytes and says how much room there is.
@@ -1294,13 +1440,5 @@ fn shrink_when_idle(buf: &mut BytesMut, chunk: &mut usize) {
     if buf.is_empty() && buf.capacity() > 2 * READ_BUFFER_BYTES {
         *buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
         *chunk = READ_BUFFER_BYTES;
-    }
-}
-
-fn clear_and_shrink(buf: &mut BytesMut) {
-    if buf.capacity() > SHRINK_ABOVE_BYTES {
-        *buf = BytesMut::new();
-    } else {
-        buf.clear();
     }
 }

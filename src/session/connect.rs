@@ -1,8 +1,11 @@
-//! The connect phase: read the CONNECT within its deadline and size, check identity, credentials
-//! and will, take over an older session with the same client ID, dial the broker with the
-//! proxy's own credentials, and hand the client the broker's CONNACK adjusted to what the proxy
-//! enforces. Every refusal answers the client per the closing-code table and, when the identity
-//! names a known org, publishes a FailedConnect monitoring message.
+//! The connect phase: read the CONNECT within its deadline and size, let the profile identify
+//! and authenticate the client, claim its client ID (taking over an older session), dial the
+//! broker with the proxy's own credentials, and hand the client the broker's CONNACK adjusted to
+//! what the proxy enforces.
+//!
+//! Every refusal answers the client with the MQTT answer of its cause. Once the profile has
+//! identified the client's tenant, a refusal is also counted under that tenant and handed to the
+//! profile for its FailedConnect status.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,39 +13,48 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tracing::{info, warn, Instrument};
+use tracing::{info, warn};
 
-use super::bridge::{Bridge, Limits};
-use super::{ClientStream, ConnectionInfo, FAREWELL_TIMEOUT};
-use crate::auth::AuthError;
-use crate::close::{CloseCode, CloseReason};
+use super::bridge::{Bridge, Negotiated};
+use super::{protocol_label, ClientStream, Context, FAREWELL_TIMEOUT};
 use crate::codec::{
     decode_frame_header, encode_connack, encode_connect, parse_connack, parse_connect, property,
     CodecError, Connack, Connect, PacketType, Property, PropertyValue, ProtocolVersion, Will,
 };
-use crate::decision::Principal;
-use crate::identity::{parse_client_id, ClientClass, Identity, TOKEN_AUTH_USERNAME};
+use crate::coord::{ClaimError, ClaimRequest, Command, Ownership, SessionControl, Slot};
 use crate::limits::refusal_log_budget;
-use crate::monitor::{Action, ConnectionFacts, Counters, Report};
-use crate::policy::{ApiRole, DeviceClass, GatewayRole, Org, SecurityMode};
-use crate::proxy::Shared;
-use crate::registry::{ClaimError, SessionControl, TAKEOVER_WAIT};
-use crate::topics::TopicRewrite;
-use crate::transport::{write_flushed, PeerCertificate};
-use crate::upstream::{UpstreamStream, READ_BUFFER_BYTES};
+use crate::metrics::limit_name;
+use crate::profile::{ConnectTerms, Counters, Profile, SessionLimits};
+use crate::refusal::{Cause, Refusal};
+use crate::transport::{write_flushed, ConnectionInfo};
+use crate::upstream::{handshake, Dial, READ_BUFFER_BYTES};
 
-/// The longest keep-alive a scalable application may use, in seconds.
-pub const MAX_SCALABLE_KEEP_ALIVE_SECS: u16 = 3600;
+/// An established session, ready for the bridge loop.
+pub struct Established<P: Profile, D: Dial, S> {
+    /// The bridge.
+    pub bridge: Bridge<P, D, S>,
+    /// The claimed client ID and tenant place.
+    pub ownership: Ownership,
+    /// The place under the process cap.
+    pub slot: Slot,
+    /// The client ID.
+    pub client_id: String,
+    /// The tenant.
+    pub tenant: Arc<str>,
+    /// The `protocol` metric label.
+    pub protocol: &'static str,
+}
 
 /// Establishes a session, or refuses it. `None` means the connection is over (answered, logged
-/// and, where the org is known, reported as FailedConnect).
-pub async fn establish<S: ClientStream>(
+/// and, where the tenant is known, reported as a failed connect).
+pub async fn establish<P: Profile, D: Dial, S: ClientStream>(
     mut client: S,
     info: &ConnectionInfo,
-    shared: &Arc<Shared>,
-    control: &mut SessionControl,
-) -> Option<Bridge<S>> {
-    let limits = &shared.config.limits;
+    context: &Arc<Context<P, D>>,
+    control: &SessionControl,
+) -> Option<Established<P, D, S>> {
+    let limits = &context.limits;
+    let profile = &*context.profile;
     let mut client_in = BytesMut::with_capacity(READ_BUFFER_BYTES);
     let mut counters = Counters::default();
 
@@ -57,9 +69,16 @@ pub async fn establish<S: ClientStream>(
     {
         Ok(header) => header,
         Err(FirstFrame::Closed) => return None,
-        Err(FirstFrame::Refused(reason)) => {
+        Err(FirstFrame::Refused(refusal)) => {
             if let Some(suppressed) = refusal_log_budget() {
-                info!(code = reason.number(), reason = %reason.reason_string(), suppressed, "connection refused before CONNECT");
+                let code = profile.code(refusal.cause);
+                info!(code = code.number, reason = %code.reason_string(&refusal), suppressed, "connection refused before CONNECT");
+            }
+            context
+                .metrics
+                .close(profile.code(refusal.cause).number, "");
+            if let Some(limit) = limit_name(refusal.cause) {
+                context.metrics.limit("", limit);
             }
             let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.shutdown()).await;
             return None;
@@ -69,18 +88,24 @@ pub async fn establish<S: ClientStream>(
     let body = &frame[header.header_len..];
     if header.first_byte >> 4 != PacketType::Connect as u8 {
         if let Some(suppressed) = refusal_log_budget() {
-            info!(code = 105, suppressed, "first packet is not CONNECT");
+            let code = profile.code(Cause::InvalidData).number;
+            info!(code, suppressed, "first packet is not CONNECT");
         }
         return None;
     }
+    let refuse_early = |refusal: &Refusal| {
+        let code = profile.code(refusal.cause);
+        context.metrics.close(code.number, "");
+        if let Some(suppressed) = refusal_log_budget() {
+            info!(code = code.number, reason = %code.reason_string(refusal), suppressed, "connect refused");
+        }
+    };
     let connect = match parse_connect(header.first_byte, body) {
         Ok(connect) => connect,
         Err(error) => {
             let version = requested_version(body, &error);
-            let reason = error.close_reason(true);
-            if let Some(suppressed) = refusal_log_budget() {
-                info!(code = reason.number(), reason = %reason.reason_string(), suppressed, "invalid CONNECT");
-            }
+            let refusal = Refusal::from_codec(&error, true);
+            refuse_early(&refusal);
             if let (CodecError::UnsupportedProtocolLevel(_), Some(ProtocolVersion::V311)) =
                 (&error, version)
             {
@@ -95,45 +120,26 @@ pub async fn establish<S: ClientStream>(
                 let _ =
                     tokio::time::timeout(FAREWELL_TIMEOUT, write_flushed(&mut client, &out)).await;
             }
-            refuse(&mut client, version, &reason, &mut counters).await;
+            refuse(&mut client, version, profile, &refusal, &mut counters).await;
             return None;
         }
     };
     let version = connect.version;
-    let facts = ConnectionFacts {
-        peer: info.peer,
-        local: info.local,
-        secure: info.secure,
-        protocol: version.monitor_name(info.websocket),
-        user: connect.username.map(str::to_string),
-        certname: info.certname.clone(),
-        connected_at: info.connected_at,
-    };
 
-    let identity = match parse_client_id(connect.client_id) {
-        Ok(identity) => identity,
-        Err(error) => {
-            let reason = CloseReason::with_detail(CloseCode::InvalidClientId, error.to_string());
-            if let Some(suppressed) = refusal_log_budget() {
-                info!(code = 166, reason = %reason.reason_string(), suppressed, "client ID refused");
-            }
-            refuse(&mut client, Some(version), &reason, &mut counters).await;
-            return None;
-        }
-    };
-    // Flapping clients and connection storms from one address (104; MQTT 5: 0x9F).
-    let rates = &shared.connect_rates;
+    // Flapping clients and connection storms from one address (MQTT 5: 0x9F).
+    let rates = &context.connect_rates;
     if let Err(exceeded) = rates
         .check_address(info.peer.ip())
-        .and_then(|()| rates.check_client_id(&identity.client_id))
+        .and_then(|()| rates.check_client_id(connect.client_id))
     {
-        let reason = CloseReason::with_detail(
-            CloseCode::ServerCapacity,
+        let refusal = Refusal::with_detail(
+            Cause::ServerCapacity,
             format!("connect rate exceeded: {exceeded:?}"),
         )
         .v5(0x9F);
-        shared.metrics.limit(&identity.org, "connect_rate");
-        refuse(&mut client, Some(version), &reason, &mut counters).await;
+        context.metrics.limit("", "connect_rate");
+        refuse_early(&refusal);
+        refuse(&mut client, Some(version), profile, &refusal, &mut counters).await;
         return None;
     }
     let keep_alive_cap = limits.max_keep_alive_secs;
@@ -141,195 +147,191 @@ pub async fn establish<S: ClientStream>(
         && keep_alive_cap < u16::MAX
         && (connect.keep_alive == 0 || connect.keep_alive > keep_alive_cap)
     {
-        let reason = CloseReason::with_detail(
-            CloseCode::NotAuthorized,
+        let refusal = Refusal::with_detail(
+            Cause::NotAuthorized,
             format!("keep-alive must be 1 to {keep_alive_cap} seconds"),
         );
-        refuse(&mut client, Some(version), &reason, &mut counters).await;
+        refuse_early(&refusal);
+        refuse(&mut client, Some(version), profile, &refusal, &mut counters).await;
         return None;
     }
-    let policy_generation = shared
-        .policy_generation
-        .load(std::sync::atomic::Ordering::Relaxed);
-    let policy = shared.policy.load_full();
-    let Some(org) = policy.org(&identity.org).cloned() else {
-        // An unknown org gets no monitoring message: its topic space does not exist.
-        let reason = CloseReason::with_detail(CloseCode::NotAuthorized, "unknown org");
-        if let Some(suppressed) = refusal_log_budget() {
-            info!(code = 180, client_id = %identity.client_id, suppressed, "unknown org");
-        }
-        refuse(&mut client, Some(version), &reason, &mut counters).await;
-        return None;
-    };
-    let rewrite = TopicRewrite::for_identity(&identity, &shared.config.upstream.topic_prefix);
 
-    let failed = |reason: CloseReason, counters: Counters| {
-        shared.metrics.close(reason.number(), &identity.org);
-        if let Some(limit) = crate::metrics::limit_name(reason.code) {
-            shared.metrics.limit(&identity.org, limit);
+    let claim = match profile.identify(&connect, info) {
+        Ok(claim) => claim,
+        Err(refusal) => {
+            refuse_early(&refusal);
+            refuse(&mut client, Some(version), profile, &refusal, &mut counters).await;
+            return None;
         }
-        shared.monitor.report(Report {
-            action: Action::FailedConnect,
-            identity: &identity,
-            facts: &facts,
-            close: Some(&reason),
-            counters,
-            org_prefix: &rewrite.org_prefix,
-            quickstart: org.quickstart,
-            last_instance: false,
-            session_id: None,
-        });
+    };
+    let tenant = profile.tenant(&claim);
+    let failed = |refusal: &Refusal, counters: Counters| {
+        let code = profile.code(refusal.cause);
+        context.metrics.close(code.number, tenant);
+        if let Some(limit) = limit_name(refusal.cause) {
+            context.metrics.limit(tenant, limit);
+        }
+        context
+            .reporter
+            .publish(profile.failed_connect(&claim, refusal, counters));
         if let Some(suppressed) = refusal_log_budget() {
-            info!(code = reason.number(), reason = %reason.reason_string(), client_id = %identity.client_id, suppressed, "connect refused");
+            info!(code = code.number, reason = %code.reason_string(refusal), client_id = %connect.client_id, suppressed, "connect refused");
         }
     };
 
     // A connection slot is taken only once a CONNECT has arrived, so sockets that never send one
     // (slowloris) cannot use up the slots of real clients; they end at the CONNECT deadline.
-    let Ok(slot) = shared.connection_slots.clone().try_acquire_owned() else {
-        let reason = CloseReason::new(CloseCode::ServerCapacity);
-        refuse(&mut client, Some(version), &reason, &mut counters).await;
-        failed(reason, counters);
+    let Some(slot) = context.slots.try_take() else {
+        let refusal = Refusal::new(Cause::ServerCapacity);
+        refuse(&mut client, Some(version), profile, &refusal, &mut counters).await;
+        failed(&refusal, counters);
         return None;
     };
     let auth_started = std::time::Instant::now();
-    let auth_span = tracing::info_span!(
-        "authenticate",
-        class = identity.class.name(),
-        code = tracing::field::Empty
-    );
-    let authenticated = authenticate(shared, &identity, &org, &connect, info)
-        .instrument(auth_span.clone())
-        .await;
-    auth_span.record(
-        "code",
-        authenticated
-            .as_ref()
-            .map_or_else(|reason| reason.number(), |_| 0),
-    );
-    shared.metrics.auth_latency(auth_started.elapsed());
-    let principal = match authenticated {
+    let authenticated = profile.authenticate(&claim, &connect, info).await;
+    context.metrics.auth_latency(auth_started.elapsed());
+    let principal = match authenticated.and_then(|principal| {
+        check_connect_options(&connect)?;
+        Ok(principal)
+    }) {
         Ok(principal) => principal,
-        Err(reason) => {
-            refuse(&mut client, Some(version), &reason, &mut counters).await;
-            failed(reason, counters);
+        Err(refusal) => {
+            refuse(&mut client, Some(version), profile, &refusal, &mut counters).await;
+            failed(&refusal, counters);
             return None;
         }
     };
-    if let Err(reason) = check_connect_options(&connect, &principal) {
-        refuse(&mut client, Some(version), &reason, &mut counters).await;
-        failed(reason, counters);
-        return None;
-    }
+    let terms = profile.terms(&principal);
+    let session_limits = profile.limits(&principal);
 
-    // Takeover: the older session must finish closing (and queue its Disconnect) first.
-    let takeover = identity.class != ClientClass::ScalableApplication;
-    match shared.registry.claim(
-        &identity,
-        org.limits.max_connections,
-        control.handle(),
-        takeover,
-    ) {
-        Ok(Some(displaced)) => {
-            displaced.close(CloseReason::new(CloseCode::ClientIdReused));
-            tokio::select! {
-                _ = displaced.closed(TAKEOVER_WAIT) => {}
-                Some(crate::registry::SessionCommand::Close(reason)) = control.commands.recv() => {
-                    shared.registry.release(&identity, control.id());
-                    refuse(&mut client, Some(version), &reason, &mut counters).await;
-                    failed(reason, counters);
-                    return None;
-                }
-            }
-        }
-        Ok(None) => {}
-        Err(ClaimError::OrgFull) => {
-            let reason = CloseReason::new(CloseCode::OrgConnectionQuota);
-            refuse(&mut client, Some(version), &reason, &mut counters).await;
-            failed(reason, counters);
+    // Ownership: a session this one takes over finishes closing (and queues its Disconnect)
+    // before this one goes on, so statuses of one client ID stay in event order.
+    let claimed = claim_ownership(context, control, &connect, &terms).await;
+    let ownership = match claimed {
+        Ok(ownership) => ownership,
+        Err(refusal) => {
+            refuse(&mut client, Some(version), profile, &refusal, &mut counters).await;
+            failed(&refusal, counters);
             return None;
         }
-    }
+    };
 
-    if shared.is_shutting_down() {
-        shared.registry.release(&identity, control.id());
-        let reason = CloseReason::with_detail(CloseCode::ServerUnavailable, "shutting down");
-        refuse(&mut client, Some(version), &reason, &mut counters).await;
-        failed(reason, counters);
+    if context.is_shutting_down() {
+        let refusal = Refusal::with_detail(Cause::ServerUnavailable, "shutting down");
+        refuse(&mut client, Some(version), profile, &refusal, &mut counters).await;
+        failed(&refusal, counters);
         return None;
     }
 
-    let keep_alive =
-        effective_keep_alive(&identity, connect.keep_alive, limits.max_keep_alive_secs);
-    let upstream = dial_broker(
-        shared,
+    let keep_alive = effective_keep_alive(&terms, connect.keep_alive, limits.max_keep_alive_secs);
+    let dialled = dial_broker(
+        context,
         &connect,
-        &principal,
-        &rewrite,
+        &terms,
+        &session_limits,
         keep_alive,
-        control.id(),
+        control,
     )
     .await;
-    let (upstream, upstream_in, broker_connack) = match upstream {
+    let (upstream, upstream_in, broker_connack) = match dialled {
         Ok(dialled) => dialled,
-        Err(reason) => {
-            shared.registry.release(&identity, control.id());
-            refuse(&mut client, Some(version), &reason, &mut counters).await;
-            failed(reason, counters);
+        Err(refusal) => {
+            refuse(&mut client, Some(version), profile, &refusal, &mut counters).await;
+            failed(&refusal, counters);
             return None;
         }
     };
 
-    let limits = session_limits(shared, &connect, &rewrite, &broker_connack);
+    let negotiated = negotiate(context, &connect, &terms, &broker_connack);
     let mut out = BytesMut::new();
     let keep_alive = broker_connack.server_keep_alive.unwrap_or(keep_alive);
     let announced_keep_alive = (keep_alive != connect.keep_alive).then_some(keep_alive);
-    let connack = client_connack(&broker_connack, &limits, &org, announced_keep_alive);
+    let connack = client_connack(
+        &broker_connack,
+        &negotiated,
+        &session_limits,
+        announced_keep_alive,
+    );
     encode_connack(&mut out, version, &connack);
-    if write_flushed(&mut client, &out).await.is_err() {
-        shared.registry.release(&identity, control.id());
-        failed(CloseReason::new(CloseCode::ClosedByClient), counters);
+    let written =
+        tokio::time::timeout(limits.write_timeout, write_flushed(&mut client, &out)).await;
+    if !matches!(written, Ok(Ok(()))) {
+        failed(&Refusal::new(Cause::ClientClosed), counters);
         return None;
     }
     counters.write_bytes += out.len() as u64;
 
-    shared.monitor.report(Report {
-        action: Action::Connect,
-        identity: &identity,
-        facts: &facts,
-        close: None,
-        counters,
-        org_prefix: &rewrite.org_prefix,
-        quickstart: org.quickstart,
-        last_instance: false,
-        session_id: Some(control.id()),
-    });
-    shared.metrics.connection(&identity.org, facts.protocol, 1);
-    info!(client_id = %identity.client_id, protocol = facts.protocol, "session connected");
+    let client_id = connect.client_id.to_owned();
+    context.reporter.connected(
+        control.id(),
+        &client_id,
+        profile.settlement(&principal, counters),
+        profile.connected(&principal, counters),
+    );
+    let protocol = protocol_label(version, info.websocket);
+    context.metrics.connection(&terms.tenant, protocol, 1);
+    info!(client_id = %client_id, protocol, "session connected");
 
-    Some(Bridge::new(
-        client,
-        client_in,
-        upstream,
-        upstream_in,
-        version,
-        principal,
-        rewrite,
-        facts,
-        counters,
-        limits,
-        keep_alive,
-        shared.clone(),
-        policy_generation,
+    Some(Established {
+        bridge: Bridge::new(
+            context.clone(),
+            client,
+            client_in,
+            upstream,
+            upstream_in,
+            version,
+            principal,
+            terms.topics,
+            terms.tenant.clone(),
+            session_limits,
+            negotiated,
+            counters,
+            keep_alive,
+        ),
+        ownership,
         slot,
-    ))
+        client_id,
+        tenant: terms.tenant,
+        protocol,
+    })
+}
+
+/// Claims the client ID and the tenant place, while still answering the session's own commands:
+/// a close that arrives meanwhile (a third connection, shutdown) refuses this one.
+async fn claim_ownership<P: Profile, D: Dial>(
+    context: &Context<P, D>,
+    control: &SessionControl,
+    connect: &Connect<'_>,
+    terms: &ConnectTerms,
+) -> Result<Ownership, Refusal> {
+    let claim = context.admission.claim(ClaimRequest {
+        client_id: connect.client_id,
+        takeover: terms.takeover,
+        tenant: &terms.tenant,
+        tenant_limit: terms.max_tenant_connections,
+        presence: &terms.presence,
+        session: control.handle(),
+    });
+    tokio::pin!(claim);
+    loop {
+        tokio::select! {
+            claimed = &mut claim => {
+                return claimed.map_err(|ClaimError::TenantFull| Refusal::new(Cause::TenantQuota));
+            }
+            command = control.next() => match command {
+                Command::Close(refusal) => return Err(refusal),
+                // Not admitted yet: the bridge checks whether its principal is stale anyway.
+                Command::Reevaluate => {}
+            },
+        }
+    }
 }
 
 enum FirstFrame {
     /// The client went away before sending anything worth an answer.
     Closed,
-    /// Refused with a close (164, 165, 105).
-    Refused(CloseReason),
+    /// Refused with a close (no data, too large, invalid).
+    Refused(Refusal),
 }
 
 async fn read_first_frame<S: ClientStream>(
@@ -345,16 +347,13 @@ async fn read_first_frame<S: ClientStream>(
             Ok(Some(header)) if buf.len() >= header.frame_len() => return Ok(header),
             Ok(Some(header)) => buf.reserve(header.frame_len() - buf.len()),
             Ok(None) => {}
-            Err(error @ CodecError::TooLarge { .. }) => {
-                return Err(FirstFrame::Refused(error.close_reason(true)))
-            }
-            Err(error) => return Err(FirstFrame::Refused(error.close_reason(true))),
+            Err(error) => return Err(FirstFrame::Refused(Refusal::from_codec(&error, true))),
         }
         if buf.capacity() == buf.len() {
             buf.reserve(READ_BUFFER_BYTES);
         }
         match tokio::time::timeout_at(until, client.read_buf(buf)).await {
-            Err(_) => return Err(FirstFrame::Refused(CloseReason::new(CloseCode::NoData))),
+            Err(_) => return Err(FirstFrame::Refused(Refusal::new(Cause::NoData))),
             Ok(Ok(0)) | Ok(Err(_)) => return Err(FirstFrame::Closed),
             Ok(Ok(read)) => counters.read_bytes += read as u64,
         }
@@ -378,17 +377,19 @@ fn requested_version(body: &[u8], error: &CodecError) -> Option<ProtocolVersion>
     }
 }
 
-/// Answers a refused CONNECT (CONNACK per the table, then close).
-async fn refuse<S: ClientStream>(
+/// Answers a refused CONNECT (CONNACK per the cause's answers, then close).
+async fn refuse<P: Profile, S: ClientStream>(
     client: &mut S,
     version: Option<ProtocolVersion>,
-    reason: &CloseReason,
+    profile: &P,
+    refusal: &Refusal,
     counters: &mut Counters,
 ) {
-    tracing::Span::current().record("code", reason.number());
-    let reason_string = reason.reason_string();
+    let code = profile.code(refusal.cause);
+    tracing::Span::current().record("code", code.number);
+    let reason_string = code.reason_string(refusal);
     let connack = match version {
-        Some(ProtocolVersion::V5) => reason.v5_connack().map(|code| Connack {
+        Some(ProtocolVersion::V5) => refusal.v5_connack().map(|code| Connack {
             session_present: false,
             code,
             properties: vec![Property {
@@ -396,7 +397,7 @@ async fn refuse<S: ClientStream>(
                 value: PropertyValue::Str(&reason_string),
             }],
         }),
-        Some(_) => reason.v3_connack().map(|code| Connack {
+        Some(_) => refusal.v3_connack().map(|code| Connack {
             session_present: false,
             code,
             properties: Vec::new(),
@@ -415,205 +416,18 @@ async fn refuse<S: ClientStream>(
     let _ = tokio::time::timeout(FAREWELL_TIMEOUT, client.shutdown()).await;
 }
 
-/// Checks the identity against the policy and verifies its token.
-async fn authenticate(
-    shared: &Shared,
-    identity: &Identity,
-    org: &Arc<Org>,
-    connect: &Connect<'_>,
-    info: &ConnectionInfo,
-) -> Result<Principal, CloseReason> {
-    let not_authorized =
-        |what: &'static str| CloseReason::with_detail(CloseCode::NotAuthorized, what);
-    if !org.enabled {
-        return Err(not_authorized("the org is disabled"));
-    }
-    let mut principal = Principal {
-        identity: identity.clone(),
-        org: org.clone(),
-        api_role: ApiRole::Standard,
-        groups: Vec::new(),
-        gateway_role: GatewayRole::Privileged,
-        scope: None,
-        api_key: None,
-        token: None,
-    };
-    if org.quickstart {
-        if identity.class == ClientClass::ScalableApplication {
-            return Err(not_authorized("quickstart has no scalable applications"));
-        }
-        if info.secure {
-            return Err(not_authorized("quickstart does not accept TLS"));
-        }
-        return Ok(principal);
-    }
-    if org.security != SecurityMode::TlsOptional && !info.secure {
-        return Err(not_authorized("the org requires TLS"));
-    }
-    let by_certificate = check_certificate(org.security, identity, connect.username, info)?;
-    let token_needed = match org.security {
-        SecurityMode::TlsCert => false,
-        SecurityMode::TlsCertOrToken => !by_certificate,
-        SecurityMode::TlsOptional | SecurityMode::TlsToken | SecurityMode::TlsTokenAndCert => true,
-    };
-    let password = if token_needed {
-        Some(
-            connect
-                .password
-                .ok_or_else(|| CloseReason::bad_credentials("no token"))?,
-        )
-    } else {
-        None
-    };
-    let (cache_key, token) = match identity.class {
-        ClientClass::Application | ClientClass::ScalableApplication => {
-            let key_name = connect
-                .username
-                .ok_or_else(|| CloseReason::bad_credentials("no API key"))?;
-            let key_org = key_name
-                .strip_prefix("a-")
-                .and_then(|rest| rest.split_once('-'))
-                .map(|(org, _)| org);
-            if key_org != Some(identity.org.as_str()) {
-                return Err(not_authorized(
-                    "the API key does not belong to the client ID's org",
-                ));
-            }
-            let key = org
-                .api_keys
-                .get(key_name)
-                .ok_or_else(|| not_authorized("unknown API key"))?;
-            if !key.enabled {
-                return Err(not_authorized("the API key is disabled"));
-            }
-            principal.api_role = key.role;
-            principal.groups = key.groups.clone();
-            (key_name.to_string(), &key.token)
-        }
-        ClientClass::Device | ClientClass::Gateway => {
-            // Certificate-only devices may leave the user name out.
-            if connect.username != Some(TOKEN_AUTH_USERNAME)
-                && (token_needed || connect.username.is_some())
-            {
-                return Err(CloseReason::bad_credentials(
-                    "devices and gateways use use-token-auth",
-                ));
-            }
-            let device_type = identity.device_type().unwrap_or_default();
-            let device_id = identity.device_id().unwrap_or_default();
-            let wanted = if identity.class == ClientClass::Gateway {
-                DeviceClass::Gateway
-            } else {
-                DeviceClass::Device
-            };
-            match org.device_types.get(device_type) {
-                Some(declared) if declared.class == wanted => {}
-                Some(_) => return Err(not_authorized("the device type is of another class")),
-                None => return Err(not_authorized("unknown device type")),
-            }
-            let device = org
-                .device(device_type, device_id)
-                .ok_or_else(|| not_authorized("unknown device"))?;
-            if !device.enabled {
-                return Err(not_authorized("the device is disabled"));
-            }
-            if identity.class == ClientClass::Gateway {
-                principal.gateway_role = device.role;
-                principal.groups = device.groups.clone();
-            }
-            (format!("{device_type}/{device_id}"), &device.token)
-        }
-    };
-    if let Some(password) = password {
-        match shared.verifier.verify(&cache_key, token, password).await {
-            Ok(true) => {}
-            Ok(false) => return Err(CloseReason::bad_credentials("the token does not match")),
-            Err(AuthError::Busy) => return Err(CloseReason::new(CloseCode::AuthenticationBusy)),
-            Err(AuthError::Hashing) => return Err(not_authorized("token verification failed")),
-        }
-    }
-    if identity.class.is_application() {
-        principal.api_key = Some(cache_key);
-    }
-    principal.token = Some(token.clone());
-    principal.refresh_scope();
-    Ok(principal)
-}
-
-/// Judges the client certificate for the org's security mode: `Ok(true)` when a certificate
-/// authenticates the client, `Ok(false)` when the mode does not use one or it may be left out,
-/// 169 when a required one is missing and 170 when one is invalid or names someone else.
-/// Modes without certificates (`tls-optional`, `tls-token`) ignore any that was presented.
-fn check_certificate(
-    mode: SecurityMode,
-    identity: &Identity,
-    username: Option<&str>,
-    info: &ConnectionInfo,
-) -> Result<bool, CloseReason> {
-    let required = match mode {
-        SecurityMode::TlsOptional | SecurityMode::TlsToken => return Ok(false),
-        SecurityMode::TlsCert | SecurityMode::TlsTokenAndCert => true,
-        SecurityMode::TlsCertOrToken => false,
-    };
-    match &info.certificate {
-        PeerCertificate::Absent if required => Err(CloseReason::with_detail(
-            CloseCode::CertificateMissing,
-            "the org requires a client certificate",
-        )),
-        PeerCertificate::Absent => Ok(false),
-        PeerCertificate::Invalid { reason } => Err(CloseReason::with_detail(
-            CloseCode::CertificateInvalid,
-            format!("the client certificate did not verify: {reason}"),
-        )),
-        PeerCertificate::Verified { common_name } => {
-            if identity.matches_certificate(common_name.as_deref(), username) {
-                Ok(true)
-            } else {
-                Err(CloseReason::with_detail(
-                    CloseCode::CertificateInvalid,
-                    "the client certificate's common name does not match the client ID",
-                ))
-            }
-        }
-    }
-}
-
-/// Checks what the CONNECT asks for besides identity: enhanced authentication and the will.
-fn check_connect_options(connect: &Connect<'_>, principal: &Principal) -> Result<(), CloseReason> {
+/// What the CONNECT asks for that the proxy does not offer: enhanced authentication.
+fn check_connect_options(connect: &Connect<'_>) -> Result<(), Refusal> {
     if connect
         .properties
         .iter()
         .any(|p| p.id == property::AUTHENTICATION_METHOD)
     {
-        return Err(CloseReason::with_detail(
-            CloseCode::NotAuthorized,
+        return Err(Refusal::with_detail(
+            Cause::NotAuthorized,
             "enhanced authentication is not supported",
         )
         .v5(0x8C));
-    }
-    let identity = &principal.identity;
-    if identity.class == ClientClass::ScalableApplication
-        && identity.instance().is_none()
-        && connect.clean_start
-    {
-        return Err(CloseReason::with_detail(
-            CloseCode::NotAuthorized,
-            "A:ORG:APP needs clean session false",
-        ));
-    }
-    if let Some(will) = &connect.will {
-        principal.check_publish(will.topic).map_err(|reason| {
-            CloseReason::with_detail(
-                CloseCode::NotAuthorized,
-                format!("will topic: {}", reason.reason_string()),
-            )
-        })?;
-        if will.payload.len() > principal.org.limits.max_payload_bytes {
-            return Err(CloseReason::with_detail(
-                CloseCode::MessageTooLarge,
-                "will payload",
-            ));
-        }
     }
     Ok(())
 }
@@ -669,22 +483,21 @@ impl OwnedValue {
 
 /// Dials the broker, sends the client's CONNECT under the proxy's credentials, and reads the
 /// CONNACK. Anything the broker sent after it stays in the returned buffer.
-async fn dial_broker(
-    shared: &Shared,
+async fn dial_broker<P: Profile, D: Dial>(
+    context: &Context<P, D>,
     connect: &Connect<'_>,
-    principal: &Principal,
-    rewrite: &TopicRewrite,
+    terms: &ConnectTerms,
+    limits: &SessionLimits,
     keep_alive: u16,
-    session_id: u64,
-) -> Result<(UpstreamStream, BytesMut, BrokerConnack), CloseReason> {
-    let unavailable =
-        |detail: String| CloseReason::with_detail(CloseCode::ServerUnavailable, detail);
-    let org = &principal.org;
+    control: &SessionControl,
+) -> Result<(D::Stream, BytesMut, BrokerConnack), Refusal> {
+    let unavailable = |detail: &'static str| Refusal::with_detail(Cause::ServerUnavailable, detail);
     let will_topic = match &connect.will {
         Some(will) => Some(
-            rewrite
+            terms
+                .topics
                 .to_broker_string(will.topic)
-                .ok_or_else(|| CloseReason::with_detail(CloseCode::NotAuthorized, "will topic"))?,
+                .map_err(|_| Refusal::with_detail(Cause::NotAuthorized, "will topic"))?,
         ),
         None => None,
     };
@@ -697,9 +510,9 @@ async fn dial_broker(
             topic,
             payload: will.payload,
             qos: will.qos,
-            retain: will.retain && !org.strip_retained,
+            retain: will.retain && !limits.strip_retained,
         });
-    let scalable = principal.identity.class == ClientClass::ScalableApplication;
+    let unique = terms.unique_upstream_session;
     let mut properties: Vec<Property<'_>> = Vec::with_capacity(connect.properties.len());
     for prop in &connect.properties {
         match prop.id {
@@ -707,27 +520,26 @@ async fn dial_broker(
             property::TOPIC_ALIAS_MAXIMUM => {}
             property::MAXIMUM_PACKET_SIZE => {
                 if let PropertyValue::U32(size) = prop.value {
-                    let widened = u64::from(size) + rewrite.expansion() as u64;
+                    let widened = u64::from(size) + terms.topics.expansion() as u64;
                     properties.push(Property {
                         id: property::MAXIMUM_PACKET_SIZE,
                         value: PropertyValue::U32(u32::try_from(widened).unwrap_or(u32::MAX)),
                     });
                 }
             }
-            // Scalable applications get a fresh upstream session per connection (below).
-            property::SESSION_EXPIRY_INTERVAL if scalable => {}
+            // A connection with a broker session of its own starts clean and leaves none behind.
+            property::SESSION_EXPIRY_INTERVAL if unique => {}
             _ => properties.push(*prop),
         }
     }
-    // Connections of one scalable application share a client ID but must not take each other
-    // over at the broker, so each gets its own upstream ID, in a clean session: what they share
-    // is the broker's shared subscription, not a session.
-    let upstream_client_id = if scalable {
-        format!("{}:{session_id:x}", connect.client_id)
+    // Connections that share a client ID on purpose must not take each other over at the
+    // broker, so each gets an ID of its own there, unique across processes and restarts.
+    let upstream_client_id = if unique {
+        format!("{}:{}", connect.client_id, control.id())
     } else {
         connect.client_id.to_string()
     };
-    let dialer = &shared.dialer;
+    let dialer = &*context.dialer;
     let upstream_connect = Connect {
         // MQTT 3.1 limits client IDs to 23 bytes at many brokers; 3.1.1 has the same wire format
         // for everything a 3.1 client sends, so the proxy speaks 3.1.1 upstream for it.
@@ -736,37 +548,36 @@ async fn dial_broker(
         } else {
             connect.version
         },
-        clean_start: connect.clean_start || org.quickstart || scalable,
+        clean_start: connect.clean_start || terms.force_clean_start || unique,
         keep_alive: upstream_keep_alive(keep_alive),
         properties,
         client_id: &upstream_client_id,
         will,
-        username: dialer.username.as_deref(),
-        password: dialer.password.as_deref().map(str::as_bytes),
+        username: dialer.username(),
+        password: dialer.password(),
     };
     let mut encoded = BytesMut::new();
     encode_connect(&mut encoded, &upstream_connect);
     let mut stream = dialer.dial().await.map_err(|error| {
         warn!(%error, "broker unreachable");
-        unavailable("broker unreachable".into())
+        unavailable("broker unreachable")
     })?;
     let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
-    let header = dialer
-        .handshake(&mut stream, &encoded, &mut buf)
+    let header = handshake(&mut stream, &encoded, &mut buf)
         .await
         .map_err(|error| {
             warn!(%error, "broker handshake failed");
-            unavailable("broker handshake failed".into())
+            unavailable("broker handshake failed")
         })?;
     let frame = buf.split_to(header.frame_len());
     let parsed = parse_connack(&frame[header.header_len..], upstream_connect.version)
-        .map_err(|_| unavailable("invalid CONNACK from broker".into()))?;
+        .map_err(|_| unavailable("invalid CONNACK from broker"))?;
     if parsed.code != 0 {
         warn!(code = parsed.code, "broker refused the upstream connection");
-        return Err(unavailable(format!(
-            "broker refused with code {}",
-            parsed.code
-        )));
+        return Err(Refusal::with_detail(
+            Cause::ServerUnavailable,
+            format!("broker refused with code {}", parsed.code),
+        ));
     }
     let mut connack = BrokerConnack {
         session_present: parsed.session_present,
@@ -798,18 +609,13 @@ async fn dial_broker(
     Ok((stream, buf, connack))
 }
 
-/// The keep-alive the proxy enforces: the client's, except that scalable applications are held
-/// to 1..=3600 s (0, which would disable it, and anything longer become 3600).
-///
-/// The proxy-wide maximum (`limits.max_keep_alive_secs`) caps everyone; MQTT 5 clients are told
-/// with Server Keep Alive, and MQTT 3 clients above it were refused before.
-fn effective_keep_alive(identity: &Identity, requested: u16, maximum: u16) -> u16 {
-    let requested = if identity.class == ClientClass::ScalableApplication
-        && !(1..=MAX_SCALABLE_KEEP_ALIVE_SECS).contains(&requested)
-    {
-        MAX_SCALABLE_KEEP_ALIVE_SECS
-    } else {
-        requested
+/// The keep-alive the proxy enforces: the client's, held to the profile's range, then to the
+/// proxy-wide maximum (`limits.max_keep_alive_secs`). MQTT 5 clients are told with Server Keep
+/// Alive; MQTT 3 clients above the maximum were refused before.
+fn effective_keep_alive(terms: &ConnectTerms, requested: u16, maximum: u16) -> u16 {
+    let requested = match &terms.keep_alive {
+        Some(range) if !range.contains(&requested) => *range.end(),
+        _ => requested,
     };
     if maximum < u16::MAX && (requested == 0 || requested > maximum) {
         maximum
@@ -819,7 +625,7 @@ fn effective_keep_alive(identity: &Identity, requested: u16, maximum: u16) -> u1
 }
 
 /// The keep-alive the proxy asks the broker for: longer than the client's, so that the proxy's
-/// own 1.5× timer (closing code 160) always fires first.
+/// own 1.5× timer always fires first.
 fn upstream_keep_alive(client: u16) -> u16 {
     if client == 0 {
         0
@@ -828,12 +634,13 @@ fn upstream_keep_alive(client: u16) -> u16 {
     }
 }
 
-fn session_limits(
-    shared: &Shared,
+/// What the session agreed with the client and the broker at CONNECT.
+fn negotiate<P: Profile, D: Dial>(
+    context: &Context<P, D>,
     connect: &Connect<'_>,
-    rewrite: &TopicRewrite,
+    terms: &ConnectTerms,
     broker: &BrokerConnack,
-) -> Limits {
+) -> Negotiated {
     let client_max_packet = connect
         .properties
         .iter()
@@ -841,32 +648,30 @@ fn session_limits(
             (property::MAXIMUM_PACKET_SIZE, PropertyValue::U32(v)) => Some(v as usize),
             _ => None,
         });
-    let process = &shared.config.limits;
+    let process = &context.limits;
     let mut max_packet_bytes = process.max_packet_bytes;
     if let Some(broker_max) = broker.maximum_packet_size {
         max_packet_bytes =
-            max_packet_bytes.min((broker_max as usize).saturating_sub(rewrite.expansion()));
+            max_packet_bytes.min((broker_max as usize).saturating_sub(terms.topics.expansion()));
     }
-    Limits {
+    Negotiated {
         max_packet_bytes,
         client_max_packet,
         topic_alias_maximum: broker.topic_alias_maximum,
-        partial_packet_timeout: process.partial_packet_timeout,
         max_inflight: usize::from(
             broker
                 .receive_maximum
                 .unwrap_or(u16::MAX)
                 .min(process.max_inflight),
         ),
-        max_filters_per_subscribe: process.max_filters_per_subscribe,
     }
 }
 
 /// The CONNACK the client sees: the broker's, with the limits the proxy enforces.
 fn client_connack<'a>(
     broker: &'a BrokerConnack,
-    limits: &Limits,
-    org: &Org,
+    negotiated: &Negotiated,
+    limits: &SessionLimits,
     server_keep_alive: Option<u16>,
 ) -> Connack<'a> {
     let mut properties = Vec::with_capacity(broker.properties.len() + 2);
@@ -876,7 +681,8 @@ fn client_connack<'a>(
             | property::RECEIVE_MAXIMUM
             | property::ASSIGNED_CLIENT_IDENTIFIER
             | property::SERVER_KEEP_ALIVE => {}
-            property::RETAIN_AVAILABLE if org.strip_retained => {}
+            property::RETAIN_AVAILABLE if limits.strip_retained => {}
+            property::MAXIMUM_QOS if limits.max_qos < 2 => {}
             _ => properties.push(Property {
                 id: *id,
                 value: value.as_value(),
@@ -885,11 +691,11 @@ fn client_connack<'a>(
     }
     properties.push(Property {
         id: property::MAXIMUM_PACKET_SIZE,
-        value: PropertyValue::U32(u32::try_from(limits.max_packet_bytes).unwrap_or(u32::MAX)),
+        value: PropertyValue::U32(u32::try_from(negotiated.max_packet_bytes).unwrap_or(u32::MAX)),
     });
     properties.push(Property {
         id: property::RECEIVE_MAXIMUM,
-        value: PropertyValue::U16(u16::try_from(limits.max_inflight).unwrap_or(u16::MAX)),
+        value: PropertyValue::U16(u16::try_from(negotiated.max_inflight).unwrap_or(u16::MAX)),
     });
     if let Some(seconds) = server_keep_alive {
         properties.push(Property {
@@ -897,11 +703,10 @@ fn client_connack<'a>(
             value: PropertyValue::U16(seconds),
         });
     }
-    if org.quickstart {
-        properties.retain(|p| p.id != property::MAXIMUM_QOS);
+    if limits.max_qos < 2 {
         properties.push(Property {
             id: property::MAXIMUM_QOS,
-            value: PropertyValue::Byte(0),
+            value: PropertyValue::Byte(limits.max_qos),
         });
     }
     Connack {

@@ -1,56 +1,93 @@
 //! One client's life: the connect phase ([`connect`]), the bridge loop between the client and
-//! its upstream connection ([`bridge`]), and the close, which answers the client, publishes the
-//! Disconnect monitoring message and releases the client ID.
+//! its broker connection ([`bridge`]), and the close, which answers the client, hands the
+//! profile's Disconnect status to the reporter and gives back what admission granted.
 //!
-//! A session is one task. It owns both sockets and all of its state, so nothing on the data path
-//! is shared or locked; the only ways in from outside are the registry's close requests.
+//! The session knows MQTT and nothing of any tenant model: it asks its [`Profile`] at each
+//! phase, and reaches shared state only through the narrow types of [`Context`]. A session is
+//! one task that owns both of its streams; the only ways in from outside are the commands of its
+//! [`SessionControl`] mailbox. It is generic over the client stream and the broker's
+//! ([`Dial`]), so it runs over in-memory streams in tests.
 
 pub mod bridge;
 pub mod connect;
 
-use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 use tracing::{info, Instrument};
 
-use crate::close::{CloseCode, CloseReason};
-use crate::codec::encode_disconnect_v5;
-use crate::monitor::{Action, Report};
-use crate::proxy::Shared;
-use crate::registry::SessionControl;
-use crate::transport::{write_flushed, PeerCertificate};
+use crate::codec::{encode_disconnect_v5, ProtocolVersion};
+use crate::config::ProcessLimits;
+use crate::coord::{Admission, ProcessSlots, Reporter, SessionControl, TenantBuckets};
+use crate::limits::{refusal_log_budget, ConnectRates};
+use crate::metrics::{limit_name, Metrics};
+use crate::profile::Profile;
+use crate::refusal::{Cause, Refusal};
+use crate::transport::{write_flushed, ConnectionInfo};
+use crate::upstream::Dial;
 
-/// How long the proxy waits to hand a client its last packet (a refusal or DISCONNECT).
+/// How long the close may take to hand the client and the broker their last bytes.
 pub const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A client byte stream: TCP, TLS, WebSocket or secure WebSocket ([`crate::transport`]).
+/// A client byte stream: TCP, TLS, WebSocket or secure WebSocket ([`crate::transport`]), or an
+/// in-memory stream in tests.
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientStream for T {}
 
-/// Facts about a client connection known before its first byte.
-#[derive(Debug, Clone)]
-pub struct ConnectionInfo {
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// The listener address the client connected to.
-    pub local: SocketAddr,
-    /// TLS.
-    pub secure: bool,
-    /// MQTT over WebSocket.
-    pub websocket: bool,
-    /// The client certificate's common name (of a certificate that verified against `client_ca`).
-    pub certname: Option<String>,
-    /// The client certificate, judged against the listener's `client_ca`.
-    pub certificate: PeerCertificate,
-    /// When the connection was accepted.
-    pub connected_at: SystemTime,
+/// What every session of a proxy shares: the profile, the way to the broker, and the narrow
+/// handles on shared state.
+pub struct Context<P: Profile, D: Dial> {
+    /// The tenant model.
+    pub profile: Arc<P>,
+    /// The way to the broker.
+    pub dialer: Arc<D>,
+    /// Client-ID ownership, tenant counts and takeover.
+    pub admission: Arc<dyn Admission>,
+    /// The process connection cap.
+    pub slots: ProcessSlots,
+    /// Tenant publish buckets.
+    pub buckets: Arc<dyn TenantBuckets>,
+    /// Where status messages go.
+    pub reporter: Arc<dyn Reporter>,
+    /// CONNECT rates per client ID and per address.
+    pub connect_rates: Arc<ConnectRates>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Process-wide limits and deadlines.
+    pub limits: ProcessLimits,
+    /// Set once shutdown begins: new sessions are refused.
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+impl<P: Profile, D: Dial> Context<P, D> {
+    /// Whether a shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+/// The value of a `protocol` metric label: `mqtt3`, `mqtt4`, `mqtt5`, `-ws` over WebSocket.
+pub fn protocol_label(version: ProtocolVersion, websocket: bool) -> &'static str {
+    match (version, websocket) {
+        (ProtocolVersion::V31, false) => "mqtt3",
+        (ProtocolVersion::V311, false) => "mqtt4",
+        (ProtocolVersion::V5, false) => "mqtt5",
+        (ProtocolVersion::V31, true) => "mqtt3-ws",
+        (ProtocolVersion::V311, true) => "mqtt4-ws",
+        (ProtocolVersion::V5, true) => "mqtt5-ws",
+    }
 }
 
 /// Runs one client connection to its end.
-pub async fn run<S: ClientStream>(client: S, info: ConnectionInfo, shared: Arc<Shared>) {
+pub async fn run<P: Profile, D: Dial, S: ClientStream>(
+    client: S,
+    info: ConnectionInfo,
+    context: Arc<Context<P, D>>,
+) {
     let span = tracing::info_span!(
         "session",
         peer = %info.peer,
@@ -61,94 +98,110 @@ pub async fn run<S: ClientStream>(client: S, info: ConnectionInfo, shared: Arc<S
         close_reason = tracing::field::Empty,
     );
     async move {
-        let mut control = SessionControl::new();
+        // Dropped at the end of this block, whatever path it takes: the session's done signal.
+        let control = SessionControl::new();
         let connect_span = tracing::info_span!("connect", code = tracing::field::Empty);
-        let outcome = connect::establish(client, &info, &shared, &mut control)
+        let outcome = connect::establish(client, &info, &context, &control)
             .instrument(connect_span)
             .await;
-        let Some(mut bridge) = outcome else {
-            control.finish();
+        let Some(mut session) = outcome else {
             return;
         };
         let session_span = tracing::Span::current();
-        session_span.record("client_id", bridge.principal.identity.client_id.as_str());
-        session_span.record("org", bridge.principal.identity.org.as_str());
-        session_span.record("protocol", bridge.facts.protocol);
-        let reason = bridge.run(&mut control.commands).await;
-        session_span.record("close_code", reason.number());
-        session_span.record("close_reason", reason.reason_string().as_str());
-        close(bridge, reason, &shared, &control).await;
-        control.finish();
+        session_span.record("client_id", session.client_id.as_str());
+        session_span.record("org", &*session.tenant);
+        session_span.record("protocol", session.protocol);
+        let refusal = session.bridge.run(&control).await;
+        let code = context.profile.code(refusal.cause);
+        session_span.record("close_code", code.number);
+        session_span.record("close_reason", code.reason_string(&refusal).as_str());
+        close(session, refusal, &context, &control).await;
     }
     .instrument(span)
     .await
 }
 
-async fn close<S: ClientStream>(
-    mut bridge: bridge::Bridge<S>,
-    reason: CloseReason,
-    shared: &Shared,
+/// Closes an established session: the client and the broker get what was accepted and the
+/// client its last word, within [`FAREWELL_TIMEOUT`] in all; then the Disconnect status is
+/// queued and everything admission granted is given back.
+async fn close<P: Profile, D: Dial, S: ClientStream>(
+    session: connect::Established<P, D, S>,
+    refusal: Refusal,
+    context: &Context<P, D>,
     control: &SessionControl,
 ) {
-    let answers_client = !matches!(reason.code, CloseCode::Normal | CloseCode::ClosedByClient);
+    let connect::Established {
+        mut bridge,
+        ownership,
+        slot,
+        client_id,
+        tenant,
+        protocol,
+    } = session;
+    let deadline = Instant::now() + FAREWELL_TIMEOUT;
+    // Nothing the client sent and the proxy accepted is left behind: its publishes and its
+    // acknowledgements reach the broker, and what was already on its way reaches the client.
+    bridge.flush_until(deadline).await;
+    let answers_client = !refusal.cause.is_ordinary();
     if answers_client && bridge.version.is_v5() {
-        if let Some(code) = reason.v5_disconnect() {
+        if let Some(reason_code) = refusal.v5_disconnect() {
+            let reason = context.profile.code(refusal.cause).reason_string(&refusal);
             let mut out = BytesMut::new();
-            encode_disconnect_v5(&mut out, code, Some(&reason.reason_string()));
+            encode_disconnect_v5(&mut out, reason_code, Some(&reason));
             if bridge.client_fits(out.len())
-                && tokio::time::timeout(FAREWELL_TIMEOUT, write_flushed(&mut bridge.client, &out))
+                && tokio::time::timeout_at(deadline, write_flushed(&mut bridge.client, &out))
                     .await
-                    .is_ok_and(|r| r.is_ok())
+                    .is_ok_and(|written| written.is_ok())
             {
                 bridge.counters.write_bytes += out.len() as u64;
             }
         }
     }
-    let _ = tokio::time::timeout(FAREWELL_TIMEOUT, bridge.client.shutdown()).await;
-    if reason.code == CloseCode::Normal {
+    let _ = tokio::time::timeout_at(deadline, bridge.client.shutdown()).await;
+    if refusal.cause == Cause::Normal {
         // The client's DISCONNECT was forwarded; let the broker read it before the FIN.
-        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, bridge.upstream.shutdown()).await;
+        let _ = tokio::time::timeout_at(deadline, bridge.upstream.shutdown()).await;
     }
-    // Any other close drops the upstream socket without DISCONNECT, so the broker publishes the
-    // client's will, as it would for a client that vanished.
+    // Any other close drops the broker connection without DISCONNECT, so the broker publishes
+    // the client's will, as it would for a client that vanished.
 
     bridge.report_metrics();
-    let identity = &bridge.principal.identity;
-    let last_instance = shared.registry.release(identity, control.id());
-    let metrics = &shared.metrics;
-    metrics.connection(&identity.org, bridge.facts.protocol, -1);
-    metrics.close(reason.number(), &identity.org);
-    if let Some(limit) = crate::metrics::limit_name(reason.code) {
-        metrics.limit(&identity.org, limit);
+    let released = ownership.release();
+    drop(slot);
+    let metrics = &context.metrics;
+    metrics.connection(&tenant, protocol, -1);
+    let code = context.profile.code(refusal.cause);
+    metrics.close(code.number, &tenant);
+    if let Some(limit) = limit_name(refusal.cause) {
+        metrics.limit(&tenant, limit);
     }
-    shared.monitor.report(Report {
-        action: Action::Disconnect,
-        identity,
-        facts: &bridge.facts,
-        close: Some(&reason),
-        counters: bridge.counters,
-        org_prefix: &bridge.rewrite.org_prefix,
-        quickstart: bridge.principal.org.quickstart,
-        last_instance,
-        session_id: Some(control.id()),
-    });
+    let counters = bridge.counters;
+    let statuses = context.profile.disconnected(
+        &bridge.principal,
+        &refusal,
+        counters,
+        released.last_of_presence,
+    );
+    context
+        .reporter
+        .disconnected(control.id(), &client_id, statuses);
     // Ordinary closes are always logged; abnormal ones within the refusal log budget, so that
     // a storm of them cannot flood the log (they are all counted in the metrics).
-    let ordinary = matches!(reason.code, CloseCode::Normal | CloseCode::ClosedByClient);
-    let budget = if ordinary {
+    let budget = if refusal.cause.is_ordinary() {
         Some(0)
     } else {
-        crate::limits::refusal_log_budget()
+        refusal_log_budget()
     };
     if let Some(suppressed) = budget {
         info!(
-            code = reason.number(),
-            reason = %reason.reason_string(),
-            org = %identity.org,
-            read_msg = bridge.counters.read_msg,
-            write_msg = bridge.counters.write_msg,
+            code = code.number,
+            reason = %code.reason_string(&refusal),
+            org = %tenant,
+            read_msg = counters.read_msg,
+            write_msg = counters.write_msg,
             suppressed,
             "session closed"
         );
     }
 }
+

@@ -4,12 +4,13 @@
 //!
 //! Detection, per accepted connection and off the accept loop:
 //!
-//! - The first byte is peeked (not read) within the connect deadline; nothing: **164**.
+//! - The first byte is peeked (not read) within the connect deadline; nothing: no data (**164**
+//!   in WIoTP's closing codes).
 //! - `0x16` (a TLS handshake record) on a TLS listener: the TLS handshake, within
 //!   [`HANDSHAKE_TIMEOUT`] (capped by the connect deadline). Then the first decrypted bytes are
 //!   read and looked at again: `GET` is secure WebSocket, anything else MQTT. A handshake that
-//!   fails or stalls, and anything but TLS on a TLS listener, is **163**: logged and counted, with
-//!   no monitoring message (no identity is known yet).
+//!   fails or stalls, and anything but TLS on a TLS listener, is a TLS failure (**163**): logged
+//!   and counted, with no status message (no identity is known yet).
 //! - `G` (an HTTP `GET`) on a plain listener: the WebSocket handshake. Anything else is raw MQTT,
 //!   left to the session to parse (a TLS client on a plain listener fails there as invalid MQTT).
 
@@ -17,10 +18,11 @@ pub mod tls;
 pub mod websocket;
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, BytesMut};
 use thiserror::Error;
@@ -28,8 +30,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::either::Either;
 
-use crate::close::CloseCode;
+use crate::refusal::Cause;
 pub use tls::{PeerCertificate, ServerTls, TlsError, UpstreamTls};
 pub use websocket::WsByteStream;
 
@@ -46,68 +49,30 @@ const FIRST_READ_BYTES: usize = 4096;
 /// A TLS stream over TCP.
 pub type TlsTcp = tokio_rustls::server::TlsStream<TcpStream>;
 
-/// A client connection as the session sees it: a byte stream over one of four transports.
-#[derive(Debug)]
-pub enum ClientConnection {
-    /// Raw MQTT over TCP.
-    Tcp(TcpStream),
-    /// MQTT over TLS.
-    Tls(Box<Rewind<TlsTcp>>),
+/// A client connection as the session sees it: a byte stream over one of four transports
+/// (TCP, TLS, WebSocket, WebSocket over TLS).
+pub type ClientConnection = Either<
+    Either<TcpStream, Box<Rewind<TlsTcp>>>,
+    Either<Box<WsByteStream<TcpStream>>, Box<WsByteStream<Rewind<TlsTcp>>>>,
+>;
+
+/// Facts about a client connection known before its first MQTT byte.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The listener address the client connected to.
+    pub local: SocketAddr,
+    /// TLS.
+    pub secure: bool,
     /// MQTT over WebSocket.
-    Ws(Box<WsByteStream<TcpStream>>),
-    /// MQTT over secure WebSocket.
-    Wss(Box<WsByteStream<Rewind<TlsTcp>>>),
-}
-
-macro_rules! delegate {
-    ($self:ident, $inner:ident => $call:expr) => {
-        match $self.get_mut() {
-            ClientConnection::Tcp($inner) => {
-                let $inner = Pin::new($inner);
-                $call
-            }
-            ClientConnection::Tls($inner) => {
-                let $inner = Pin::new(&mut **$inner);
-                $call
-            }
-            ClientConnection::Ws($inner) => {
-                let $inner = Pin::new(&mut **$inner);
-                $call
-            }
-            ClientConnection::Wss($inner) => {
-                let $inner = Pin::new(&mut **$inner);
-                $call
-            }
-        }
-    };
-}
-
-impl AsyncRead for ClientConnection {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        delegate!(self, inner => inner.poll_read(cx, buf))
-    }
-}
-
-impl AsyncWrite for ClientConnection {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        delegate!(self, inner => inner.poll_write(cx, buf))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, inner => inner.poll_flush(cx))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        delegate!(self, inner => inner.poll_shutdown(cx))
-    }
+    pub websocket: bool,
+    /// The client certificate's common name (of a certificate that verified against `client_ca`).
+    pub certname: Option<String>,
+    /// The client certificate, judged against the listener's `client_ca`.
+    pub certificate: PeerCertificate,
+    /// When the connection was accepted.
+    pub connected_at: SystemTime,
 }
 
 /// A stream with bytes already read from it put back in front.
@@ -224,12 +189,12 @@ pub enum AcceptError {
 }
 
 impl AcceptError {
-    /// The WIoTP closing code this ends with, if it has one.
-    pub fn close_code(&self) -> Option<CloseCode> {
+    /// The cause this ends with, if it is worth a closing code.
+    pub fn cause(&self) -> Option<Cause> {
         match self {
-            AcceptError::NoData(_) => Some(CloseCode::NoData),
+            AcceptError::NoData(_) => Some(Cause::NoData),
             AcceptError::NotTls | AcceptError::TlsHandshake(_) | AcceptError::TlsTimeout(_) => {
-                Some(CloseCode::TlsHandshake)
+                Some(Cause::TlsHandshake)
             }
             AcceptError::Closed | AcceptError::WebSocket(_) | AcceptError::WebSocketTimeout(_) => {
                 None
@@ -239,7 +204,7 @@ impl AcceptError {
 
     /// Whether this is a failed TLS handshake (counted).
     pub fn is_tls_failure(&self) -> bool {
-        self.close_code() == Some(CloseCode::TlsHandshake)
+        self.cause() == Some(Cause::TlsHandshake)
     }
 }
 
@@ -260,14 +225,14 @@ pub async fn accept(tcp: TcpStream, listener: &ListenerTransport) -> Result<Acce
         if first[0] == HTTP_GET_FIRST_BYTE {
             let ws = websocket_handshake(tcp, listener).await?;
             return Ok(Accepted {
-                stream: ClientConnection::Ws(Box::new(ws)),
+                stream: Either::Right(Either::Left(Box::new(ws))),
                 secure: false,
                 websocket: true,
                 certificate: PeerCertificate::Absent,
             });
         }
         return Ok(Accepted {
-            stream: ClientConnection::Tcp(tcp),
+            stream: Either::Left(Either::Left(tcp)),
             secure: false,
             websocket: false,
             certificate: PeerCertificate::Absent,
@@ -296,14 +261,14 @@ pub async fn accept(tcp: TcpStream, listener: &ListenerTransport) -> Result<Acce
     if is_websocket {
         let ws = websocket_handshake(stream, listener).await?;
         return Ok(Accepted {
-            stream: ClientConnection::Wss(Box::new(ws)),
+            stream: Either::Right(Either::Right(Box::new(ws))),
             secure: true,
             websocket: true,
             certificate,
         });
     }
     Ok(Accepted {
-        stream: ClientConnection::Tls(Box::new(stream)),
+        stream: Either::Left(Either::Right(Box::new(stream))),
         secure: true,
         websocket: false,
         certificate,

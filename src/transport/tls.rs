@@ -18,7 +18,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
@@ -33,14 +33,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::config::{TlsConfig, UpstreamTlsConfig};
-
-/// How often the certificate files are checked for changes.
-pub const RELOAD_POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The TLS versions served and spoken: 1.3 and 1.2, nothing older.
 static PROTOCOL_VERSIONS: &[&rustls::SupportedProtocolVersion] =
@@ -304,6 +300,18 @@ impl ServerTls {
         self.files.client_ca.is_some()
     }
 
+    /// The files this listener's config comes from.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        [
+            Some(&self.files.cert),
+            Some(&self.files.key),
+            self.files.client_ca.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+    }
+
     /// Reloads the files now. On error the config in force stays.
     pub fn reload(&self) -> Result<(), TlsError> {
         let stamp = FilesStamp::of(&self.files);
@@ -346,55 +354,6 @@ impl ServerTls {
         let stream = acceptor.accept(io).await?;
         let certificate = loaded.judge(stream.get_ref().1.peer_certificates());
         Ok((stream, certificate))
-    }
-}
-
-/// Reloads every TLS listener's files on SIGHUP and when they change on disk, until shutdown.
-/// The SIGHUP handler is installed before this returns, so no signal is missed once the
-/// listeners are bound.
-pub fn watch_reloads(
-    listeners: Vec<Arc<ServerTls>>,
-    mut shutdown: watch::Receiver<bool>,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
-    let mut hangup = if listeners.is_empty() {
-        None
-    } else {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(signal) => Some(signal),
-            Err(error) => {
-                warn!(%error, "cannot listen for SIGHUP; certificates reload on file change only");
-                None
-            }
-        }
-    };
-    async move {
-        if listeners.is_empty() {
-            return;
-        }
-        let mut poll = tokio::time::interval(RELOAD_POLL_INTERVAL);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let forced = tokio::select! {
-                _ = shutdown.wait_for(|stop| *stop) => return,
-                Some(()) = async {
-                    match hangup.as_mut() {
-                        Some(signal) => signal.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => true,
-                _ = poll.tick() => false,
-            };
-            for tls in &listeners {
-                let result = if forced {
-                    tls.reload().map(|()| true)
-                } else {
-                    tls.reload_if_changed()
-                };
-                if let Err(error) = result {
-                    warn!(%error, "TLS files not reloaded; the previous certificate stays in force");
-                }
-            }
-        }
     }
 }
 

@@ -196,9 +196,9 @@ impl Warden {
 
     /// Waits until the monitor's control connection is up.
     pub async fn wait_monitor_connected(&self) {
-        let status = self.running.shared.monitor.status();
+        let monitor = &self.running.monitor;
         tokio::time::timeout(WAIT, async {
-            while !status.connected.load(std::sync::atomic::Ordering::Relaxed) {
+            while !monitor.is_connected() {
                 tokio::task::yield_now().await;
             }
         })

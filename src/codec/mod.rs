@@ -16,8 +16,6 @@ use std::ops::Range;
 use bytes::{BufMut, BytesMut};
 use thiserror::Error;
 
-use crate::close::{CloseCode, CloseReason};
-
 /// The largest value a Variable Byte Integer can hold (4 bytes).
 pub const MAX_VARIABLE_BYTE_INTEGER: usize = 268_435_455;
 /// The deepest topic (in levels) the proxy accepts, as Mosquitto does.
@@ -56,18 +54,6 @@ impl ProtocolVersion {
             _ => "MQTT",
         }
     }
-
-    /// The `Protocol` field of a monitoring message (`mqtt3`, `mqtt4`, `mqtt5`, `-ws` forms).
-    pub fn monitor_name(self, websocket: bool) -> &'static str {
-        match (self, websocket) {
-            (ProtocolVersion::V31, false) => "mqtt3",
-            (ProtocolVersion::V311, false) => "mqtt4",
-            (ProtocolVersion::V5, false) => "mqtt5",
-            (ProtocolVersion::V31, true) => "mqtt3-ws",
-            (ProtocolVersion::V311, true) => "mqtt4-ws",
-            (ProtocolVersion::V5, true) => "mqttv5-ws",
-        }
-    }
 }
 
 /// MQTT control packet types.
@@ -100,10 +86,10 @@ pub enum CodecError {
     /// Protocol Error (MQTT 5 0x82): well-formed but not allowed here.
     #[error("protocol error: {0}")]
     ProtocolError(&'static str),
-    /// A length field disagrees with the packet (WIoTP 271).
+    /// A length field disagrees with the packet.
     #[error("length mismatch: {0}")]
     BadLength(&'static str),
-    /// A topic name or filter that is not valid MQTT (WIoTP 276).
+    /// A topic name or filter that is not valid MQTT.
     #[error("invalid topic: {0}")]
     InvalidTopic(&'static str),
     /// The declared packet is larger than the configured maximum.
@@ -120,35 +106,6 @@ pub enum CodecError {
     /// CONNECT with a protocol level the proxy does not speak.
     #[error("unsupported protocol level {0}")]
     UnsupportedProtocolLevel(u8),
-}
-
-impl CodecError {
-    /// The closing reason for this error. `in_connect` is true for the initial packet.
-    pub fn close_reason(&self, in_connect: bool) -> CloseReason {
-        match self {
-            CodecError::Malformed(what) => CloseReason::malformed(*what),
-            CodecError::ProtocolError(what) => CloseReason::protocol_error(*what),
-            CodecError::BadLength(what) => {
-                CloseReason::with_detail(CloseCode::InvalidLength, *what)
-            }
-            CodecError::InvalidTopic(what) => {
-                CloseReason::with_detail(CloseCode::InvalidTopic, *what)
-            }
-            CodecError::TooLarge { declared, max } => {
-                let code = if in_connect {
-                    CloseCode::InitialPacketTooLarge
-                } else {
-                    CloseCode::MessageTooLarge
-                };
-                CloseReason::with_detail(code, format!("{declared} bytes, limit {max}"))
-            }
-            CodecError::BadProtocolName => CloseReason::malformed("unknown protocol name"),
-            CodecError::UnsupportedProtocolLevel(level) => {
-                CloseReason::with_detail(CloseCode::InvalidData, format!("protocol level {level}"))
-                    .v5(0x84)
-            }
-        }
-    }
 }
 
 /// The fixed header of one frame.
@@ -683,7 +640,7 @@ pub struct PublishView<'a> {
 /// Parses a PUBLISH. `from_client` selects which properties are allowed.
 ///
 /// Allocates nothing: properties are validated with [`for_each_property`]. A topic that is not
-/// valid UTF-8 or holds U+0000 is an invalid topic (WIoTP 276, PRODUCT.md §3), as is a wildcard.
+/// valid UTF-8 or holds U+0000 is an invalid topic, as is a wildcard.
 /// Truncations are [`CodecError::BadLength`].
 ///
 /// Checks: QoS 3 and DUP with QoS 0 are malformed; packet id 0 is a protocol error; topic rules as
@@ -1415,7 +1372,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// A topic name as text. Invalid UTF-8 and U+0000 make it an invalid topic (WIoTP 276).
+/// A topic name as text. Invalid UTF-8 and U+0000 make it an invalid topic.
 fn topic_str(bytes: &[u8]) -> Result<&str, CodecError> {
     let topic = std::str::from_utf8(bytes)
         .map_err(|_| CodecError::InvalidTopic("invalid UTF-8 in a topic"))?;

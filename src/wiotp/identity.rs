@@ -1,14 +1,14 @@
 //! Who a client claims to be: the WIoTP client-ID grammar (`a:`, `A:`, `d:`, `g:`).
 //!
 //! Parsing is pure and allocation-light; it runs once per CONNECT. Whether the claim is true is
-//! `auth`'s business, and what the identity may do is `decision`'s.
+//! `admit`'s business, and what the identity may do is `principal`'s.
 
 use thiserror::Error;
 
-/// The longest client ID accepted, in bytes (PRODUCT.md §2).
+use crate::policy::is_valid_id_part;
+
+/// The longest client ID accepted, in bytes.
 pub const MAX_CLIENT_ID_BYTES: usize = 256;
-/// The longest org, app, type, device or instance ID, in characters.
-pub const MAX_ID_PART_CHARS: usize = 36;
 /// The username devices and gateways present.
 pub const TOKEN_AUTH_USERNAME: &str = "use-token-auth";
 
@@ -141,7 +141,7 @@ pub enum IdentityError {
     BadPart(&'static str),
 }
 
-/// Parses a client ID per PRODUCT.md §2.
+/// Parses a client ID: `a:ORG:APP`, `A:ORG:APP[:INSTANCE]`, `d:ORG:TYPE:ID`, `g:ORG:TYPE:ID`.
 pub fn parse_client_id(client_id: &str) -> Result<Identity, IdentityError> {
     if client_id.is_empty() {
         return Err(IdentityError::Empty);
@@ -196,14 +196,6 @@ pub fn parse_client_id(client_id: &str) -> Result<Identity, IdentityError> {
         second: second.map(str::to_string),
         client_id: client_id.to_string(),
     })
-}
-
-/// Whether `part` is 1 to 36 characters of `[A-Za-z0-9._-]`.
-pub fn is_valid_id_part(part: &str) -> bool {
-    (1..=MAX_ID_PART_CHARS).contains(&part.len())
-        && part
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 fn check_part(part: &str, name: &'static str) -> Result<(), IdentityError> {

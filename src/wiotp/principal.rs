@@ -1,18 +1,19 @@
-//! What an authenticated identity may do: publish to a topic, subscribe to a filter.
+//! What an authenticated identity may do: publish to a topic, subscribe to a filter, receive a
+//! delivery; and whether a policy edit revoked it.
 //!
-//! Every check is a pure function of (principal, topic) and answers `Ok(())` or the
-//! [`CloseReason`] that denies it, so the rules are tested without sockets and the session only
-//! does I/O. Topic *syntax* (wildcard placement, UTF-8, NUL) was already checked by the codec: a
-//! topic that reaches this module is valid MQTT, so every denial here is 180.
+//! Every check is a pure function of (principal, topic) and answers `Ok(())` or the [`Refusal`]
+//! that denies it, so the rules are tested without sockets. Topic *syntax* (wildcard placement,
+//! UTF-8, NUL) was already checked by the codec: a topic that reaches this module is valid MQTT,
+//! so every denial here is not authorized (180).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use super::identity::{ClientClass, Identity};
+use super::topics::{is_any, parse_iot2, Iot2Topic};
 use crate::auth::TokenHash;
-use crate::close::{CloseCode, CloseReason};
-use crate::identity::{ClientClass, Identity};
 use crate::policy::{ApiRole, DeviceClass, GatewayRole, Org, Policy};
-use crate::topics::{is_any, parse_iot2, Iot2Topic};
+use crate::refusal::{Cause, Refusal};
 
 /// An authenticated identity with everything the checks need from the policy.
 #[derive(Debug, Clone)]
@@ -47,11 +48,8 @@ impl DeviceScope {
     /// The devices of `org` that belong to any of `groups`. Built once per CONNECT.
     pub fn for_groups(org: &Org, groups: &[String]) -> DeviceScope {
         let mut by_type: HashMap<Box<str>, HashSet<Box<str>>> = HashMap::new();
-        for (key, device) in &org.devices {
-            if !device.groups.iter().any(|group| groups.contains(group)) {
-                continue;
-            }
-            if let Some((device_type, device_id)) = key.split_once('/') {
+        for (device_type, device_id, device) in org.all_devices() {
+            if device.groups.iter().any(|group| groups.contains(group)) {
                 by_type
                     .entry(device_type.into())
                     .or_default()
@@ -69,8 +67,8 @@ impl DeviceScope {
     }
 }
 
-fn deny(what: &'static str) -> CloseReason {
-    CloseReason::with_detail(CloseCode::NotAuthorized, what)
+fn deny(what: &'static str) -> Refusal {
+    Refusal::with_detail(Cause::NotAuthorized, what)
 }
 
 impl Principal {
@@ -87,9 +85,8 @@ impl Principal {
 
     /// The principal under a new policy, or the close (94) when the policy revoked it: its org,
     /// API key, device or gateway was removed or disabled, or its token changed.
-    pub fn revalidate(&self, policy: &Policy) -> Result<Principal, CloseReason> {
-        let revoked =
-            |what: &'static str| CloseReason::with_detail(CloseCode::ClosedByAdministrator, what);
+    pub fn revalidate(&self, policy: &Policy) -> Result<Principal, Refusal> {
+        let revoked = |what: &'static str| Refusal::with_detail(Cause::Revoked, what);
         let org = policy
             .org(&self.identity.org)
             .ok_or_else(|| revoked("the org was removed"))?;
@@ -150,7 +147,7 @@ impl Principal {
     }
 
     /// May this principal publish to `topic` (client form)?
-    pub fn check_publish(&self, topic: &str) -> Result<(), CloseReason> {
+    pub fn check_publish(&self, topic: &str) -> Result<(), Refusal> {
         let parsed = parse_iot2(topic).ok_or_else(|| deny("topic outside the iot-2 namespace"))?;
         match (self.identity.class, parsed) {
             (ClientClass::Device, Iot2Topic::OwnEvent { .. }) => Ok(()),
@@ -229,7 +226,7 @@ impl Principal {
     }
 
     /// May this principal subscribe to `filter` (client form)?
-    pub fn check_subscribe(&self, filter: &str) -> Result<(), CloseReason> {
+    pub fn check_subscribe(&self, filter: &str) -> Result<(), Refusal> {
         let parsed =
             parse_iot2(filter).ok_or_else(|| deny("filter outside the iot-2 namespace"))?;
         let quickstart = self.org.quickstart;
@@ -268,7 +265,7 @@ impl Principal {
         }
     }
 
-    fn check_app_subscribe(&self, topic: Iot2Topic<'_>) -> Result<(), CloseReason> {
+    fn check_app_subscribe(&self, topic: Iot2Topic<'_>) -> Result<(), Refusal> {
         let role = self.api_role;
         let full_rights = matches!(role, ApiRole::Standard | ApiRole::BackendTrusted);
         let (device_type, device_id) = match topic {
@@ -312,7 +309,7 @@ impl Principal {
         self.check_in_groups(device_type, device_id)
     }
 
-    fn check_app_device(&self, device_type: &str, device_id: &str) -> Result<(), CloseReason> {
+    fn check_app_device(&self, device_type: &str, device_id: &str) -> Result<(), Refusal> {
         if !self.groups.is_empty() {
             return self.check_in_groups(device_type, device_id);
         }
@@ -329,14 +326,14 @@ impl Principal {
     }
 
     /// A gateway publishing for a device: itself, any device when privileged, else its groups.
-    fn check_acts_for(&self, device_type: &str, device_id: &str) -> Result<(), CloseReason> {
+    fn check_acts_for(&self, device_type: &str, device_id: &str) -> Result<(), Refusal> {
         if self.is_self(device_type, device_id) || self.gateway_role == GatewayRole::Privileged {
             return Ok(());
         }
         self.check_in_groups(device_type, device_id)
     }
 
-    fn check_acts_for_filter(&self, device_type: &str, device_id: &str) -> Result<(), CloseReason> {
+    fn check_acts_for_filter(&self, device_type: &str, device_id: &str) -> Result<(), Refusal> {
         if is_any(device_type) || is_any(device_id) {
             // A standard gateway's wildcard is narrowed per delivery to its groups.
             return Ok(());
@@ -344,7 +341,7 @@ impl Principal {
         self.check_acts_for(device_type, device_id)
     }
 
-    fn check_in_groups(&self, device_type: &str, device_id: &str) -> Result<(), CloseReason> {
+    fn check_in_groups(&self, device_type: &str, device_id: &str) -> Result<(), Refusal> {
         let device = self
             .org
             .device(device_type, device_id)
@@ -365,22 +362,24 @@ impl Principal {
 mod tests {
     use super::*;
     use crate::auth::TokenHash;
-    use crate::identity::parse_client_id;
     use crate::policy::{Device, OrgLimits};
+    use crate::wiotp::codes::code;
+    use crate::wiotp::identity::parse_client_id;
     use std::collections::HashMap;
 
+    /// The WIoTP number of a refusal, as the assertions read.
+    trait Number {
+        fn number(&self) -> u16;
+    }
+
+    impl Number for Refusal {
+        fn number(&self) -> u16 {
+            code(self.cause).number
+        }
+    }
+
     fn org(quickstart: bool) -> Arc<Org> {
-        let mut devices = HashMap::new();
-        devices.insert(
-            "sensor/d1".to_string(),
-            Device {
-                token: TokenHash::Sha256([0; 32]),
-                groups: vec!["line-1".into()],
-                role: GatewayRole::Privileged,
-                enabled: true,
-            },
-        );
-        Arc::new(Org {
+        let mut org = Org {
             id: "org1".into(),
             enabled: true,
             quickstart,
@@ -391,9 +390,20 @@ mod tests {
             strip_retained: true,
             limits: OrgLimits::default(),
             device_types: HashMap::new(),
-            devices,
+            devices: HashMap::new(),
             api_keys: HashMap::new(),
-        })
+        };
+        org.insert_device(
+            "sensor",
+            "d1",
+            Device {
+                token: TokenHash::Sha256([0; 32]),
+                groups: vec!["line-1".into()],
+                role: GatewayRole::Privileged,
+                enabled: true,
+            },
+        );
+        Arc::new(org)
     }
 
     fn principal(client_id: &str, role: ApiRole, groups: &[&str]) -> Principal {
@@ -510,7 +520,11 @@ mod tests {
         policy.orgs.insert("org1".into(), Arc::new(org.clone()));
         assert!(device.revalidate(&policy).is_ok());
 
-        org.devices.get_mut("sensor/d1").unwrap().token = TokenHash::Sha256([1; 32]);
+        org.devices
+            .get_mut("sensor")
+            .and_then(|ids| ids.get_mut("d1"))
+            .unwrap()
+            .token = TokenHash::Sha256([1; 32]);
         policy.orgs.insert("org1".into(), Arc::new(org.clone()));
         assert_eq!(
             device.revalidate(&policy).unwrap_err().number(),

@@ -1,10 +1,11 @@
-//! The `iot-2/...` topic grammar and the org-prefix rewrite in both directions.
+//! The `iot-2/...` topic grammar, and the topic rewrite of each identity.
 //!
 //! Client topics are parsed into a [`Iot2Topic`] without allocating (levels are slices of the
-//! topic). A session precomputes its [`TopicRewrite`] once at CONNECT, so that rewriting a topic on
-//! the data path is two slice copies into the output buffer, never a `format!`.
+//! topic). A session gets its [`TopicMap`] once at CONNECT, so that rewriting a topic on the data
+//! path is two slice copies into the output buffer, never a `format!`.
 
-use crate::identity::{ClientClass, Identity};
+use super::identity::{ClientClass, Identity};
+use crate::rewrite::TopicMap;
 
 /// The first level of every WIoTP topic.
 pub const IOT2: &str = "iot-2";
@@ -154,80 +155,50 @@ pub fn is_any(level: &str) -> bool {
     level == ANY
 }
 
-/// A session's topic rewrite between the client's form and the broker's form.
-///
-/// Upstream: a topic that starts with `client_strip` has it replaced by `broker_add`.
-/// Downstream: a broker topic that starts with `broker_add` has it replaced by `client_strip`.
-/// Applications and gateways use the full `iot-2/type/...` form, so the rewrite is only the org
-/// prefix. Devices use short forms (`iot-2/evt/...`, `iot-2/cmd/...`) that expand to their own
-/// `iot-2/type/T/id/I/...` on the broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicRewrite {
-    /// The org prefix on the broker, for example `myorg1/`.
-    pub org_prefix: String,
-    /// What the client writes in front of the part that stays (`` or `iot-2/`).
-    pub client_strip: String,
-    /// What the broker has instead (`myorg1/` or `myorg1/iot-2/type/T/id/I/`).
-    pub broker_add: String,
+/// The org prefix on the broker under the configured template (`{org}` is replaced).
+pub fn org_prefix(org: &str, prefix_template: &str) -> String {
+    prefix_template.replace("{org}", org)
 }
 
-impl TopicRewrite {
-    /// The rewrite for an identity under the configured prefix template (`{org}` is replaced).
-    pub fn for_identity(identity: &Identity, prefix_template: &str) -> TopicRewrite {
-        let org_prefix = prefix_template.replace("{org}", &identity.org);
-        match identity.class {
-            ClientClass::Device => TopicRewrite {
-                broker_add: format!(
-                    "{org_prefix}{IOT2}/type/{}/id/{}/",
-                    identity.first,
-                    identity.second.as_deref().unwrap_or_default()
-                ),
-                client_strip: format!("{IOT2}/"),
-                org_prefix,
-            },
-            _ => TopicRewrite {
-                broker_add: org_prefix.clone(),
-                client_strip: String::new(),
-                org_prefix,
-            },
-        }
+/// The shared-subscription group of a scalable application: `A:ORG:APP` connections share one
+/// group, `A:ORG:APP:INSTANCE` connections another. Empty for every other class.
+pub fn share_prefix(identity: &Identity) -> String {
+    if identity.class != ClientClass::ScalableApplication {
+        return String::new();
     }
+    let kind = if identity.instance().is_some() {
+        "instances"
+    } else {
+        "app"
+    };
+    format!("$share/wiotp.{}.{}.{kind}/", identity.org, identity.first)
+}
 
-    /// The broker form of a client topic as two parts to write one after the other, or `None`
-    /// when the topic does not start with what this client must write.
-    pub fn to_broker<'a>(&'a self, client_topic: &'a str) -> Option<[&'a [u8]; 2]> {
-        let rest = client_topic.strip_prefix(self.client_strip.as_str())?;
-        Some([self.broker_add.as_bytes(), rest.as_bytes()])
-    }
-
-    /// The broker form of a client topic as one string (CONNECT-time use, such as will topics).
-    pub fn to_broker_string(&self, client_topic: &str) -> Option<String> {
-        let [head, rest] = self.to_broker(client_topic)?;
-        let mut topic = String::with_capacity(head.len() + rest.len());
-        topic.push_str(&self.broker_add);
-        topic.push_str(std::str::from_utf8(rest).ok()?);
-        Some(topic)
-    }
-
-    /// The client form of a broker topic as two parts, or `None` when the topic is not in this
-    /// client's space (it is then never delivered).
-    pub fn to_client<'a>(&'a self, broker_topic: &'a str) -> Option<[&'a [u8]; 2]> {
-        let rest = broker_topic.strip_prefix(self.broker_add.as_str())?;
-        Some([self.client_strip.as_bytes(), rest.as_bytes()])
-    }
-
-    /// How many bytes longer a topic is on the broker than at the client.
-    pub fn expansion(&self) -> usize {
-        self.broker_add
-            .len()
-            .saturating_sub(self.client_strip.len())
+/// An identity's topic rewrite between the client's form and the broker's form.
+///
+/// Applications and gateways use the full `iot-2/type/...` form, so the rewrite is only the org
+/// prefix. Devices use short forms (`iot-2/evt/...`, `iot-2/cmd/...`) that expand to their own
+/// `iot-2/type/T/id/I/...` on the broker. Scalable applications subscribe through their shared
+/// group.
+pub fn topic_map(identity: &Identity, org_prefix: &str) -> TopicMap {
+    match identity.class {
+        ClientClass::Device => TopicMap::new(
+            &format!("{IOT2}/"),
+            &format!(
+                "{org_prefix}{IOT2}/type/{}/id/{}/",
+                identity.first,
+                identity.second.as_deref().unwrap_or_default()
+            ),
+            "",
+        ),
+        _ => TopicMap::new("", org_prefix, &share_prefix(identity)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::parse_client_id;
+    use crate::wiotp::identity::parse_client_id;
 
     #[test]
     fn parses_every_form() {
@@ -289,7 +260,7 @@ mod tests {
     #[test]
     fn device_rewrite_expands_and_contracts() {
         let device = parse_client_id("d:org1:sensor:d1").unwrap();
-        let rewrite = TopicRewrite::for_identity(&device, "{org}/");
+        let rewrite = topic_map(&device, &org_prefix(&device.org, "{org}/"));
         assert_eq!(
             rewrite.to_broker_string("iot-2/evt/t/fmt/json").unwrap(),
             "org1/iot-2/type/sensor/id/d1/evt/t/fmt/json"
@@ -313,7 +284,7 @@ mod tests {
     #[test]
     fn app_rewrite_is_the_org_prefix() {
         let app = parse_client_id("a:org1:app").unwrap();
-        let rewrite = TopicRewrite::for_identity(&app, "tenants/{org}/");
+        let rewrite = topic_map(&app, &org_prefix(&app.org, "tenants/{org}/"));
         assert_eq!(
             rewrite
                 .to_broker_string("iot-2/type/t/id/i/evt/e/fmt/f")
@@ -323,5 +294,21 @@ mod tests {
         let [a, b] = rewrite.to_client("tenants/org1/iot-2/app/x/mon").unwrap();
         assert_eq!([a, b].concat(), b"iot-2/app/x/mon");
         assert!(rewrite.to_client("tenants/org10/iot-2/app/x/mon").is_none());
+    }
+
+    #[test]
+    fn scalable_applications_subscribe_through_their_group() {
+        let app = parse_client_id("A:org1:app").unwrap();
+        let rewrite = topic_map(&app, "org1/");
+        assert!(rewrite.is_shared());
+        let parts = rewrite
+            .filter_to_broker("iot-2/type/+/id/+/evt/+/fmt/+")
+            .unwrap();
+        assert_eq!(
+            parts.concat(),
+            b"$share/wiotp.org1.app.app/org1/iot-2/type/+/id/+/evt/+/fmt/+"
+        );
+        let instance = parse_client_id("A:org1:app:i1").unwrap();
+        assert_eq!(share_prefix(&instance), "$share/wiotp.org1.app.instances/");
     }
 }

@@ -1,0 +1,212 @@
+//! The topic rewrite between a client's form and the broker's form.
+//!
+//! A profile builds one [`TopicMap`] per session at CONNECT; the session applies it to every
+//! topic and filter in both directions. Upstream, a client topic that starts with `client_strip`
+//! has it replaced by `broker_add`, and every filter also gets `filter_prefix` in front (a shared
+//! subscription group such as `$share/GROUP/`). Downstream, a broker topic that starts with
+//! `broker_add` has it replaced by `client_strip`; any other topic is not the client's.
+//!
+//! Rewriting is two or three slices written one after the other into the output buffer, never a
+//! `format!`. The broker form is checked against MQTT's limits, which the client form alone does
+//! not guarantee: at most 65,535 bytes and at most [`MAX_TOPIC_LEVELS`] levels.
+
+use thiserror::Error;
+
+use crate::codec::MAX_TOPIC_LEVELS;
+
+/// The longest topic name or filter MQTT can carry, in bytes (a two-byte length).
+pub const MAX_TOPIC_BYTES: usize = 65_535;
+
+/// Why a client topic has no broker form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum RewriteError {
+    /// The topic does not start with what this client must write.
+    #[error("topic outside the client's namespace")]
+    Outside,
+    /// The broker form would be longer than 65,535 bytes.
+    #[error("topic longer than 65535 bytes with the broker prefix")]
+    TooLong,
+    /// The broker form would have more levels than the broker accepts.
+    #[error("topic with too many levels with the broker prefix")]
+    TooDeep,
+}
+
+/// A session's topic rewrite (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TopicMap {
+    client_strip: Box<str>,
+    broker_add: Box<str>,
+    filter_prefix: Box<str>,
+    /// Topic separators in `broker_add`: levels a broker topic has besides those of the rest.
+    broker_add_separators: usize,
+}
+
+impl TopicMap {
+    /// A rewrite that replaces `client_strip` by `broker_add`, with `filter_prefix` in front of
+    /// every filter.
+    pub fn new(client_strip: &str, broker_add: &str, filter_prefix: &str) -> TopicMap {
+        TopicMap {
+            client_strip: client_strip.into(),
+            broker_add: broker_add.into(),
+            filter_prefix: filter_prefix.into(),
+            broker_add_separators: broker_add.bytes().filter(|&b| b == b'/').count(),
+        }
+    }
+
+    /// What the broker has in front of every topic of this client.
+    pub fn broker_prefix(&self) -> &str {
+        &self.broker_add
+    }
+
+    /// Whether filters go to the broker as shared subscriptions (`$share/GROUP/...`).
+    pub fn is_shared(&self) -> bool {
+        self.filter_prefix.starts_with("$share/")
+    }
+
+    /// How many bytes longer a topic is on the broker than at the client (filters: plus the
+    /// filter prefix).
+    pub fn expansion(&self) -> usize {
+        self.broker_add
+            .len()
+            .saturating_sub(self.client_strip.len())
+    }
+
+    /// The broker form of a client topic name as two parts.
+    pub fn to_broker<'a>(&'a self, client_topic: &'a str) -> Result<[&'a [u8]; 2], RewriteError> {
+        let rest = self.rest_of(client_topic, 0)?;
+        Ok([self.broker_add.as_bytes(), rest.as_bytes()])
+    }
+
+    /// The broker form of a client filter as three parts: the filter prefix, the broker prefix
+    /// and the rest.
+    pub fn filter_to_broker<'a>(
+        &'a self,
+        client_filter: &'a str,
+    ) -> Result<[&'a [u8]; 3], RewriteError> {
+        let rest = self.rest_of(client_filter, self.filter_prefix.len())?;
+        Ok([
+            self.filter_prefix.as_bytes(),
+            self.broker_add.as_bytes(),
+            rest.as_bytes(),
+        ])
+    }
+
+    /// The broker form of a filter of an UNSUBSCRIBE: as [`TopicMap::filter_to_broker`], except
+    /// that a filter outside the client's form is put whole behind the broker prefix. It can
+    /// name nothing the client subscribed to, and it stays inside the client's space, so it can
+    /// never touch another's.
+    pub fn unsubscribe_to_broker<'a>(
+        &'a self,
+        client_filter: &'a str,
+    ) -> Result<[&'a [u8]; 3], RewriteError> {
+        match self.filter_to_broker(client_filter) {
+            Err(RewriteError::Outside) => {
+                self.check_fits(self.filter_prefix.len(), client_filter)?;
+                Ok([
+                    self.filter_prefix.as_bytes(),
+                    self.broker_add.as_bytes(),
+                    client_filter.as_bytes(),
+                ])
+            }
+            other => other,
+        }
+    }
+
+    /// The broker form of a client topic as one string (CONNECT-time use, such as will topics).
+    pub fn to_broker_string(&self, client_topic: &str) -> Result<String, RewriteError> {
+        let rest = self.rest_of(client_topic, 0)?;
+        let mut topic = String::with_capacity(self.broker_add.len() + rest.len());
+        topic.push_str(&self.broker_add);
+        topic.push_str(rest);
+        Ok(topic)
+    }
+
+    /// The client form of a broker topic as two parts, or `None` when the topic is not in this
+    /// client's space or has no valid client form (it is then never delivered).
+    pub fn to_client<'a>(&'a self, broker_topic: &'a str) -> Option<[&'a [u8]; 2]> {
+        let rest = broker_topic.strip_prefix(&*self.broker_add)?;
+        // The bare prefix would be an empty topic for the client, which MQTT forbids.
+        if rest.is_empty() || self.client_strip.len() + rest.len() > MAX_TOPIC_BYTES {
+            return None;
+        }
+        Some([self.client_strip.as_bytes(), rest.as_bytes()])
+    }
+
+    /// The part of a client topic or filter that follows `client_strip`, once the broker form
+    /// (with `extra` bytes in front) is known to fit MQTT's limits.
+    fn rest_of<'a>(&self, client: &'a str, extra: usize) -> Result<&'a str, RewriteError> {
+        let rest = client
+            .strip_prefix(&*self.client_strip)
+            .ok_or(RewriteError::Outside)?;
+        self.check_fits(extra, rest)?;
+        Ok(rest)
+    }
+
+    /// Whether `extra` bytes, the broker prefix and `rest` make a topic within MQTT's limits.
+    fn check_fits(&self, extra: usize, rest: &str) -> Result<(), RewriteError> {
+        if extra + self.broker_add.len() + rest.len() > MAX_TOPIC_BYTES {
+            return Err(RewriteError::TooLong);
+        }
+        // A topic has at most one level more than it has bytes, so short topics need no count.
+        let most_levels = self.broker_add_separators + rest.len() + 1;
+        if most_levels > MAX_TOPIC_LEVELS {
+            let levels =
+                self.broker_add_separators + rest.bytes().filter(|&b| b == b'/').count() + 1;
+            if levels > MAX_TOPIC_LEVELS {
+                return Err(RewriteError::TooDeep);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined<const N: usize>(parts: [&[u8]; N]) -> String {
+        String::from_utf8(parts.concat()).unwrap()
+    }
+
+    #[test]
+    fn swaps_prefixes_both_ways() {
+        let map = TopicMap::new("iot-2/", "org1/iot-2/type/t/id/i/", "");
+        let broker = joined(map.to_broker("iot-2/evt/e/fmt/f").unwrap());
+        assert_eq!(broker, "org1/iot-2/type/t/id/i/evt/e/fmt/f");
+        assert_eq!(joined(map.to_client(&broker).unwrap()), "iot-2/evt/e/fmt/f");
+        assert_eq!(map.to_broker("other/x"), Err(RewriteError::Outside));
+        assert_eq!(map.to_client("org2/iot-2/type/t/id/i/cmd/c/fmt/f"), None);
+    }
+
+    #[test]
+    fn filters_get_the_filter_prefix() {
+        let map = TopicMap::new("", "org1/", "$share/g/");
+        assert!(map.is_shared());
+        assert_eq!(
+            joined(map.filter_to_broker("iot-2/app/+/mon").unwrap()),
+            "$share/g/org1/iot-2/app/+/mon"
+        );
+    }
+
+    #[test]
+    fn the_bare_prefix_is_no_client_topic() {
+        let map = TopicMap::new("", "org1/", "");
+        assert_eq!(map.to_client("org1/"), None);
+        assert_eq!(map.to_client("org1"), None);
+    }
+
+    #[test]
+    fn the_broker_form_must_fit_mqtt() {
+        let map = TopicMap::new("", "org1/", "$share/g/");
+        let long = "a".repeat(MAX_TOPIC_BYTES - "org1/".len());
+        assert!(map.to_broker(&long).is_ok());
+        let too_long = "a".repeat(MAX_TOPIC_BYTES - "org1/".len() + 1);
+        assert_eq!(map.to_broker(&too_long), Err(RewriteError::TooLong));
+        assert_eq!(map.filter_to_broker(&long), Err(RewriteError::TooLong));
+
+        let deep = vec!["l"; MAX_TOPIC_LEVELS - 1].join("/");
+        assert!(map.to_broker(&deep).is_ok());
+        let too_deep = vec!["l"; MAX_TOPIC_LEVELS].join("/");
+        assert_eq!(map.to_broker(&too_deep), Err(RewriteError::TooDeep));
+    }
+}
