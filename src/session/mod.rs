@@ -205,3 +205,5 @@ async fn close<P: Profile, D: Dial, S: ClientStream>(
     }
 }
 
+#[cfg(test)]
+mod tests;

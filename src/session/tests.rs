@@ -1,0 +1,567 @@
+//! The session over in-memory streams (`tokio::io::duplex`) with paused time: the test plays both
+//! the client and the broker, byte for byte, and the WIoTP profile decides. Timers run in
+//! virtual time, so a 60-second deadline takes no real time, and every assertion on time is
+//! exact.
+
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{run, Context};
+use crate::auth::{hash_token_sha256, Verifier};
+use crate::codec::{
+    decode_frame_header, encode_connect, encode_publish, encode_subscribe, Connect, ProtocolVersion,
+};
+use crate::config::ProcessLimits;
+use crate::coord::local::{LocalAdmission, LocalTenantBuckets};
+use crate::coord::{Admission, ProcessSlots, Reporter, SessionId};
+use crate::limits::{ConnectRates, Rate};
+use crate::metrics::Metrics;
+use crate::policy::load::parse_policy;
+use crate::policy::PolicyStore;
+use crate::profile::Publication;
+use crate::refusal::{Cause, Refusal};
+use crate::transport::{ConnectionInfo, PeerCertificate};
+use crate::upstream::{Dial, UpstreamError};
+use crate::wiotp::Wiotp;
+
+/// Bytes each in-memory pipe holds before a writer waits.
+const PIPE_BYTES: usize = 16 * 1024;
+/// The longest any expected event may take, in virtual time: far beyond every deadline here.
+const PATIENCE: Duration = Duration::from_secs(600);
+/// The write deadline of these tests.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Hands the broker's end of each dialled connection to the test.
+struct TestDialer {
+    brokers: mpsc::UnboundedSender<DuplexStream>,
+}
+
+impl Dial for TestDialer {
+    type Stream = DuplexStream;
+
+    async fn dial(&self) -> Result<DuplexStream, UpstreamError> {
+        let (ours, theirs) = duplex(PIPE_BYTES);
+        let _ = self.brokers.send(theirs);
+        Ok(ours)
+    }
+
+    fn username(&self) -> Option<&str> {
+        None
+    }
+
+    fn password(&self) -> Option<&[u8]> {
+        None
+    }
+}
+
+/// What the session reported, in order.
+#[derive(Debug)]
+enum Reported {
+    Connected(Vec<Publication>),
+    Disconnected(Vec<Publication>),
+    Published(Vec<Publication>),
+}
+
+struct TestReporter(mpsc::UnboundedSender<Reported>);
+
+impl Reporter for TestReporter {
+    fn connected(&self, _: SessionId, _: &str, _: Vec<u8>, statuses: Vec<Publication>) {
+        let _ = self.0.send(Reported::Connected(statuses));
+    }
+
+    fn disconnected(&self, _: SessionId, _: &str, statuses: Vec<Publication>) {
+        let _ = self.0.send(Reported::Disconnected(statuses));
+    }
+
+    fn publish(&self, publications: Vec<Publication>) {
+        let _ = self.0.send(Reported::Published(publications));
+    }
+}
+
+fn policy_text(device_enabled: bool) -> String {
+    format!(
+        "orgs:\n  org1:\n    limits: {{ publish_rate: {{ device: \"100000/s\", gateway: \"100000/s\", application: \"100000/s\" }} }}\n    device_types: {{ sensor: {{}}, gw: {{ class: gateway }} }}\n    devices:\n      sensor/d1: {{ token: \"{}\", enabled: {device_enabled} }}\n      gw/g1: {{ token: \"{}\" }}\n",
+        hash_token_sha256(b"d1-token"),
+        hash_token_sha256(b"g1-token"),
+    )
+}
+
+struct Harness {
+    context: Arc<Context<Wiotp, TestDialer>>,
+    brokers: mpsc::UnboundedReceiver<DuplexStream>,
+    reports: mpsc::UnboundedReceiver<Reported>,
+    store: Arc<PolicyStore>,
+    admission: Arc<LocalAdmission>,
+}
+
+fn harness(limits: ProcessLimits) -> Harness {
+    let policy = parse_policy(&policy_text(true), Path::new("policy.yaml")).expect("policy");
+    let store = Arc::new(PolicyStore::new(policy));
+    let profile = Arc::new(Wiotp::new(store.clone(), Verifier::new(1, 1), "{org}/"));
+    let (brokers_tx, brokers) = mpsc::unbounded_channel();
+    let (reports_tx, reports) = mpsc::unbounded_channel();
+    let admission = LocalAdmission::new();
+    let context = Arc::new(Context {
+        profile,
+        dialer: Arc::new(TestDialer {
+            brokers: brokers_tx,
+        }),
+        admission: admission.clone(),
+        slots: ProcessSlots::new(100),
+        buckets: Arc::new(LocalTenantBuckets::default()),
+        reporter: Arc::new(TestReporter(reports_tx)),
+        connect_rates: Arc::new(ConnectRates::new(
+            Rate::per_second(1000),
+            Rate::per_second(1000),
+        )),
+        metrics: Arc::new(Metrics::default()),
+        limits,
+        shutting_down: Arc::new(AtomicBool::new(false)),
+    });
+    Harness {
+        context,
+        brokers,
+        reports,
+        store,
+        admission,
+    }
+}
+
+fn limits() -> ProcessLimits {
+    ProcessLimits {
+        connect_timeout: Duration::from_secs(5),
+        write_timeout: WRITE_TIMEOUT,
+        ..ProcessLimits::default()
+    }
+}
+
+fn info() -> ConnectionInfo {
+    ConnectionInfo {
+        peer: "127.0.0.1:40000".parse().unwrap(),
+        local: "127.0.0.1:1883".parse().unwrap(),
+        secure: false,
+        websocket: false,
+        certname: None,
+        certificate: PeerCertificate::Absent,
+        connected_at: std::time::SystemTime::UNIX_EPOCH,
+    }
+}
+
+fn connect_packet(version: ProtocolVersion, keep_alive: u16) -> BytesMut {
+    connect_as(version, keep_alive, "d:org1:sensor:d1", b"d1-token")
+}
+
+fn connect_as(
+    version: ProtocolVersion,
+    keep_alive: u16,
+    client_id: &str,
+    token: &[u8],
+) -> BytesMut {
+    let mut out = BytesMut::new();
+    encode_connect(
+        &mut out,
+        &Connect {
+            version,
+            clean_start: true,
+            keep_alive,
+            properties: Vec::new(),
+            client_id,
+            will: None,
+            username: Some("use-token-auth"),
+            password: Some(token),
+        },
+    );
+    out
+}
+
+/// Reads one whole MQTT frame, or `None` at the end of the stream, within [`PATIENCE`].
+async fn read_frame(stream: &mut DuplexStream) -> Option<Vec<u8>> {
+    tokio::time::timeout(PATIENCE, read_frame_now(stream))
+        .await
+        .expect("a frame or the end of the stream in time")
+}
+
+async fn read_frame_now(stream: &mut DuplexStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    loop {
+        if let Ok(Some(header)) = decode_frame_header(&buf, usize::MAX) {
+            if buf.len() >= header.frame_len() {
+                return Some(buf[..header.frame_len()].to_vec());
+            }
+        }
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte).await {
+            Ok(1) => buf.push(byte[0]),
+            _ => return None,
+        }
+    }
+}
+
+impl Harness {
+    /// Starts a session over a new in-memory client connection.
+    fn spawn_session(&self) -> (DuplexStream, JoinHandle<()>) {
+        let (client, session_end) = duplex(PIPE_BYTES);
+        let task = tokio::spawn(run(session_end, info(), self.context.clone()));
+        (client, task)
+    }
+
+    /// Plays the broker's part of a CONNECT: takes the dialled connection, reads the CONNECT
+    /// and answers CONNACK.
+    async fn accept_broker(&mut self) -> DuplexStream {
+        let mut broker = self.brokers.recv().await.expect("the session dials");
+        let connect = read_frame(&mut broker).await.expect("CONNECT");
+        assert_eq!(connect[0], 0x10);
+        let v5 = connect.windows(5).any(|w| w == b"MQTT\x05");
+        let connack: &[u8] = if v5 {
+            &[0x20, 0x03, 0x00, 0x00, 0x00]
+        } else {
+            &[0x20, 0x02, 0x00, 0x00]
+        };
+        broker.write_all(connack).await.unwrap();
+        broker
+    }
+
+    /// Connects device d1: the client sends CONNECT, the broker accepts, the client gets its
+    /// CONNACK. Returns the client's and the broker's ends.
+    async fn connect(
+        &mut self,
+        version: ProtocolVersion,
+        keep_alive: u16,
+    ) -> (DuplexStream, DuplexStream, JoinHandle<()>) {
+        self.connect_with(connect_packet(version, keep_alive)).await
+    }
+
+    /// Connects with this CONNECT packet (see [`Harness::connect`]).
+    async fn connect_with(
+        &mut self,
+        connect: BytesMut,
+    ) -> (DuplexStream, DuplexStream, JoinHandle<()>) {
+        let (mut client, task) = self.spawn_session();
+        client.write_all(&connect).await.unwrap();
+        let broker = self.accept_broker().await;
+        let connack = read_frame(&mut client).await.expect("CONNACK");
+        assert_eq!(connack[0], 0x20, "CONNACK");
+        assert_eq!(connack[3], 0, "accepted");
+        let Reported::Connected(statuses) = self.report().await else {
+            panic!("a Connect status first");
+        };
+        let status: serde_json::Value =
+            serde_json::from_slice(&statuses[0].payload).expect("status JSON");
+        assert_eq!(status["Action"], "Connect");
+        (client, broker, task)
+    }
+
+    /// The next report, within [`PATIENCE`] of virtual time.
+    async fn report(&mut self) -> Reported {
+        tokio::time::timeout(PATIENCE, self.reports.recv())
+            .await
+            .expect("the session reports in time")
+            .expect("the session reports")
+    }
+
+    /// The next Disconnect status: its closing code and reason.
+    async fn disconnect_status(&mut self) -> (u64, String) {
+        loop {
+            if let Reported::Disconnected(statuses) = self.report().await {
+                let status: serde_json::Value =
+                    serde_json::from_slice(&statuses[0].payload).expect("status JSON");
+                assert_eq!(status["Action"], "Disconnect");
+                return (
+                    status["CloseCode"].as_u64().unwrap_or_default(),
+                    status["Reason"].as_str().unwrap_or_default().to_owned(),
+                );
+            }
+        }
+    }
+
+    /// Tells every live session to close with `cause`.
+    fn close_all(&self, cause: Cause) {
+        for session in self.admission.sessions() {
+            session.close(Refusal::new(cause));
+        }
+    }
+}
+
+/// An MQTT 5 DISCONNECT's reason code.
+fn disconnect_reason(frame: &[u8]) -> u8 {
+    assert_eq!(frame[0], 0xE0, "DISCONNECT: {frame:02X?}");
+    frame[2]
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_client_is_closed_at_one_and_a_half_keep_alives_with_160() {
+    let mut harness = harness(limits());
+    let (mut client, _broker, task) = harness.connect(ProtocolVersion::V5, 10).await;
+    let silent_since = Instant::now();
+    let disconnect = read_frame(&mut client).await.expect("DISCONNECT");
+    assert_eq!(disconnect_reason(&disconnect), 0x8D, "Keep Alive timeout");
+    assert_eq!(silent_since.elapsed(), Duration::from_secs(15));
+    assert_eq!(harness.disconnect_status().await.0, 160);
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_packet_that_never_completes_is_closed_after_the_partial_packet_timeout() {
+    let mut harness = harness(limits());
+    let (mut client, _broker, _task) = harness.connect(ProtocolVersion::V311, 0).await;
+    // A PUBLISH that announces 16 bytes and sends one.
+    client.write_all(&[0x30, 0x10, 0x00]).await.unwrap();
+    let started = Instant::now();
+    assert_eq!(read_frame(&mut client).await, None, "MQTT 3: closed");
+    assert_eq!(started.elapsed(), limits().partial_packet_timeout);
+    let (code, reason) = harness.disconnect_status().await;
+    assert_eq!(code, 160);
+    assert!(reason.contains("not completed"), "{reason}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_without_connect_ends_at_the_connect_deadline_with_164() {
+    let harness = harness(limits());
+    let (mut client, task) = harness.spawn_session();
+    let started = Instant::now();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        client.read(&mut buf).await.unwrap(),
+        0,
+        "closed without a word"
+    );
+    assert_eq!(started.elapsed(), limits().connect_timeout);
+    task.await.unwrap();
+    let metrics = harness.context.metrics.render();
+    assert!(
+        metrics.contains("warden_closes_total{code=\"164\",org=\"\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_connection_takes_the_client_id_over_with_288_in_order() {
+    let mut harness = harness(limits());
+    let (mut first, _first_broker, _first_task) = harness.connect(ProtocolVersion::V5, 60).await;
+    let (mut second, _second_task) = harness.spawn_session();
+    second
+        .write_all(&connect_packet(ProtocolVersion::V5, 60))
+        .await
+        .unwrap();
+    let disconnect = read_frame(&mut first).await.expect("DISCONNECT");
+    assert_eq!(disconnect_reason(&disconnect), 0x8E, "Session taken over");
+    // The old session's Disconnect (288) is reported before the new one dials the broker.
+    assert_eq!(harness.disconnect_status().await.0, 288);
+    let _second_broker = harness.accept_broker().await;
+    assert_eq!(read_frame(&mut second).await.expect("CONNACK")[0], 0x20);
+    assert!(matches!(harness.report().await, Reported::Connected(_)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_closes_a_session_with_93() {
+    let mut harness = harness(limits());
+    let (mut client, _broker, task) = harness.connect(ProtocolVersion::V5, 60).await;
+    harness.close_all(Cause::Shutdown);
+    let disconnect = read_frame(&mut client).await.expect("DISCONNECT");
+    assert_eq!(disconnect_reason(&disconnect), 0x8B, "Server shutting down");
+    assert_eq!(harness.disconnect_status().await.0, 93);
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_policy_edit_that_disables_the_device_closes_it_with_94() {
+    let mut harness = harness(limits());
+    let (mut client, _broker, _task) = harness.connect(ProtocolVersion::V5, 60).await;
+    let edited = parse_policy(&policy_text(false), Path::new("policy.yaml")).expect("policy");
+    harness.store.replace(edited);
+    for session in harness.admission.sessions() {
+        session.reevaluate();
+    }
+    let disconnect = read_frame(&mut client).await.expect("DISCONNECT");
+    assert_eq!(
+        disconnect_reason(&disconnect),
+        0x98,
+        "Administrative action"
+    );
+    let (code, reason) = harness.disconnect_status().await;
+    assert_eq!(code, 94);
+    assert!(reason.contains("disabled"), "{reason}");
+}
+
+/// Floods the client with command PUBLISHes from the broker until the broker's writes wait:
+/// returns how many bytes got out.
+async fn flood_from_broker(broker: &mut DuplexStream) -> usize {
+    let mut frame = BytesMut::new();
+    encode_publish(
+        &mut frame,
+        0x30,
+        &[b"org1/iot-2/type/sensor/id/d1/cmd/c/fmt/bin"],
+        &[0u8; 1024],
+    );
+    let mut sent = 0;
+    while tokio::time::timeout(Duration::from_millis(100), broker.write_all(&frame))
+        .await
+        .is_ok()
+    {
+        sent += frame.len();
+    }
+    sent
+}
+
+/// Subscribes device d1 to its commands, with the broker's SUBACK.
+async fn subscribe_to_commands(client: &mut DuplexStream, broker: &mut DuplexStream) {
+    let mut subscribe = BytesMut::new();
+    encode_subscribe(
+        &mut subscribe,
+        ProtocolVersion::V311,
+        1,
+        &[],
+        &[(&[b"iot-2/cmd/+/fmt/+"], 0)],
+    );
+    client.write_all(&subscribe).await.unwrap();
+    let forwarded = read_frame(broker).await.expect("SUBSCRIBE");
+    assert_eq!(forwarded[0], 0x82);
+    broker
+        .write_all(&[0x90, 0x03, 0x00, 0x01, 0x00])
+        .await
+        .unwrap();
+    assert_eq!(read_frame(client).await.expect("SUBACK")[0], 0x90);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_holds_bounded_memory_and_is_closed_at_the_write_deadline() {
+    let mut harness = harness(limits());
+    let (mut client, mut broker, task) = harness.connect(ProtocolVersion::V311, 0).await;
+    subscribe_to_commands(&mut client, &mut broker).await;
+    let stalled_from = Instant::now();
+    let sent = flood_from_broker(&mut broker).await;
+    // Back-pressure: the session stopped reading the broker once its output was full, so what
+    // it holds is bounded by the high-water mark and the pipes, not by what the broker has.
+    assert!(sent < 512 * 1024, "the broker could write {sent} bytes");
+    let (code, reason) = harness.disconnect_status().await;
+    let waited = stalled_from.elapsed();
+    assert_eq!(code, 92);
+    assert!(reason.contains("client read nothing"), "{reason}");
+    assert!(
+        waited >= WRITE_TIMEOUT && waited < WRITE_TIMEOUT + Duration::from_secs(3),
+        "{waited:?}"
+    );
+    task.await.unwrap();
+    assert_eq!(
+        harness.admission.tenant_connections("org1"),
+        0,
+        "slot given back"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_is_still_taken_over_at_once() {
+    let mut harness = harness(limits());
+    let (mut first, mut broker, first_task) = harness.connect(ProtocolVersion::V311, 0).await;
+    subscribe_to_commands(&mut first, &mut broker).await;
+    flood_from_broker(&mut broker).await;
+    let takeover_at = Instant::now();
+    let (mut second, _second_task) = harness.spawn_session();
+    second
+        .write_all(&connect_packet(ProtocolVersion::V311, 60))
+        .await
+        .unwrap();
+    assert_eq!(harness.disconnect_status().await.0, 288);
+    let _second_broker = harness.accept_broker().await;
+    assert_eq!(read_frame(&mut second).await.expect("CONNACK")[0], 0x20);
+    // The stalled session gave up its farewell within the close deadline, not the write one.
+    assert!(takeover_at.elapsed() <= super::FAREWELL_TIMEOUT);
+    first_task.await.unwrap();
+    drop(first);
+}
+
+/// Floods the broker with event PUBLISHes from the client until the client's writes wait.
+async fn flood_from_client(client: &mut DuplexStream) {
+    let mut frame = BytesMut::new();
+    encode_publish(&mut frame, 0x30, &[b"iot-2/evt/e/fmt/bin"], &[0u8; 1024]);
+    while tokio::time::timeout(Duration::from_millis(100), client.write_all(&frame))
+        .await
+        .is_ok()
+    {}
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_broker_that_stops_reading_closes_the_session_at_the_write_deadline() {
+    let mut harness = harness(limits());
+    let (mut client, _broker, task) = harness.connect(ProtocolVersion::V311, 0).await;
+    let stalled_from = Instant::now();
+    flood_from_client(&mut client).await;
+    let (code, reason) = harness.disconnect_status().await;
+    assert_eq!(code, 92);
+    assert!(reason.contains("broker read nothing"), "{reason}");
+    assert!(stalled_from.elapsed() < WRITE_TIMEOUT + Duration::from_secs(3));
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_acts_at_once_while_the_broker_stalls() {
+    let mut harness = harness(limits());
+    let (mut client, _broker, task) = harness.connect(ProtocolVersion::V311, 0).await;
+    flood_from_client(&mut client).await;
+    let shutdown_at = Instant::now();
+    harness.close_all(Cause::Shutdown);
+    assert_eq!(harness.disconnect_status().await.0, 93);
+    assert!(shutdown_at.elapsed() <= super::FAREWELL_TIMEOUT);
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn what_the_session_accepted_reaches_a_slow_broker_after_the_close() {
+    let mut harness = harness(limits());
+    let (mut client, mut broker, task) = harness.connect(ProtocolVersion::V311, 0).await;
+    // More than the broker's pipe holds, while the broker reads nothing: the session holds
+    // the rest, then a QoS 1 PUBLISH, then the client goes away.
+    let mut batch = BytesMut::new();
+    while batch.len() < PIPE_BYTES + 4096 {
+        encode_publish(&mut batch, 0x30, &[b"iot-2/evt/e/fmt/bin"], &[0u8; 1024]);
+    }
+    encode_publish(
+        &mut batch,
+        0x32,
+        &[b"iot-2/evt/last/fmt/txt"],
+        b"\x00\x07kept",
+    );
+    client.write_all(&batch).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(super::FAREWELL_TIMEOUT, broker.read_to_end(&mut received)).await;
+    assert!(
+        received.windows(4).any(|w| w == b"kept"),
+        "the held QoS 1 PUBLISH reached the broker ({} bytes)",
+        received.len()
+    );
+    assert_eq!(harness.disconnect_status().await.0, 91);
+    task.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gateway_refusal_keeps_the_connection_and_is_reported_through_the_profile() {
+    let mut harness = harness(limits());
+    let connect = connect_as(ProtocolVersion::V311, 60, "g:org1:gw:g1", b"g1-token");
+    let (mut client, _broker, _task) = harness.connect_with(connect).await;
+    let mut subscribe = BytesMut::new();
+    encode_subscribe(
+        &mut subscribe,
+        ProtocolVersion::V311,
+        7,
+        &[],
+        &[(&[b"iot-2/type/gw/id/other/notify"], 0)],
+    );
+    client.write_all(&subscribe).await.unwrap();
+    assert_eq!(
+        read_frame(&mut client).await.expect("SUBACK"),
+        [0x90, 0x03, 0x00, 0x07, 0x80]
+    );
+    let Reported::Published(notifications) = harness.report().await else {
+        panic!("a notification");
+    };
+    assert_eq!(notifications[0].topic, "org1/iot-2/type/gw/id/g1/notify");
+}
