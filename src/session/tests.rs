@@ -86,11 +86,22 @@ impl Reporter for TestReporter {
     }
 }
 
+/// Generous limits, so that only the tests about limits meet any.
+const OPEN_LIMITS: &str =
+    "{ publish_rate: { device: \"100000/s\", gateway: \"100000/s\", application: \"100000/s\" } }";
+
 fn policy_text(device_enabled: bool) -> String {
+    policy_with(OPEN_LIMITS, device_enabled)
+}
+
+/// Org1 with `limits`: device d1 (token `d1-token`), gateway g1 (`g1-token`), and API key
+/// `a-org1-key0000001` (`app-token`); and the quickstart org.
+fn policy_with(limits: &str, device_enabled: bool) -> String {
     format!(
-        "orgs:\n  org1:\n    limits: {{ publish_rate: {{ device: \"100000/s\", gateway: \"100000/s\", application: \"100000/s\" }} }}\n    device_types: {{ sensor: {{}}, gw: {{ class: gateway }} }}\n    devices:\n      sensor/d1: {{ token: \"{}\", enabled: {device_enabled} }}\n      gw/g1: {{ token: \"{}\" }}\n",
+        "orgs:\n  org1:\n    limits: {limits}\n    device_types: {{ sensor: {{}}, gw: {{ class: gateway }} }}\n    devices:\n      sensor/d1: {{ token: \"{}\", enabled: {device_enabled}, groups: [line-1] }}\n      gw/g1: {{ token: \"{}\" }}\n    api_keys:\n      a-org1-key0000001: {{ token: \"{}\" }}\n  quickstart: {{ quickstart: true }}\n",
         hash_token_sha256(b"d1-token"),
         hash_token_sha256(b"g1-token"),
+        hash_token_sha256(b"app-token"),
     )
 }
 
@@ -103,7 +114,11 @@ struct Harness {
 }
 
 fn harness(limits: ProcessLimits) -> Harness {
-    let policy = parse_policy(&policy_text(true), Path::new("policy.yaml")).expect("policy");
+    harness_with(limits, &policy_text(true))
+}
+
+fn harness_with(limits: ProcessLimits, policy: &str) -> Harness {
+    let policy = parse_policy(policy, Path::new("policy.yaml")).expect("policy");
     let store = Arc::new(PolicyStore::new(policy));
     let profile = Arc::new(Wiotp::new(store.clone(), Verifier::new(1, 1), "{org}/"));
     let (brokers_tx, brokers) = mpsc::unbounded_channel();
@@ -165,18 +180,24 @@ fn connect_as(
     client_id: &str,
     token: &[u8],
 ) -> BytesMut {
+    let username = if client_id.starts_with(['a', 'A']) {
+        "a-org1-key0000001"
+    } else {
+        "use-token-auth"
+    };
     let mut out = BytesMut::new();
     encode_connect(
         &mut out,
         &Connect {
             version,
-            clean_start: true,
+            // A:ORG:APP keeps a session; everyone else starts clean.
+            clean_start: !client_id.starts_with('A'),
             keep_alive,
             properties: Vec::new(),
             client_id,
             will: None,
-            username: Some("use-token-auth"),
-            password: Some(token),
+            username: (!client_id.contains(":quickstart:")).then_some(username),
+            password: (!client_id.contains(":quickstart:")).then_some(token),
         },
     );
     out
@@ -564,4 +585,93 @@ async fn a_gateway_refusal_keeps_the_connection_and_is_reported_through_the_prof
         panic!("a notification");
     };
     assert_eq!(notifications[0].topic, "org1/iot-2/type/gw/id/g1/notify");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_publish_held_back_by_the_org_costs_nothing_in_the_connection_bucket() {
+    // The device may publish once per 10 s; the org twice per second, and the gateway has just
+    // used both. The device's PUBLISH waits for the org only: had the refused attempt cost
+    // the device its one token, it would wait 10 s for the next.
+    let limits_yaml =
+        "{ publish_rate: { device: \"1/10s\", gateway: \"1000/s\" }, org_publish_rate: \"2/s\" }";
+    let mut harness = harness_with(limits(), &policy_with(limits_yaml, true));
+    let gateway = connect_as(ProtocolVersion::V311, 0, "g:org1:gw:g1", b"g1-token");
+    let (mut gateway, mut gateway_broker, _gateway_task) = harness.connect_with(gateway).await;
+    let (mut device, mut device_broker, _device_task) =
+        harness.connect(ProtocolVersion::V311, 0).await;
+    let mut batch = BytesMut::new();
+    for _ in 0..2 {
+        encode_publish(
+            &mut batch,
+            0x30,
+            &[b"iot-2/type/gw/id/g1/evt/e/fmt/t"],
+            b"x",
+        );
+    }
+    gateway.write_all(&batch).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(
+            read_frame(&mut gateway_broker).await.expect("PUBLISH")[0],
+            0x30
+        );
+    }
+    let mut event = BytesMut::new();
+    encode_publish(&mut event, 0x30, &[b"iot-2/evt/e/fmt/t"], b"x");
+    let sent_at = Instant::now();
+    device.write_all(&event).await.unwrap();
+    assert_eq!(
+        read_frame(&mut device_broker).await.expect("PUBLISH")[0],
+        0x30
+    );
+    assert_eq!(sent_at.elapsed(), Duration::from_millis(500));
+}
+
+#[tokio::test(start_paused = true)]
+async fn subscriptions_count_against_a_rate() {
+    let limits_yaml = "{ subscribe_rate: \"10/s\" }";
+    let mut harness = harness_with(limits(), &policy_with(limits_yaml, true));
+    let (mut client, mut broker, _task) = harness.connect(ProtocolVersion::V311, 0).await;
+    let started = Instant::now();
+    let mut batch = BytesMut::new();
+    for packet_id in 1..=30u16 {
+        encode_subscribe(
+            &mut batch,
+            ProtocolVersion::V311,
+            packet_id,
+            &[],
+            &[(&[b"iot-2/cmd/c/fmt/t"], 0)],
+        );
+    }
+    client.write_all(&batch).await.unwrap();
+    for _ in 1..=30u16 {
+        let subscribe = read_frame(&mut broker).await.expect("SUBSCRIBE");
+        assert_eq!(subscribe[0], 0x82);
+    }
+    // Ten at once (the burst), the other twenty at 10/s.
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    drop(client);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_local_is_cleared_on_the_shared_subscription_of_a_scalable_application() {
+    let mut harness = harness(limits());
+    let connect = connect_as(ProtocolVersion::V5, 60, "A:org1:app", b"app-token");
+    let (mut client, mut broker, _task) = harness.connect_with(connect).await;
+    let mut subscribe = BytesMut::new();
+    // Options: QoS 1, No Local.
+    encode_subscribe(
+        &mut subscribe,
+        ProtocolVersion::V5,
+        3,
+        &[],
+        &[(&[b"iot-2/type/+/id/+/evt/+/fmt/+"], 0x05)],
+    );
+    client.write_all(&subscribe).await.unwrap();
+    let forwarded = read_frame(&mut broker).await.expect("SUBSCRIBE");
+    let filter = b"$share/wiotp.org1.app.app/org1/iot-2/type/+/id/+/evt/+/fmt/+";
+    let at = forwarded
+        .windows(filter.len())
+        .position(|w| w == filter)
+        .expect("the shared filter");
+    assert_eq!(forwarded[at + filter.len()], 0x01, "QoS 1 without No Local");
 }
