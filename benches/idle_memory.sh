@@ -38,17 +38,6 @@ if ((${#need_pkgs[@]})); then
 fi
 export PATH="$PATH:/usr/sbin"
 
-# Thousands of client connections leave their ephemeral ports in use (TIME_WAIT) after each
-# target, so listen below the ephemeral range, where no client port can be.
-EPHEMERAL_LOW=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
-free_port() {
-  local port
-  while :; do
-    port=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
-  done
-}
-
 given_warden=${WARDEN_BIN:-}
 log "building (release)"
 (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release --quiet --bin mqtt-warden --example idle_connections)
