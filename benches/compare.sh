@@ -36,8 +36,10 @@
 # QUIET_WAIT (10 s): how idle the machine should be before each run and how long to wait for it,
 # OUT (folder to keep configs, logs and results.jsonl; default none), CARGO_TARGET_DIR (where cargo
 # builds; the load generator always comes from this checkout).
-# On a quiet 2-core machine the whole script takes about 8 minutes with REPS=3 and four targets
-# (about 35 s per repetition of a scenario and target, idle gate included).
+# A run takes about 10 s (warm-up, window, drain, idle gate), so the script takes about 8 minutes
+# with REPS=3 and four targets (BASELINE_BIN set), 13 with REPS=5; three quarters of that without.
+# Related: benches/callgrind.sh (instructions per message), benches/idle_memory.sh (RSS per idle
+# client), benches/fairness.sh.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
