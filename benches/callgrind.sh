@@ -82,8 +82,10 @@ if [[ -z "${LOADGEN:-}" ]] || ((${#BINARIES[@]} == 0)); then
   [[ -z "$given_loadgen" ]] || LOADGEN=$given_loadgen
 fi
 ((${#BINARIES[@]})) || BINARIES=("$WARDEN_BIN")
-for bin in "${BINARIES[@]}"; do
+for index in "${!BINARIES[@]}"; do
+  bin=${BINARIES[$index]}
   [[ -x "$bin" ]] || { log "not an executable: $bin"; exit 2; }
+  BINARIES[$index]=$(readlink -f "$bin") # the proxies run in the scratch folder
 done
 "$LOADGEN" --help | grep -q -- --count || { log "$LOADGEN has no --count: use this checkout's"; exit 2; }
 
