@@ -96,6 +96,9 @@ export PATH="$PATH:/usr/sbin"
 given_warden=${WARDEN_BIN:-}
 build_release
 [[ -z "$given_warden" ]] || WARDEN_BIN=$given_warden
+# The wardens run in the scratch folder.
+WARDEN_BIN=$(readlink -f "$WARDEN_BIN")
+[[ -z "$BASELINE_BIN" ]] || BASELINE_BIN=$(readlink -f "$BASELINE_BIN")
 
 start_mosquitto "$BROKER_CPUS" "max_inflight_messages $INFLIGHT"
 HAPROXY_PORT=$(free_port)

@@ -42,6 +42,9 @@ given_warden=${WARDEN_BIN:-}
 log "building (release)"
 (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release --quiet --bin mqtt-warden --example idle_connections)
 WARDEN_BIN=${given_warden:-$TARGET_DIR/release/mqtt-warden}
+# The wardens run in the scratch folder.
+WARDEN_BIN=$(readlink -f "$WARDEN_BIN")
+[[ -z "$BASELINE_BIN" ]] || BASELINE_BIN=$(readlink -f "$BASELINE_BIN")
 IDLE=$TARGET_DIR/release/examples/idle_connections
 
 # Every process started from here on may hold two descriptors per client.
