@@ -28,7 +28,7 @@
 # cost of every call to a function named EXCLUDE (default `quanta::Calibration::calibrate`, a
 # one-time clock calibration for the rate limiters that loops for a fixed wall time, so its count
 # varies with valgrind's speed) is subtracted from each run's total; the log shows how much.
-# Repeatability on 0c050af: within 0.3 % between runs (BURST=1). With BURST=16 (batches; the
+# Repeatability on 0c050af: within 0.4 % between runs (BURST=1). With BURST=16 (batches; the
 # broker's deliveries then arrive in varying segments) within about 1.5 %.
 #
 # Environment:
