@@ -27,10 +27,14 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# A port nobody listens on, below the ephemeral range: a port inside it may be taken by some
+# client's connection (thousands linger in TIME_WAIT after idle_memory.sh), and bind then fails.
+EPHEMERAL_LOW=$(awk '{print $1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+((EPHEMERAL_LOW > 12000)) || EPHEMERAL_LOW=32768
 free_port() {
   local port
   while :; do
-    port=$((20000 + RANDOM % 40000))
+    port=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || { echo "$port"; return; }
   done
 }

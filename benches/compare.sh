@@ -1,27 +1,45 @@
 #!/usr/bin/env bash
 # Direct Mosquitto vs HAProxy (mode tcp) vs mqtt-warden, in front of the same Mosquitto, same run.
 #
-#   benches/compare.sh                 # defaults below; prints a markdown table
-#   LAYOUT=shared REPS=5 benches/compare.sh
+#   benches/compare.sh                 # defaults below; prints markdown tables
+#   LAYOUT=split REPS=5 benches/compare.sh
+#   BASELINE_BIN=/work/bench/bin/mqtt-warden-0c050af REPS=5 benches/compare.sh
 #
-# Scenarios (1 publisher → 1 subscriber, 64-byte payloads):
-#   qos0-sat   QoS 0 saturation throughput
-#   qos1-sat   QoS 1 saturation throughput (publisher window INFLIGHT)
-#   qos0-10k   QoS 0 at a fixed RATE msg/s: p50/p99 end-to-end latency
-# Each scenario runs against direct, haproxy and warden REPS times, the order rotating every
-# repetition; the table shows medians and ratios against direct.
+# Scenarios (SCENARIOS picks some, in this order; 64-byte payloads):
+#   qos0-sat     1 publisher → 1 subscriber, QoS 0 saturation throughput
+#   qos1-sat     1 → 1, QoS 1 saturation throughput (publisher window INFLIGHT)
+#   qos0-10k     1 → 1, QoS 0 at a fixed RATE msg/s: p50/p99/p99.9 end-to-end latency
+#   fan10-qos0   FANOUT publishers → FANOUT subscribers, QoS 0 saturation, every subscriber on the
+#                wildcard filter iot-2/type/+/id/+/evt/+/fmt/+ (direct: bench/iot-2/...), so each
+#                receives every publisher: delivered msg/s (all subscribers together)
+# Targets: direct, haproxy, warden (this checkout's build, or WARDEN_BIN), and with BASELINE_BIN set
+# warden-baseline (that binary, same config, its own process) in the same interleaved run. Each
+# scenario runs against every target REPS times, the order rotating every repetition. The first
+# table shows medians and ratios: each proxy against direct and each warden against HAProxy (and
+# warden against warden-baseline); the second shows the spread: min–max of every target and of
+# the ratio against direct paired within each repetition.
 #
 # CPU layouts (this is written for a 2-core machine; LAYOUT picks one):
-#   split   (default) Mosquitto on CPU 0, the proxy on CPU 1, the load generator unpinned
+#   shared  (default) Mosquitto and the proxy (HAProxy, each warden) share CPU 1, the load
+#           generator runs on CPU 0: the proxy's cost shows as broker throughput taken away
+#   split             Mosquitto on CPU 0, the proxy on CPU 1, the load generator unpinned
 #   gen-broker        Mosquitto and the load generator on CPU 0, the proxy alone on CPU 1
 #   gen-proxy         Mosquitto alone on CPU 0, the proxy and the load generator on CPU 1
 #   none              nothing pinned
+# Every proxy gets one thread per CPU it is pinned to (HAProxy nbthread; the warden's runtime sizes
+# itself to the CPUs it may use).
 #
 # Environment: REPS (3), DURATION (5 s, saturation), LAT_DURATION (8 s), WARMUP (2 s),
-# PAYLOAD (64), INFLIGHT (100), RATE (10000), LAYOUT (split), QUIET_IDLE (90 %) and QUIET_WAIT
-# (10 s): how idle the machine should be before each run and how long to wait for it, OUT (folder
-# to keep configs, logs and results.jsonl; default none), CARGO_TARGET_DIR (where cargo builds).
-# On a quiet 2-core machine the whole script takes about 5 minutes.
+# PAYLOAD (64), INFLIGHT (100), RATE (10000), FANOUT (10), FANOUT_MAX_LAG (2000 messages per
+# subscriber that the fan-out publishers may run ahead), LAYOUT (shared), SCENARIOS (all four),
+# BASELINE_BIN (none), WARDEN_BIN (default: built from this checkout), QUIET_IDLE (90 %) and
+# QUIET_WAIT (10 s): how idle the machine should be before each run and how long to wait for it,
+# OUT (folder to keep configs, logs and results.jsonl; default none), CARGO_TARGET_DIR (where cargo
+# builds; the load generator always comes from this checkout).
+# A run takes about 10 s (warm-up, window, drain, idle gate), so the script takes about 8 minutes
+# with REPS=3 and four targets (BASELINE_BIN set), 13 with REPS=5; three quarters of that without.
+# Related: benches/callgrind.sh (instructions per message), benches/idle_memory.sh (RSS per idle
+# client), benches/fairness.sh.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,16 +50,30 @@ WARMUP=${WARMUP:-2}
 PAYLOAD=${PAYLOAD:-64}
 INFLIGHT=${INFLIGHT:-100}
 RATE=${RATE:-10000}
-LAYOUT=${LAYOUT:-split}
+FANOUT=${FANOUT:-10}
+FANOUT_MAX_LAG=${FANOUT_MAX_LAG:-2000}
+LAYOUT=${LAYOUT:-shared}
+SCENARIOS=${SCENARIOS:-qos0-sat qos1-sat qos0-10k fan10-qos0}
+BASELINE_BIN=${BASELINE_BIN:-}
 ORG=bench
 
 case "$LAYOUT" in
+  shared)     BROKER_CPUS=1; PROXY_CPUS=1; GEN_CPUS=0 ;;
   split)      BROKER_CPUS=0; PROXY_CPUS=1; GEN_CPUS=0,1 ;;
   gen-broker) BROKER_CPUS=0; PROXY_CPUS=1; GEN_CPUS=0 ;;
   gen-proxy)  BROKER_CPUS=0; PROXY_CPUS=1; GEN_CPUS=1 ;;
   none)       BROKER_CPUS=0,1; PROXY_CPUS=0,1; GEN_CPUS=0,1 ;;
   *) echo "unknown LAYOUT $LAYOUT" >&2; exit 2 ;;
 esac
+for scenario in $SCENARIOS; do
+  case "$scenario" in
+    qos0-sat | qos1-sat | qos0-10k | fan10-qos0) ;;
+    *) echo "unknown scenario $scenario" >&2; exit 2 ;;
+  esac
+done
+if [[ -n "$BASELINE_BIN" && ! -x "$BASELINE_BIN" ]]; then
+  echo "BASELINE_BIN $BASELINE_BIN is not an executable" >&2; exit 2
+fi
 # HAProxy gets as many threads as the warden's runtime gets workers: one per CPU it may use.
 PROXY_THREADS=$(awk -F, '{print NF}' <<<"$PROXY_CPUS")
 
@@ -61,11 +93,15 @@ if ((${#need_pkgs[@]})); then
 fi
 export PATH="$PATH:/usr/sbin"
 
+given_warden=${WARDEN_BIN:-}
 build_release
+[[ -z "$given_warden" ]] || WARDEN_BIN=$given_warden
+# The wardens run in the scratch folder.
+WARDEN_BIN=$(readlink -f "$WARDEN_BIN")
+[[ -z "$BASELINE_BIN" ]] || BASELINE_BIN=$(readlink -f "$BASELINE_BIN")
 
 start_mosquitto "$BROKER_CPUS" "max_inflight_messages $INFLIGHT"
 HAPROXY_PORT=$(free_port)
-WARDEN_PORT=$(free_port)
 
 cat >"$WORK/haproxy.cfg" <<EOF
 global
@@ -86,45 +122,72 @@ taskset -c "$PROXY_CPUS" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log"
 HAPROXY_PID=$!; PIDS+=("$HAPROXY_PID")
 wait_port "$HAPROXY_PORT" "$HAPROXY_PID"
 
-"$LOADGEN" --print-policy 1 --org "$ORG" >"$WORK/policy.yaml"
-cat >"$WORK/warden.yaml" <<EOF
+# Enough devices for the fan-out's publishers.
+"$LOADGEN" --print-policy "$((FANOUT > 1 ? FANOUT : 1))" --org "$ORG" >"$WORK/policy.yaml"
+
+# Starts a warden (binary $2) as target $1; sets PORT[$1] and PID[$1]. Each has its own control
+# client ID, so two wardens on one broker do not displace each other's control connection.
+declare -A PORT PID
+start_warden() {
+  local name=$1 bin=$2 port
+  port=$(free_port)
+  cat >"$WORK/$name.yaml" <<EOF
 listeners:
-  - bind: "127.0.0.1:$WARDEN_PORT"
+  - bind: "127.0.0.1:$port"
 upstream:
   address: "127.0.0.1:$BROKER_PORT"
   topic_prefix: "{org}/"
+  control_client_id: "$name-control"
 policies: policy.yaml
 telemetry: { log_format: text }
 EOF
-RUST_LOG=warn taskset -c "$PROXY_CPUS" "$WARDEN_BIN" run --config "$WORK/warden.yaml" >"$WORK/warden.log" 2>&1 &
-WARDEN_PID=$!; PIDS+=("$WARDEN_PID")
-wait_port "$WARDEN_PORT" "$WARDEN_PID"
+  (cd "$WORK" && RUST_LOG=warn exec taskset -c "$PROXY_CPUS" "$bin" run --config "$name.yaml") \
+    >"$WORK/$name.log" 2>&1 &
+  PID[$name]=$!; PIDS+=("${PID[$name]}")
+  PORT[$name]=$port
+  wait_port "$port" "${PID[$name]}"
+}
 
-log "mosquitto :$BROKER_PORT (cpu $BROKER_CPUS)  haproxy :$HAPROXY_PORT  warden :$WARDEN_PORT (cpu $PROXY_CPUS, $PROXY_THREADS thread(s))  loadgen cpu $GEN_CPUS"
+TARGETS=(direct haproxy)
+PORT[direct]=$BROKER_PORT; PID[direct]=
+PORT[haproxy]=$HAPROXY_PORT; PID[haproxy]=$HAPROXY_PID
+if [[ -n "$BASELINE_BIN" ]]; then
+  start_warden warden-baseline "$BASELINE_BIN"
+  TARGETS+=(warden-baseline)
+fi
+start_warden warden "$WARDEN_BIN"
+TARGETS+=(warden)
+
+log "mosquitto :$BROKER_PORT (cpu $BROKER_CPUS), loadgen cpu $GEN_CPUS, proxies on cpu $PROXY_CPUS with $PROXY_THREADS thread(s): haproxy :$HAPROXY_PORT, warden :${PORT[warden]} ($WARDEN_BIN)${BASELINE_BIN:+, warden-baseline :${PORT[warden-baseline]} ($BASELINE_BIN)}"
 
 # CPU seconds a process has used so far (utime + stime of all its threads).
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+# Context switches (voluntary and not) of all of a process's threads so far.
+ctx_switches() {
+  cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'
+}
 
 run_one() {
-  local scenario=$1 target=$2 rep=$3 port mode proxy_pid args
-  case "$target" in
-    direct)  port=$BROKER_PORT;  mode=direct; proxy_pid= ;;
-    haproxy) port=$HAPROXY_PORT; mode=direct; proxy_pid=$HAPROXY_PID ;;
-    warden)  port=$WARDEN_PORT;  mode=warden; proxy_pid=$WARDEN_PID ;;
-  esac
+  local scenario=$1 target=$2 rep=$3 port=${PORT[$2]} proxy_pid=${PID[$2]} mode=warden args
+  [[ "$target" == direct || "$target" == haproxy ]] && mode=direct
   case "$scenario" in
-    qos0-sat) args=(--qos 0 --rate 0 --duration "$DURATION") ;;
-    qos1-sat) args=(--qos 1 --rate 0 --duration "$DURATION" --inflight "$INFLIGHT") ;;
-    qos0-10k) args=(--qos 0 --rate "$RATE" --duration "$LAT_DURATION") ;;
+    qos0-sat) args=(--publishers 1 --subscribers 1 --qos 0 --rate 0 --duration "$DURATION") ;;
+    qos1-sat) args=(--publishers 1 --subscribers 1 --qos 1 --rate 0 --duration "$DURATION"
+                    --inflight "$INFLIGHT") ;;
+    qos0-10k) args=(--publishers 1 --subscribers 1 --qos 0 --rate "$RATE" --duration "$LAT_DURATION") ;;
+    fan10-qos0) args=(--publishers "$FANOUT" --subscribers "$FANOUT" --sub-filter all --qos 0
+                      --rate 0 --duration "$DURATION" --max-lag "$FANOUT_MAX_LAG") ;;
   esac
-  local b0 p0=0 b1 p1=0 line
+  local b0 p0=0 c0=0 b1 p1=0 c1=0 line
   wait_quiet
-  b0=$(cpu_s "$BROKER_PID"); [[ -n "$proxy_pid" ]] && p0=$(cpu_s "$proxy_pid")
+  b0=$(cpu_s "$BROKER_PID")
+  [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); }
   line=$(timeout 120 taskset -c "$GEN_CPUS" "$LOADGEN" --target "127.0.0.1:$port" --mode "$mode" \
-    --org "$ORG" --publishers 1 --subscribers 1 --payload "$PAYLOAD" --warmup "$WARMUP" \
+    --org "$ORG" --payload "$PAYLOAD" --warmup "$WARMUP" \
     "${args[@]}" --json --label "$scenario/$target/$rep") || { log "loadgen failed: $scenario $target"; return 1; }
-  b1=$(cpu_s "$BROKER_PID"); [[ -n "$proxy_pid" ]] && p1=$(cpu_s "$proxy_pid")
-  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"idle_before\":$IDLE_BEFORE}"
+  b1=$(cpu_s "$BROKER_PID")
+  [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); }
+  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_cs\":$((c1 - c0)),\"idle_before\":$IDLE_BEFORE}"
   echo "$line" >>"$WORK/results.jsonl"
   log "$(awk -v l="$line" 'BEGIN{
       n=split("throughput p50_us p99_us loss proxy_cpu_s idle_before",k," "); s="";
@@ -134,58 +197,116 @@ run_one() {
 }
 
 : >"$WORK/results.jsonl"
-TARGETS=(direct haproxy warden)
 START=$(date +%s)
-for scenario in qos0-sat qos1-sat qos0-10k; do
+n=${#TARGETS[@]}
+for scenario in $SCENARIOS; do
   for rep in $(seq "$REPS"); do
-    for i in 0 1 2; do
-      run_one "$scenario" "${TARGETS[$(((i + rep - 1) % 3))]}" "$rep"
+    for i in $(seq 0 $((n - 1))); do
+      run_one "$scenario" "${TARGETS[$(((i + rep - 1) % n))]}" "$rep"
     done
   done
 done
 log "runs took $(($(date +%s) - START)) s"
 
 # --- summary -------------------------------------------------------------------------------
+# Ratio columns: every proxy against direct, each warden against HAProxy, and the warden against
+# warden-baseline. The spread table: min–max of every target, and min–max of the ratio against
+# direct taken within each repetition.
 summarize() {
-  awk "$AWK_HELPERS"'
-    {
-      s = field($0, "scenario"); v = field($0, "via")
-      split("throughput p50_us p99_us p999_us loss proxy_cpu_s broker_cpu_s sent_total", ks, " ")
-      for (k in ks) vals[s "|" v "|" ks[k]] = vals[s "|" v "|" ks[k]] " " field($0, ks[k])
+  awk -v targets="${TARGETS[*]}" -v scenarios="$SCENARIOS" -v rate="$RATE" -v fanout="$FANOUT" "$AWK_HELPERS"'
+    function lo(key,   n, i, a, m) { n = split(vals[key], a, " "); m = a[1]; for (i = 2; i <= n; i++) if (a[i] + 0 < m + 0) m = a[i]; return m }
+    function hi(key,   n, i, a, m) { n = split(vals[key], a, " "); m = a[1]; for (i = 2; i <= n; i++) if (a[i] + 0 > m + 0) m = a[i]; return m }
+    function short(t) { return t == "haproxy" ? "HAProxy" : t == "warden-baseline" ? "baseline" : t }
+    function num(x, fmt) { return x == "" ? "–" : sprintf(fmt, x) }
+    function ratio(a, b) { return b ? a / b : 0 }
+    function addrow(label, s, key, fmt) {
+      if (seen[s]) { nrows++; rl[nrows] = label; rs[nrows] = s; rk[nrows] = key; rf[nrows] = fmt }
     }
-    function row(label, s, key, fmt,   d, h, w) {
-      d = median(s "|direct|" key); h = median(s "|haproxy|" key); w = median(s "|warden|" key)
-      printf "| %s | " fmt " | " fmt " | " fmt " | %.2f | %.2f | %.2f |\n", label, d, h, w, \
-        (d ? h / d : 0), (d ? w / d : 0), (h ? w / h : 0)
+    {
+      s = field($0, "scenario"); v = field($0, "via"); r = field($0, "rep")
+      split("throughput p50_us p99_us p999_us loss proxy_cpu_s broker_cpu_s sent_total subscribers proxy_cs", ks, " ")
+      for (k in ks) {
+        x = field($0, ks[k]); vals[s "|" v "|" ks[k]] = vals[s "|" v "|" ks[k]] " " x
+        per[s "|" v "|" ks[k] "|" r] = x
+      }
+      reps[r] = 1; seen[s] = 1
     }
     END {
-      print "| scenario | direct | HAProxy | warden | HAProxy/direct | warden/direct | warden/HAProxy |"
-      print "|---|---:|---:|---:|---:|---:|---:|"
-      row("1→1 QoS 0 saturation, msg/s", "qos0-sat", "throughput", "%.0f")
-      row("1→1 QoS 1 saturation, msg/s", "qos1-sat", "throughput", "%.0f")
-      row("1→1 QoS 0 @ '"$RATE"' msg/s, p50 µs", "qos0-10k", "p50_us", "%.1f")
-      row("1→1 QoS 0 @ '"$RATE"' msg/s, p99 µs", "qos0-10k", "p99_us", "%.1f")
-      row("1→1 QoS 0 @ '"$RATE"' msg/s, p99.9 µs", "qos0-10k", "p999_us", "%.1f")
+      nt = split(targets, t, " ")
+      nc = 0
+      for (i = 2; i <= nt; i++) { nc++; cn[nc] = t[i]; cd[nc] = "direct" }
+      for (i = 3; i <= nt; i++) { nc++; cn[nc] = t[i]; cd[nc] = "haproxy" }
+      if (nt == 4) { nc++; cn[nc] = "warden"; cd[nc] = "warden-baseline" }
+      addrow("1→1 QoS 0 saturation, msg/s", "qos0-sat", "throughput", "%.0f")
+      addrow("1→1 QoS 1 saturation, msg/s", "qos1-sat", "throughput", "%.0f")
+      addrow("1→1 QoS 0 @ " rate " msg/s, p50 µs", "qos0-10k", "p50_us", "%.1f")
+      addrow("1→1 QoS 0 @ " rate " msg/s, p99 µs", "qos0-10k", "p99_us", "%.1f")
+      addrow("1→1 QoS 0 @ " rate " msg/s, p99.9 µs", "qos0-10k", "p999_us", "%.1f")
+      addrow(fanout "→" fanout " QoS 0 saturation, wildcard subs, delivered msg/s", "fan10-qos0", "throughput", "%.0f")
+
+      line = "| scenario |"; sep = "|---|"
+      for (i = 1; i <= nt; i++) { line = line " " short(t[i]) " |"; sep = sep "---:|" }
+      for (c = 1; c <= nc; c++) { line = line " " short(cn[c]) "/" short(cd[c]) " |"; sep = sep "---:|" }
+      print line; print sep
+      for (row = 1; row <= nrows; row++) {
+        s = rs[row]; key = rk[row]; line = "| " rl[row] " |"
+        for (i = 1; i <= nt; i++) line = line " " num(median(s "|" t[i] "|" key), rf[row]) " |"
+        for (c = 1; c <= nc; c++) line = line sprintf(" %.2f |", ratio(median(s "|" cn[c] "|" key), median(s "|" cd[c] "|" key)))
+        print line
+      }
       print ""
-      printf "Added p99 latency at '"$RATE"' msg/s (median p99 − direct median p99): HAProxy %+.1f µs, warden %+.1f µs\n", \
-        median("qos0-10k|haproxy|p99_us") - median("qos0-10k|direct|p99_us"), median("qos0-10k|warden|p99_us") - median("qos0-10k|direct|p99_us")
+      print "Spread over the repetitions: min–max of each target, and min–max of the ratio against direct"
+      print "within each repetition (the targets of one repetition run back to back)."
       print ""
-      print "CPU per message, µs (median CPU seconds of the process over the whole run / messages published in the whole run):"
-      split("qos0-sat qos1-sat qos0-10k", ss, " ")
-      for (i = 1; i <= 3; i++) {
-        s = ss[i]
-        printf "  %s: HAProxy %.2f  warden %.2f   (broker: direct %.2f, via HAProxy %.2f, via warden %.2f)\n", s, \
-          1e6 * median(s "|haproxy|proxy_cpu_s") / (median(s "|haproxy|sent_total") + 1e-9), \
-          1e6 * median(s "|warden|proxy_cpu_s") / (median(s "|warden|sent_total") + 1e-9), \
-          1e6 * median(s "|direct|broker_cpu_s") / (median(s "|direct|sent_total") + 1e-9), \
-          1e6 * median(s "|haproxy|broker_cpu_s") / (median(s "|haproxy|sent_total") + 1e-9), \
-          1e6 * median(s "|warden|broker_cpu_s") / (median(s "|warden|sent_total") + 1e-9)
+      line = "| scenario |"; sep = "|---|"
+      for (i = 1; i <= nt; i++) { line = line " " short(t[i]) " |"; sep = sep "---:|" }
+      for (i = 2; i <= nt; i++) { line = line " " short(t[i]) "/direct, per rep |"; sep = sep "---:|" }
+      print line; print sep
+      for (row = 1; row <= nrows; row++) {
+        s = rs[row]; key = rk[row]; line = "| " rl[row] " |"
+        for (i = 1; i <= nt; i++) line = line " " num(lo(s "|" t[i] "|" key), rf[row]) "–" num(hi(s "|" t[i] "|" key), rf[row]) " |"
+        for (i = 2; i <= nt; i++) {
+          mn = ""; mx = ""
+          for (r in reps) {
+            a = per[s "|" t[i] "|" key "|" r]; b = per[s "|direct|" key "|" r]
+            if (a == "" || b == "" || b + 0 == 0) continue
+            q = a / b; if (mn == "" || q < mn) mn = q; if (mx == "" || q > mx) mx = q
+          }
+          line = line " " (mn == "" ? "–" : sprintf("%.2f–%.2f", mn, mx)) " |"
+        }
+        print line
+      }
+      if (seen["qos0-10k"]) {
+        print ""
+        line = "Added p99 latency at " rate " msg/s (median p99 − direct median p99):"
+        for (i = 2; i <= nt; i++) line = line sprintf(" %s %+.1f µs%s", short(t[i]), median("qos0-10k|" t[i] "|p99_us") - median("qos0-10k|direct|p99_us"), i < nt ? "," : "")
+        print line
+      }
+      print ""
+      print "CPU per delivered message, µs (median CPU seconds of the process over the whole run / messages"
+      print "delivered in the whole run, published × subscribers), with the proxy'"'"'s context switches per"
+      print "delivered message in brackets:"
+      ns = split(scenarios, ss, " ")
+      for (j = 1; j <= ns; j++) {
+        s = ss[j]; line = "  " s ": proxy"
+        for (i = 2; i <= nt; i++) {
+          d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
+          line = line sprintf(" %s %.2f (%.2f cs)", short(t[i]), 1e6 * median(s "|" t[i] "|proxy_cpu_s") / d, median(s "|" t[i] "|proxy_cs") / d)
+        }
+        line = line "; broker"
+        for (i = 1; i <= nt; i++) {
+          d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
+          line = line sprintf(" %s %.2f", (i == 1 ? "direct" : "via " short(t[i])), 1e6 * median(s "|" t[i] "|broker_cpu_s") / d)
+        }
+        print line
       }
     }' "$WORK/results.jsonl"
 }
 
 echo
 echo "### LAYOUT=$LAYOUT (mosquitto cpu $BROKER_CPUS, proxy cpu $PROXY_CPUS, loadgen cpu $GEN_CPUS), payload $PAYLOAD B, $REPS reps, median"
+echo
+echo "Targets: ${TARGETS[*]}; warden = $WARDEN_BIN${BASELINE_BIN:+, warden-baseline = $BASELINE_BIN}"
 echo
 summarize
 echo

@@ -17,6 +17,17 @@
 //!   publishing `iot-2/evt/load/fmt/bin`, subscribers are apps `a:ORG:subJ` subscribing
 //!   `iot-2/type/loadgen/id/+/evt/load/fmt/bin`. `--print-policy N` prints the matching policy.
 //!
+//! `--sub-filter all` subscribes to every event of the org instead (`iot-2/type/+/id/+/evt/+/fmt/+`).
+//! `--sub-target`/`--sub-mode` connect the subscribers elsewhere than the publishers, for example
+//! straight to the broker so that a proxy in front carries only the publish direction.
+//!
+//! Runs are timed (`--duration` after `--warmup`) unless `--count N` is given: then exactly N
+//! messages are sent in lockstep, each step (`--burst` messages from one publisher, the publishers
+//! taking turns) only after the previous one reached every subscriber and, at QoS 1, was
+//! acknowledged to its publisher. Every client then disconnects and waits for the far end to
+//! close. The work a proxy does is then the same from run to run, which is what an instruction
+//! count (benches/callgrind.sh) needs; `--count 0` only connects, subscribes and disconnects.
+//!
 //! The hot path uses a minimal hand framing (PUBLISH, PUBACK); CONNECT, SUBSCRIBE and their acks
 //! go through `mqttbytes`.
 
@@ -43,8 +54,6 @@ const SATURATION_BATCH: u64 = 64;
 const API_KEY_SUFFIX: &str = "loadgen0001";
 /// The API token in warden mode.
 const API_TOKEN: &str = "loadgen-app";
-/// Keep-alive announced at CONNECT, in seconds; subscribers ping at a third of it.
-const KEEP_ALIVE_SECS: u16 = 60;
 /// Longest wait for the last messages after the measured window.
 const DRAIN_LIMIT: Duration = Duration::from_secs(3);
 
@@ -63,6 +72,17 @@ struct Args {
     /// The org ID.
     #[arg(long, default_value = "org1")]
     org: String,
+    /// Where the subscribers connect (default: `--target`).
+    #[arg(long)]
+    sub_target: Option<String>,
+    /// The subscribers' mode (default: `--mode`).
+    #[arg(long, value_enum)]
+    sub_mode: Option<Mode>,
+    /// What the subscribers subscribe to: `type` = the loadgen devices' `load` events
+    /// (`iot-2/type/loadgen/id/+/evt/load/fmt/bin`), `all` = every device event of the org
+    /// (`iot-2/type/+/id/+/evt/+/fmt/+`).
+    #[arg(long, value_enum, default_value = "type")]
+    sub_filter: SubFilter,
     /// Number of publishers.
     #[arg(long, default_value_t = 1)]
     publishers: usize,
@@ -94,6 +114,21 @@ struct Args {
     /// Fixed rate: the pacing tick in microseconds; each tick releases the messages that are due.
     #[arg(long, default_value_t = 100)]
     tick_us: u64,
+    /// Send exactly N messages in lockstep instead of a timed run (see the module docs); 0 only
+    /// connects, subscribes and disconnects.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// With `--count`: messages per lockstep step, written at once by one publisher.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    burst: u64,
+    /// With `--count`: pause between lockstep steps, in microseconds, so that what the last
+    /// step left in flight (a subscriber's PUBACK on its way to the broker) is done before the
+    /// next step starts.
+    #[arg(long, default_value_t = 0, value_name = "US")]
+    step_pause_us: u64,
+    /// Keep-alive announced at CONNECT, in seconds; in timed runs subscribers ping at a third of it.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u16).range(3..))]
+    keep_alive: u16,
     /// Runtime worker threads (default: the CPUs this process may run on).
     #[arg(long)]
     threads: Option<usize>,
@@ -115,6 +150,31 @@ struct Args {
 enum Mode {
     Direct,
     Warden,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Warden => "warden",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SubFilter {
+    Type,
+    All,
+}
+
+impl Args {
+    fn sub_target(&self) -> &str {
+        self.sub_target.as_deref().unwrap_or(&self.target)
+    }
+
+    fn sub_mode(&self) -> Mode {
+        self.sub_mode.unwrap_or(self.mode)
+    }
 }
 
 /// The process-wide clock: timestamps are nanoseconds since this instant.
@@ -182,16 +242,20 @@ fn publisher_identity(args: &Args, index: usize) -> Identity {
 
 fn subscriber_identity(args: &Args, index: usize) -> Identity {
     let org = &args.org;
-    match args.mode {
+    let filter = match args.sub_filter {
+        SubFilter::Type => "iot-2/type/loadgen/id/+/evt/load/fmt/bin",
+        SubFilter::All => "iot-2/type/+/id/+/evt/+/fmt/+",
+    };
+    match args.sub_mode() {
         Mode::Direct => Identity {
             client_id: format!("loadgen-{}-sub{index}", std::process::id()),
             login: None,
-            topic: format!("{org}/iot-2/type/loadgen/id/+/evt/load/fmt/bin"),
+            topic: format!("{org}/{filter}"),
         },
         Mode::Warden => Identity {
             client_id: format!("a:{org}:sub{index}"),
             login: Some((format!("a-{org}-{API_KEY_SUFFIX}"), API_TOKEN.into())),
-            topic: "iot-2/type/loadgen/id/+/evt/load/fmt/bin".into(),
+            topic: filter.into(),
         },
     }
 }
@@ -221,13 +285,17 @@ async fn read_packet(stream: &mut TcpStream, buf: &mut BytesMut) -> anyhow::Resu
 
 /// Connects, sends CONNECT and waits for a successful CONNACK. Bytes that followed the CONNACK
 /// stay in the returned buffer.
-async fn connect(args: &Args, identity: &Identity) -> anyhow::Result<(TcpStream, BytesMut)> {
-    let mut stream = TcpStream::connect(&args.target)
+async fn connect(
+    args: &Args,
+    target: &str,
+    identity: &Identity,
+) -> anyhow::Result<(TcpStream, BytesMut)> {
+    let mut stream = TcpStream::connect(target)
         .await
-        .with_context(|| format!("connecting to {}", args.target))?;
+        .with_context(|| format!("connecting to {target}"))?;
     stream.set_nodelay(true)?;
     let mut connect = v4::Connect::new(identity.client_id.clone());
-    connect.keep_alive = KEEP_ALIVE_SECS;
+    connect.keep_alive = args.keep_alive;
     if let Some((user, password)) = &identity.login {
         connect.set_login(user.clone(), password.clone());
     }
@@ -489,7 +557,7 @@ async fn read_acks(
 
 async fn subscribe(args: &Args, index: usize) -> anyhow::Result<(std::net::TcpStream, BytesMut)> {
     let identity = subscriber_identity(args, index);
-    let (mut stream, mut buf) = connect(args, &identity).await?;
+    let (mut stream, mut buf) = connect(args, args.sub_target(), &identity).await?;
     let mut subscribe = v4::Subscribe::new(identity.topic.clone(), qos_of(args.qos));
     subscribe.pkid = 1;
     let mut out = BytesMut::new();
@@ -532,7 +600,7 @@ fn run_subscriber(
     let mut filled = early.len();
     buf[..filled].copy_from_slice(&early);
     let mut out = Vec::with_capacity(16 * 1024);
-    let ping_every = Duration::from_secs(u64::from(KEEP_ALIVE_SECS) / 3);
+    let ping_every = Duration::from_secs(u64::from(shared.args.keep_alive) / 3);
     let mut last_ping = Instant::now();
     loop {
         if shared.stopped() {
@@ -755,6 +823,8 @@ struct Report {
     p999: f64,
     max: f64,
     errors: usize,
+    /// Seconds over which `send_rate` and `throughput` were counted.
+    elapsed: f64,
 }
 
 async fn run(args: Args) -> anyhow::Result<Report> {
@@ -768,7 +838,7 @@ async fn run(args: Args) -> anyhow::Result<Report> {
     let mut publisher_connections = Vec::with_capacity(args.publishers);
     for index in 0..args.publishers {
         let identity = publisher_identity(&args, index);
-        let (stream, _) = connect(&args, &identity).await?;
+        let (stream, _) = connect(&args, &args.target, &identity).await?;
         publisher_connections.push((stream, identity.topic));
     }
     let warmup = Duration::from_secs_f64(args.warmup);
@@ -900,19 +970,234 @@ async fn run(args: Args) -> anyhow::Result<Report> {
         p999: us(0.999),
         max: latency.max() as f64 / 1000.0,
         errors: shared.errors.load(Ordering::Relaxed),
+        elapsed: seconds,
+    })
+}
+
+/// One client's socket in a `--count` run, read with blocking calls.
+struct LockstepClient {
+    stream: std::net::TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    /// PUBACKs owed to the broker, written before the next blocking read.
+    out: Vec<u8>,
+}
+
+/// What `LockstepClient::await_frames` counts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Awaited {
+    Publishes,
+    PubAcks,
+}
+
+impl LockstepClient {
+    fn new(stream: std::net::TcpStream, early: &[u8]) -> anyhow::Result<LockstepClient> {
+        stream.set_nonblocking(false)?;
+        let mut buf = vec![0u8; 64 * 1024];
+        buf[..early.len()].copy_from_slice(early);
+        Ok(LockstepClient {
+            stream,
+            buf,
+            start: 0,
+            end: early.len(),
+            out: Vec::with_capacity(4096),
+        })
+    }
+
+    /// Reads until `wanted` frames of the given kind arrived. PUBLISHes record their latency and,
+    /// at QoS 1, are acknowledged.
+    fn await_frames(
+        &mut self,
+        mut wanted: u64,
+        kind: Awaited,
+        latency: &mut Histogram<u64>,
+    ) -> anyhow::Result<()> {
+        use std::io::{Read, Write};
+        loop {
+            let now = now_ns();
+            while wanted > 0 {
+                let Some((first, header, total)) = frame_at(&self.buf[self.start..self.end])?
+                else {
+                    break;
+                };
+                let body = &self.buf[self.start + header..self.start + total];
+                self.start += total;
+                match (kind, first >> 4) {
+                    (Awaited::PubAcks, 4) => wanted -= 1,
+                    (Awaited::Publishes, 3) => {
+                        let qos = (first >> 1) & 0x03;
+                        let topic_len = usize::from(u16::from_be_bytes([
+                            *body.first().context("short PUBLISH")?,
+                            *body.get(1).context("short PUBLISH")?,
+                        ]));
+                        let mut at = 2 + topic_len;
+                        if qos > 0 {
+                            let id = body.get(at..at + 2).context("short PUBLISH")?;
+                            self.out.extend_from_slice(&[0x40, 0x02, id[0], id[1]]);
+                            at += 2;
+                        }
+                        let stamp = body.get(at..at + 8).context("payload under 8 bytes")?;
+                        let stamp = u64::from_le_bytes(stamp.try_into().expect("8 bytes"));
+                        latency.saturating_record(now.saturating_sub(stamp).max(1));
+                        wanted -= 1;
+                    }
+                    _ => {}
+                }
+            }
+            if !self.out.is_empty() {
+                self.stream.write_all(&self.out)?;
+                self.out.clear();
+            }
+            if wanted == 0 {
+                return Ok(());
+            }
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            } else if self.end == self.buf.len() {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                if self.end == self.buf.len() {
+                    let larger = self.buf.len() * 2;
+                    self.buf.resize(larger, 0);
+                }
+            }
+            match self.stream.read(&mut self.buf[self.end..])? {
+                0 => bail!("connection closed"),
+                read => self.end += read,
+            }
+        }
+    }
+
+    /// DISCONNECT, then wait (up to 5 s) until the far end closes, so that the proxy has finished
+    /// with this client when the load generator exits.
+    fn disconnect(mut self) {
+        use std::io::{Read, Write};
+        let _ = self.stream.write_all(&[0xE0, 0x00]);
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(5)));
+        while let Ok(read) = self.stream.read(&mut self.buf) {
+            if read == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// `--count N`: the subscribers connect and subscribe, then the publishers connect; N messages
+/// go through in lockstep steps; every client disconnects.
+async fn connect_lockstep(
+    args: &Args,
+) -> anyhow::Result<(Vec<LockstepClient>, Vec<(LockstepClient, String)>)> {
+    let mut subscribers = Vec::with_capacity(args.subscribers);
+    for index in 0..args.subscribers {
+        let (stream, early) = subscribe(args, index).await?;
+        subscribers.push(LockstepClient::new(stream, &early)?);
+    }
+    let mut publishers = Vec::with_capacity(args.publishers);
+    for index in 0..args.publishers {
+        let identity = publisher_identity(args, index);
+        let (stream, early) = connect(args, &args.target, &identity).await?;
+        publishers.push((
+            LockstepClient::new(stream.into_std()?, &early)?,
+            identity.topic,
+        ));
+    }
+    Ok((subscribers, publishers))
+}
+
+fn run_lockstep(
+    args: &Args,
+    count: u64,
+    mut subscribers: Vec<LockstepClient>,
+    mut publishers: Vec<(LockstepClient, String)>,
+) -> anyhow::Result<Report> {
+    use std::io::Write;
+    let payload = args.payload as usize;
+    let mut latency = new_histogram();
+    let mut acks = new_histogram();
+    let mut packet_ids = vec![0u16; publishers.len()];
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut step = 0usize;
+    while sent < count {
+        let index = step % publishers.len();
+        let (publisher, topic) = &mut publishers[index];
+        let burst = args.burst.min(count - sent);
+        let stamp = now_ns();
+        out.clear();
+        for _ in 0..burst {
+            packet_ids[index] = next_packet_id(packet_ids[index], args.qos);
+            encode_publish(
+                &mut out,
+                args.qos,
+                topic.as_bytes(),
+                packet_ids[index],
+                stamp,
+                sent,
+                payload,
+            );
+            sent += 1;
+        }
+        publisher
+            .stream
+            .write_all(&out)
+            .with_context(|| format!("publisher {index}: write"))?;
+        for (sub, subscriber) in subscribers.iter_mut().enumerate() {
+            subscriber
+                .await_frames(burst, Awaited::Publishes, &mut latency)
+                .with_context(|| format!("subscriber {sub}"))?;
+        }
+        if args.qos > 0 {
+            publisher
+                .await_frames(burst, Awaited::PubAcks, &mut acks)
+                .with_context(|| format!("publisher {index}"))?;
+        }
+        step += 1;
+        if args.step_pause_us > 0 {
+            std::thread::sleep(Duration::from_micros(args.step_pause_us));
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+    for (publisher, _) in publishers {
+        publisher.disconnect();
+    }
+    for subscriber in subscribers {
+        subscriber.disconnect();
+    }
+    let received = latency.len();
+    let expected = count * args.subscribers as u64;
+    let us = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Report {
+        sent: count,
+        sent_total: count,
+        expected,
+        received,
+        loss: expected as i64 - received as i64,
+        send_rate: count as f64 / elapsed,
+        throughput: received as f64 / elapsed,
+        p50: us(0.50),
+        p90: us(0.90),
+        p99: us(0.99),
+        p999: us(0.999),
+        max: latency.max() as f64 / 1000.0,
+        errors: 0,
+        elapsed,
     })
 }
 
 fn print_report(args: &Args, report: &Report) {
-    let mode = match args.mode {
-        Mode::Direct => "direct",
-        Mode::Warden => "warden",
-    };
+    let mode = args.mode.name();
     if args.json {
         let line = serde_json::json!({
             "label": args.label,
             "target": args.target,
             "mode": mode,
+            "sub_target": args.sub_target(),
+            "sub_mode": args.sub_mode().name(),
             "publishers": args.publishers,
             "subscribers": args.subscribers,
             "qos": args.qos,
@@ -921,6 +1206,9 @@ fn print_report(args: &Args, report: &Report) {
             "duration_s": args.duration,
             "warmup_s": args.warmup,
             "inflight": args.inflight,
+            "count": args.count,
+            "burst": args.burst,
+            "elapsed_s": report.elapsed,
             "sent": report.sent,
             "sent_total": report.sent_total,
             "expected": report.expected,
@@ -938,22 +1226,20 @@ fn print_report(args: &Args, report: &Report) {
         println!("{line}");
         return;
     }
-    let rate = if args.rate == 0 {
-        "saturation".to_string()
-    } else {
-        format!("{} msg/s", args.rate)
+    let rate = match (args.count, args.rate) {
+        (Some(count), _) => format!("{count} messages in lockstep steps of {}", args.burst),
+        (None, 0) => "saturation".to_string(),
+        (None, rate) => format!("{rate} msg/s"),
     };
     let mut out = std::io::stdout().lock();
+    let timing = match args.count {
+        Some(_) => format!("in {:.2} s", report.elapsed),
+        None => format!("{} s after {} s warm-up", args.duration, args.warmup),
+    };
     let _ = writeln!(
         out,
-        "{} {mode} {}→{} QoS {} payload {} B, {rate}, {} s after {} s warm-up",
-        args.target,
-        args.publishers,
-        args.subscribers,
-        args.qos,
-        args.payload,
-        args.duration,
-        args.warmup
+        "{} {mode} {}→{} QoS {} payload {} B, {rate}, {timing}",
+        args.target, args.publishers, args.subscribers, args.qos, args.payload,
     );
     let loss_pct = if report.expected > 0 {
         100.0 * report.loss as f64 / report.expected as f64
@@ -998,7 +1284,13 @@ fn main() -> anyhow::Result<()> {
         builder.worker_threads(threads.max(1));
     }
     let runtime = builder.build()?;
-    let report = runtime.block_on(run(args.clone()))?;
+    let report = match args.count {
+        Some(count) => {
+            let (subscribers, publishers) = runtime.block_on(connect_lockstep(&args))?;
+            run_lockstep(&args, count, subscribers, publishers)?
+        }
+        None => runtime.block_on(run(args.clone()))?,
+    };
     print_report(&args, &report);
     runtime.shutdown_timeout(Duration::from_millis(100));
     if report.errors > 0 {
