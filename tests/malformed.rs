@@ -770,3 +770,37 @@ async fn keep_alive_and_connect_deadlines_close_idle_clients() {
     let connack_len = 2 + usize::from(answer[1]);
     assert_eq!(disconnect_code(&answer[connack_len..]), 0x8D);
 }
+
+/// A topic valid at the client, but longer than MQTT allows once the org prefix is put in front,
+/// is refused as an invalid topic (276; MQTT 5 DISCONNECT 0x90, filters 0x8F): never forwarded
+/// cut short.
+#[tokio::test]
+async fn a_topic_too_long_with_the_org_prefix_is_refused_not_cut_short() {
+    let mut rig = Rig::new().await;
+    let addr = rig.warden.addr;
+    let event = "e".repeat(65_535 - "iot-2/evt//fmt/f".len());
+    let topic = format!("iot-2/evt/{event}/fmt/f");
+    assert_eq!(topic.len(), 65_535, "the longest topic MQTT can carry");
+    // MQTT 5 PUBLISH at QoS 0: an empty property list, then the payload.
+    let answer = after_connect(
+        addr,
+        ProtocolVersion::V5,
+        &publish(topic.as_bytes(), 0, None, &[0x00, b'x']),
+    )
+    .await;
+    assert_eq!(disconnect_code(&answer), 0x90, "Topic Name invalid");
+
+    let filter = format!("iot-2/cmd/{event}/fmt/+");
+    let mut subscribe = BytesMut::new();
+    mqtt_warden::codec::encode_subscribe(
+        &mut subscribe,
+        ProtocolVersion::V5,
+        1,
+        &[],
+        &[(&[filter.as_bytes()], 0)],
+    );
+    let answer = after_connect(addr, ProtocolVersion::V5, &subscribe).await;
+    assert_eq!(disconnect_code(&answer), 0x8F, "Topic Filter invalid");
+    rig.assert_nothing_forwarded().await;
+    rig.assert_alive().await;
+}

@@ -312,3 +312,111 @@ async fn shutdown_closes_sessions_with_93_and_flushes_their_status() {
     assert_eq!(status["Action"], "Disconnect");
     assert_eq!(status["CloseCode"], 93);
 }
+
+/// The number of sample lines of a metrics scrape.
+fn series(scrape: &str) -> usize {
+    scrape.lines().filter(|line| !line.starts_with('#')).count()
+}
+
+/// A label set comes from the policy and the config, never from what a client sends: CONNECTs
+/// that name unknown orgs, over and over, add no series, neither when they are refused for
+/// their org nor when the address's CONNECT rate refuses them first.
+#[tokio::test]
+async fn connects_naming_unknown_orgs_add_no_metric_series() {
+    let broker = Broker::start().await;
+    let config = format!("{ADMIN}limits: {{ connect_rate_per_address: \"20/min\" }}\n");
+    let warden = Warden::start_with(&broker, &standard_policy(), &config).await;
+    let admin = warden.running.admin_addr.expect("admin endpoint bound");
+    let attempt = |n: usize| {
+        let client_id = format!("d:unknown{n}:sensor:dev1");
+        async move {
+            v4::connect(
+                warden.addr,
+                &client_id,
+                Some("use-token-auth"),
+                Some("dev1-token"),
+            )
+            .await
+        }
+    };
+    // Past the rate once, so that both kinds of refusal have been counted.
+    for n in 0..25 {
+        assert!(attempt(n).await.is_err());
+    }
+    let before = series(&http_get(admin, "/metrics").await.1);
+    for n in 25..=125 {
+        assert!(attempt(n).await.is_err(), "unknown org {n} is refused");
+    }
+    let after = http_get(admin, "/metrics").await.1;
+    assert_eq!(series(&after), before, "{after}");
+}
+
+/// `warden_bytes_out_total` counts each byte written to a client once.
+#[tokio::test]
+async fn bytes_written_to_clients_are_counted_once() {
+    let broker = Broker::start().await;
+    let warden = Warden::start_with(&broker, &standard_policy(), ADMIN).await;
+    let admin = warden.running.admin_addr.expect("admin endpoint bound");
+    let (mut stream, connack) = support::raw::connect(
+        warden.addr,
+        mqtt_warden::codec::ProtocolVersion::V311,
+        "d:org1:sensor:dev1",
+        Some("use-token-auth"),
+        Some(b"dev1-token"),
+        60,
+    )
+    .await;
+    let mut received = connack.len();
+    // SUBSCRIBE to its commands, then a command from an app directly on the broker.
+    let mut subscribe = bytes::BytesMut::new();
+    mqtt_warden::codec::encode_subscribe(
+        &mut subscribe,
+        mqtt_warden::codec::ProtocolVersion::V311,
+        1,
+        &[],
+        &[(&[b"iot-2/cmd/+/fmt/+"], 0)],
+    );
+    stream.write_all(&subscribe).await.unwrap();
+    let mut suback = [0u8; 5];
+    stream.read_exact(&mut suback).await.unwrap();
+    received += suback.len();
+    let broker_addr: std::net::SocketAddr = broker.addr().parse().unwrap();
+    let app = v4::connect(broker_addr, "direct", None, None)
+        .await
+        .unwrap();
+    app.client
+        .publish(
+            "org1/iot-2/type/sensor/id/dev1/cmd/reboot/fmt/txt",
+            QoS::AtMostOnce,
+            false,
+            "now",
+        )
+        .await
+        .unwrap();
+    let command_len = 2 + 2 + "iot-2/cmd/reboot/fmt/txt".len() + "now".len();
+    let mut command = vec![0u8; command_len];
+    stream.read_exact(&mut command).await.unwrap();
+    received += command.len();
+    // A DISCONNECT ends the session, which reports its traffic.
+    stream.write_all(&[0xE0, 0x00]).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest).await;
+    let expected = format!("warden_bytes_out_total {received}");
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let scrape = http_get(admin, "/metrics").await.1;
+            if scrape.contains("warden_connections{org=\"org1\",protocol=\"mqtt4\"} 0") {
+                return scrape;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .map(|scrape| {
+        assert!(
+            scrape.lines().any(|l| l == expected),
+            "{expected}\n{scrape}"
+        )
+    })
+    .expect("the session closes");
+}

@@ -72,3 +72,48 @@ async fn a_killed_proxy_settles_its_own_clients_after_restart() {
         assert_eq!(status["Action"], "Connect", "{status}");
     }
 }
+
+/// Two processes with the same config (so the same ledger namespace) in front of one broker:
+/// the one that starts second must neither take the first one's control connection over nor
+/// settle the first one's live clients.
+#[tokio::test]
+async fn a_second_instance_with_the_same_config_leaves_the_first_alone() {
+    let broker = Broker::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), standard_policy()).unwrap();
+    let broker_addr: SocketAddr = broker.addr().parse().unwrap();
+    let mut spy = v4::connect(broker_addr, "spy", None, None).await.unwrap();
+    spy.subscribe("org1/iot-2/type/+/id/+/mon", QoS::AtMostOnce)
+        .await;
+    // No control_client_id: both derive the same namespace from the same bind address.
+    let config = format!(
+        "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"{}\"\npolicies: policy.yaml\ntelemetry: {{ log_format: json }}\n",
+        broker.addr()
+    );
+    let first = ProxyProcess::start(dir.path(), "first", &config, &[]).await;
+    let dev1 = v4::org1_device(first.addr, "dev1").await;
+    assert_eq!(next_status(&mut spy).await["Action"], "Connect");
+
+    let second = ProxyProcess::start(dir.path(), "second", &config, &[]).await;
+    // The second process settles whatever it settles before it publishes anything else, so
+    // once dev2's Connect arrives through it, any settlement would have come first.
+    let _dev2 = v4::org1_device(second.addr, "dev2").await;
+    let status = next_status(&mut spy).await;
+    assert_eq!(
+        (status["ClientID"].as_str(), status["Action"].as_str()),
+        (Some("d:org1:sensor:dev2"), Some("Connect")),
+        "nothing about the first instance's dev1 before it"
+    );
+    // The first instance still publishes through its own control connection.
+    dev1.disconnect().await;
+    let status = next_status(&mut spy).await;
+    assert_eq!(
+        (
+            status["ClientID"].as_str(),
+            status["Action"].as_str(),
+            status["CloseCode"].as_u64()
+        ),
+        (Some("d:org1:sensor:dev1"), Some("Disconnect"), Some(0))
+    );
+    drop(first);
+}

@@ -94,11 +94,11 @@ fn policy_text(device_enabled: bool) -> String {
     policy_with(OPEN_LIMITS, device_enabled)
 }
 
-/// Org1 with `limits`: device d1 (token `d1-token`), gateway g1 (`g1-token`), and API key
-/// `a-org1-key0000001` (`app-token`); and the quickstart org.
+/// Org1 with `limits`: device d1 (token `d1-token`, group `line-1`), gateway g1 (`g1-token`),
+/// and API key `a-org1-key0000001` (`app-token`, limited to `line-1`); and the quickstart org.
 fn policy_with(limits: &str, device_enabled: bool) -> String {
     format!(
-        "orgs:\n  org1:\n    limits: {limits}\n    device_types: {{ sensor: {{}}, gw: {{ class: gateway }} }}\n    devices:\n      sensor/d1: {{ token: \"{}\", enabled: {device_enabled}, groups: [line-1] }}\n      gw/g1: {{ token: \"{}\" }}\n    api_keys:\n      a-org1-key0000001: {{ token: \"{}\" }}\n  quickstart: {{ quickstart: true }}\n",
+        "orgs:\n  org1:\n    limits: {limits}\n    device_types: {{ sensor: {{}}, gw: {{ class: gateway }} }}\n    devices:\n      sensor/d1: {{ token: \"{}\", enabled: {device_enabled}, groups: [line-1] }}\n      gw/g1: {{ token: \"{}\" }}\n    api_keys:\n      a-org1-key0000001: {{ token: \"{}\", groups: [line-1] }}\n  quickstart: {{ quickstart: true }}\n",
         hash_token_sha256(b"d1-token"),
         hash_token_sha256(b"g1-token"),
         hash_token_sha256(b"app-token"),
@@ -674,4 +674,126 @@ async fn no_local_is_cleared_on_the_shared_subscription_of_a_scalable_applicatio
         .position(|w| w == filter)
         .expect("the shared filter");
     assert_eq!(forwarded[at + filter.len()], 0x01, "QoS 1 without No Local");
+}
+
+/// Nothing is allocated per forwarded PUBLISH, in either direction, for a group-limited API
+/// key (the identity whose checks look devices up), once the buffers have grown.
+#[test]
+fn forwarding_allocates_nothing_per_publish() {
+    const MESSAGES: usize = 2_000;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (mut client, mut broker, mut harness) = runtime.block_on(async {
+        let mut harness = harness(limits());
+        let connect = connect_as(ProtocolVersion::V311, 0, "a:org1:app", b"app-token");
+        let (client, broker, _task) = harness.connect_with(connect).await;
+        (client, broker, harness)
+    });
+    let mut upstream = BytesMut::new();
+    encode_publish(
+        &mut upstream,
+        0x30,
+        &[b"iot-2/type/sensor/id/d1/evt/e/fmt/t"],
+        b"payload",
+    );
+    let mut downstream = BytesMut::new();
+    encode_publish(
+        &mut downstream,
+        0x30,
+        &[b"org1/iot-2/type/sensor/id/d1/evt/e/fmt/t"],
+        b"payload",
+    );
+    let mut up_buf = vec![0u8; upstream.len() - "org1/".len() + upstream.len()];
+    let mut down_buf = vec![0u8; downstream.len()];
+    let mut exchange = |count: usize| {
+        runtime.block_on(async {
+            for _ in 0..count {
+                client.write_all(&upstream).await.unwrap();
+                let forwarded = &mut up_buf[..upstream.len() + "org1/".len()];
+                broker.read_exact(forwarded).await.unwrap();
+                broker.write_all(&downstream).await.unwrap();
+                let delivered = &mut down_buf[..downstream.len() - "org1/".len()];
+                client.read_exact(delivered).await.unwrap();
+            }
+        })
+    };
+    // Buffers, maps and the runtime's own structures grow to their working size first.
+    exchange(MESSAGES);
+    let counted = allocation_counter::measure(|| exchange(MESSAGES));
+    assert_eq!(
+        counted.count_total, 0,
+        "allocations while forwarding {MESSAGES} messages each way"
+    );
+    drop(harness.reports.try_recv());
+}
+
+/// A `MakeWriter` that keeps every log line in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Refused requests are logged within the process's log budget (50 lines a second), however
+/// many a client sends; all of them are counted in the metrics.
+#[test]
+fn refusal_logging_has_a_budget() {
+    const REFUSED: usize = 500;
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    let metrics = tracing::subscriber::with_default(subscriber, || {
+        runtime.block_on(async {
+            let mut harness = harness(limits());
+            // Quickstart refuses without closing: its devices have no commands.
+            let connect = connect_as(ProtocolVersion::V311, 0, "d:quickstart:sensor:q1", b"");
+            let (mut client, _broker, _task) = harness.connect_with(connect).await;
+            let mut batch = BytesMut::new();
+            for packet_id in 1..=REFUSED as u16 {
+                encode_subscribe(
+                    &mut batch,
+                    ProtocolVersion::V311,
+                    packet_id,
+                    &[],
+                    &[(&[b"iot-2/cmd/+/fmt/+"], 0)],
+                );
+            }
+            client.write_all(&batch).await.unwrap();
+            for _ in 0..REFUSED {
+                let suback = read_frame(&mut client).await.expect("SUBACK");
+                assert_eq!(suback[4], 0x80, "refused");
+            }
+            harness.context.metrics.render()
+        })
+    });
+    let denials = format!("warden_denials_total{{org=\"quickstart\",rule=\"subscription not allowed for this client class\"}} {REFUSED}");
+    assert!(metrics.lines().any(|line| line == denials), "{metrics}");
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logged = log
+        .lines()
+        .filter(|l| l.contains("request refused"))
+        .count();
+    // The budget's burst of 50, and what it refills in the real second the test may take.
+    assert!(
+        (1..=100).contains(&logged),
+        "{logged} refusal lines for {REFUSED} refusals"
+    );
 }
