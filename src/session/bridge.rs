@@ -136,23 +136,22 @@ enum Flow {
     Disconnected,
 }
 
-/// What one turn of the loop was woken by.
-enum Event {
+/// What one turn of the loop ends with.
+enum Turn {
+    /// A command from the mailbox.
     Command(Command),
+    /// The timer fired.
     Timer,
-    ClientWrote(io::Result<Wrote>),
-    UpstreamWrote(io::Result<Wrote>),
-    ClientRead(io::Result<usize>),
-    UpstreamRead(io::Result<usize>),
+    /// The turn made as much progress as it may in one go; go round again.
+    Again,
+    /// The client sent DISCONNECT.
+    Disconnected,
+    /// The session ends.
+    Failed(Refusal),
 }
 
-/// What a write step did.
-enum Wrote {
-    /// Bytes left the buffer.
-    Bytes(usize),
-    /// Everything written before was flushed (TLS and WebSocket hold bytes until then).
-    Flushed,
-}
+/// Rounds of reads and writes one turn makes before it lets the loop re-arm its timer.
+const ROUNDS_PER_TURN: usize = 16;
 
 /// One side's outgoing bytes.
 #[derive(Debug, Default)]
@@ -160,7 +159,7 @@ struct Outgoing {
     buf: BytesMut,
     /// Bytes were written and not flushed yet.
     unflushed: bool,
-    /// Since when output has waited without any progress.
+    /// Since when a write has been waiting for the peer without any progress.
     stalled_since: Option<Instant>,
 }
 
@@ -169,49 +168,57 @@ impl Outgoing {
         !self.buf.is_empty() || self.unflushed
     }
 
-    /// One step of writing: some bytes, or the flush once every byte is written.
+    /// One step of writing: some bytes, or the flush once every byte is written. `Ready(Ok(n))`
+    /// is progress (`n` bytes left the buffer, 0 for a flush). A write that waits starts the
+    /// stall clock (the only clock read on this path); `started` says that it just did.
     fn poll_write<W: AsyncWrite + Unpin>(
         &mut self,
         stream: &mut W,
         cx: &mut TaskContext<'_>,
-    ) -> Poll<io::Result<Wrote>> {
-        if self.buf.is_empty() {
-            return Pin::new(stream).poll_flush(cx).map_ok(|()| Wrote::Flushed);
-        }
-        match Pin::new(stream).poll_write(cx, &self.buf) {
-            Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-            Poll::Ready(Ok(n)) => Poll::Ready(Ok(Wrote::Bytes(n))),
-            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    /// Accounts for a write step; returns the bytes written.
-    fn wrote(&mut self, wrote: Wrote, now: Instant) -> usize {
-        self.stalled_since = Some(now);
-        match wrote {
-            Wrote::Bytes(n) => {
-                self.buf.advance(n);
-                self.unflushed = true;
-                if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE_BYTES {
-                    self.buf = BytesMut::new();
+        started: &mut bool,
+    ) -> Poll<io::Result<usize>> {
+        let mut written = 0;
+        if !self.buf.is_empty() {
+            match Pin::new(&mut *stream).poll_write(cx, &self.buf) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.buf.advance(n);
+                    self.unflushed = true;
+                    self.stalled_since = None;
+                    written = n;
+                    if !self.buf.is_empty() {
+                        return Poll::Ready(Ok(n));
+                    }
+                    if self.buf.capacity() > SHRINK_ABOVE_BYTES {
+                        self.buf = BytesMut::new();
+                    }
                 }
-                n
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => return self.waiting(started),
             }
-            Wrote::Flushed => {
+        }
+        // Every byte is written: flush them (TLS and WebSocket hold bytes until then; for TCP
+        // this is immediate).
+        match Pin::new(stream).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
                 self.unflushed = false;
-                0
+                self.stalled_since = None;
+                Poll::Ready(Ok(written))
             }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            // The bytes are out of the buffer: that is progress, the flush goes on next time.
+            Poll::Pending if written > 0 => Poll::Ready(Ok(written)),
+            Poll::Pending => self.waiting(started),
         }
     }
 
-    /// Starts or stops the stall clock after the buffer changed.
-    fn track(&mut self, now: Instant) {
-        if !self.pending() {
-            self.stalled_since = None;
-        } else if self.stalled_since.is_none() {
-            self.stalled_since = Some(now);
+    /// A write waits for the peer: the stall clock starts, unless it runs already.
+    fn waiting(&mut self, started: &mut bool) -> Poll<io::Result<usize>> {
+        if self.stalled_since.is_none() {
+            self.stalled_since = Some(Instant::now());
+            *started = true;
         }
+        Poll::Pending
     }
 }
 
@@ -242,8 +249,10 @@ pub struct Bridge<P: Profile, D: Dial, C> {
     partial_since: Option<Instant>,
     /// Reading the client is paused by a rate limit until then.
     resume_at: Option<Instant>,
-    /// Whether the last turn left the client unread because output was full.
+    /// Whether the client is left unread because output is full.
     client_held: bool,
+    /// A deadline may have moved earlier than the armed timer.
+    deadlines_moved: bool,
     /// Publishes per second of this connection.
     publish_bucket: TokenBucket,
     /// Payload bytes per second of this connection, when limited.
@@ -356,6 +365,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             partial_since: None,
             resume_at: None,
             client_held: false,
+            deadlines_moved: false,
             publish_bucket,
             byte_bucket,
             tenant_bucket,
@@ -408,133 +418,177 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         }
         let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
         // One timer for every deadline: keep-alive, a partly received packet, the end of a
-        // rate-limit pause and stalled writes. It is re-armed when it fires or a deadline moves
-        // earlier; one that moved later is found when the timer fires.
+        // rate-limit pause and stalled writes. It is re-armed when it fires or a deadline may
+        // have moved earlier; one that moved later is found when the timer fires.
         let timer = tokio::time::sleep_until(self.next_deadline().unwrap_or(far_future));
         tokio::pin!(timer);
         loop {
-            let now = Instant::now();
-            self.to_client.track(now);
-            self.to_upstream.track(now);
+            if self.deadlines_moved || timer.is_elapsed() {
+                self.deadlines_moved = false;
+                let next = self.next_deadline().unwrap_or(far_future);
+                if timer.is_elapsed() || next < timer.deadline() {
+                    timer.as_mut().reset(next);
+                }
+            }
+            let turn = std::future::poll_fn(|cx| self.poll_turn(cx, control, timer.as_mut())).await;
+            let step = match turn {
+                Turn::Command(Command::Close(refusal)) | Turn::Failed(refusal) => Err(refusal),
+                Turn::Command(Command::Reevaluate) => self.reevaluate(),
+                Turn::Timer => match self.on_deadline() {
+                    Ok(Flow::Continue) => Ok(()),
+                    Ok(Flow::Disconnected) => return Refusal::new(Cause::Normal),
+                    Err(refusal) => Err(refusal),
+                },
+                Turn::Again => Ok(()),
+                Turn::Disconnected => return Refusal::new(Cause::Normal),
+            };
+            if let Err(refusal) = step {
+                return refusal;
+            }
+        }
+    }
+
+    /// One turn of the loop: the mailbox first, then rounds of writes and reads (each read's
+    /// frames handled at once, so that their output goes out in the same turn) until nothing
+    /// moves, then the timer. Everything that returned `Pending` has registered the task's
+    /// waker, so the turn is woken by whatever comes first.
+    fn poll_turn(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        control: &SessionControl,
+        timer: Pin<&mut tokio::time::Sleep>,
+    ) -> Poll<Turn> {
+        if let Poll::Ready(command) = control.poll_next(cx) {
+            return Poll::Ready(Turn::Command(command));
+        }
+        // A source that returned Pending has registered the waker and stays pending until it
+        // fires: polling it again in the same turn would only cost time.
+        let (mut upstream_write_waits, mut client_write_waits) = (false, false);
+        let (mut client_read_waits, mut upstream_read_waits) = (false, false);
+        for _ in 0..ROUNDS_PER_TURN {
+            let mut progress = false;
+            let mut stall_started = false;
+            if self.to_upstream.pending() && !upstream_write_waits {
+                match self
+                    .to_upstream
+                    .poll_write(&mut self.upstream, cx, &mut stall_started)
+                {
+                    Poll::Ready(Ok(_)) => progress = true,
+                    Poll::Ready(Err(error)) => {
+                        return Poll::Ready(Turn::Failed(Refusal::with_detail(
+                            Cause::ServerClosed,
+                            error.to_string(),
+                        )))
+                    }
+                    Poll::Pending => upstream_write_waits = true,
+                }
+            }
+            if self.to_client.pending() && !client_write_waits {
+                match self
+                    .to_client
+                    .poll_write(&mut self.client, cx, &mut stall_started)
+                {
+                    Poll::Ready(Ok(written)) => {
+                        self.counters.write_bytes += written as u64;
+                        progress = true;
+                    }
+                    Poll::Ready(Err(error)) => {
+                        return Poll::Ready(Turn::Failed(Refusal::with_detail(
+                            Cause::ClientClosed,
+                            error.to_string(),
+                        )))
+                    }
+                    Poll::Pending => client_write_waits = true,
+                }
+            }
+            self.deadlines_moved |= stall_started;
             let room = self.output_has_room();
-            let read_client = room && self.resume_at.is_none();
-            if self.client_held && room {
-                // Time the proxy held the client back is not the client's silence.
-                self.last_packet_at = now;
-            }
-            self.client_held = !room;
-            let client_room = if read_client {
-                reserve_read_room(&mut self.client_in, self.client_chunk)
-            } else {
-                0
-            };
-            let upstream_room = if room {
-                reserve_read_room(&mut self.upstream_in, self.upstream_chunk)
-            } else {
-                0
-            };
-            if let Some(deadline) = self.next_deadline() {
-                if timer.is_elapsed() || deadline < timer.deadline() {
-                    timer.as_mut().reset(deadline);
-                }
-            } else if timer.is_elapsed() {
-                timer.as_mut().reset(far_future);
-            }
-
-            let event = std::future::poll_fn(|cx| {
-                if let Poll::Ready(command) = control.poll_next(cx) {
-                    return Poll::Ready(Event::Command(command));
-                }
-                if timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::Timer);
-                }
-                if self.to_upstream.pending() {
-                    if let Poll::Ready(wrote) = self.to_upstream.poll_write(&mut self.upstream, cx)
-                    {
-                        return Poll::Ready(Event::UpstreamWrote(wrote));
-                    }
-                }
-                if self.to_client.pending() {
-                    if let Poll::Ready(wrote) = self.to_client.poll_write(&mut self.client, cx) {
-                        return Poll::Ready(Event::ClientWrote(wrote));
-                    }
-                }
-                if read_client {
-                    if let Poll::Ready(read) = tokio_util::io::poll_read_buf(
-                        Pin::new(&mut self.client),
-                        cx,
-                        &mut self.client_in,
-                    ) {
-                        return Poll::Ready(Event::ClientRead(read));
-                    }
-                }
+            if room == self.client_held {
+                self.client_held = !room;
+                self.deadlines_moved = true;
                 if room {
-                    if let Poll::Ready(read) = tokio_util::io::poll_read_buf(
-                        Pin::new(&mut self.upstream),
-                        cx,
-                        &mut self.upstream_in,
-                    ) {
-                        return Poll::Ready(Event::UpstreamRead(read));
+                    // Time the proxy held the client back is not the client's silence.
+                    self.last_packet_at = Instant::now();
+                }
+            }
+            if room && self.resume_at.is_none() && !client_read_waits {
+                let client_room = reserve_read_room(&mut self.client_in, self.client_chunk);
+                match tokio_util::io::poll_read_buf(
+                    Pin::new(&mut self.client),
+                    cx,
+                    &mut self.client_in,
+                ) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Turn::Failed(Refusal::new(Cause::ClientClosed)))
                     }
-                }
-                Poll::Pending
-            })
-            .await;
-
-            let step = match event {
-                Event::Command(Command::Close(refusal)) => Err(refusal),
-                Event::Command(Command::Reevaluate) => self.reevaluate().map(|()| Flow::Continue),
-                Event::Timer => self.on_deadline(),
-                Event::ClientWrote(Ok(wrote)) => {
-                    let written = self.to_client.wrote(wrote, Instant::now());
-                    self.counters.write_bytes += written as u64;
-                    Ok(Flow::Continue)
-                }
-                Event::ClientWrote(Err(error)) => {
-                    Err(Refusal::with_detail(Cause::ClientClosed, error.to_string()))
-                }
-                Event::UpstreamWrote(Ok(wrote)) => {
-                    self.to_upstream.wrote(wrote, Instant::now());
-                    Ok(Flow::Continue)
-                }
-                Event::UpstreamWrote(Err(error)) => {
-                    Err(Refusal::with_detail(Cause::ServerClosed, error.to_string()))
-                }
-                Event::ClientRead(Ok(0)) => Err(Refusal::new(Cause::ClientClosed)),
-                Event::ClientRead(Err(error)) => {
-                    Err(Refusal::with_detail(Cause::ClientClosed, error.to_string()))
-                }
-                Event::ClientRead(Ok(read)) => {
-                    if read >= client_room {
-                        self.client_chunk = (self.client_chunk * 2).min(MAX_READ_CHUNK);
+                    Poll::Ready(Ok(read)) => {
+                        if read >= client_room {
+                            self.client_chunk = (self.client_chunk * 2).min(MAX_READ_CHUNK);
+                        }
+                        self.counters.read_bytes += read as u64;
+                        match self.process_client() {
+                            Ok(Flow::Continue) => {}
+                            Ok(Flow::Disconnected) => return Poll::Ready(Turn::Disconnected),
+                            Err(refusal) => return Poll::Ready(Turn::Failed(refusal)),
+                        }
+                        progress = true;
                     }
-                    self.counters.read_bytes += read as u64;
-                    self.process_client()
-                }
-                Event::UpstreamRead(Ok(0)) => Err(Refusal::with_detail(
-                    Cause::ServerClosed,
-                    "the broker closed the connection",
-                )),
-                Event::UpstreamRead(Err(error)) => {
-                    Err(Refusal::with_detail(Cause::ServerClosed, error.to_string()))
-                }
-                Event::UpstreamRead(Ok(read)) => {
-                    if read >= upstream_room {
-                        self.upstream_chunk = (self.upstream_chunk * 2).min(MAX_READ_CHUNK);
+                    Poll::Ready(Err(error)) => {
+                        return Poll::Ready(Turn::Failed(Refusal::with_detail(
+                            Cause::ClientClosed,
+                            error.to_string(),
+                        )))
                     }
-                    self.process_upstream().map(|()| Flow::Continue)
+                    Poll::Pending => client_read_waits = true,
                 }
-            };
+            }
+            if room && !upstream_read_waits {
+                let upstream_room = reserve_read_room(&mut self.upstream_in, self.upstream_chunk);
+                match tokio_util::io::poll_read_buf(
+                    Pin::new(&mut self.upstream),
+                    cx,
+                    &mut self.upstream_in,
+                ) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Turn::Failed(Refusal::with_detail(
+                            Cause::ServerClosed,
+                            "the broker closed the connection",
+                        )))
+                    }
+                    Poll::Ready(Ok(read)) => {
+                        if read >= upstream_room {
+                            self.upstream_chunk = (self.upstream_chunk * 2).min(MAX_READ_CHUNK);
+                        }
+                        if let Err(refusal) = self.process_upstream() {
+                            return Poll::Ready(Turn::Failed(refusal));
+                        }
+                        progress = true;
+                    }
+                    Poll::Ready(Err(error)) => {
+                        return Poll::Ready(Turn::Failed(Refusal::with_detail(
+                            Cause::ServerClosed,
+                            error.to_string(),
+                        )))
+                    }
+                    Poll::Pending => upstream_read_waits = true,
+                }
+            }
+            if self.deadlines_moved {
+                // A deadline may now come before the armed one: let the loop re-arm the timer.
+                return Poll::Ready(Turn::Again);
+            }
+            if !progress {
+                return match timer.poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Turn::Timer),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
             self.events_since_report += 1;
             if self.events_since_report >= METRICS_REPORT_EVERY {
                 self.report_metrics();
             }
-            match step {
-                Ok(Flow::Continue) => {}
-                Ok(Flow::Disconnected) => return Refusal::new(Cause::Normal),
-                Err(refusal) => return refusal,
-            }
         }
+        Poll::Ready(Turn::Again)
     }
 
     /// Hands both sides what is waiting for them, until `deadline` (the close). Errors end it
@@ -677,6 +731,8 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         if self.resume_at.is_some() {
             return Ok(Flow::Continue);
         }
+        // One clock read for the whole batch: its packets arrived together.
+        let now = Instant::now();
         let input = std::mem::take(&mut self.client_in);
         let mut consumed = 0;
         let result = loop {
@@ -690,11 +746,11 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 break Ok(Flow::Continue);
             };
             let pause = match header.first_byte >> 4 {
-                kind if kind == PacketType::Publish as u8 => self.publish_pause(frame.len()),
+                kind if kind == PacketType::Publish as u8 => self.publish_pause(frame.len(), now),
                 kind if kind == PacketType::Subscribe as u8
                     || kind == PacketType::Unsubscribe as u8 =>
                 {
-                    Ok(self.subscribe_pause())
+                    Ok(self.subscribe_pause(now))
                 }
                 _ => Ok(None),
             };
@@ -702,7 +758,8 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 Ok(None) => {}
                 Ok(Some(pause)) => {
                     // Leave this packet (and what follows) unread until the bucket refills.
-                    self.resume_at = Some(Instant::now() + pause);
+                    self.resume_at = Some(now + pause);
+                    self.deadlines_moved = true;
                     break Ok(Flow::Continue);
                 }
                 Err(refusal) => break Err(refusal),
@@ -714,7 +771,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             }
         };
         if consumed > 0 {
-            self.last_packet_at = Instant::now();
+            self.last_packet_at = now;
         }
         self.client_in = input;
         self.client_in.advance(consumed);
@@ -724,8 +781,11 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             self.partial_since,
         ) {
             (true, _) => None,
-            (false, None) => Some(Instant::now()),
-            (false, since) if consumed > 0 => since.map(|_| Instant::now()),
+            (false, None) => {
+                self.deadlines_moved = true;
+                Some(now)
+            }
+            (false, since) if consumed > 0 => since.map(|_| now),
             (false, since) => since,
         };
         result
@@ -735,8 +795,11 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
     /// close when the profile says exceeding the rate disconnects. The connection's buckets are
     /// asked first and the tenant's is charged only when they agree; the connection's are
     /// charged only when the tenant's did: a PUBLISH held back costs nothing anywhere.
-    fn publish_pause(&mut self, frame_len: usize) -> Result<Option<Duration>, Refusal> {
-        let now = Instant::now();
+    fn publish_pause(
+        &mut self,
+        frame_len: usize,
+        now: Instant,
+    ) -> Result<Option<Duration>, Refusal> {
         let bytes = u32::try_from(frame_len).unwrap_or(u32::MAX);
         let mut pause = self.publish_bucket.wait(1, now);
         if let Some(byte_bucket) = &self.byte_bucket {
@@ -770,8 +833,8 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
 
     /// Whether a SUBSCRIBE or UNSUBSCRIBE must wait: the subscribe bucket is charged per filter
     /// once the packet is handled, and the next one waits while the bucket is in debt.
-    fn subscribe_pause(&mut self) -> Option<Duration> {
-        let pause = self.subscribe_bucket.wait(1, Instant::now())?;
+    fn subscribe_pause(&mut self, now: Instant) -> Option<Duration> {
+        let pause = self.subscribe_bucket.wait(1, now)?;
         self.context.metrics.limit(&self.tenant, "subscribe_rate");
         Some(pause)
     }
