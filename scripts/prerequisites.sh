@@ -72,7 +72,9 @@ need_cargo() {
 
 # MQTT.js (tests/js, from its lock file) and Node.js to run it.
 need_mqtt_js() {
-    need_commands node:nodejs npm:npm
+    need_commands node:nodejs
+    # Some Node.js packages bring npm, Debian's does not (and its npm conflicts with the others).
+    need_commands npm:npm
     if [ ! -f tests/js/node_modules/mqtt/package.json ] \
         || [ tests/js/package-lock.json -nt tests/js/node_modules/.package-lock.json ]; then
         say "installing MQTT.js into tests/js/node_modules (npm ci)"
