@@ -69,7 +69,8 @@ pub struct UpstreamConfig {
     pub password: Option<String>,
     /// The org prefix template; `{org}` is replaced by the org ID. Default `{org}/`.
     pub topic_prefix: String,
-    /// Client ID of the monitoring control connection. Default `mqtt-warden-control-<random>`.
+    /// Client ID of the monitoring control connection, which also names the instance's ledger.
+    /// Default `mqtt-warden-<first listener address>` (`:`, `[`, `]` as `_`).
     pub control_client_id: Option<String>,
     /// TLS towards the broker, if any.
     pub tls: Option<UpstreamTlsConfig>,
