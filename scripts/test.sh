@@ -20,16 +20,19 @@ say "building mqtt-warden"
 cargo build
 
 say "checking the shipped configs and policies"
-target/debug/mqtt-warden check --config examples/warden.yaml
+# With a stand-in secret, so `--strict` holds them to what `run` needs.
+export WARDEN_UPSTREAM_PASSWORD=check-only
+target/debug/mqtt-warden check --strict --config examples/warden.yaml
 # The compose config is checked where the container has it: /etc/mqtt-warden/{warden.yaml,policies/}.
 etc=$(mktemp -d)
 trap 'rm -rf "$etc"' EXIT
 cp examples/compose/warden.yaml "$etc/warden.yaml"
 cp -r policies "$etc/policies"
-target/debug/mqtt-warden check --config "$etc/warden.yaml"
+target/debug/mqtt-warden check --strict --config "$etc/warden.yaml"
 for policy in policies/*.yaml; do
     target/debug/mqtt-warden check --policy "$policy"
 done
 
 say "running the test suite"
+unset WARDEN_UPSTREAM_PASSWORD
 cargo test "$@"
