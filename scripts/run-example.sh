@@ -50,7 +50,7 @@ Try it from another terminal (the tokens are the example policy's):
   mosquitto_pub -h 127.0.0.2 -i d:myorg1:sensor:dev001 -u use-token-auth -P dev001-secret-token \
     -t iot-2/evt/temperature/fmt/json -m '{"celsius": 21.5}'
 
-The Python SDK example: examples/wiotp_device.py (README.md, "Trying it"). Ctrl-C stops both.
+The Python SDK example is in README.md ("Trying it"). Ctrl-C stops both.
 
 TRY
 target/release/mqtt-warden run --config examples/warden.yaml
