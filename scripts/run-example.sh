@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Runs Mosquitto (127.0.0.1:1884, proxy credentials only) and mqtt-warden in front of it
 # (127.0.0.2:1883) with examples/warden.yaml and policies/example.yaml. Ctrl-C stops both.
+# Installs Mosquitto and its clients from the distribution's packages when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/prerequisites.sh
 
-if ! command -v mosquitto >/dev/null || ! command -v mosquitto_passwd >/dev/null; then
-    echo "installing mosquitto from the distribution's packages" >&2
-    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
-fi
+need_cargo
+need_commands mosquitto:mosquitto mosquitto_passwd:mosquitto \
+    mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients
 
-cargo build --release --quiet
+say "building mqtt-warden (release; the first build takes a few minutes)"
+cargo build --release
 
 mkdir -p target/example
 export WARDEN_UPSTREAM_PASSWORD="${WARDEN_UPSTREAM_PASSWORD:-$(head -c 18 /dev/urandom | base64 | tr -d '/+=')}"
@@ -22,10 +23,34 @@ if [ "$(id -u)" -eq 0 ] && id mosquitto >/dev/null 2>&1; then
     chown mosquitto target/example/mosquitto.passwd
 fi
 
+target/release/mqtt-warden check --strict --config examples/warden.yaml
+
+say "starting Mosquitto on 127.0.0.1:1884"
 mosquitto -c examples/mosquitto.conf &
 broker=$!
 trap 'kill $broker 2>/dev/null || true' EXIT
+# Mosquitto exits at once when it cannot listen (for example a broker already on 1884).
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+    kill -0 "$broker" 2>/dev/null || fail "Mosquitto did not start (is 127.0.0.1:1884 in use?)"
+    if (exec 3<>/dev/tcp/127.0.0.1/1884) 2>/dev/null; then
+        break
+    fi
+    sleep 0.2 # sleep-ok: polling for the broker's port, at most 2 s
+done
 
-target/release/mqtt-warden check --config examples/warden.yaml
-echo "mqtt-warden: clients connect to 127.0.0.2:1883 (policy: policies/example.yaml)" >&2
+cat >&2 <<'TRY'
+==> starting mqtt-warden: clients connect to 127.0.0.2:1883 (policy: policies/example.yaml)
+
+Try it from another terminal (the tokens are the example policy's):
+
+  # an application watching device events and device status
+  mosquitto_sub -h 127.0.0.2 -i a:myorg1:watcher -u a-myorg1-k7x2p9q4zz -P app-secret-token \
+    -t 'iot-2/type/+/id/+/evt/+/fmt/+' -t 'iot-2/type/+/id/+/mon' -v
+  # a device publishing an event
+  mosquitto_pub -h 127.0.0.2 -i d:myorg1:sensor:dev001 -u use-token-auth -P dev001-secret-token \
+    -t iot-2/evt/temperature/fmt/json -m '{"celsius": 21.5}'
+
+The Python SDK example is in README.md ("Trying it"). Ctrl-C stops both.
+
+TRY
 target/release/mqtt-warden run --config examples/warden.yaml

@@ -1,6 +1,7 @@
 //! The process config, `warden.yaml`: listeners, upstream, policies, admin,
 //! telemetry and process-wide limits. YAML → structs with serde defaults → `validate()`.
 
+use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -70,7 +71,8 @@ pub struct UpstreamConfig {
     pub password: Option<String>,
     /// The org prefix template; `{org}` is replaced by the org ID. Default `{org}/`.
     pub topic_prefix: String,
-    /// Client ID of the monitoring control connection. Default `mqtt-warden-control-<random>`.
+    /// Client ID of the monitoring control connection, which also names the instance's ledger.
+    /// Default `mqtt-warden-<first listener address>` (`:`, `[`, `]` as `_`).
     pub control_client_id: Option<String>,
     /// TLS towards the broker, if any.
     pub tls: Option<UpstreamTlsConfig>,
@@ -226,6 +228,35 @@ pub enum ConfigError {
     },
 }
 
+/// Every problem of a config file, in file order. `policies` is the policy path when the file
+/// named one that is valid, so `check` can check the policies of a config that has other errors.
+#[derive(Debug, Error)]
+#[error("{}", .errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors {
+    /// The problems.
+    pub errors: Vec<ConfigError>,
+    /// The policy file or folder the config names, if it could be read.
+    pub policies: Option<PathBuf>,
+}
+
+/// What an environment variable named by `password_env` that is not set means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MissingSecrets {
+    /// An error: `run`, and `check --strict`.
+    Error,
+    /// A warning: `check` in pipelines that hold no secrets. The password is left out.
+    Warn,
+}
+
+/// A config that loaded, with the warnings found on the way.
+#[derive(Debug)]
+pub struct CheckedConfig {
+    /// The config.
+    pub config: WardenConfig,
+    /// Problems that do not stop it (a missing secret under [`MissingSecrets::Warn`]).
+    pub warnings: Vec<ConfigError>,
+}
+
 impl ConfigError {
     fn invalid(
         path: &Path,
@@ -240,55 +271,111 @@ impl ConfigError {
             message: message.into(),
         }
     }
+
+    /// The line, for sorting (a read error first).
+    fn line(&self) -> usize {
+        match self {
+            ConfigError::Read { .. } => 0,
+            ConfigError::Invalid { line, .. } => line.unwrap_or(usize::MAX),
+        }
+    }
 }
 
 impl WardenConfig {
-    /// Reads and validates a config file.
-    pub fn load(path: &Path) -> Result<WardenConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
+    /// Reads and validates a config file; an unset `password_env` variable is an error.
+    pub fn load(path: &Path) -> Result<WardenConfig, ConfigErrors> {
+        Self::load_checked(path, MissingSecrets::Error).map(|checked| checked.config)
+    }
+
+    /// Reads and validates a config file, reporting every problem.
+    pub fn load_checked(
+        path: &Path,
+        secrets: MissingSecrets,
+    ) -> Result<CheckedConfig, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigErrors {
+            errors: vec![ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }],
+            policies: None,
         })?;
-        WardenConfig::from_yaml(&text, path)
+        WardenConfig::from_yaml_checked(&text, path, secrets)
     }
 
     /// Parses config text; `path` names the file in errors and anchors relative paths.
-    pub fn from_yaml(text: &str, path: &Path) -> Result<WardenConfig, ConfigError> {
-        let (lines, parsed) = yaml::deserialize::<ConfigFile>(text);
-        let file = parsed.map_err(|problem| ConfigError::Invalid {
-            path: path.to_owned(),
-            line: problem.line,
-            field: problem.field,
-            message: problem.message,
-        })?;
-        if let Some((field, _)) = lines.duplicates().first() {
-            return Err(ConfigError::invalid(
-                path,
-                &lines,
-                field,
-                "this key is written twice in the same mapping",
-            ));
-        }
+    pub fn from_yaml(text: &str, path: &Path) -> Result<WardenConfig, ConfigErrors> {
+        Self::from_yaml_checked(text, path, MissingSecrets::Error).map(|checked| checked.config)
+    }
+
+    /// As [`WardenConfig::from_yaml`], with the choice of what a missing secret is.
+    pub fn from_yaml_checked(
+        text: &str,
+        path: &Path,
+        secrets: MissingSecrets,
+    ) -> Result<CheckedConfig, ConfigErrors> {
+        let (lines, problems, parsed) = yaml::deserialize_all::<ConfigFile>(text);
         let check = Check {
             path,
             lines: &lines,
             base: path.parent().unwrap_or(Path::new("")),
+            secrets,
+            errors: RefCell::new(Vec::new()),
+            warnings: RefCell::new(Vec::new()),
         };
-        check.config(file)
+        for (field, _) in lines.duplicates() {
+            if !problems.iter().any(|problem| problem.field == *field) {
+                check.error(field, "this key is written twice in the same mapping");
+            }
+        }
+        for problem in problems {
+            check.errors.borrow_mut().push(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: problem.line,
+                field: problem.field,
+                message: problem.message,
+            });
+        }
+        // What is left once the bad parts are out is still checked, so every error shows at once.
+        let config = parsed.map(|file| check.config(file));
+        let mut errors = check.errors.into_inner();
+        match config {
+            Some(config) if errors.is_empty() => Ok(CheckedConfig {
+                config,
+                warnings: check.warnings.into_inner(),
+            }),
+            config => {
+                errors.sort_by_key(ConfigError::line);
+                Err(ConfigErrors {
+                    errors,
+                    policies: config
+                        .map(|c| c.policies)
+                        .filter(|p| !p.as_os_str().is_empty()),
+                })
+            }
+        }
     }
 }
 
-/// Validation of one parsed file: errors point at the line of the offending key.
+/// Validation of one parsed file: every error points at the line of the offending key, and each
+/// check goes on with a stand-in value so that the next one still runs.
 struct Check<'a> {
     path: &'a Path,
     lines: &'a LineMap,
     /// The config file's folder, for relative paths.
     base: &'a Path,
+    secrets: MissingSecrets,
+    errors: RefCell<Vec<ConfigError>>,
+    warnings: RefCell<Vec<ConfigError>>,
 }
 
 impl Check<'_> {
     fn invalid(&self, field: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::invalid(self.path, self.lines, field, message)
+    }
+
+    /// Records an error.
+    fn error(&self, field: &str, message: impl Into<String>) {
+        self.errors.borrow_mut().push(self.invalid(field, message));
     }
 
     fn resolve(&self, path: &Path) -> PathBuf {
@@ -299,93 +386,95 @@ impl Check<'_> {
         }
     }
 
-    fn non_empty_path(&self, field: &str, path: PathBuf) -> Result<PathBuf, ConfigError> {
+    /// The path resolved against the config's folder; an empty one is an error.
+    fn non_empty_path(&self, field: &str, path: PathBuf) -> PathBuf {
         if path.as_os_str().is_empty() {
-            return Err(self.invalid(field, "must not be empty"));
+            self.error(field, "must not be empty");
+            return path;
         }
-        Ok(self.resolve(&path))
+        self.resolve(&path)
     }
 
-    fn config(&self, file: ConfigFile) -> Result<WardenConfig, ConfigError> {
+    fn config(&self, file: ConfigFile) -> WardenConfig {
         if file.listeners.is_empty() {
-            return Err(self.invalid("listeners", "at least one listener is needed"));
+            self.error("listeners", "at least one listener is needed");
         }
         let listeners = file
             .listeners
             .into_iter()
             .enumerate()
             .map(|(index, listener)| self.listener(index, listener))
-            .collect::<Result<Vec<_>, _>>()?;
-        let upstream = self.upstream(file.upstream)?;
-        let policies = self.non_empty_path("policies", file.policies)?;
+            .collect();
+        let upstream = self.upstream(file.upstream);
+        let policies = self.non_empty_path("policies", file.policies);
         let admin = file.admin.map(|admin| AdminConfig { bind: admin.bind });
-        let telemetry = self.telemetry(file.telemetry.unwrap_or_default())?;
-        let limits = self.limits(file.limits.unwrap_or_default())?;
-        Ok(WardenConfig {
+        let telemetry = self.telemetry(file.telemetry.unwrap_or_default());
+        let limits = self.limits(file.limits.unwrap_or_default());
+        WardenConfig {
             listeners,
             upstream,
             policies,
             admin,
             telemetry,
             limits,
-        })
+        }
     }
 
-    fn listener(
-        &self,
-        index: usize,
-        listener: ListenerFileConfig,
-    ) -> Result<ListenerConfig, ConfigError> {
+    fn listener(&self, index: usize, listener: ListenerFileConfig) -> ListenerConfig {
+        let index = self.lines.item_index("listeners", index);
         let field = format!("listeners[{index}].tls");
-        let tls = match listener.tls {
-            None => None,
-            Some(tls) => Some(TlsConfig {
-                cert: self.non_empty_path(&format!("{field}.cert"), tls.cert)?,
-                key: self.non_empty_path(&format!("{field}.key"), tls.key)?,
-                client_ca: match tls.client_ca {
-                    Some(ca) => Some(self.non_empty_path(&format!("{field}.client_ca"), ca)?),
-                    None => None,
-                },
-            }),
-        };
-        Ok(ListenerConfig {
+        let tls = listener.tls.map(|tls| TlsConfig {
+            cert: self.non_empty_path(&format!("{field}.cert"), tls.cert),
+            key: self.non_empty_path(&format!("{field}.key"), tls.key),
+            client_ca: tls
+                .client_ca
+                .map(|ca| self.non_empty_path(&format!("{field}.client_ca"), ca)),
+        });
+        ListenerConfig {
             bind: listener.bind,
             tls,
-        })
+        }
     }
 
-    fn upstream(&self, upstream: UpstreamFileConfig) -> Result<UpstreamConfig, ConfigError> {
+    fn upstream(&self, upstream: UpstreamFileConfig) -> UpstreamConfig {
         let has_port = upstream
             .address
             .rsplit_once(':')
             .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
         if !has_port {
-            return Err(self.invalid(
+            self.error(
                 "upstream.address",
                 "must be HOST:PORT, for example 127.0.0.1:1884",
-            ));
+            );
         }
         let password = match (upstream.password, upstream.password_env) {
             (Some(_), Some(_)) => {
-                return Err(self.invalid(
+                self.error(
                     "upstream.password_env",
                     "set password or password_env, not both",
-                ))
+                );
+                None
             }
             (Some(password), None) => Some(password),
             (None, Some(var)) => match std::env::var(&var) {
                 Ok(password) => Some(password),
                 Err(std::env::VarError::NotPresent) => {
-                    return Err(self.invalid(
+                    let problem = self.invalid(
                         "upstream.password_env",
                         format!("environment variable {var} is not set"),
-                    ))
+                    );
+                    match self.secrets {
+                        MissingSecrets::Error => self.errors.borrow_mut().push(problem),
+                        MissingSecrets::Warn => self.warnings.borrow_mut().push(problem),
+                    }
+                    None
                 }
                 Err(std::env::VarError::NotUnicode(_)) => {
-                    return Err(self.invalid(
+                    self.error(
                         "upstream.password_env",
                         format!("environment variable {var} is not valid UTF-8"),
-                    ))
+                    );
+                    None
                 }
             },
             (None, None) => None,
@@ -397,66 +486,63 @@ impl Check<'_> {
             && topic_prefix.ends_with('/')
             && !topic_prefix.contains(['+', '#', '\0']);
         if !prefix_ok {
-            return Err(self.invalid(
+            self.error(
                 "upstream.topic_prefix",
                 "must contain {org}, end with / and hold no + # or NUL, for example \"{org}/\"",
-            ));
+            );
         }
         if upstream.control_client_id.as_deref() == Some("") {
-            return Err(self.invalid(
+            self.error(
                 "upstream.control_client_id",
                 "must not be empty; leave it out for a generated one",
-            ));
+            );
         }
-        let tls = match upstream.tls {
-            None => None,
-            Some(tls) => {
-                let optional = |name: &str, path: Option<PathBuf>| match path {
-                    Some(path) => self
-                        .non_empty_path(&format!("upstream.tls.{name}"), path)
-                        .map(Some),
-                    None => Ok(None),
-                };
-                let cert = optional("cert", tls.cert)?;
-                let key = optional("key", tls.key)?;
-                if cert.is_some() != key.is_some() {
-                    return Err(self.invalid(
-                        if cert.is_some() {
-                            "upstream.tls.cert"
-                        } else {
-                            "upstream.tls.key"
-                        },
-                        "set cert and key together, or neither",
-                    ));
-                }
-                if tls.server_name.as_deref() == Some("") {
-                    return Err(self.invalid(
-                        "upstream.tls.server_name",
-                        "must not be empty; leave it out to use the host of upstream.address",
-                    ));
-                }
-                Some(UpstreamTlsConfig {
-                    ca: self.non_empty_path("upstream.tls.ca", tls.ca)?,
-                    cert,
-                    key,
-                    server_name: tls.server_name,
-                })
+        let tls = upstream.tls.map(|tls| {
+            let optional = |name: &str, path: Option<PathBuf>| {
+                path.map(|path| self.non_empty_path(&format!("upstream.tls.{name}"), path))
+            };
+            let cert = optional("cert", tls.cert);
+            let key = optional("key", tls.key);
+            if cert.is_some() != key.is_some() {
+                self.error(
+                    if cert.is_some() {
+                        "upstream.tls.cert"
+                    } else {
+                        "upstream.tls.key"
+                    },
+                    "set cert and key together, or neither",
+                );
             }
-        };
+            if tls.server_name.as_deref() == Some("") {
+                self.error(
+                    "upstream.tls.server_name",
+                    "must not be empty; leave it out to use the host of upstream.address",
+                );
+            }
+            UpstreamTlsConfig {
+                ca: self.non_empty_path("upstream.tls.ca", tls.ca),
+                cert,
+                key,
+                server_name: tls.server_name,
+            }
+        });
         let source_addresses = upstream
             .source_addresses
             .iter()
             .enumerate()
-            .map(|(index, text)| {
-                text.parse::<IpAddr>().map_err(|_| {
-                    self.invalid(
+            .filter_map(|(index, text)| {
+                let index = self.lines.item_index("upstream.source_addresses", index);
+                let parsed = text.parse::<IpAddr>();
+                if parsed.is_err() {
+                    self.error(
                         &format!("upstream.source_addresses[{index}]"),
                         "must be an IP address of this host, for example 127.0.0.2",
-                    )
-                })
+                    );
+                }
+                parsed.ok()
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(UpstreamConfig {
+            .collect();
+        UpstreamConfig {
             address: upstream.address,
             username: upstream.username,
             password,
@@ -464,140 +550,150 @@ impl Check<'_> {
             control_client_id: upstream.control_client_id,
             tls,
             source_addresses,
-        })
+        }
     }
 
-    fn telemetry(&self, telemetry: TelemetryFileConfig) -> Result<TelemetryConfig, ConfigError> {
+    fn telemetry(&self, telemetry: TelemetryFileConfig) -> TelemetryConfig {
         if let Some(endpoint) = &telemetry.otlp_endpoint {
             if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-                return Err(self.invalid(
+                self.error(
                     "telemetry.otlp_endpoint",
                     "must be an http:// or https:// URL, for example http://127.0.0.1:4317",
-                ));
+                );
             }
         }
-        Ok(TelemetryConfig {
+        TelemetryConfig {
             log_format: telemetry.log_format.unwrap_or_default(),
             otlp_endpoint: telemetry.otlp_endpoint,
-        })
+        }
     }
 
-    fn limits(&self, limits: LimitsFileConfig) -> Result<ProcessLimits, ConfigError> {
+    fn limits(&self, limits: LimitsFileConfig) -> ProcessLimits {
         let defaults = ProcessLimits::default();
-        let positive =
-            |name: &str, value: Option<u64>, default: usize| -> Result<usize, ConfigError> {
-                match value {
-                    None => Ok(default),
-                    Some(0) => Err(self.invalid(&format!("limits.{name}"), "must be at least 1")),
-                    Some(n) => usize::try_from(n)
-                        .map_err(|_| self.invalid(&format!("limits.{name}"), "too large")),
+        // Each reads one key: its value, or the default after recording why the value is wrong.
+        let positive = |name: &str, value: Option<u64>, default: usize| -> usize {
+            match value {
+                None => default,
+                Some(0) => {
+                    self.error(&format!("limits.{name}"), "must be at least 1");
+                    default
                 }
-            };
-        let packet_bytes = |name: &str,
-                            value: Option<u64>,
-                            default: usize|
-         -> Result<usize, ConfigError> {
+                Some(n) => usize::try_from(n).unwrap_or_else(|_| {
+                    self.error(&format!("limits.{name}"), "too large");
+                    default
+                }),
+            }
+        };
+        let packet_bytes = |name: &str, value: Option<u64>, default: usize| -> usize {
             if value.is_some_and(|n| n > MAX_MQTT_PACKET_BYTES) {
-                return Err(self.invalid(
+                self.error(
                     &format!("limits.{name}"),
                     format!("must be at most {MAX_MQTT_PACKET_BYTES} (the largest MQTT packet)"),
-                ));
+                );
+                return default;
             }
             positive(name, value, default)
         };
-        let connect_timeout = match limits.connect_timeout_secs {
-            None => defaults.connect_timeout,
-            Some(0) => {
-                return Err(self.invalid("limits.connect_timeout_secs", "must be at least 1"))
+        let seconds = |name: &str, value: Option<u64>, default: Duration| -> Duration {
+            match value {
+                None => default,
+                Some(0) => {
+                    self.error(&format!("limits.{name}"), "must be at least 1");
+                    default
+                }
+                Some(secs) => Duration::from_secs(secs),
             }
-            Some(secs) => Duration::from_secs(secs),
         };
-        Ok(ProcessLimits {
+        let nonzero_u16 = |name: &str, value: Option<u64>, default: u16| -> u16 {
+            match value {
+                None => default,
+                Some(n) => u16::try_from(n).ok().filter(|n| *n > 0).unwrap_or_else(|| {
+                    self.error(&format!("limits.{name}"), "must be 1 to 65535");
+                    default
+                }),
+            }
+        };
+        ProcessLimits {
             max_connections: positive(
                 "max_connections",
                 limits.max_connections,
                 defaults.max_connections,
-            )?,
-            connect_timeout,
+            ),
+            connect_timeout: seconds(
+                "connect_timeout_secs",
+                limits.connect_timeout_secs,
+                defaults.connect_timeout,
+            ),
             max_connect_bytes: packet_bytes(
                 "max_connect_bytes",
                 limits.max_connect_bytes,
                 defaults.max_connect_bytes,
-            )?,
+            ),
             max_packet_bytes: packet_bytes(
                 "max_packet_bytes",
                 limits.max_packet_bytes,
                 defaults.max_packet_bytes,
-            )?,
+            ),
             monitor_queue: positive(
                 "monitor_queue",
                 limits.monitor_queue,
                 defaults.monitor_queue,
-            )?,
-            auth_workers: positive("auth_workers", limits.auth_workers, defaults.auth_workers)?,
+            ),
+            auth_workers: positive("auth_workers", limits.auth_workers, defaults.auth_workers),
             // Zero is allowed: no waiting, only the workers.
             auth_queue: match limits.auth_queue {
                 None => defaults.auth_queue,
-                Some(n) => usize::try_from(n)
-                    .map_err(|_| self.invalid("limits.auth_queue", "too large"))?,
+                Some(n) => usize::try_from(n).unwrap_or_else(|_| {
+                    self.error("limits.auth_queue", "too large");
+                    defaults.auth_queue
+                }),
             },
-            max_keep_alive_secs: match limits.max_keep_alive_secs {
-                None => defaults.max_keep_alive_secs,
-                Some(n) => u16::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
-                    self.invalid("limits.max_keep_alive_secs", "must be 1 to 65535")
-                })?,
-            },
+            max_keep_alive_secs: nonzero_u16(
+                "max_keep_alive_secs",
+                limits.max_keep_alive_secs,
+                defaults.max_keep_alive_secs,
+            ),
             max_filters_per_subscribe: positive(
                 "max_filters_per_subscribe",
                 limits.max_filters_per_subscribe,
                 defaults.max_filters_per_subscribe,
-            )?,
-            max_inflight: match limits.max_inflight {
-                None => defaults.max_inflight,
-                Some(n) => u16::try_from(n)
-                    .ok()
-                    .filter(|n| *n > 0)
-                    .ok_or_else(|| self.invalid("limits.max_inflight", "must be 1 to 65535"))?,
-            },
-            partial_packet_timeout: match limits.partial_packet_timeout_secs {
-                None => defaults.partial_packet_timeout,
-                Some(0) => {
-                    return Err(
-                        self.invalid("limits.partial_packet_timeout_secs", "must be at least 1")
-                    )
-                }
-                Some(secs) => Duration::from_secs(secs),
-            },
-            write_timeout: match limits.write_timeout_secs {
-                None => defaults.write_timeout,
-                Some(0) => {
-                    return Err(self.invalid("limits.write_timeout_secs", "must be at least 1"))
-                }
-                Some(secs) => Duration::from_secs(secs),
-            },
+            ),
+            max_inflight: nonzero_u16("max_inflight", limits.max_inflight, defaults.max_inflight),
+            partial_packet_timeout: seconds(
+                "partial_packet_timeout_secs",
+                limits.partial_packet_timeout_secs,
+                defaults.partial_packet_timeout,
+            ),
+            write_timeout: seconds(
+                "write_timeout_secs",
+                limits.write_timeout_secs,
+                defaults.write_timeout,
+            ),
             monitor_queue_bytes: positive(
                 "monitor_queue_bytes",
                 limits.monitor_queue_bytes,
                 defaults.monitor_queue_bytes,
-            )?,
+            ),
             connect_rate_per_client_id: self.rate(
                 "limits.connect_rate_per_client_id",
                 limits.connect_rate_per_client_id,
                 defaults.connect_rate_per_client_id,
-            )?,
+            ),
             connect_rate_per_address: self.rate(
                 "limits.connect_rate_per_address",
                 limits.connect_rate_per_address,
                 defaults.connect_rate_per_address,
-            )?,
-        })
+            ),
+        }
     }
 
-    fn rate(&self, field: &str, text: Option<String>, default: Rate) -> Result<Rate, ConfigError> {
+    fn rate(&self, field: &str, text: Option<String>, default: Rate) -> Rate {
         match text {
-            None => Ok(default),
-            Some(text) => crate::policy::load::parse_rate(&text)
-                .map_err(|message| self.invalid(field, message)),
+            None => default,
+            Some(text) => crate::policy::load::parse_rate(&text).unwrap_or_else(|message| {
+                self.error(field, message);
+                default
+            }),
         }
     }
 }
@@ -709,24 +805,38 @@ mod tests {
 
     const MINIMAL: &str = "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"127.0.0.1:1884\"\npolicies: policies/\n";
 
-    fn parse(text: &str) -> Result<WardenConfig, ConfigError> {
+    fn parse(text: &str) -> Result<WardenConfig, ConfigErrors> {
         WardenConfig::from_yaml(text, Path::new("/etc/warden/warden.yaml"))
     }
 
-    /// (line, field, message) of an invalid config.
-    fn invalid(text: &str) -> (Option<usize>, String, String) {
+    /// (line, field, message) of every error of an invalid config.
+    fn all_invalid(text: &str) -> Vec<(Option<usize>, String, String)> {
         match parse(text) {
-            Err(ConfigError::Invalid {
-                path,
-                line,
-                field,
-                message,
-            }) => {
-                assert_eq!(path, Path::new("/etc/warden/warden.yaml"));
-                (line, field, message)
-            }
-            other => panic!("expected an invalid config, got {other:?}"),
+            Err(errors) => errors
+                .errors
+                .into_iter()
+                .map(|error| match error {
+                    ConfigError::Invalid {
+                        path,
+                        line,
+                        field,
+                        message,
+                    } => {
+                        assert_eq!(path, Path::new("/etc/warden/warden.yaml"));
+                        (line, field, message)
+                    }
+                    other => panic!("expected an invalid config, got {other:?}"),
+                })
+                .collect(),
+            Ok(config) => panic!("expected an invalid config, got {config:?}"),
         }
+    }
+
+    /// (line, field, message) of an invalid config with one error.
+    fn invalid(text: &str) -> (Option<usize>, String, String) {
+        let mut errors = all_invalid(text);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        errors.remove(0)
     }
 
     #[test]
@@ -935,6 +1045,58 @@ limits:
     }
 
     #[test]
+    fn reports_every_error_in_file_order() {
+        let text = "listeners:\n  - bind: nowhere\n  - bind: \"127.0.0.1:0\"\n    tls: { cert: \"\", key: k }\nupstream:\n  address: broker\n  topic_prefix: \"x/\"\n  colour: blue\npolicies: p\ntelemetry: { log_format: xml }\nlimits:\n  auth_workers: 0\n  max_inflight: 70000\n  connect_rate_per_address: often\n";
+        let errors = all_invalid(text);
+        let got: Vec<_> = errors
+            .iter()
+            .map(|(line, field, _)| (line.unwrap_or(0), field.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (2, "listeners[0].bind"),
+                (4, "listeners[1].tls.cert"),
+                (6, "upstream.address"),
+                (7, "upstream.topic_prefix"),
+                (8, "upstream.colour"),
+                (10, "telemetry.log_format"),
+                (12, "limits.auth_workers"),
+                (13, "limits.max_inflight"),
+                (14, "limits.connect_rate_per_address"),
+            ],
+            "{errors:?}"
+        );
+        let shown = parse(text).unwrap_err();
+        assert_eq!(shown.policies.as_deref(), Some(Path::new("/etc/warden/p")));
+        assert!(
+            shown
+                .to_string()
+                .contains("/etc/warden/warden.yaml:8: upstream.colour: unknown field `colour`"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn a_missing_secret_can_be_a_warning() {
+        let text = "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"h:1\"\n  password_env: WARDEN_TEST_UNSET_FOR_WARNING\npolicies: p\n";
+        let path = Path::new("/etc/warden/warden.yaml");
+        let checked = WardenConfig::from_yaml_checked(text, path, MissingSecrets::Warn).unwrap();
+        assert_eq!(checked.config.upstream.password, None);
+        assert_eq!(checked.warnings.len(), 1);
+        assert!(
+            checked.warnings[0]
+                .to_string()
+                .contains(":5: upstream.password_env: environment variable WARDEN_TEST_UNSET_FOR_WARNING is not set"),
+            "{}",
+            checked.warnings[0]
+        );
+        let errors =
+            WardenConfig::from_yaml_checked(text, path, MissingSecrets::Error).unwrap_err();
+        assert_eq!(errors.errors.len(), 1);
+    }
+
+    #[test]
     fn password_env_must_be_set() {
         let text = "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"h:1\"\n  password_env: WARDEN_TEST_UNSET_VARIABLE\npolicies: p\n";
         let (line, field, message) = invalid(text);
@@ -951,7 +1113,7 @@ limits:
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("warden.yaml");
         assert!(
-            matches!(WardenConfig::load(&missing), Err(ConfigError::Read { path, .. }) if path == missing)
+            matches!(WardenConfig::load(&missing).unwrap_err().errors.as_slice(), [ConfigError::Read { path, .. }] if *path == missing)
         );
     }
 

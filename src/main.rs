@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use mqtt_warden::{auth, config::WardenConfig, policy, proxy, telemetry, transport, upstream};
+use mqtt_warden::config::{MissingSecrets, WardenConfig};
+use mqtt_warden::{auth, policy, proxy, telemetry, transport, upstream};
 
 #[derive(Parser)]
 #[command(
@@ -32,8 +33,8 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         grace_secs: u64,
     },
-    /// Validate the config, its TLS files and every policy file; print file, line and reason for
-    /// each error.
+    /// Validate the config, its TLS files and every policy file; print `file:line: field: message`
+    /// for every error. An unset `password_env` variable is a warning (pipelines hold no secrets).
     Check {
         /// The process config (warden.yaml); its policies are checked too.
         #[arg(long, short, required_unless_present = "policy")]
@@ -41,6 +42,9 @@ enum Command {
         /// A policy file or folder to check on its own.
         #[arg(long, short)]
         policy: Vec<PathBuf>,
+        /// Treat an unset `password_env` variable as an error, as `run` does.
+        #[arg(long)]
+        strict: bool,
     },
     /// Ask a running proxy's admin endpoint (for container health checks): exit 0 on HTTP 200.
     Probe {
@@ -63,17 +67,35 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config, grace_secs } => run(config, Duration::from_secs(grace_secs)),
-        Command::Check { config, policy } => check(config, policy),
+        Command::Check {
+            config,
+            policy,
+            strict,
+        } => check(config, policy, strict),
         Command::Probe { address, path } => probe(&address, &path),
         Command::HashToken { sha256 } => hash_token(sha256),
     };
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", describe(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each said once: an error whose message already includes its source
+/// (`policy: <the errors>`) is not followed by that source again.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = error.to_string();
+    for cause in error.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 /// How long a SIGINT shutdown may take: the same steps as SIGTERM, without waiting long.
@@ -111,12 +133,25 @@ async fn wait_for_shutdown_signal(grace: Duration) -> anyhow::Result<Duration> {
     }
 }
 
-fn check(config_path: Option<PathBuf>, policy_paths: Vec<PathBuf>) -> anyhow::Result<ExitCode> {
+fn check(
+    config_path: Option<PathBuf>,
+    policy_paths: Vec<PathBuf>,
+    strict: bool,
+) -> anyhow::Result<ExitCode> {
     let mut ok = true;
     let mut policies = policy_paths;
+    let secrets = if strict {
+        MissingSecrets::Error
+    } else {
+        MissingSecrets::Warn
+    };
     if let Some(config_path) = config_path {
-        match WardenConfig::load(&config_path) {
-            Ok(config) => {
+        match WardenConfig::load_checked(&config_path, secrets) {
+            Ok(checked) => {
+                for warning in &checked.warnings {
+                    eprintln!("warning: {warning} (an error for `run` and `check --strict`)");
+                }
+                let config = checked.config;
                 // TLS files are checked as the proxy would load them at start.
                 for listener in &config.listeners {
                     if let Some(tls) = &listener.tls {
@@ -139,9 +174,13 @@ fn check(config_path: Option<PathBuf>, policy_paths: Vec<PathBuf>) -> anyhow::Re
                 }
                 policies.push(config.policies);
             }
-            Err(error) => {
-                eprintln!("{error}");
+            Err(errors) => {
+                for error in &errors.errors {
+                    eprintln!("{error}");
+                }
                 ok = false;
+                // The policies of a config with other errors are still checked.
+                policies.extend(errors.policies);
             }
         }
     }

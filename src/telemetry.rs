@@ -8,9 +8,13 @@
 //! `traceparent` user properties are continued: the proxy's publish span becomes their child and
 //! replaces the property with its own context.
 //!
+//! Log lines carry terminal colours only when stdout is a terminal (and `NO_COLOR` is not set), so
+//! log files and journald get plain text.
+//!
 //! Secrets never reach a log line or a span: sessions record identities and codes only.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::propagation::TextMapPropagator;
@@ -86,7 +90,12 @@ pub fn init(
     otlp_endpoint: Option<&str>,
 ) -> Result<TelemetryGuard, TelemetryError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_target(false)
+        .with_ansi(colour_wanted(
+            std::io::stdout().is_terminal(),
+            std::env::var_os("NO_COLOR").as_deref(),
+        ));
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),
@@ -126,6 +135,12 @@ pub fn init(
     Ok(TelemetryGuard { provider })
 }
 
+/// Whether log lines get terminal colours: only on a terminal, and never when `NO_COLOR` is set
+/// to a non-empty value (the `NO_COLOR` convention).
+fn colour_wanted(stdout_is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    stdout_is_terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
 /// Makes `span` a child of the W3C `traceparent` a client sent, and returns the `traceparent`
 /// that names `span` itself, to forward in its place.
 pub fn continue_trace(span: &tracing::Span, traceparent: &str) -> Option<String> {
@@ -142,6 +157,14 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &str) -> Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        assert!(colour_wanted(true, None));
+        assert!(colour_wanted(true, Some(std::ffi::OsStr::new(""))));
+        assert!(!colour_wanted(true, Some(std::ffi::OsStr::new("1"))));
+        assert!(!colour_wanted(false, None));
+    }
 
     #[test]
     fn traces_url_adds_the_standard_path_only_when_missing() {

@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 use support::pki::TestPki;
-use support::{mon, standard_policy, v4, Broker, Warden, WAIT};
+use support::{mon, python, standard_policy, v4, Broker, Warden, WAIT};
 
 /// A client of the broker itself watching org1's raw monitoring topics.
 async fn broker_watch(broker: &Broker) -> v4::Client {
@@ -42,14 +42,15 @@ async fn next_connect(watcher: &mut v4::Client, client_id: &str) -> serde_json::
     }
 }
 
-async fn run_script(program: &str, args: &[String], ok_line: &str) {
+async fn run_script(program: impl AsRef<std::ffi::OsStr>, args: &[String], ok_line: &str) {
+    let program = program.as_ref();
     let output = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(program).args(args).output(),
     )
     .await
     .expect("the client flow finishes")
-    .unwrap_or_else(|error| panic!("{program} runs: {error}"));
+    .unwrap_or_else(|error| panic!("{} runs: {error}", program.to_string_lossy()));
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -69,7 +70,7 @@ async fn paho_over_ws_and_wss_reports_ws_protocols() {
     let warden = Warden::start_tls(&broker, &standard_policy(), &pki, "").await;
     let mut watcher = broker_watch(&broker).await;
     run_script(
-        "python3",
+        python(),
         &[
             script("python/paho_ws_flow.py"),
             warden.addr.port().to_string(),
@@ -98,7 +99,7 @@ async fn mqtt_js_over_websocket() {
     let node_modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js/node_modules/mqtt");
     assert!(
         node_modules.exists(),
-        "MQTT.js is not installed: run `npm ci` in tests/js (.ci/run does)"
+        "MQTT.js is not installed: run `npm ci` in tests/js (scripts/test.sh does)"
     );
     let broker = Broker::start().await;
     let warden = Warden::start(&broker, &standard_policy()).await;
@@ -121,7 +122,7 @@ async fn wiotp_sdk_over_tls_on_8883_and_secure_websocket_on_443() {
     let pki = TestPki::new("wiotp-sdk");
     let warden = Warden::start_tls(&broker, &standard_policy(), &pki, "").await;
     run_script(
-        "python3",
+        python(),
         &[
             script("python/wiotp_sdk_tls_flow.py"),
             warden.tls_addr().port().to_string(),

@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{standard_policy, Broker, Warden};
+use support::{python, standard_policy, Broker, Warden};
 
 #[tokio::test]
 async fn wiotp_sdk_device_and_application_exchange_events_and_commands() {
@@ -15,14 +15,14 @@ async fn wiotp_sdk_device_and_application_exchange_events_and_commands() {
     );
     let output = tokio::time::timeout(
         std::time::Duration::from_secs(60),
-        tokio::process::Command::new("python3")
+        tokio::process::Command::new(python())
             .arg(script)
             .arg(warden.addr.port().to_string())
             .output(),
     )
     .await
     .expect("the SDK flow finishes")
-    .expect("python3 runs (CI installs wiotp-sdk with pip)");
+    .expect("python runs (scripts/test.sh installs wiotp-sdk in target/test-venv)");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

@@ -121,25 +121,24 @@ struct Merger {
 
 impl Merger {
     fn add(&mut self, file: &Path, text: &str) {
-        let (lines, parsed) = yaml::deserialize::<Option<PolicyFile>>(text);
+        let (lines, problems, parsed) = yaml::deserialize_all::<Option<PolicyFile>>(text);
         let mut checker = Checker {
             file,
             lines: &lines,
             errors: &mut self.errors,
         };
-        let parsed = match parsed {
-            Ok(Some(parsed)) => parsed,
+        for problem in problems {
+            checker.errors.push(PolicyError {
+                file: file.to_owned(),
+                line: problem.line,
+                field: problem.field,
+                message: problem.message,
+            });
+        }
+        // What is left once the bad parts are out is still checked, so every error shows at once.
+        let Some(Some(parsed)) = parsed else {
             // An empty file (or only comments) defines nothing.
-            Ok(None) => return,
-            Err(problem) => {
-                checker.errors.push(PolicyError {
-                    file: file.to_owned(),
-                    line: problem.line,
-                    field: problem.field,
-                    message: problem.message,
-                });
-                return;
-            }
+            return;
         };
         for (path, line) in lines.duplicates() {
             checker.errors.push(PolicyError {
@@ -360,6 +359,7 @@ impl Checker<'_> {
 
     fn groups(&mut self, parent: &str, groups: &[String]) {
         for (index, group) in groups.iter().enumerate() {
+            let index = self.lines.item_index(&format!("{parent}.groups"), index);
             if !is_valid_id_part(group) {
                 self.error(
                     format!("{parent}.groups[{index}]"),
@@ -773,6 +773,33 @@ mod tests {
                 a.display()
             )),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn reports_every_format_error_of_a_file_and_the_checks_of_the_rest() {
+        let errors = errors_of(
+            "orgs:\n  o1:\n    secruity: tls-token\n    on_violation: explode\n    limits:\n      max_connections: 0\n  o2:\n    enabled: maybe\n    limits: { max_payload_bytes: 0 }\n",
+        );
+        let got: Vec<_> = errors
+            .iter()
+            .map(|(line, field, _)| (line.unwrap_or(0), field.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (3, "orgs.o1.secruity"),
+                (4, "orgs.o1.on_violation"),
+                (6, "orgs.o1.limits.max_connections"),
+                (8, "orgs.o2.enabled"),
+                (9, "orgs.o2.limits.max_payload_bytes"),
+            ],
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].2.contains("unknown variant `explode`"),
+            "{}",
+            errors[1].2
         );
     }
 

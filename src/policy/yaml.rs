@@ -1,6 +1,6 @@
 //! YAML helpers shared by the policy loader and the process config: deserialise with the field
-//! path and line of the first error, and find the line of any key afterwards, so that checks run
-//! after deserialisation still point at the right line.
+//! path and line of every error ([`deserialize_all`]), and find the line of any key afterwards, so
+//! that checks run after deserialisation still point at the right line.
 //!
 //! Field paths are written as `orgs.myorg1.devices.sensor/dev001.token`, with sequence items as
 //! `listeners[0].bind`, the form `serde_path_to_error` prints.
@@ -8,6 +8,8 @@
 use std::collections::{HashMap, HashSet};
 
 use serde::de::DeserializeOwned;
+use serde_path_to_error::Segment;
+use serde_yaml::Value;
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
@@ -52,9 +54,18 @@ pub(crate) fn deserialize<T: DeserializeOwned>(text: &str) -> (LineMap, Result<T
 }
 
 fn deserialize_only<T: DeserializeOwned>(text: &str) -> Result<T, YamlProblem> {
-    let de = serde_yaml::Deserializer::from_str(text);
+    deserialize_from(serde_yaml::Deserializer::from_str(text)).map_err(|(problem, _)| problem)
+}
+
+/// Deserialises from `de`; a failure comes with the path to the offending node.
+fn deserialize_from<'de, T, D>(de: D) -> Result<T, (YamlProblem, Vec<Segment>)>
+where
+    T: DeserializeOwned,
+    D: serde::Deserializer<'de, Error = serde_yaml::Error>,
+{
     serde_path_to_error::deserialize(de).map_err(|err| {
         let field = err.path().to_string();
+        let segments: Vec<Segment> = err.path().iter().cloned().collect();
         let inner = err.inner();
         let line = inner.location().map(|l| l.line());
         let mut message = inner.to_string();
@@ -70,12 +81,207 @@ fn deserialize_only<T: DeserializeOwned>(text: &str) -> Result<T, YamlProblem> {
                 break;
             }
         }
-        YamlProblem {
-            line,
-            field,
-            message,
-        }
+        (
+            YamlProblem {
+                line,
+                field,
+                message,
+            },
+            segments,
+        )
     })
+}
+
+/// The most problems [`deserialize_all`] reports for one document.
+const MAX_PROBLEMS: usize = 100;
+
+/// Deserialises one YAML document and reports every problem serde meets in it, not only the first.
+///
+/// After each problem the offending node (the bad value, the unknown key, or the mapping that
+/// misses a required key) is taken out of the document and the rest is deserialised again, so a
+/// typo in one place never hides a mistake further down. The value returned, if any, is the
+/// document without its bad parts: the checks that follow can still look at everything else.
+/// It is `None` when the document cannot be read at all (a YAML syntax error, a duplicate key) or
+/// the problem is the document itself (a required top-level key is missing).
+pub(crate) fn deserialize_all<T: DeserializeOwned>(
+    text: &str,
+) -> (LineMap, Vec<YamlProblem>, Option<T>) {
+    let (lines, first) = deserialize::<T>(text);
+    let first = match first {
+        Ok(value) => return (lines, Vec::new(), Some(value)),
+        Err(problem) => problem,
+    };
+    let mut problems = vec![first];
+    // The rest works on the document as a value; one that is not even that has one problem only.
+    let Ok(mut document) = serde_yaml::from_str::<Value>(text) else {
+        return (lines, problems, None);
+    };
+    // Where the first problem is, as a path through the value: parse it once more to get it.
+    let Err((_, mut at)) = deserialize_from::<T, _>(document.clone()) else {
+        return (lines, problems, None);
+    };
+    let mut removals = Removals::default();
+    let mut lines = lines;
+    loop {
+        if !remove(&mut document, &at) {
+            return (lines, problems, None);
+        }
+        removals.record(&at);
+        match deserialize_from::<T, _>(document.clone()) {
+            Ok(value) => {
+                lines.removed_items = removals.items;
+                return (lines, problems, Some(value));
+            }
+            Err((problem, segments)) => {
+                let original = removals.original(&segments);
+                let field = path_string(&original);
+                let field = if field.is_empty() {
+                    ".".to_owned()
+                } else {
+                    field
+                };
+                // A key taken out above is now missing: that is the same problem again.
+                let repeat = problem
+                    .message
+                    .strip_prefix("missing field `")
+                    .and_then(|m| m.split_once('`'))
+                    .is_some_and(|(name, _)| {
+                        let parent = if field == "." { "" } else { &field };
+                        removals.fields.contains(&join(parent, name))
+                    });
+                if !repeat {
+                    problems.push(YamlProblem {
+                        line: lines.line(&field),
+                        field,
+                        message: problem.message,
+                    });
+                }
+                if problems.len() >= MAX_PROBLEMS {
+                    return (lines, problems, None);
+                }
+                at = segments;
+            }
+        }
+    }
+}
+
+/// What [`deserialize_all`] took out so far: the field paths (in the original document) and, per
+/// sequence, the original indices of removed items, so later paths can be told in the
+/// document's own numbering.
+#[derive(Default)]
+struct Removals {
+    fields: HashSet<String>,
+    /// Original path of a sequence → original indices removed from it, ascending.
+    items: HashMap<String, Vec<usize>>,
+}
+
+impl Removals {
+    /// `segments` (a path in the current document) in the original document's numbering.
+    fn original(&self, segments: &[Segment]) -> Vec<Segment> {
+        let mut out: Vec<Segment> = Vec::with_capacity(segments.len());
+        for segment in segments {
+            let segment = match segment {
+                Segment::Seq { index } => {
+                    let mut index = *index;
+                    if let Some(removed) = self.items.get(&path_string(&out)) {
+                        index = renumber(removed, index);
+                    }
+                    Segment::Seq { index }
+                }
+                other => other.clone(),
+            };
+            out.push(segment);
+        }
+        out
+    }
+
+    /// Notes that the node at `segments` (current numbering) was removed.
+    fn record(&mut self, segments: &[Segment]) {
+        let original = self.original(segments);
+        if let (Some(Segment::Seq { index }), Some(parent)) =
+            (original.last(), original.get(..original.len() - 1))
+        {
+            let removed = self.items.entry(path_string(parent)).or_default();
+            removed.push(*index);
+            removed.sort_unstable();
+        }
+        self.fields.insert(path_string(&original));
+    }
+}
+
+/// The original index of item `index` of a sequence from which the items `removed` (original
+/// indices, ascending) were taken out.
+fn renumber(removed: &[usize], mut index: usize) -> usize {
+    for gone in removed {
+        if *gone <= index {
+            index += 1;
+        }
+    }
+    index
+}
+
+/// The field path of `segments`, in the form of [`LineMap`] and error messages.
+fn path_string(segments: &[Segment]) -> String {
+    let mut out = String::new();
+    for segment in segments {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } => out = join(&out, key),
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+/// A mapping key as the path names it.
+fn key_text(key: &Value) -> Option<String> {
+    match key {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        Value::Bool(flag) => Some(flag.to_string()),
+        _ => None,
+    }
+}
+
+/// Removes the node at `segments` from `document`; false when there is none (or it is the root).
+fn remove(document: &mut Value, segments: &[Segment]) -> bool {
+    let Some((last, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut node = document;
+    for segment in parents {
+        node = match (segment, node) {
+            (Segment::Map { key }, Value::Mapping(map)) => {
+                match map
+                    .iter_mut()
+                    .find(|(k, _)| key_text(k).as_deref() == Some(key))
+                {
+                    Some((_, value)) => value,
+                    None => return false,
+                }
+            }
+            (Segment::Seq { index }, Value::Sequence(items)) => match items.get_mut(*index) {
+                Some(value) => value,
+                None => return false,
+            },
+            (Segment::Enum { .. }, node) => node,
+            _ => return false,
+        };
+    }
+    match (last, node) {
+        (Segment::Map { key }, Value::Mapping(map)) => {
+            let found = map
+                .keys()
+                .find(|k| key_text(k).as_deref() == Some(key))
+                .cloned();
+            found.is_some_and(|k| map.remove(&k).is_some())
+        }
+        (Segment::Seq { index }, Value::Sequence(items)) if *index < items.len() => {
+            items.remove(*index);
+            true
+        }
+        _ => false,
+    }
 }
 
 /// `message` without a trailing ` at line N column M`.
@@ -100,6 +306,8 @@ pub(crate) fn join(parent: &str, key: &str) -> String {
 pub(crate) struct LineMap {
     lines: HashMap<String, usize>,
     duplicates: Vec<(String, usize)>,
+    /// Sequence items [`deserialize_all`] took out, by the sequence's path.
+    removed_items: HashMap<String, Vec<usize>>,
 }
 
 impl LineMap {
@@ -113,6 +321,16 @@ impl LineMap {
         LineMap {
             lines: walker.lines,
             duplicates: walker.duplicates,
+            removed_items: HashMap::new(),
+        }
+    }
+
+    /// The index in the file of item `index` of the deserialised sequence at `path`: the same,
+    /// unless [`deserialize_all`] took bad items out before it.
+    pub fn item_index(&self, path: &str, index: usize) -> usize {
+        match self.removed_items.get(path) {
+            Some(removed) => renumber(removed, index),
+            None => index,
         }
     }
 
@@ -239,6 +457,65 @@ mod tests {
     fn reports_duplicate_keys() {
         let map = LineMap::new("a: 1\nb:\n  c: 1\n  c: 2\n");
         assert_eq!(map.duplicates(), &[("b.c".to_owned(), 4)]);
+    }
+
+    #[test]
+    fn deserialize_all_reports_every_problem_and_keeps_the_rest() {
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Item {
+            bind: u32,
+            #[serde(default)]
+            name: Option<String>,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Doc {
+            items: Vec<Item>,
+            #[serde(default)]
+            level: Option<u8>,
+            #[serde(default)]
+            keep: Option<String>,
+        }
+        let text = "items:\n  - bind: x\n  - bind: 2\n    nmae: b\n  - name: c\n  - bind: 4\nlevel: 300\ntypo: 1\nkeep: yes-kept\n";
+        let (lines, problems, value) = deserialize_all::<Doc>(text);
+        let got: Vec<_> = problems
+            .iter()
+            .map(|p| (p.line, p.field.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(2), "items[0].bind"),
+                (Some(4), "items[1].nmae"),
+                (Some(5), "items[2]"),
+                (Some(7), "level"),
+                (Some(8), "typo"),
+            ],
+            "{problems:?}"
+        );
+        assert!(problems[2].message.contains("missing field `bind`"));
+        // The good parts are still there for the checks that follow.
+        let value = value.unwrap();
+        assert_eq!(value.items.len(), 2);
+        assert_eq!(value.items[1].bind, 4);
+        assert_eq!(lines.item_index("items", 0), 1);
+        assert_eq!(lines.item_index("items", 1), 3);
+        assert_eq!(lines.item_index("other", 1), 1);
+        assert_eq!(value.keep.as_deref(), Some("yes-kept"));
+
+        // A removed key is not reported again as missing.
+        let (_, problems, value) = deserialize_all::<Doc>("items:\n  - bind: [1]\n");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(value.unwrap().items.len(), 0);
+
+        // Nothing to keep when the document itself is wrong.
+        let (_, problems, value) = deserialize_all::<Doc>("level: 1\nbogus: 2\n");
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems[1].field, ".");
+        assert!(value.is_none());
     }
 
     #[test]

@@ -1092,7 +1092,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 code = code.number,
                 reason = %code.reason_string(refusal),
                 suppressed,
-                "request refused"
+                "operation refused"
             );
         }
         let publications = profile.refused(&self.principal, request, topic, refusal);

@@ -789,7 +789,7 @@ fn refusal_logging_has_a_budget() {
     let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
     let logged = log
         .lines()
-        .filter(|l| l.contains("request refused"))
+        .filter(|l| l.contains("operation refused"))
         .count();
     // The budget's burst of 50, and what it refills in the real second the test may take.
     assert!(

@@ -19,6 +19,20 @@ use mqtt_warden::proxy::{self, RunningProxy};
 /// How long a test waits for any one expected event.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// The Python interpreter that runs the Python clients (wiotp-sdk, paho-mqtt): the one named by
+/// `WARDEN_TEST_PYTHON` (scripts/test.sh sets it to its private environment), else that
+/// environment's `target/test-venv/bin/python` when it exists, else `python3` from `PATH`.
+pub fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os("WARDEN_TEST_PYTHON").filter(|p| !p.is_empty()) {
+        return PathBuf::from(python);
+    }
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python");
+    if venv.exists() {
+        return venv;
+    }
+    PathBuf::from("python3")
+}
+
 /// A Mosquitto process of the test's own.
 pub struct Broker {
     child: Child,
