@@ -117,3 +117,59 @@ async fn a_second_instance_with_the_same_config_leaves_the_first_alone() {
     );
     drop(first);
 }
+
+/// A mistaken second start of the same config (same fixed port) fails on the port before it
+/// dials the broker, so the running instance is not disturbed.
+#[tokio::test]
+async fn a_second_start_on_the_same_port_fails_before_it_dials_the_broker() {
+    let mut broker = Broker::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), standard_policy()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!(
+        "listeners:\n  - bind: \"127.0.0.1:{port}\"\nupstream:\n  address: \"{}\"\npolicies: policy.yaml\ntelemetry: {{ log_format: json }}\n",
+        broker.addr()
+    );
+    let _running = ProxyProcess::start(dir.path(), "first", &config, &[]).await;
+    let new_client = |line: &str| line.contains("New client connected");
+    tokio::time::timeout(support::WAIT, async {
+        while let Some(line) = broker.log.recv().await {
+            if new_client(&line) && line.contains("mqtt-warden-") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the first instance's control connection");
+
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqtt-warden"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("first.yaml"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+
+    // A client connected now is the next one the broker sees: the second start dialled nothing.
+    let broker_addr: SocketAddr = broker.addr().parse().unwrap();
+    let _sentinel = v4::connect(broker_addr, "sentinel", None, None)
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(support::WAIT, async {
+        loop {
+            let line = broker.log.recv().await.expect("broker log");
+            if new_client(&line) {
+                return line;
+            }
+        }
+    })
+    .await
+    .expect("the sentinel's connection is logged");
+    assert!(next.contains("sentinel"), "{next}");
+}
