@@ -537,28 +537,9 @@ async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
+    use crate::upstream::testing::DuplexDialer;
+    use tokio::io::AsyncWriteExt;
     use tokio::sync::mpsc;
-
-    /// Hands the broker's end of each dialled connection to the test.
-    struct TestDialer {
-        brokers: mpsc::UnboundedSender<DuplexStream>,
-    }
-
-    impl Dial for TestDialer {
-        type Stream = DuplexStream;
-        async fn dial(&self) -> Result<DuplexStream, UpstreamError> {
-            let (ours, theirs) = duplex(64 * 1024);
-            let _ = self.brokers.send(theirs);
-            Ok(ours)
-        }
-        fn username(&self) -> Option<&str> {
-            None
-        }
-        fn password(&self) -> Option<&[u8]> {
-            None
-        }
-    }
 
     fn publication(n: usize) -> Publication {
         Publication {
@@ -585,7 +566,10 @@ mod tests {
         // The broker never answers the CONNECT: nothing leaves the queue.
         let metrics = MonitorMetrics::default();
         let monitor = Monitor::spawn(
-            Arc::new(TestDialer { brokers }),
+            Arc::new(DuplexDialer {
+                brokers,
+                pipe_bytes: 64 * 1024,
+            }),
             config(100, 1_000),
             metrics.clone(),
         );
@@ -605,7 +589,10 @@ mod tests {
     async fn a_silent_broker_is_redialled_and_the_batch_is_sent_again() {
         let (brokers, mut dialled) = mpsc::unbounded_channel();
         let monitor = Monitor::spawn(
-            Arc::new(TestDialer { brokers }),
+            Arc::new(DuplexDialer {
+                brokers,
+                pipe_bytes: 64 * 1024,
+            }),
             config(100, 100_000),
             MonitorMetrics::default(),
         );

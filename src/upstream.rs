@@ -286,3 +286,38 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         .await
         .map_err(|_| UpstreamError::Timeout(UPSTREAM_CONNECT_TIMEOUT))?
 }
+
+/// A [`Dial`] over in-memory pipes, for tests: each dial hands the broker's end to the test.
+#[cfg(test)]
+pub(crate) mod testing {
+    use tokio::io::{duplex, DuplexStream};
+    use tokio::sync::mpsc;
+
+    use super::{Dial, UpstreamError};
+
+    /// Dials in-memory pipes of `pipe_bytes` each.
+    pub struct DuplexDialer {
+        /// Where the broker's end of each connection goes.
+        pub brokers: mpsc::UnboundedSender<DuplexStream>,
+        /// Bytes each pipe holds before a writer waits.
+        pub pipe_bytes: usize,
+    }
+
+    impl Dial for DuplexDialer {
+        type Stream = DuplexStream;
+
+        async fn dial(&self) -> Result<DuplexStream, UpstreamError> {
+            let (ours, theirs) = duplex(self.pipe_bytes);
+            let _ = self.brokers.send(theirs);
+            Ok(ours)
+        }
+
+        fn username(&self) -> Option<&str> {
+            None
+        }
+
+        fn password(&self) -> Option<&[u8]> {
+            None
+        }
+    }
+}

@@ -21,8 +21,8 @@ async fn next_status(spy: &mut v4::Client) -> serde_json::Value {
     mon::parse(&spy.next_publish().await.payload)
 }
 
-#[tokio::test]
-async fn a_killed_proxy_settles_its_own_clients_after_restart() {
+/// A broker, a folder with the standard policy, and a spy on org1's device statuses.
+async fn rig() -> (Broker, tempfile::TempDir, v4::Client) {
     let broker = Broker::start().await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("policy.yaml"), standard_policy()).unwrap();
@@ -30,6 +30,13 @@ async fn a_killed_proxy_settles_its_own_clients_after_restart() {
     let mut spy = v4::connect(broker_addr, "spy", None, None).await.unwrap();
     spy.subscribe("org1/iot-2/type/+/id/+/mon", QoS::AtMostOnce)
         .await;
+    (broker, dir, spy)
+}
+
+#[tokio::test]
+async fn a_killed_proxy_settles_its_own_clients_after_restart() {
+    let (broker, dir, mut spy) = rig().await;
+    let broker_addr: SocketAddr = broker.addr().parse().unwrap();
 
     let mut first = start_proxy(dir.path(), &broker, "instance-a").await;
     let other = start_proxy(dir.path(), &broker, "instance-b").await;
@@ -78,13 +85,7 @@ async fn a_killed_proxy_settles_its_own_clients_after_restart() {
 /// settle the first one's live clients.
 #[tokio::test]
 async fn a_second_instance_with_the_same_config_leaves_the_first_alone() {
-    let broker = Broker::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("policy.yaml"), standard_policy()).unwrap();
-    let broker_addr: SocketAddr = broker.addr().parse().unwrap();
-    let mut spy = v4::connect(broker_addr, "spy", None, None).await.unwrap();
-    spy.subscribe("org1/iot-2/type/+/id/+/mon", QoS::AtMostOnce)
-        .await;
+    let (broker, dir, mut spy) = rig().await;
     // No control_client_id: both derive the same namespace from the same bind address.
     let config = format!(
         "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"{}\"\npolicies: policy.yaml\ntelemetry: {{ log_format: json }}\n",

@@ -29,7 +29,7 @@ use crate::policy::PolicyStore;
 use crate::profile::Publication;
 use crate::refusal::{Cause, Refusal};
 use crate::transport::{ConnectionInfo, PeerCertificate};
-use crate::upstream::{Dial, UpstreamError};
+use crate::upstream::testing::DuplexDialer;
 use crate::wiotp::Wiotp;
 
 /// Bytes each in-memory pipe holds before a writer waits.
@@ -38,29 +38,6 @@ const PIPE_BYTES: usize = 16 * 1024;
 const PATIENCE: Duration = Duration::from_secs(600);
 /// The write deadline of these tests.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Hands the broker's end of each dialled connection to the test.
-struct TestDialer {
-    brokers: mpsc::UnboundedSender<DuplexStream>,
-}
-
-impl Dial for TestDialer {
-    type Stream = DuplexStream;
-
-    async fn dial(&self) -> Result<DuplexStream, UpstreamError> {
-        let (ours, theirs) = duplex(PIPE_BYTES);
-        let _ = self.brokers.send(theirs);
-        Ok(ours)
-    }
-
-    fn username(&self) -> Option<&str> {
-        None
-    }
-
-    fn password(&self) -> Option<&[u8]> {
-        None
-    }
-}
 
 /// What the session reported, in order.
 #[derive(Debug)]
@@ -106,7 +83,7 @@ fn policy_with(limits: &str, device_enabled: bool) -> String {
 }
 
 struct Harness {
-    context: Arc<Context<Wiotp, TestDialer>>,
+    context: Arc<Context<Wiotp, DuplexDialer>>,
     brokers: mpsc::UnboundedReceiver<DuplexStream>,
     reports: mpsc::UnboundedReceiver<Reported>,
     store: Arc<PolicyStore>,
@@ -126,8 +103,9 @@ fn harness_with(limits: ProcessLimits, policy: &str) -> Harness {
     let admission = LocalAdmission::new();
     let context = Arc::new(Context {
         profile,
-        dialer: Arc::new(TestDialer {
+        dialer: Arc::new(DuplexDialer {
             brokers: brokers_tx,
+            pipe_bytes: PIPE_BYTES,
         }),
         admission: admission.clone(),
         slots: ProcessSlots::new(100),
