@@ -375,7 +375,9 @@ async fn serve_connection<P: Profile>(
 ) {
     let _ = stream.set_nodelay(true);
     let connected_at = SystemTime::now();
-    let accepted = match transport::accept(stream, &transport).await {
+    // Boxed: the handshakes' state is large and lives only until they are done, so it must
+    // not stay in the task's own memory for the whole session.
+    let accepted = match Box::pin(transport::accept(stream, &transport)).await {
         Ok(accepted) => accepted,
         Err(error) => {
             if error.is_tls_failure() {

@@ -11,14 +11,14 @@
 pub mod ids;
 pub mod local;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::task::AtomicWaker;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 pub use ids::SessionId;
@@ -49,7 +49,10 @@ struct Mailbox {
     close: Mutex<Option<Refusal>>,
     pending: AtomicU8,
     waker: AtomicWaker,
-    done: watch::Sender<bool>,
+    /// The session has finished closing.
+    done: AtomicBool,
+    /// Wakes whoever waits for `done`.
+    done_wake: Notify,
 }
 
 /// The handle others hold on one session.
@@ -88,10 +91,20 @@ impl SessionHandle {
 
     /// Waits until the session has finished closing, at most `limit`. True if it did.
     pub async fn closed(&self, limit: Duration) -> bool {
-        let mut done = self.mailbox.done.subscribe();
-        tokio::time::timeout(limit, done.wait_for(|finished| *finished))
-            .await
-            .is_ok_and(|result| result.is_ok())
+        let mailbox = &self.mailbox;
+        let finished = async {
+            loop {
+                // Registered before the flag is read, so a finish in between is not missed.
+                let notified = mailbox.done_wake.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if mailbox.done.load(Ordering::Acquire) {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, finished).await.is_ok()
     }
 }
 
@@ -105,7 +118,6 @@ pub struct SessionControl {
 impl SessionControl {
     /// A new mailbox with a fresh session ID.
     pub fn new() -> SessionControl {
-        let (done, _) = watch::channel(false);
         SessionControl {
             handle: SessionHandle {
                 id: SessionId::next(),
@@ -113,7 +125,8 @@ impl SessionControl {
                     close: Mutex::new(None),
                     pending: AtomicU8::new(0),
                     waker: AtomicWaker::new(),
-                    done,
+                    done: AtomicBool::new(false),
+                    done_wake: Notify::new(),
                 }),
             },
         }
@@ -159,7 +172,8 @@ impl SessionControl {
 
     /// Marks the session as fully closed (its Disconnect status is queued).
     pub fn finish(&self) {
-        self.handle.mailbox.done.send_replace(true);
+        self.handle.mailbox.done.store(true, Ordering::Release);
+        self.handle.mailbox.done_wake.notify_waiters();
     }
 }
 

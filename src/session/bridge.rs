@@ -12,6 +12,7 @@
 //! is simply not read from (back-pressure), so memory stays bounded, and a write that makes no
 //! progress for `limits.write_timeout` closes the session.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io;
@@ -21,7 +22,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tracing::info;
 
@@ -54,6 +55,13 @@ const MAX_BROKER_PACKET_BYTES: usize = 16 * 1024 * 1024;
 const OUTPUT_HIGH_WATER_BYTES: usize = 128 * 1024;
 /// Outgoing buffers larger than this after a burst are released, in bytes.
 const SHRINK_ABOVE_BYTES: usize = 256 * 1024;
+
+thread_local! {
+    /// Where a session reads when nothing waits in its own buffer: one per worker thread, so an
+    /// idle session holds no read buffer. Only the bytes of an incomplete frame are copied into
+    /// the session's buffer.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_READ_CHUNK].into_boxed_slice());
+}
 
 /// What the session agreed with the client and the broker at CONNECT.
 #[derive(Debug, Clone)]
@@ -269,10 +277,6 @@ pub struct Bridge<P: Profile, D: Dial, C> {
     reported: Counters,
     /// Loop turns since the last metrics report.
     events_since_report: u32,
-    /// How much the next client read asks for; doubles while reads fill the buffer.
-    client_chunk: usize,
-    /// How much the next broker read asks for.
-    upstream_chunk: usize,
     /// Client topic aliases (MQTT 5), by alias number.
     aliases: HashMap<u16, Alias>,
     /// SUBSCRIBEs with filters the proxy refused itself, by packet id: the codes to merge into
@@ -339,6 +343,10 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
     ) -> Bridge<P, D, C> {
         let (publish_bucket, byte_bucket, tenant_bucket, subscribe_bucket) =
             buckets(&context, &tenant, &limits);
+        // The connect phase's buffers are given back unless bytes wait in them.
+        let (mut client_in, mut upstream_in) = (client_in, upstream_in);
+        release_when_empty(&mut client_in);
+        release_when_empty(&mut upstream_in);
         Bridge {
             context,
             client,
@@ -374,8 +382,6 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             last_limit_log: None,
             reported: Counters::default(),
             events_since_report: 0,
-            client_chunk: READ_BUFFER_BYTES,
-            upstream_chunk: READ_BUFFER_BYTES,
             aliases: HashMap::new(),
             pending_subacks: HashMap::new(),
             proxy_unsubscribes: HashSet::new(),
@@ -512,64 +518,17 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 }
             }
             if room && self.resume_at.is_none() && !client_read_waits {
-                let client_room = reserve_read_room(&mut self.client_in, self.client_chunk);
-                match tokio_util::io::poll_read_buf(
-                    Pin::new(&mut self.client),
-                    cx,
-                    &mut self.client_in,
-                ) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Turn::Failed(Refusal::new(Cause::ClientClosed)))
-                    }
-                    Poll::Ready(Ok(read)) => {
-                        if read >= client_room {
-                            self.client_chunk = (self.client_chunk * 2).min(MAX_READ_CHUNK);
-                        }
-                        self.counters.read_bytes += read as u64;
-                        match self.process_client() {
-                            Ok(Flow::Continue) => {}
-                            Ok(Flow::Disconnected) => return Poll::Ready(Turn::Disconnected),
-                            Err(refusal) => return Poll::Ready(Turn::Failed(refusal)),
-                        }
-                        progress = true;
-                    }
-                    Poll::Ready(Err(error)) => {
-                        return Poll::Ready(Turn::Failed(Refusal::with_detail(
-                            Cause::ClientClosed,
-                            error.to_string(),
-                        )))
-                    }
+                match self.poll_client_read(cx) {
+                    Poll::Ready(Ok(Flow::Continue)) => progress = true,
+                    Poll::Ready(Ok(Flow::Disconnected)) => return Poll::Ready(Turn::Disconnected),
+                    Poll::Ready(Err(refusal)) => return Poll::Ready(Turn::Failed(refusal)),
                     Poll::Pending => client_read_waits = true,
                 }
             }
             if room && !upstream_read_waits {
-                let upstream_room = reserve_read_room(&mut self.upstream_in, self.upstream_chunk);
-                match tokio_util::io::poll_read_buf(
-                    Pin::new(&mut self.upstream),
-                    cx,
-                    &mut self.upstream_in,
-                ) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Turn::Failed(Refusal::with_detail(
-                            Cause::ServerClosed,
-                            "the broker closed the connection",
-                        )))
-                    }
-                    Poll::Ready(Ok(read)) => {
-                        if read >= upstream_room {
-                            self.upstream_chunk = (self.upstream_chunk * 2).min(MAX_READ_CHUNK);
-                        }
-                        if let Err(refusal) = self.process_upstream() {
-                            return Poll::Ready(Turn::Failed(refusal));
-                        }
-                        progress = true;
-                    }
-                    Poll::Ready(Err(error)) => {
-                        return Poll::Ready(Turn::Failed(Refusal::with_detail(
-                            Cause::ServerClosed,
-                            error.to_string(),
-                        )))
-                    }
+                match self.poll_upstream_read(cx) {
+                    Poll::Ready(Ok(())) => progress = true,
+                    Poll::Ready(Err(refusal)) => return Poll::Ready(Turn::Failed(refusal)),
                     Poll::Pending => upstream_read_waits = true,
                 }
             }
@@ -589,6 +548,83 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             }
         }
         Poll::Ready(Turn::Again)
+    }
+
+    /// Reads client bytes and handles them: into the thread's scratch buffer when nothing waits
+    /// in the session's own buffer, so that an idle session holds no read buffer, else behind
+    /// what waits there.
+    fn poll_client_read(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<Flow, Refusal>> {
+        let client_closed = |error: Option<io::Error>| match error {
+            Some(error) => Refusal::with_detail(Cause::ClientClosed, error.to_string()),
+            None => Refusal::new(Cause::ClientClosed),
+        };
+        if self.client_in.is_empty() {
+            return SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let mut buf = ReadBuf::new(&mut scratch[..]);
+                match Pin::new(&mut self.client).poll_read(cx, &mut buf) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(error)) => Poll::Ready(Err(client_closed(Some(error)))),
+                    Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                        Poll::Ready(Err(client_closed(None)))
+                    }
+                    Poll::Ready(Ok(())) => {
+                        let input = buf.filled();
+                        self.counters.read_bytes += input.len() as u64;
+                        let now = Instant::now();
+                        let (consumed, result) = self.process_client_frames(input, now);
+                        self.client_in.extend_from_slice(&input[consumed..]);
+                        self.after_client_frames(consumed, now);
+                        Poll::Ready(result)
+                    }
+                }
+            });
+        }
+        reserve_read_room(&mut self.client_in, self.negotiated.max_packet_bytes);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_in) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(error)) => Poll::Ready(Err(client_closed(Some(error)))),
+            Poll::Ready(Ok(0)) => Poll::Ready(Err(client_closed(None))),
+            Poll::Ready(Ok(read)) => {
+                self.counters.read_bytes += read as u64;
+                Poll::Ready(self.process_client())
+            }
+        }
+    }
+
+    /// Reads broker bytes and handles them, as [`Bridge::poll_client_read`] does for the client.
+    fn poll_upstream_read(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Refusal>> {
+        let broker_closed = |error: Option<io::Error>| match error {
+            Some(error) => Refusal::with_detail(Cause::ServerClosed, error.to_string()),
+            None => Refusal::with_detail(Cause::ServerClosed, "the broker closed the connection"),
+        };
+        if self.upstream_in.is_empty() {
+            return SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let mut buf = ReadBuf::new(&mut scratch[..]);
+                match Pin::new(&mut self.upstream).poll_read(cx, &mut buf) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(error)) => Poll::Ready(Err(broker_closed(Some(error)))),
+                    Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                        Poll::Ready(Err(broker_closed(None)))
+                    }
+                    Poll::Ready(Ok(())) => {
+                        let input = buf.filled();
+                        let (consumed, result) = self.process_upstream_frames(input);
+                        self.upstream_in.extend_from_slice(&input[consumed..]);
+                        Poll::Ready(result)
+                    }
+                }
+            });
+        }
+        reserve_read_room(&mut self.upstream_in, MAX_BROKER_PACKET_BYTES);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.upstream), cx, &mut self.upstream_in)
+        {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(error)) => Poll::Ready(Err(broker_closed(Some(error)))),
+            Poll::Ready(Ok(0)) => Poll::Ready(Err(broker_closed(None))),
+            Poll::Ready(Ok(_)) => Poll::Ready(self.process_upstream()),
+        }
     }
 
     /// Hands both sides what is waiting for them, until `deadline` (the close). Errors end it
@@ -671,8 +707,8 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         let now = Instant::now();
         // The timer fires at least once per keep-alive period: a good moment to return the
         // memory of a burst that is over.
-        shrink_when_idle(&mut self.client_in, &mut self.client_chunk);
-        shrink_when_idle(&mut self.upstream_in, &mut self.upstream_chunk);
+        release_when_empty(&mut self.client_in);
+        release_when_empty(&mut self.upstream_in);
         self.report_metrics();
         let write_timeout = self.context.limits.write_timeout;
         if self
@@ -726,7 +762,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         Ok(Flow::Continue)
     }
 
-    /// Handles every complete frame from the client.
+    /// Handles every complete frame waiting in the session's client buffer.
     fn process_client(&mut self) -> Result<Flow, Refusal> {
         if self.resume_at.is_some() {
             return Ok(Flow::Continue);
@@ -734,6 +770,20 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         // One clock read for the whole batch: its packets arrived together.
         let now = Instant::now();
         let input = std::mem::take(&mut self.client_in);
+        let (consumed, result) = self.process_client_frames(&input, now);
+        self.client_in = input;
+        self.client_in.advance(consumed);
+        self.after_client_frames(consumed, now);
+        result
+    }
+
+    /// Handles every complete frame at the start of `input`, up to a rate-limit pause; returns
+    /// the bytes consumed.
+    fn process_client_frames(
+        &mut self,
+        input: &[u8],
+        now: Instant,
+    ) -> (usize, Result<Flow, Refusal>) {
         let mut consumed = 0;
         let result = loop {
             let rest = &input[consumed..];
@@ -770,11 +820,15 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 other => break other,
             }
         };
+        (consumed, result)
+    }
+
+    /// Keep-alive and slowloris bookkeeping once a batch of client bytes was handled and what
+    /// was not consumed waits in the session's buffer.
+    fn after_client_frames(&mut self, consumed: usize, now: Instant) {
         if consumed > 0 {
             self.last_packet_at = now;
         }
-        self.client_in = input;
-        self.client_in.advance(consumed);
         // Bytes of an incomplete packet must not wait forever (slowloris).
         self.partial_since = match (
             self.client_in.is_empty() || self.resume_at.is_some(),
@@ -788,7 +842,6 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             (false, since) if consumed > 0 => since.map(|_| now),
             (false, since) => since,
         };
-        result
     }
 
     /// Takes a PUBLISH's tokens: `None` to go on, the pause until the buckets refill, or the
@@ -1330,9 +1383,17 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         Ok(())
     }
 
-    /// Handles every complete frame from the broker.
+    /// Handles every complete frame waiting in the session's broker buffer.
     fn process_upstream(&mut self) -> Result<(), Refusal> {
         let input = std::mem::take(&mut self.upstream_in);
+        let (consumed, result) = self.process_upstream_frames(&input);
+        self.upstream_in = input;
+        self.upstream_in.advance(consumed);
+        result
+    }
+
+    /// Handles every complete frame at the start of `input`; returns the bytes consumed.
+    fn process_upstream_frames(&mut self, input: &[u8]) -> (usize, Result<(), Refusal>) {
         let mut consumed = 0;
         let result = loop {
             let rest = &input[consumed..];
@@ -1350,9 +1411,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 break Err(refusal);
             }
         };
-        self.upstream_in = input;
-        self.upstream_in.advance(consumed);
-        result
+        (consumed, result)
     }
 
     fn upstream_packet(
@@ -1490,18 +1549,22 @@ fn leading_packet_id(body: &[u8]) -> u16 {
         .map_or(0, |id| u16::from_be_bytes([id[0], id[1]]))
 }
 
-/// Makes room for a read of `chunk` bytes and says how much room there is.
-fn reserve_read_room(buf: &mut BytesMut, chunk: usize) -> usize {
-    if buf.capacity() - buf.len() < chunk / 2 {
-        buf.reserve(chunk.max(buf.len()));
+/// Makes room in a buffer that holds part of a frame for the rest of it (as far as its header
+/// tells, at most [`MAX_READ_CHUNK`] at once), or for [`READ_BUFFER_BYTES`].
+fn reserve_read_room(buf: &mut BytesMut, max_frame: usize) {
+    let rest_of_frame = match decode_frame_header(buf, max_frame) {
+        Ok(Some(header)) => header.frame_len().saturating_sub(buf.len()),
+        _ => 0,
+    };
+    let want = rest_of_frame.clamp(READ_BUFFER_BYTES, MAX_READ_CHUNK);
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want);
     }
-    buf.capacity() - buf.len()
 }
 
-/// Gives back a read buffer that grew during a burst, once it is empty.
-fn shrink_when_idle(buf: &mut BytesMut, chunk: &mut usize) {
-    if buf.is_empty() && buf.capacity() > 2 * READ_BUFFER_BYTES {
-        *buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
-        *chunk = READ_BUFFER_BYTES;
+/// Gives back a read buffer once it is empty: reads go to the thread's scratch buffer then.
+fn release_when_empty(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
     }
 }

@@ -52,7 +52,7 @@ pub async fn establish<P: Profile, D: Dial, S: ClientStream>(
     info: &ConnectionInfo,
     context: &Arc<Context<P, D>>,
     control: &SessionControl,
-) -> Option<Established<P, D, S>> {
+) -> Option<Box<Established<P, D, S>>> {
     let limits = &context.limits;
     let profile = &*context.profile;
     let mut client_in = BytesMut::with_capacity(READ_BUFFER_BYTES);
@@ -272,7 +272,8 @@ pub async fn establish<P: Profile, D: Dial, S: ClientStream>(
     context.metrics.connection(&terms.tenant, protocol, 1);
     info!(client_id = %client_id, protocol, "session connected");
 
-    Some(Established {
+    // Boxed: a session's task then holds a pointer, not two copies of a large value.
+    Some(Box::new(Established {
         bridge: Bridge::new(
             context.clone(),
             client,
@@ -293,7 +294,7 @@ pub async fn establish<P: Profile, D: Dial, S: ClientStream>(
         client_id,
         tenant: terms.tenant,
         protocol,
-    })
+    }))
 }
 
 /// Claims the client ID and the tenant place, while still answering the session's own commands:

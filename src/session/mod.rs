@@ -101,7 +101,9 @@ pub async fn run<P: Profile, D: Dial, S: ClientStream>(
         // Dropped at the end of this block, whatever path it takes: the session's done signal.
         let control = SessionControl::new();
         let connect_span = tracing::info_span!("connect", code = tracing::field::Empty);
-        let outcome = connect::establish(client, &info, &context, &control)
+        // Boxed: the connect phase's state is large and ends once the session is established,
+        // so it must not stay in the task's own memory for the whole session.
+        let outcome = Box::pin(connect::establish(client, &info, &context, &control))
             .instrument(connect_span)
             .await;
         let Some(mut session) = outcome else {
@@ -115,7 +117,8 @@ pub async fn run<P: Profile, D: Dial, S: ClientStream>(
         let code = context.profile.code(refusal.cause);
         session_span.record("close_code", code.number);
         session_span.record("close_reason", code.reason_string(&refusal).as_str());
-        close(session, refusal, &context, &control).await;
+        // Boxed like the connect phase: the close's state exists only while it runs.
+        Box::pin(close(session, refusal, &context, &control)).await;
     }
     .instrument(span)
     .await
@@ -125,7 +128,7 @@ pub async fn run<P: Profile, D: Dial, S: ClientStream>(
 /// client its last word, within [`FAREWELL_TIMEOUT`] in all; then the Disconnect status is
 /// queued and everything admission granted is given back.
 async fn close<P: Profile, D: Dial, S: ClientStream>(
-    session: connect::Established<P, D, S>,
+    session: Box<connect::Established<P, D, S>>,
     refusal: Refusal,
     context: &Context<P, D>,
     control: &SessionControl,
@@ -137,7 +140,7 @@ async fn close<P: Profile, D: Dial, S: ClientStream>(
         client_id,
         tenant,
         protocol,
-    } = session;
+    } = *session;
     let deadline = Instant::now() + FAREWELL_TIMEOUT;
     // Nothing the client sent and the proxy accepted is left behind: its publishes and its
     // acknowledgements reach the broker, and what was already on its way reaches the client.

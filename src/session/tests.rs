@@ -775,3 +775,20 @@ fn refusal_logging_has_a_budget() {
         "{logged} refusal lines for {REFUSED} refusals"
     );
 }
+
+/// What a session's task holds for its whole life stays small: the connect phase, the close and
+/// the established session's state live behind pointers, not in the task's own memory.
+#[test]
+fn a_session_task_is_small() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let harness = harness(limits());
+        let (_client, server) = duplex(64);
+        let session = run(server, info(), harness.context.clone());
+        let bytes = std::mem::size_of_val(&session);
+        assert!(bytes <= 1024, "a session future of {bytes} bytes");
+    });
+}
