@@ -7,6 +7,8 @@
 
 #![no_main]
 
+use std::ops::Range;
+
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use mqtt_warden::codec::{
@@ -24,14 +26,20 @@ enum End {
     Error(CodecError),
 }
 
-/// Splits `stream` delivered in reads of `chunk` bytes. Returns each frame as (first byte, body),
-/// and how it ended.
-fn split(stream: &[u8], max: usize, chunk: usize) -> (Vec<(u8, Vec<u8>)>, End) {
+/// Splits `stream` delivered in reads of `chunk` bytes. Returns each frame as its first byte and
+/// its place in the stream, and how it ended. The read buffer is `stream[start..fed]`: what
+/// arrived and is not yet taken as a frame.
+fn split(
+    stream: &[u8],
+    max: usize,
+    chunk: usize,
+    scratch: &mut BytesMut,
+) -> (Vec<(u8, Range<usize>)>, End) {
     let mut frames = Vec::new();
-    let mut buf: Vec<u8> = Vec::new();
+    let mut start = 0;
     let mut fed = 0;
-    // Each pass either consumes a frame (at least 2 bytes) or reads at least one byte, so the
-    // loop runs at most twice the input length, plus the final pass.
+    // Each pass either takes a frame (at least 2 bytes) or reads at least one byte, so the loop
+    // runs at most twice the input length, plus the final pass.
     let mut passes = 0;
     loop {
         passes += 1;
@@ -39,7 +47,8 @@ fn split(stream: &[u8], max: usize, chunk: usize) -> (Vec<(u8, Vec<u8>)>, End) {
             passes <= 2 * stream.len() + 2,
             "frame loop does not progress"
         );
-        match decode_frame_header(&buf, max) {
+        let buf = &stream[start..fed];
+        match decode_frame_header(buf, max) {
             Err(error) => {
                 if let CodecError::TooLarge { declared, max: m } = error {
                     assert_eq!(m, max);
@@ -55,11 +64,18 @@ fn split(stream: &[u8], max: usize, chunk: usize) -> (Vec<(u8, Vec<u8>)>, End) {
                 assert_eq!(header.first_byte, buf[0]);
                 if buf.len() >= len {
                     // The header is the minimal encoding of its length (what put_varint writes).
-                    let mut expected = BytesMut::new();
-                    put_varint(&mut expected, header.remaining_len);
-                    assert_eq!(&buf[1..header.header_len], &expected[..]);
-                    frames.push((header.first_byte, buf[header.header_len..len].to_vec()));
-                    buf.drain(..len);
+                    scratch.clear();
+                    put_varint(scratch, header.remaining_len);
+                    assert_eq!(&buf[1..header.header_len], &scratch[..]);
+                    frames.push((header.first_byte, start + header.header_len..start + len));
+                    start += len;
+                    continue;
+                }
+                // The header is complete and says how much is missing: read until it is there (in
+                // whole reads), as a session waits for the rest without decoding again.
+                if fed < stream.len() {
+                    let missing = start + len - fed;
+                    fed = (fed + missing.div_ceil(chunk) * chunk).min(stream.len());
                     continue;
                 }
             }
@@ -73,18 +89,18 @@ fn split(stream: &[u8], max: usize, chunk: usize) -> (Vec<(u8, Vec<u8>)>, End) {
         if fed == stream.len() {
             return (frames, End::NeedMore);
         }
-        let next = (fed + chunk).min(stream.len());
-        buf.extend_from_slice(&stream[fed..next]);
-        fed = next;
+        fed = (fed + chunk).min(stream.len());
     }
 }
 
 fuzz_target!(|data: &[u8]| {
+    // One buffer for the expected headers: an allocation per frame would dominate the run.
+    let mut scratch = BytesMut::with_capacity(8);
     for max in MAX_FRAME_SIZES {
-        let (frames, end) = split(data, max, data.len().max(1));
+        let (frames, end) = split(data, max, data.len().max(1), &mut scratch);
         for chunk in [1, 3] {
             assert_eq!(
-                split(data, max, chunk),
+                split(data, max, chunk, &mut scratch),
                 (frames.clone(), end.clone()),
                 "frames depend on read sizes"
             );
