@@ -1196,10 +1196,13 @@ pub fn check_topic_name(topic: &str) -> Result<(), CodecError> {
     Ok(())
 }
 
-/// Checks a topic filter: not empty, no U+0000, `+` and `#` alone in their level, `#` last, at
-/// most [`MAX_TOPIC_LEVELS`] levels. `$share/NAME/filter` needs a non-empty NAME without `+`, `#`
-/// or `/`, and a non-empty filter.
+/// Checks a topic filter: not empty, no U+0000 anywhere (share name included), `+` and `#` alone
+/// in their level, `#` last, at most [`MAX_TOPIC_LEVELS`] levels. `$share/NAME/filter` needs a
+/// non-empty NAME without `+`, `#` or `/`, and a non-empty filter.
 pub fn check_topic_filter(filter: &str) -> Result<(), CodecError> {
+    if filter.as_bytes().contains(&0) {
+        return Err(CodecError::InvalidTopic("U+0000 in a topic filter"));
+    }
     let filter = match filter.strip_prefix(SHARE_PREFIX) {
         Some(shared) => {
             let Some((name, rest)) = shared.split_once('/') else {
@@ -1219,9 +1222,6 @@ pub fn check_topic_filter(filter: &str) -> Result<(), CodecError> {
     };
     if filter.is_empty() {
         return Err(CodecError::InvalidTopic("empty topic filter"));
-    }
-    if filter.as_bytes().contains(&0) {
-        return Err(CodecError::InvalidTopic("U+0000 in a topic filter"));
     }
     let mut levels = 0usize;
     let mut after_hash = false;

@@ -864,6 +864,18 @@ fn row34_shared_subscriptions() {
     }
 }
 
+/// Row 34 with row 27: a U+0000 in the share name is refused like one anywhere else. It was
+/// accepted, because the check looked for U+0000 only in the filter after `$share/NAME/`.
+#[test]
+fn row34_nul_in_share_name() {
+    for filter in ["$share/\0/#", "$share/g\0/t", "$share/\0g/a/b"] {
+        assert!(
+            matches!(check_topic_filter(filter), Err(InvalidTopic(_))),
+            "{filter:?}"
+        );
+    }
+}
+
 /// Row 35: very deep topics are refused at 200 levels, iteratively.
 #[test]
 fn row35_deep_topics() {
