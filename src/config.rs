@@ -482,13 +482,17 @@ impl Check<'_> {
         let topic_prefix = upstream
             .topic_prefix
             .unwrap_or_else(|| DEFAULT_TOPIC_PREFIX.to_owned());
+        // A `$` first would put every org under `$share/...` or `$SYS/...`, where topics are
+        // not what they seem to the broker (a `$share/{org}/` prefix turns every filter into a
+        // shared subscription of another org's topics).
         let prefix_ok = topic_prefix.contains(ORG_PLACEHOLDER)
             && topic_prefix.ends_with('/')
+            && !topic_prefix.starts_with('$')
             && !topic_prefix.contains(['+', '#', '\0']);
         if !prefix_ok {
             self.error(
                 "upstream.topic_prefix",
-                "must contain {org}, end with / and hold no + # or NUL, for example \"{org}/\"",
+                "must contain {org}, end with /, not start with $ and hold no + # or NUL, for example \"{org}/\"",
             );
         }
         if upstream.control_client_id.as_deref() == Some("") {
@@ -837,6 +841,26 @@ mod tests {
         let mut errors = all_invalid(text);
         assert_eq!(errors.len(), 1, "{errors:?}");
         errors.remove(0)
+    }
+
+    /// Found by fuzzing the rewrite: a `$share/{org}/` prefix made every filter a shared
+    /// subscription of unprefixed topics.
+    #[test]
+    fn a_topic_prefix_may_not_start_with_a_dollar() {
+        for prefix in ["$share/{org}/", "$SYS/{org}/"] {
+            let text = MINIMAL.replace(
+                "  address: \"127.0.0.1:1884\"\n",
+                &format!("  address: \"127.0.0.1:1884\"\n  topic_prefix: \"{prefix}\"\n"),
+            );
+            let (_, field, message) = invalid(&text);
+            assert_eq!(field, "upstream.topic_prefix");
+            assert!(message.contains("not start with $"), "{message}");
+        }
+        let fine = MINIMAL.replace(
+            "  address: \"127.0.0.1:1884\"\n",
+            "  address: \"127.0.0.1:1884\"\n  topic_prefix: \"tenants/{org}/\"\n",
+        );
+        assert!(parse(&fine).is_ok());
     }
 
     #[test]

@@ -1,82 +1,56 @@
-//! The topic rewrite in both directions (`TopicRewrite`), for an arbitrary prefix template, client
-//! ID and client topic or filter.
+//! The topic rewrite in both directions (`rewrite::TopicMap`), for arbitrary prefixes and an
+//! arbitrary client topic or filter, and an arbitrary broker topic back.
 //!
-//! Input: three lines, `TEMPLATE\nCLIENT_ID\nTOPIC` (the topic is the rest, newlines included).
-//! The template is used only when the config would accept it (contains `{org}`, ends with `/`,
-//! no `+`, `#` or U+0000), the client ID only when it parses.
+//! Input: four lines, `CLIENT_STRIP\nBROKER_ADD\nFILTER_PREFIX\nTOPIC` (the topic is the rest,
+//! newlines included). The prefixes are used only when a profile could build them: no wildcard
+//! or U+0000, a broker prefix that ends with `/` and does not start with `$`, and a filter
+//! prefix that is empty or a share group `$share/NAME/`.
 //!
-//! Asserted, for a client topic (or filter) that `check_topic_name` (or `check_topic_filter`)
-//! accepts and that `to_broker` maps: the broker form maps back with `to_client` to the same
-//! bytes, is never empty, and is at most `expansion()` bytes longer.
-//!
-//! Recorded, not asserted (known, to be fixed in the rewrite's next form): a broker form over
-//! 65,535 bytes or over `MAX_TOPIC_LEVELS` levels. The first input of each kind is printed to
-//! stderr; with `REWRITE_FINDINGS=DIR` every such input is also written to DIR.
-//!
-//! Kept small on purpose: it is to be ported to the generic rewrite.
+//! Asserted:
+//! - a topic name `check_topic_name` accepts either maps to a broker form that is valid MQTT
+//!   (at most 65,535 bytes, at most `MAX_TOPIC_LEVELS` levels, `check_topic_name` accepts it)
+//!   and maps back with `to_client` to the same bytes, or is refused as too long or too deep
+//!   exactly when it would be;
+//! - a filter `check_topic_filter` accepts maps to a broker filter `check_topic_filter` accepts
+//!   (share group included), or is refused as above; an UNSUBSCRIBE filter likewise;
+//! - any broker topic maps to the client either not at all or to a non-empty topic of at most
+//!   65,535 bytes.
 
 #![no_main]
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use libfuzzer_sys::fuzz_target;
 use mqtt_warden::codec::{check_topic_filter, check_topic_name, MAX_TOPIC_LEVELS};
-use mqtt_warden::identity::parse_client_id;
-use mqtt_warden::topics::TopicRewrite;
+use mqtt_warden::rewrite::{RewriteError, TopicMap, MAX_TOPIC_BYTES};
 
-/// The longest topic a UTF-8 Encoded String can carry.
-const MAX_TOPIC_BYTES: usize = 65_535;
-
-static SEEN_TOO_LONG: AtomicBool = AtomicBool::new(false);
-static SEEN_TOO_DEEP: AtomicBool = AtomicBool::new(false);
-
-/// The rule `config.rs` applies to `upstream.topic_prefix`.
-fn template_accepted(template: &str) -> bool {
-    template.contains("{org}") && template.ends_with('/') && !template.contains(['+', '#', '\0'])
+/// Whether a profile could build these prefixes.
+fn prefixes_accepted(client_strip: &str, broker_add: &str, filter_prefix: &str) -> bool {
+    let plain = |text: &str| !text.contains(['+', '#', '\0']);
+    let share_ok = filter_prefix.is_empty()
+        || filter_prefix
+            .strip_prefix("$share/")
+            .and_then(|rest| rest.strip_suffix('/'))
+            .is_some_and(|name| !name.is_empty() && !name.contains('/'));
+    // The config refuses an org prefix that starts with `$` (a finding of this target).
+    plain(client_strip)
+        && plain(broker_add)
+        && plain(filter_prefix)
+        && broker_add.ends_with('/')
+        && !broker_add.starts_with('$')
+        && share_ok
 }
 
-fn finding(kind: &str, seen: &AtomicBool, data: &[u8], broker_len: usize, levels: usize) {
-    if !seen.swap(true, Ordering::Relaxed) {
-        eprintln!("FINDING rewrite {kind}: broker form of {broker_len} bytes, {levels} levels");
-    }
-    if let Ok(dir) = std::env::var("REWRITE_FINDINGS") {
-        let name = format!("{kind}-{:016x}", fnv1a(data));
-        let _ = std::fs::create_dir_all(&dir);
-        let _ = std::fs::write(std::path::Path::new(&dir).join(name), data);
-    }
+fn levels(topic: &str) -> usize {
+    topic.split('/').count()
 }
 
-fn fnv1a(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-fn check(rewrite: &TopicRewrite, client: &str, data: &[u8]) {
-    let Some(parts) = rewrite.to_broker(client) else {
-        return;
-    };
-    let broker = parts.concat();
-    assert!(!broker.is_empty(), "empty broker topic for {client:?}");
-    assert!(
-        broker.len() <= client.len() + rewrite.expansion(),
-        "expansion() understates the growth"
-    );
-    let broker = std::str::from_utf8(&broker).expect("broker form is UTF-8");
-    let back = rewrite
-        .to_client(broker)
-        .expect("broker form maps back to the client");
-    assert_eq!(
-        back.concat(),
-        client.as_bytes(),
-        "round trip changes the topic"
-    );
-    let levels = broker.split('/').count();
-    if broker.len() > MAX_TOPIC_BYTES {
-        finding("too-long", &SEEN_TOO_LONG, data, broker.len(), levels);
-    }
-    if levels > MAX_TOPIC_LEVELS {
-        finding("too-deep", &SEEN_TOO_DEEP, data, broker.len(), levels);
+/// The error the broker form of `rest` behind `extra` bytes and `broker_add` must get, if any.
+fn expected_error(extra: usize, broker_add: &str, rest: &str) -> Option<RewriteError> {
+    if extra + broker_add.len() + rest.len() > MAX_TOPIC_BYTES {
+        Some(RewriteError::TooLong)
+    } else if levels(&format!("{broker_add}{rest}")) > MAX_TOPIC_LEVELS {
+        Some(RewriteError::TooDeep)
+    } else {
+        None
     }
 }
 
@@ -84,20 +58,67 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let mut lines = text.splitn(3, '\n');
-    let (Some(template), Some(client_id), Some(client)) =
-        (lines.next(), lines.next(), lines.next())
+    let mut lines = text.splitn(4, '\n');
+    let (Some(client_strip), Some(broker_add), Some(filter_prefix), Some(topic)) =
+        (lines.next(), lines.next(), lines.next(), lines.next())
     else {
         return;
     };
-    if !template_accepted(template) {
+    if !prefixes_accepted(client_strip, broker_add, filter_prefix) {
         return;
     }
-    let Ok(identity) = parse_client_id(client_id) else {
-        return;
-    };
-    let rewrite = TopicRewrite::for_identity(&identity, template);
-    if check_topic_name(client).is_ok() || check_topic_filter(client).is_ok() {
-        check(&rewrite, client, data);
+    let map = TopicMap::new(client_strip, broker_add, filter_prefix);
+
+    if check_topic_name(topic).is_ok() {
+        match map.to_broker(topic) {
+            Ok(parts) => {
+                let broker = String::from_utf8(parts.concat()).expect("UTF-8");
+                assert!(broker.len() <= MAX_TOPIC_BYTES, "{} bytes", broker.len());
+                assert!(levels(&broker) <= MAX_TOPIC_LEVELS);
+                assert!(check_topic_name(&broker).is_ok(), "invalid broker topic");
+                if broker.len() > broker_add.len() {
+                    let back = map.to_client(&broker).expect("maps back");
+                    assert_eq!(back.concat(), topic.as_bytes(), "round trip");
+                }
+            }
+            Err(RewriteError::Outside) => assert!(!topic.starts_with(client_strip)),
+            Err(error) => {
+                let rest = &topic[client_strip.len()..];
+                assert_eq!(Some(error), expected_error(0, broker_add, rest));
+            }
+        }
+    }
+
+    if check_topic_filter(topic).is_ok() {
+        match map.filter_to_broker(topic) {
+            Ok(parts) => {
+                let broker = String::from_utf8(parts.concat()).expect("UTF-8");
+                assert!(broker.len() <= MAX_TOPIC_BYTES, "{} bytes", broker.len());
+                assert!(
+                    check_topic_filter(&broker).is_ok(),
+                    "invalid broker filter {:?}",
+                    &broker[..broker.len().min(80)]
+                );
+            }
+            Err(RewriteError::Outside) => assert!(!topic.starts_with(client_strip)),
+            Err(error) => {
+                let rest = &topic[client_strip.len()..];
+                assert_eq!(
+                    Some(error),
+                    expected_error(filter_prefix.len(), broker_add, rest)
+                );
+            }
+        }
+        if let Ok(parts) = map.unsubscribe_to_broker(topic) {
+            let broker = String::from_utf8(parts.concat()).expect("UTF-8");
+            assert!(broker.len() <= MAX_TOPIC_BYTES);
+            assert!(check_topic_filter(&broker).is_ok(), "invalid UNSUBSCRIBE filter");
+        }
+    }
+
+    if let Some(parts) = map.to_client(topic) {
+        let client = parts.concat();
+        assert!(!client.is_empty(), "empty client topic");
+        assert!(client.len() <= MAX_TOPIC_BYTES);
     }
 });
