@@ -654,11 +654,14 @@ async fn no_local_is_cleared_on_the_shared_subscription_of_a_scalable_applicatio
     assert_eq!(forwarded[at + filter.len()], 0x01, "QoS 1 without No Local");
 }
 
-/// Nothing is allocated per forwarded PUBLISH, in either direction, for a group-limited API
-/// key (the identity whose checks look devices up), once the buffers have grown.
+/// Nothing is allocated per forwarded PUBLISH, at QoS 0 or QoS 1, in either direction, for a
+/// group-limited API key (the identity whose checks look devices up), once the buffers have
+/// grown.
 #[test]
 fn forwarding_allocates_nothing_per_publish() {
     const MESSAGES: usize = 2_000;
+    const PREFIX: usize = "org1/".len();
+    const TOPIC: &[u8] = b"iot-2/type/sensor/id/d1/evt/e/fmt/t";
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -669,41 +672,44 @@ fn forwarding_allocates_nothing_per_publish() {
         let (client, broker, _task) = harness.connect_with(connect).await;
         (client, broker, harness)
     });
-    let mut upstream = BytesMut::new();
-    encode_publish(
-        &mut upstream,
-        0x30,
-        &[b"iot-2/type/sensor/id/d1/evt/e/fmt/t"],
-        b"payload",
-    );
-    let mut downstream = BytesMut::new();
-    encode_publish(
-        &mut downstream,
-        0x30,
-        &[b"org1/iot-2/type/sensor/id/d1/evt/e/fmt/t"],
-        b"payload",
-    );
-    let mut up_buf = vec![0u8; upstream.len() - "org1/".len() + upstream.len()];
-    let mut down_buf = vec![0u8; downstream.len()];
-    let mut exchange = |count: usize| {
-        runtime.block_on(async {
-            for _ in 0..count {
-                client.write_all(&upstream).await.unwrap();
-                let forwarded = &mut up_buf[..upstream.len() + "org1/".len()];
-                broker.read_exact(forwarded).await.unwrap();
-                broker.write_all(&downstream).await.unwrap();
-                let delivered = &mut down_buf[..downstream.len() - "org1/".len()];
-                client.read_exact(delivered).await.unwrap();
-            }
-        })
-    };
-    // Buffers, maps and the runtime's own structures grow to their working size first.
-    exchange(MESSAGES);
-    let counted = allocation_counter::measure(|| exchange(MESSAGES));
-    assert_eq!(
-        counted.count_total, 0,
-        "allocations while forwarding {MESSAGES} messages each way"
-    );
+    for qos in [0u8, 1] {
+        // QoS 1 carries packet id 7 in front of the payload, and both sides acknowledge.
+        let after_topic: &[u8] = if qos == 0 { b"payload" } else { b"\x00\x07payload" };
+        let first_byte = 0x30 | (qos << 1);
+        let mut upstream = BytesMut::new();
+        encode_publish(&mut upstream, first_byte, &[TOPIC], after_topic);
+        let mut downstream = BytesMut::new();
+        encode_publish(&mut downstream, first_byte, &[b"org1/", TOPIC], after_topic);
+        let puback = [0x40, 0x02, 0x00, 0x07];
+        let mut forwarded = vec![0u8; upstream.len() + PREFIX];
+        let mut delivered = vec![0u8; downstream.len() - PREFIX];
+        let mut ack = [0u8; 4];
+        let mut exchange = |count: usize| {
+            runtime.block_on(async {
+                for _ in 0..count {
+                    client.write_all(&upstream).await.unwrap();
+                    broker.read_exact(&mut forwarded).await.unwrap();
+                    if qos == 1 {
+                        broker.write_all(&puback).await.unwrap();
+                        client.read_exact(&mut ack).await.unwrap();
+                    }
+                    broker.write_all(&downstream).await.unwrap();
+                    client.read_exact(&mut delivered).await.unwrap();
+                    if qos == 1 {
+                        client.write_all(&puback).await.unwrap();
+                        broker.read_exact(&mut ack).await.unwrap();
+                    }
+                }
+            })
+        };
+        // Buffers, maps and the runtime's own structures grow to their working size first.
+        exchange(MESSAGES);
+        let counted = allocation_counter::measure(|| exchange(MESSAGES));
+        assert_eq!(
+            counted.count_total, 0,
+            "allocations while forwarding {MESSAGES} QoS {qos} messages each way"
+        );
+    }
     drop(harness.reports.try_recv());
 }
 
