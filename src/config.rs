@@ -38,6 +38,15 @@ pub struct WardenConfig {
     pub telemetry: TelemetryConfig,
     /// Process-wide limits.
     pub limits: ProcessLimits,
+    /// The async runtime.
+    pub runtime: RuntimeConfig,
+}
+
+/// The async runtime (`runtime:`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Worker threads; `None`: one per CPU the process may run on.
+    pub worker_threads: Option<usize>,
 }
 
 /// One listener.
@@ -410,6 +419,15 @@ impl Check<'_> {
         let admin = file.admin.map(|admin| AdminConfig { bind: admin.bind });
         let telemetry = self.telemetry(file.telemetry.unwrap_or_default());
         let limits = self.limits(file.limits.unwrap_or_default());
+        let runtime = RuntimeConfig {
+            worker_threads: match file.runtime.unwrap_or_default().worker_threads {
+                Some(0) => {
+                    self.error("runtime.worker_threads", "must be at least 1");
+                    None
+                }
+                threads => threads,
+            },
+        };
         WardenConfig {
             listeners,
             upstream,
@@ -417,6 +435,7 @@ impl Check<'_> {
             admin,
             telemetry,
             limits,
+            runtime,
         }
     }
 
@@ -717,6 +736,15 @@ struct ConfigFile {
     telemetry: Option<TelemetryFileConfig>,
     #[serde(default)]
     limits: Option<LimitsFileConfig>,
+    #[serde(default)]
+    runtime: Option<RuntimeFileConfig>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuntimeFileConfig {
+    #[serde(default)]
+    worker_threads: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -841,6 +869,15 @@ mod tests {
         let mut errors = all_invalid(text);
         assert_eq!(errors.len(), 1, "{errors:?}");
         errors.remove(0)
+    }
+
+    #[test]
+    fn runtime_worker_threads_are_optional_and_at_least_one() {
+        assert_eq!(parse(MINIMAL).unwrap().runtime.worker_threads, None);
+        let two = format!("{MINIMAL}runtime: {{ worker_threads: 2 }}\n");
+        assert_eq!(parse(&two).unwrap().runtime.worker_threads, Some(2));
+        let (_, field, _) = invalid(&format!("{MINIMAL}runtime: {{ worker_threads: 0 }}\n"));
+        assert_eq!(field, "runtime.worker_threads");
     }
 
     /// Found by fuzzing the rewrite: a `$share/{org}/` prefix made every filter a shared

@@ -107,7 +107,11 @@ fn run(config_path: PathBuf, grace: Duration) -> anyhow::Result<ExitCode> {
         config.telemetry.log_format,
         config.telemetry.otlp_endpoint.as_deref(),
     )?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = config.runtime.worker_threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .context("starting the runtime")?;

@@ -674,7 +674,11 @@ fn forwarding_allocates_nothing_per_publish() {
     });
     for qos in [0u8, 1] {
         // QoS 1 carries packet id 7 in front of the payload, and both sides acknowledge.
-        let after_topic: &[u8] = if qos == 0 { b"payload" } else { b"\x00\x07payload" };
+        let after_topic: &[u8] = if qos == 0 {
+            b"payload"
+        } else {
+            b"\x00\x07payload"
+        };
         let first_byte = 0x30 | (qos << 1);
         let mut upstream = BytesMut::new();
         encode_publish(&mut upstream, first_byte, &[TOPIC], after_topic);
