@@ -537,7 +537,7 @@ async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::testing::DuplexDialer;
+    use crate::upstream::memory::DuplexDialer;
     use tokio::io::AsyncWriteExt;
     use tokio::sync::mpsc;
 

@@ -287,15 +287,16 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|_| UpstreamError::Timeout(UPSTREAM_CONNECT_TIMEOUT))?
 }
 
-/// A [`Dial`] over in-memory pipes, for tests: each dial hands the broker's end to the test.
-#[cfg(test)]
-pub(crate) mod testing {
+/// A [`Dial`] over in-memory pipes: each dial hands the broker's end to whoever plays the broker
+/// (tests, and the in-process benchmark in `examples/bridge_bench.rs`).
+pub mod memory {
     use tokio::io::{duplex, DuplexStream};
     use tokio::sync::mpsc;
 
     use super::{Dial, UpstreamError};
 
     /// Dials in-memory pipes of `pipe_bytes` each.
+    #[derive(Debug)]
     pub struct DuplexDialer {
         /// Where the broker's end of each connection goes.
         pub brokers: mpsc::UnboundedSender<DuplexStream>,
@@ -308,7 +309,9 @@ pub(crate) mod testing {
 
         async fn dial(&self) -> Result<DuplexStream, UpstreamError> {
             let (ours, theirs) = duplex(self.pipe_bytes);
-            let _ = self.brokers.send(theirs);
+            self.brokers
+                .send(theirs)
+                .map_err(|_| UpstreamError::Closed)?;
             Ok(ours)
         }
 

@@ -29,7 +29,7 @@ use crate::policy::PolicyStore;
 use crate::profile::Publication;
 use crate::refusal::{Cause, Refusal};
 use crate::transport::{ConnectionInfo, PeerCertificate};
-use crate::upstream::testing::DuplexDialer;
+use crate::upstream::memory::DuplexDialer;
 use crate::wiotp::Wiotp;
 
 /// Bytes each in-memory pipe holds before a writer waits.
