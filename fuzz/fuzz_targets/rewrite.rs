@@ -11,13 +11,13 @@
 //!
 //! Recorded, not asserted (known, to be fixed in the rewrite's next form): a broker form over
 //! 65,535 bytes or over `MAX_TOPIC_LEVELS` levels. The first input of each kind is printed to
-//! stderr; with `REWRITE_FINDINGS=DIR` every such input is also written to DIR.
+//! stderr; with `REWRITE_FINDINGS=DIR` the first 20 of each kind are also written to DIR.
 //!
 //! Kept small on purpose: it is to be ported to the generic rewrite.
 
 #![no_main]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use libfuzzer_sys::fuzz_target;
 use mqtt_warden::codec::{check_topic_filter, check_topic_name, MAX_TOPIC_LEVELS};
@@ -27,17 +27,24 @@ use mqtt_warden::topics::TopicRewrite;
 /// The longest topic a UTF-8 Encoded String can carry.
 const MAX_TOPIC_BYTES: usize = 65_535;
 
-static SEEN_TOO_LONG: AtomicBool = AtomicBool::new(false);
-static SEEN_TOO_DEEP: AtomicBool = AtomicBool::new(false);
+/// How many inputs of each kind are written to `$REWRITE_FINDINGS` (the fuzzer finds thousands).
+const FINDINGS_KEPT: usize = 20;
+
+static SEEN_TOO_LONG: AtomicUsize = AtomicUsize::new(0);
+static SEEN_TOO_DEEP: AtomicUsize = AtomicUsize::new(0);
 
 /// The rule `config.rs` applies to `upstream.topic_prefix`.
 fn template_accepted(template: &str) -> bool {
     template.contains("{org}") && template.ends_with('/') && !template.contains(['+', '#', '\0'])
 }
 
-fn finding(kind: &str, seen: &AtomicBool, data: &[u8], broker_len: usize, levels: usize) {
-    if !seen.swap(true, Ordering::Relaxed) {
+fn finding(kind: &str, seen: &AtomicUsize, data: &[u8], broker_len: usize, levels: usize) {
+    let count = seen.fetch_add(1, Ordering::Relaxed);
+    if count == 0 {
         eprintln!("FINDING rewrite {kind}: broker form of {broker_len} bytes, {levels} levels");
+    }
+    if count >= FINDINGS_KEPT {
+        return;
     }
     if let Ok(dir) = std::env::var("REWRITE_FINDINGS") {
         let name = format!("{kind}-{:016x}", fnv1a(data));
