@@ -9,12 +9,16 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+mod tenants;
+
 use super::yaml::{self, LineMap};
 use super::{
     is_valid_id_part, ApiKey, ApiRole, Device, DeviceClass, DeviceType, GatewayRole,
-    OnRateExceeded, OnViolation, Org, OrgLimits, Policy, Rate, SecurityMode,
+    OnRateExceeded, OnViolation, Org, OrgLimits, Policy, Rate, SecurityMode, Tenant,
 };
 use crate::auth::TokenHash;
+pub use tenants::check_isolation;
+use tenants::TenantConfig;
 
 /// The largest payload an MQTT packet can carry, in bytes (the remaining-length maximum).
 pub const MAX_MQTT_PAYLOAD_BYTES: u64 = 268_435_455;
@@ -110,12 +114,15 @@ fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     Ok(files)
 }
 
-/// Collects orgs from files, refusing an org defined twice, and every error on the way.
+/// Collects orgs and tenants from files, refusing one defined twice, and every error on the way.
 #[derive(Default)]
 struct Merger {
     orgs: HashMap<String, Arc<Org>>,
     /// Where each org was first defined.
     defined_at: HashMap<String, (PathBuf, Option<usize>)>,
+    tenants: HashMap<String, Arc<Tenant>>,
+    /// Where each tenant was first defined, and its mount's line.
+    tenant_defined_at: HashMap<String, (PathBuf, Option<usize>, Option<usize>)>,
     errors: Vec<PolicyError>,
 }
 
@@ -170,11 +177,39 @@ impl Merger {
                 self.orgs.insert(id, Arc::new(org));
             }
         }
+        for (name, config) in parsed.tenants {
+            let field = format!("tenants.{name}");
+            let line = checker.lines.line(&field);
+            let mount_line = checker.lines.line(&format!("{field}.mount"));
+            let tenant = checker.tenant(&name, config);
+            if let Some((first_file, first_line, _)) = self.tenant_defined_at.get(&name) {
+                let first_line = first_line
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "?".into());
+                checker.error(
+                    field,
+                    format!(
+                        "tenant `{name}` is already defined in {}:{first_line}",
+                        first_file.display()
+                    ),
+                );
+                continue;
+            }
+            self.tenant_defined_at
+                .insert(name.clone(), (file.to_owned(), line, mount_line));
+            if let Some(tenant) = tenant {
+                self.tenants.insert(name, Arc::new(tenant));
+            }
+        }
     }
 
     fn finish(mut self) -> Result<Policy, PolicyErrors> {
+        self.check_tenant_names();
         if self.errors.is_empty() {
-            return Ok(Policy { orgs: self.orgs });
+            return Ok(Policy {
+                orgs: self.orgs,
+                tenants: self.tenants,
+            });
         }
         // Files load in order, so a stable sort keeps file order and puts each file's lines in order.
         self.errors
@@ -485,6 +520,8 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
 struct PolicyFile {
     #[serde(default)]
     orgs: BTreeMap<String, OrgConfig>,
+    #[serde(default)]
+    tenants: BTreeMap<String, TenantConfig>,
 }
 
 /// One org as written.
