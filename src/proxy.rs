@@ -20,11 +20,12 @@ use crate::config::WardenConfig;
 use crate::coord::ids::process_hex;
 use crate::coord::local::{LocalAdmission, LocalReporter, LocalTenantBuckets};
 use crate::coord::{Admission, ProcessSlots};
+use crate::dispatch::Dispatch;
 use crate::ledger::Ledger;
 use crate::limits::{refusal_log_budget, ConnectRates};
 use crate::metrics::Metrics;
 use crate::monitor::{ControlConfig, Monitor, Recovery};
-use crate::policy::{load_policies, PolicyErrors, PolicyStore};
+use crate::policy::{check_isolation, load_policies, PolicyErrors, PolicyStore};
 use crate::profile::Profile;
 use crate::refusal::{Cause, Refusal};
 use crate::reload::Reloader;
@@ -33,10 +34,10 @@ use crate::transport::{
     self, ConnectionInfo, ListenerTransport, PeerCertificate, ServerTls, TlsError,
 };
 use crate::upstream::Dialer;
-use crate::wiotp::Wiotp;
 
-/// The session context of this proxy: the WIoTP profile, dialling the configured broker.
-type ProxyContext = Context<Wiotp, Dialer>;
+/// The session context of this proxy: WIoTP orgs and generic tenants, dialling the configured
+/// broker.
+type ProxyContext = Context<Dispatch, Dialer>;
 
 /// How often the CONNECT-rate maps drop keys that have been idle.
 const CONNECT_RATE_SWEEP: Duration = Duration::from_secs(60);
@@ -142,7 +143,11 @@ impl RunningProxy {
 /// the broker.
 pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
     let policy = load_policies(&config.policies)?;
-    info!(orgs = policy.orgs.len(), path = %config.policies.display(), "policy loaded");
+    let isolation = check_isolation(&policy, &config.upstream.topic_prefix);
+    if !isolation.is_empty() {
+        return Err(StartError::Policy(PolicyErrors(isolation)));
+    }
+    info!(orgs = policy.orgs.len(), tenants = policy.tenants.len(), path = %config.policies.display(), "policy loaded");
     let dialer = Arc::new(Dialer::new(&config.upstream)?);
     let transports = config
         .listeners
@@ -182,7 +187,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(PolicyStore::new(policy));
     let verifier = Verifier::new(config.limits.auth_workers, config.limits.auth_queue);
-    let profile = Arc::new(Wiotp::new(
+    let profile = Arc::new(Dispatch::new(
         store.clone(),
         verifier.clone(),
         &config.upstream.topic_prefix,
@@ -263,6 +268,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
     let tls: Vec<Arc<ServerTls>> = transports.iter().filter_map(|t| t.tls.clone()).collect();
     let reloader = Arc::new(Reloader {
         policy_path: config.policies.clone(),
+        org_prefix: config.upstream.topic_prefix.clone(),
         store,
         verifier,
         admission: admission.clone(),
@@ -274,13 +280,17 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
     let sessions = TaskTracker::new();
     let mut listen_addrs = Vec::new();
     let mut accept_tasks = JoinSet::new();
-    for ((listener, local), transport) in listeners.into_iter().zip(transports) {
-        info!(address = %local, tls = transport.tls.is_some(), "listening");
+    for (((listener, local), transport), listener_config) in
+        listeners.into_iter().zip(transports).zip(&config.listeners)
+    {
+        let tenant: Option<Arc<str>> = listener_config.tenant.as_deref().map(Arc::from);
+        info!(address = %local, tls = transport.tls.is_some(), tenant = tenant.as_deref(), "listening");
         listen_addrs.push(local);
         accept_tasks.spawn(accept_loop(
             listener,
             local,
             Arc::new(transport),
+            tenant,
             context.clone(),
             sessions.clone(),
             shutdown_rx.clone(),
@@ -337,6 +347,7 @@ async fn accept_loop<P: Profile>(
     listener: TcpListener,
     local: SocketAddr,
     transport: Arc<ListenerTransport>,
+    tenant: Option<Arc<str>>,
     context: Arc<Context<P, Dialer>>,
     sessions: TaskTracker,
     mut shutdown: watch::Receiver<bool>,
@@ -353,6 +364,7 @@ async fn accept_loop<P: Profile>(
                     peer,
                     local,
                     transport.clone(),
+                    tenant.clone(),
                     context.clone(),
                 ));
             }
@@ -371,6 +383,7 @@ async fn serve_connection<P: Profile>(
     peer: SocketAddr,
     local: SocketAddr,
     transport: Arc<ListenerTransport>,
+    tenant: Option<Arc<str>>,
     context: Arc<Context<P, Dialer>>,
 ) {
     let _ = stream.set_nodelay(true);
@@ -408,6 +421,7 @@ async fn serve_connection<P: Profile>(
         certname,
         certificate: accepted.certificate,
         connected_at,
+        tenant,
     };
     session::run(accepted.stream, info, context).await;
 }

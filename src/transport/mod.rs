@@ -73,6 +73,8 @@ pub struct ConnectionInfo {
     pub certificate: PeerCertificate,
     /// When the connection was accepted.
     pub connected_at: SystemTime,
+    /// The generic tenant the listener belongs to, if any.
+    pub tenant: Option<Arc<str>>,
 }
 
 /// A stream with bytes already read from it put back in front.
