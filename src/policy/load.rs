@@ -627,7 +627,7 @@ mod tests {
     }
 
     /// Loads `text` as one file and returns its errors as (line, field, message).
-    fn errors_of(text: &str) -> Vec<(Option<usize>, String, String)> {
+    pub(super) fn errors_of(text: &str) -> Vec<(Option<usize>, String, String)> {
         let dir = tempfile::tempdir().unwrap();
         let file = write(dir.path(), "p.yaml", text);
         let errors = load_policies(&file).unwrap_err().0;

@@ -660,71 +660,19 @@ async fn no_local_is_cleared_on_the_shared_subscription_of_a_scalable_applicatio
 /// grown.
 #[test]
 fn forwarding_allocates_nothing_per_publish() {
-    const MESSAGES: usize = 2_000;
-    const PREFIX: usize = "org1/".len();
-    const TOPIC: &[u8] = b"iot-2/type/sensor/id/d1/evt/e/fmt/t";
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let (mut client, mut broker, mut harness) = runtime.block_on(async {
-        let mut harness = harness(limits());
-        let connect = connect_as(ProtocolVersion::V311, 0, "a:org1:app", b"app-token");
-        let (client, broker, _task) = harness.connect_with(connect).await;
-        (client, broker, harness)
-    });
-    for qos in [0u8, 1] {
-        // QoS 1 carries packet id 7 in front of the payload, and both sides acknowledge.
-        let after_topic: &[u8] = if qos == 0 {
-            b"payload"
-        } else {
-            b"\x00\x07payload"
-        };
-        let first_byte = 0x30 | (qos << 1);
-        let mut upstream = BytesMut::new();
-        encode_publish(&mut upstream, first_byte, &[TOPIC], after_topic);
-        let mut downstream = BytesMut::new();
-        encode_publish(&mut downstream, first_byte, &[b"org1/", TOPIC], after_topic);
-        let puback = [0x40, 0x02, 0x00, 0x07];
-        let mut forwarded = vec![0u8; upstream.len() + PREFIX];
-        let mut delivered = vec![0u8; downstream.len() - PREFIX];
-        let mut ack = [0u8; 4];
-        let mut exchange = |count: usize| {
-            runtime.block_on(async {
-                for _ in 0..count {
-                    client.write_all(&upstream).await.unwrap();
-                    broker.read_exact(&mut forwarded).await.unwrap();
-                    if qos == 1 {
-                        broker.write_all(&puback).await.unwrap();
-                        client.read_exact(&mut ack).await.unwrap();
-                    }
-                    broker.write_all(&downstream).await.unwrap();
-                    client.read_exact(&mut delivered).await.unwrap();
-                    if qos == 1 {
-                        client.write_all(&puback).await.unwrap();
-                        broker.read_exact(&mut ack).await.unwrap();
-                    }
-                }
-            })
-        };
-        // Buffers, maps and the runtime's own structures grow to their working size first.
-        exchange(MESSAGES);
-        let counted = allocation_counter::measure(|| exchange(MESSAGES));
-        assert_eq!(
-            counted.count_total, 0,
-            "allocations while forwarding {MESSAGES} QoS {qos} messages each way"
-        );
-    }
-    drop(harness.reports.try_recv());
+    let connect = connect_as(ProtocolVersion::V311, 0, "a:org1:app", b"app-token");
+    forwarding_allocates_nothing(
+        &policy_text(true),
+        connect,
+        b"org1/",
+        b"iot-2/type/sensor/id/d1/evt/e/fmt/t",
+    );
 }
 
 /// The same for a client of a generic tenant with 50 rules: the rule trie, the receive check
 /// and the mount rewrite allocate nothing per message either.
 #[test]
 fn generic_forwarding_allocates_nothing_per_publish() {
-    const MESSAGES: usize = 2_000;
-    const MOUNT: &[u8] = b"lab/";
-    const TOPIC: &[u8] = b"site/7/dev1/temp";
     let mut rules = String::new();
     for i in 0..49 {
         rules.push_str(&format!(
@@ -737,30 +685,38 @@ fn generic_forwarding_allocates_nothing_per_publish() {
         policy_text(true),
         hash_token_sha256(b"u-token"),
     );
+    let mut connect = BytesMut::new();
+    encode_connect(
+        &mut connect,
+        &Connect {
+            version: ProtocolVersion::V311,
+            clean_start: true,
+            keep_alive: 0,
+            properties: Vec::new(),
+            client_id: "dev1",
+            will: None,
+            username: Some("u@lab"),
+            password: Some(b"u-token"),
+        },
+    );
+    forwarding_allocates_nothing(&policy, connect, b"lab/", b"site/7/dev1/temp");
+}
+
+/// Connects with `connect` under `policy` and forwards PUBLISHes to `topic` (`prefix` in front
+/// at the broker) both ways at QoS 0 and 1, counting allocations once the buffers have grown.
+fn forwarding_allocates_nothing(policy: &str, connect: BytesMut, prefix: &[u8], topic: &[u8]) {
+    const MESSAGES: usize = 2_000;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let (mut client, mut broker, mut harness) = runtime.block_on(async {
-        let mut harness = harness_with(limits(), &policy);
-        let mut connect = BytesMut::new();
-        encode_connect(
-            &mut connect,
-            &Connect {
-                version: ProtocolVersion::V311,
-                clean_start: true,
-                keep_alive: 0,
-                properties: Vec::new(),
-                client_id: "dev1",
-                will: None,
-                username: Some("u@lab"),
-                password: Some(b"u-token"),
-            },
-        );
+        let mut harness = harness_with(limits(), policy);
         let (client, broker, _task) = harness.connect_with(connect).await;
         (client, broker, harness)
     });
     for qos in [0u8, 1] {
+        // QoS 1 carries packet id 7 in front of the payload, and both sides acknowledge.
         let after_topic: &[u8] = if qos == 0 {
             b"payload"
         } else {
@@ -768,19 +724,19 @@ fn generic_forwarding_allocates_nothing_per_publish() {
         };
         let first_byte = 0x30 | (qos << 1);
         let mut upstream = BytesMut::new();
-        encode_publish(&mut upstream, first_byte, &[TOPIC], after_topic);
+        encode_publish(&mut upstream, first_byte, &[topic], after_topic);
         let mut downstream = BytesMut::new();
-        encode_publish(&mut downstream, first_byte, &[MOUNT, TOPIC], after_topic);
+        encode_publish(&mut downstream, first_byte, &[prefix, topic], after_topic);
         let puback = [0x40, 0x02, 0x00, 0x07];
-        let mut forwarded = vec![0u8; upstream.len() + MOUNT.len()];
-        let mut delivered = vec![0u8; downstream.len() - MOUNT.len()];
+        let mut forwarded = vec![0u8; upstream.len() + prefix.len()];
+        let mut delivered = vec![0u8; downstream.len() - prefix.len()];
         let mut ack = [0u8; 4];
         let mut exchange = |count: usize| {
             runtime.block_on(async {
                 for _ in 0..count {
                     client.write_all(&upstream).await.unwrap();
                     broker.read_exact(&mut forwarded).await.unwrap();
-                    // Under the mount, checked without allocating.
+                    // The broker form, checked without allocating.
                     assert!(forwarded[..] == downstream[..]);
                     if qos == 1 {
                         broker.write_all(&puback).await.unwrap();
@@ -788,6 +744,7 @@ fn generic_forwarding_allocates_nothing_per_publish() {
                     }
                     broker.write_all(&downstream).await.unwrap();
                     client.read_exact(&mut delivered).await.unwrap();
+                    assert!(delivered[..] == upstream[..]);
                     if qos == 1 {
                         client.write_all(&puback).await.unwrap();
                         broker.read_exact(&mut ack).await.unwrap();
@@ -795,6 +752,7 @@ fn generic_forwarding_allocates_nothing_per_publish() {
                 }
             })
         };
+        // Buffers, maps and the runtime's own structures grow to their working size first.
         exchange(MESSAGES);
         let counted = allocation_counter::measure(|| exchange(MESSAGES));
         assert_eq!(

@@ -341,19 +341,11 @@ mod tests {
     use std::path::PathBuf;
 
     use super::super::parse_policy;
+    use super::super::tests::errors_of;
     use super::*;
     use crate::policy::rules::{Decision, Subject};
 
     const HASH: &str = "sha256:19314500b1aa853c7b459b9c31bbad66d7c52bc138261277ed63053936abff30";
-
-    fn errors_of(text: &str) -> Vec<(Option<usize>, String, String)> {
-        parse_policy(text, Path::new("p.yaml"))
-            .unwrap_err()
-            .0
-            .into_iter()
-            .map(|e| (e.line, e.field, e.message))
-            .collect()
-    }
 
     #[test]
     fn loads_a_tenant() {
