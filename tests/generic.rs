@@ -658,3 +658,98 @@ async fn imports_a_mosquitto_acl_and_password_file() {
     publish(&bob, "clients/b1/up").await;
     assert_eq!(spy.until("lab/clients/b1/up").await, ["lab/clients/b1/up"]);
 }
+
+/// `retained: strip` clears the flag at the broker, `deny` refuses a retained PUBLISH (MQTT 3:
+/// acknowledged and dropped), and lifecycle events reach a subscriber inside the tenant.
+#[tokio::test]
+async fn retained_handling_and_lifecycle_events() {
+    let policy = format!(
+        r##"tenants:
+  strip:
+    anonymous: true
+    retained: strip
+    rules:
+      - {{ allow: [publish, subscribe], topic: "#" }}
+  refuse:
+    anonymous: true
+    retained: deny
+    events: {{ topic: "$events/%c" }}
+    users:
+      watcher: {{ token: "{t}" }}
+    rules:
+      - {{ allow: [subscribe], topic: "$events/#", users: [watcher] }}
+      - {{ allow: [publish, subscribe], topic: "#" }}
+"##,
+        t = sha256_token("w")
+    );
+    let broker = Broker::start().await;
+    let warden = Warden::start_listeners(
+        &broker,
+        &policy,
+        "  - bind: \"127.0.0.1:0\"\n  - bind: \"127.0.0.1:0\"\n    tenant: strip\n  - bind: \"127.0.0.1:0\"\n    tenant: refuse",
+        "",
+    )
+    .await;
+    let mut spy = Spy::start(&broker).await;
+    let mut watcher = user(warden.addr, "w", "watcher@refuse", "w").await;
+    watcher.subscribe("$events/#", QoS::AtLeastOnce).await;
+    // A user name of a tenant must be a user, even where anonymous clients are admitted.
+    assert!(v4::connect(warden.addr, "s0", Some("x@strip"), Some("x"))
+        .await
+        .is_err());
+    let strip_client = v4::connect(warden.running.listen_addrs[1], "s1", None, None)
+        .await
+        .unwrap();
+    let refuse_client = v4::connect(warden.running.listen_addrs[2], "r1", None, None)
+        .await
+        .unwrap();
+    // The Connect event of r1 reaches the watcher, inside the tenant (its own may come first).
+    let event = loop {
+        let event = watcher.next_publish().await;
+        if event.topic == "$events/r1" {
+            break event;
+        }
+    };
+    let event: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+    assert_eq!(event["Action"], "Connect");
+    assert_eq!(event["Tenant"], "refuse");
+
+    strip_client
+        .client
+        .publish("kept", QoS::AtLeastOnce, true, "x")
+        .await
+        .unwrap();
+    refuse_client
+        .client
+        .publish("refused", QoS::AtLeastOnce, true, "x")
+        .await
+        .unwrap();
+    refuse_client
+        .client
+        .publish("plain", QoS::AtLeastOnce, false, "x")
+        .await
+        .unwrap();
+    let seen = spy.until_all(&["strip/kept", "refuse/plain"]).await;
+    assert!(!seen.contains(&"refuse/refused".to_owned()), "{seen:?}");
+    // Nothing was retained for strip/kept: a new subscriber gets the retained marker (written
+    // on the broker directly) and not the kept message, whose retained copy would come first.
+    let addr: SocketAddr = broker.addr().parse().unwrap();
+    let direct = v4::connect(addr, "marker", None, None).await.unwrap();
+    direct
+        .client
+        .publish("strip/marker", QoS::AtLeastOnce, true, "m")
+        .await
+        .unwrap();
+    spy.until("strip/marker").await;
+    let mut late = v4::connect(addr, "late", None, None).await.unwrap();
+    late.subscribe("strip/kept", QoS::AtLeastOnce).await;
+    late.subscribe("strip/marker", QoS::AtLeastOnce).await;
+    assert_eq!(late.next_publish().await.topic, "strip/marker");
+
+    refuse_client.disconnect().await;
+    let event = watcher.next_publish().await;
+    assert_eq!(event.topic, "$events/r1");
+    let event: serde_json::Value = serde_json::from_slice(&event.payload).unwrap();
+    assert_eq!(event["Action"], "Disconnect");
+    assert_eq!(event["CloseCode"], 0);
+}

@@ -84,6 +84,21 @@ async fn admit(
     profile.authenticate(&claim, connect, info).await
 }
 
+/// Connects on a listener of no tenant, as `user` (`name@tenant`) with `password`.
+async fn login(
+    profile: &Generic,
+    client_id: &str,
+    user: &str,
+    password: &[u8],
+) -> Result<Client, Refusal> {
+    admit(
+        profile,
+        &connect(client_id, Some(user), Some(password)),
+        &info(None),
+    )
+    .await
+}
+
 #[test]
 fn routes_by_listener_then_user_at_tenant() {
     let c = connect("x", Some("alice@lab"), None);
@@ -113,20 +128,11 @@ fn routes_by_listener_then_user_at_tenant() {
 #[tokio::test]
 async fn authenticates_users_and_anonymous_clients() {
     let (profile, _) = profile(&policy());
-    let ok = admit(
-        &profile,
-        &connect("alice-1", Some("alice@lab"), Some(b"alice-pw")),
-        &info(None),
-    )
-    .await;
+    let ok = login(&profile, "alice-1", "alice@lab", b"alice-pw").await;
     assert_eq!(ok.unwrap().user, "alice");
-    let wrong = admit(
-        &profile,
-        &connect("alice-1", Some("alice@lab"), Some(b"nope")),
-        &info(None),
-    )
-    .await
-    .unwrap_err();
+    let wrong = login(&profile, "alice-1", "alice@lab", b"nope")
+        .await
+        .unwrap_err();
     assert!(wrong.bad_credentials);
     let no_password = admit(
         &profile,
@@ -136,22 +142,12 @@ async fn authenticates_users_and_anonymous_clients() {
     .await
     .unwrap_err();
     assert!(no_password.bad_credentials);
-    let unknown = admit(
-        &profile,
-        &connect("c", Some("mallory@lab"), Some(b"x")),
-        &info(None),
-    )
-    .await
-    .unwrap_err();
+    let unknown = login(&profile, "c", "mallory@lab", b"x").await.unwrap_err();
     assert!(unknown.bad_credentials);
     // Client-ID patterns.
-    let other_id = admit(
-        &profile,
-        &connect("bob-1", Some("alice@lab"), Some(b"alice-pw")),
-        &info(None),
-    )
-    .await
-    .unwrap_err();
+    let other_id = login(&profile, "bob-1", "alice@lab", b"alice-pw")
+        .await
+        .unwrap_err();
     assert_eq!(other_id.cause, Cause::InvalidClientId);
     // Anonymous: admitted by lab, not by shop.
     let anonymous = admit(&profile, &connect("c", None, None), &info(Some("lab"))).await;
@@ -161,41 +157,21 @@ async fn authenticates_users_and_anonymous_clients() {
         .unwrap_err();
     assert_eq!(refused.cause, Cause::NotAuthorized);
     // Unknown tenant.
-    let refused = admit(
-        &profile,
-        &connect("c", Some("a@nowhere"), Some(b"x")),
-        &info(None),
-    )
-    .await
-    .unwrap_err();
+    let refused = login(&profile, "c", "a@nowhere", b"x").await.unwrap_err();
     assert_eq!(refused.detail.as_deref(), Some("unknown tenant"));
     // The same user name in another tenant is another user.
-    assert!(admit(
-        &profile,
-        &connect("c", Some("alice@shop"), Some(b"alice-pw")),
-        &info(None)
-    )
-    .await
-    .is_err());
-    assert!(admit(
-        &profile,
-        &connect("c", Some("alice@shop"), Some(b"shop-pw")),
-        &info(None)
-    )
-    .await
-    .is_ok());
+    assert!(login(&profile, "c", "alice@shop", b"alice-pw")
+        .await
+        .is_err());
+    assert!(login(&profile, "c", "alice@shop", b"shop-pw").await.is_ok());
 }
 
 #[tokio::test]
 async fn decides_by_the_first_matching_rule() {
     let (profile, _) = profile(&policy());
-    let alice = admit(
-        &profile,
-        &connect("alice-1", Some("alice@lab"), Some(b"alice-pw")),
-        &info(None),
-    )
-    .await
-    .unwrap();
+    let alice = login(&profile, "alice-1", "alice@lab", b"alice-pw")
+        .await
+        .unwrap();
     assert!(profile
         .check_publish(&alice, "devices/alice-1/temp")
         .is_ok());
@@ -232,13 +208,7 @@ async fn decides_by_the_first_matching_rule() {
     assert!(profile
         .check_subscribe(&anonymous, "fleet/1/status")
         .is_err());
-    let ops = admit(
-        &profile,
-        &connect("o", Some("ops1@lab"), Some(b"alice-pw")),
-        &info(None),
-    )
-    .await
-    .unwrap();
+    let ops = login(&profile, "o", "ops1@lab", b"alice-pw").await.unwrap();
     assert!(profile.check_subscribe(&ops, "fleet/1/status").is_ok());
     assert!(profile.check_subscribe(&ops, "fleet/#").is_err());
     // A shared subscription is decided on its filter.
@@ -263,13 +233,9 @@ async fn isolates_tenants_by_mount_and_client_id() {
     let lab = admit(&profile, &connect("dev1", None, None), &info(Some("lab")))
         .await
         .unwrap();
-    let shop = admit(
-        &profile,
-        &connect("dev1", Some("alice@shop"), Some(b"shop-pw")),
-        &info(None),
-    )
-    .await
-    .unwrap();
+    let shop = login(&profile, "dev1", "alice@shop", b"shop-pw")
+        .await
+        .unwrap();
     let lab_terms = profile.terms(&lab);
     let shop_terms = profile.terms(&shop);
     assert_eq!(lab_terms.broker_client_id.as_deref(), Some("lab/dev1"));
@@ -311,13 +277,9 @@ async fn assigns_client_ids() {
         .await
         .unwrap_err();
     assert_eq!(refused.cause, Cause::InvalidClientId);
-    let refused = admit(
-        &profile,
-        &connect("", Some("alice@lab"), Some(b"alice-pw")),
-        &info(None),
-    )
-    .await
-    .unwrap_err();
+    let refused = login(&profile, "", "alice@lab", b"alice-pw")
+        .await
+        .unwrap_err();
     assert_eq!(refused.cause, Cause::InvalidClientId);
 }
 
@@ -355,13 +317,9 @@ async fn checks_the_will() {
 #[tokio::test]
 async fn reevaluates_after_a_policy_edit() {
     let (profile, store) = profile(&policy());
-    let alice = admit(
-        &profile,
-        &connect("alice-1", Some("alice@lab"), Some(b"alice-pw")),
-        &info(None),
-    )
-    .await
-    .unwrap();
+    let alice = login(&profile, "alice-1", "alice@lab", b"alice-pw")
+        .await
+        .unwrap();
     assert!(!profile.stale(&alice));
     assert!(profile.check_subscribe(&alice, "open/x").is_ok());
     let edited = policy().replace("topic: \"open/#\"", "topic: \"opened/#\"");
@@ -403,13 +361,9 @@ async fn publishes_lifecycle_events_and_settles_them() {
     assert_eq!(settled.presence, "lab/alice-1");
     assert_eq!(settled.publications[0].topic, "lab/$events/alice-1");
     // Shop has no events.
-    let shop = admit(
-        &profile,
-        &connect("x", Some("alice@shop"), Some(b"shop-pw")),
-        &info(None),
-    )
-    .await
-    .unwrap();
+    let shop = login(&profile, "x", "alice@shop", b"shop-pw")
+        .await
+        .unwrap();
     assert!(profile.connected(&shop, Counters::default()).is_empty());
     assert!(profile.settle(b"{\"org_prefix\":\"x\"}").is_none());
 }
@@ -417,13 +371,9 @@ async fn publishes_lifecycle_events_and_settles_them() {
 #[tokio::test]
 async fn deciding_allocates_nothing() {
     let (profile, _) = profile(&policy());
-    let alice = admit(
-        &profile,
-        &connect("alice-1", Some("alice@lab"), Some(b"alice-pw")),
-        &info(None),
-    )
-    .await
-    .unwrap();
+    let alice = login(&profile, "alice-1", "alice@lab", b"alice-pw")
+        .await
+        .unwrap();
     let counted = allocation_counter::measure(|| {
         for _ in 0..100 {
             assert!(profile

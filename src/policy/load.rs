@@ -160,16 +160,7 @@ impl Merger {
             let line = checker.lines.line(&field);
             let org = checker.org(&id, config);
             if let Some((first_file, first_line)) = self.defined_at.get(&id) {
-                let first_line = first_line
-                    .map(|l| l.to_string())
-                    .unwrap_or_else(|| "?".into());
-                checker.error(
-                    field,
-                    format!(
-                        "org `{id}` is already defined in {}:{first_line}",
-                        first_file.display()
-                    ),
-                );
+                checker.error(field, already_defined("org", &id, first_file, *first_line));
                 continue;
             }
             self.defined_at.insert(id.clone(), (file.to_owned(), line));
@@ -183,15 +174,9 @@ impl Merger {
             let mount_line = checker.lines.line(&format!("{field}.mount"));
             let tenant = checker.tenant(&name, config);
             if let Some((first_file, first_line, _)) = self.tenant_defined_at.get(&name) {
-                let first_line = first_line
-                    .map(|l| l.to_string())
-                    .unwrap_or_else(|| "?".into());
                 checker.error(
                     field,
-                    format!(
-                        "tenant `{name}` is already defined in {}:{first_line}",
-                        first_file.display()
-                    ),
+                    already_defined("tenant", &name, first_file, *first_line),
                 );
                 continue;
             }
@@ -216,6 +201,15 @@ impl Merger {
             .sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
         Err(PolicyErrors(self.errors))
     }
+}
+
+/// The error for an org or tenant defined a second time.
+fn already_defined(kind: &str, name: &str, first_file: &Path, first_line: Option<usize>) -> String {
+    let first_line = first_line.map_or_else(|| "?".to_owned(), |l| l.to_string());
+    format!(
+        "{kind} `{name}` is already defined in {}:{first_line}",
+        first_file.display()
+    )
 }
 
 /// Checks one file's deserialised config and compiles it, recording errors with their lines.
