@@ -17,6 +17,7 @@ use support::{sha256_token, standard_policy, v4, Broker, Warden, WAIT};
 
 const ORG1_HOST: &str = "org1.messaging.example.com";
 const EVENT_PATH: &str = "/api/v0002/device/types/sensor/devices/dev1/events/temp";
+const DEV1: Option<(&str, &str)> = Some(("use-token-auth", "dev1-token"));
 
 /// The standard policy and two orgs of this test's own: `small` (64-byte payloads, one publish
 /// a minute per device) and `secure` (TLS required).
@@ -62,6 +63,11 @@ async fn post(
         request = request.basic_auth(user, Some(password));
     }
     request.send().await.expect("the proxy answers")
+}
+
+/// dev1's JSON event `body` to org1, on a new connection.
+async fn dev1_event(addr: SocketAddr, body: &'static [u8]) -> reqwest::Response {
+    post(addr, EVENT_PATH, ORG1_HOST, DEV1, "application/json", body).await
 }
 
 /// One HTTP/1.1 response read off a raw connection: status, lower-case head, body.
@@ -137,15 +143,7 @@ async fn a_device_event_reaches_an_mqtt_subscriber() {
     let warden = Warden::start(&broker, &policy()).await;
     let mut watcher = broker_watcher(&broker, "org1/iot-2/#").await;
 
-    let response = post(
-        warden.addr,
-        EVENT_PATH,
-        ORG1_HOST,
-        Some(("use-token-auth", "dev1-token")),
-        "application/json",
-        b"{\"t\":21.5}",
-    )
-    .await;
+    let response = dev1_event(warden.addr, b"{\"t\":21.5}").await;
     assert_eq!(response.status(), 200);
     let publish = watcher.next_publish().await;
     assert_eq!(
@@ -160,7 +158,7 @@ async fn a_device_event_reaches_an_mqtt_subscriber() {
         warden.addr,
         "/api/v0002/org/org1/device/types/sensor/devices/dev1/events/raw",
         &warden.addr.to_string(),
-        Some(("use-token-auth", "dev1-token")),
+        DEV1,
         "application/octet-stream",
         b"\x00\x01",
     )
@@ -200,7 +198,7 @@ async fn refusals_are_answered_with_their_status_and_closing_code() {
         warden.addr,
         "/api/v0002/device/types/nosuchtype/devices/dev1/events/temp",
         "org2.messaging.example.com",
-        Some(("use-token-auth", "dev1-token")),
+        DEV1,
         "application/json",
         b"{}",
     )
@@ -226,7 +224,7 @@ async fn refusals_are_answered_with_their_status_and_closing_code() {
         warden.addr,
         EVENT_PATH,
         ORG1_HOST,
-        Some(("use-token-auth", "dev1-token")),
+        DEV1,
         "application/x-www-form-urlencoded",
         b"a=b",
     )
@@ -400,15 +398,7 @@ async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
         );
     }
     // Still serving.
-    let response = post(
-        warden.addr,
-        EVENT_PATH,
-        ORG1_HOST,
-        Some(("use-token-auth", "dev1-token")),
-        "application/json",
-        b"{}",
-    )
-    .await;
+    let response = dev1_event(warden.addr, b"{}").await;
     assert_eq!(response.status(), 200);
 }
 
@@ -598,7 +588,7 @@ async fn gateways_publish_for_their_devices_and_devices_only_for_themselves() {
         warden.addr,
         "/api/v0002/device/types/sensor/devices/dev2/events/temp",
         ORG1_HOST,
-        Some(("use-token-auth", "dev1-token")),
+        DEV1,
         "application/json",
         b"{}",
     )
@@ -704,7 +694,7 @@ async fn https_on_the_tls_listener_and_the_security_mode_and_quickstart_rules() 
 async fn a_device_fetches_its_commands_over_http() {
     let broker = Broker::start().await;
     let warden = Warden::start(&broker, &policy()).await;
-    let dev1 = Some(("use-token-auth", "dev1-token"));
+    let dev1 = DEV1;
     let fetch_any = "/api/v0002/device/types/sensor/devices/dev1/commands/+/request";
     let addr = warden.addr;
     let fetch = move |path: &'static str| async move {
@@ -765,4 +755,33 @@ async fn a_device_fetches_its_commands_over_http() {
     )
     .await;
     assert_eq!(other.status(), 401);
+}
+
+#[tokio::test]
+async fn authentications_count_against_the_address_connect_rate() {
+    let broker = Broker::start().await;
+    let warden = Warden::start_with(
+        &broker,
+        &policy(),
+        "limits: { connect_rate_per_address: \"1/min\" }\n",
+    )
+    .await;
+    // One authentication a minute from this address: the first request's connection, and its
+    // next requests (already authenticated), are served; a second connection is held back.
+    let mut stream = TcpStream::connect(warden.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let dev1 = basic("use-token-auth", "dev1-token");
+    for _ in 0..2 {
+        stream
+            .write_all(raw_post(EVENT_PATH, &dev1, "{}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            read_response(&mut stream, &mut buf).await.unwrap().status,
+            200
+        );
+    }
+    let held_back = dev1_event(warden.addr, b"{}").await;
+    assert_eq!(held_back.status(), 429);
+    assert!(held_back.headers().contains_key("retry-after"));
 }

@@ -401,6 +401,17 @@ impl<P: Profile, D: Dial> HttpFront<P, D> {
         });
         if !fresh {
             state.admitted = None;
+            // Each authentication counts as a CONNECT from the address (limits.connect_rate_per_
+            // address), so that HTTP is no cheaper a way to guess tokens. Not per client ID: many
+            // callers (serverless functions) may share one API key.
+            if let Err(exceeded) = self.context.connect_rates.check_address(info.peer.ip()) {
+                self.context.metrics.limit("", "connect_rate");
+                return Answer::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("authentication rate exceeded: {exceeded:?}\n"),
+                )
+                .retry_after(Duration::from_secs(1));
+            }
             let connect = Connect {
                 version: ProtocolVersion::V311,
                 clean_start: true,
