@@ -169,6 +169,11 @@ async fn a_device_event_reaches_an_mqtt_subscriber() {
         publish.topic,
         "org1/iot-2/type/sensor/id/dev1/evt/raw/fmt/bin"
     );
+    // No Connect or Disconnect status for HTTP clients (the watcher sees org1's mon topics too).
+    assert!(watcher
+        .next_publish_within(Duration::from_millis(300))
+        .await
+        .is_none());
 }
 
 #[tokio::test]
