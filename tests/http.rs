@@ -790,3 +790,72 @@ async fn authentications_count_against_the_address_connect_rate() {
     assert_eq!(held_back.status(), 429);
     assert!(held_back.headers().contains_key("retry-after"));
 }
+
+#[tokio::test]
+async fn a_policy_edit_applies_to_a_kept_alive_connection_and_gateway_groups_hold() {
+    let broker = Broker::start().await;
+    let extra = format!(
+        "  gwo:\n    device_types: {{ sensor: {{}}, edge-gw: {{ class: gateway }} }}\n    devices:\n      sensor/in: {{ token: \"{t}\", groups: [line-1] }}\n      sensor/out: {{ token: \"{t}\", groups: [line-2] }}\n      edge-gw/std: {{ token: \"{t}\", role: standard, groups: [line-1] }}\n",
+        t = sha256_token("gwo-token")
+    );
+    let warden = Warden::start(&broker, &(policy() + &extra)).await;
+
+    // A standard gateway acts only for the devices of its groups, as over MQTT.
+    let gateway = Some(("g/gwo/edge-gw/std", "gwo-token"));
+    let path = |device: &str| format!("/api/v0002/device/types/sensor/devices/{device}/events/e");
+    let host = "gwo.messaging.example.com";
+    let inside = post(warden.addr, &path("in"), host, gateway, "text/plain", b"x").await;
+    assert_eq!(inside.status(), 200);
+    let outside = post(warden.addr, &path("out"), host, gateway, "text/plain", b"x").await;
+    assert_eq!(outside.status(), 403);
+
+    // dev1 is admitted on a kept-alive connection; the policy then drops it: the next request
+    // on the same connection is refused.
+    let mut stream = TcpStream::connect(warden.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let dev1 = basic("use-token-auth", "dev1-token");
+    stream
+        .write_all(raw_post(EVENT_PATH, &dev1, "{}").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        read_response(&mut stream, &mut buf).await.unwrap().status,
+        200
+    );
+    let edited = (policy() + &extra).replace("      sensor/dev1: {", "      sensor/dev9: {");
+    std::fs::write(warden.policy_path(), edited).unwrap();
+    warden
+        .running
+        .reload_policy()
+        .expect("the edited policy loads");
+    stream
+        .write_all(raw_post(EVENT_PATH, &dev1, "{}").as_bytes())
+        .await
+        .unwrap();
+    let refused = read_response(&mut stream, &mut buf).await.unwrap();
+    assert_eq!(refused.status, 403, "{}", refused.body);
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_http_connections_at_once() {
+    let broker = Broker::start().await;
+    let warden = Warden::start(&broker, &policy()).await;
+    let mut stream = TcpStream::connect(warden.addr).await.unwrap();
+    let mut buf = Vec::new();
+    stream
+        .write_all(raw_post(EVENT_PATH, &basic("use-token-auth", "dev1-token"), "{}").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        read_response(&mut stream, &mut buf).await.unwrap().status,
+        200
+    );
+    // The kept-alive connection would otherwise stay for the connect timeout (60 s).
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        warden.running.shutdown(Duration::from_secs(30)),
+    )
+    .await
+    .expect("shutdown does not wait for idle HTTP connections");
+    assert!(closes_within(&mut stream, WAIT).await);
+}
