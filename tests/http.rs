@@ -121,6 +121,14 @@ async fn closes_within(stream: &mut TcpStream, limit: Duration) -> bool {
     .is_ok()
 }
 
+/// Sends `request` on a raw connection and reads its answer.
+async fn exchange(stream: &mut TcpStream, buf: &mut Vec<u8>, request: &str) -> RawResponse {
+    stream.write_all(request.as_bytes()).await.unwrap();
+    read_response(stream, buf)
+        .await
+        .expect("an answer before the close")
+}
+
 fn raw_post(path: &str, authorization: &str, body: &str) -> String {
     format!(
         "POST {path} HTTP/1.1\r\nHost: {ORG1_HOST}\r\nAuthorization: {authorization}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -286,30 +294,22 @@ async fn a_changed_authorization_closes_the_connection_with_175() {
     let mut stream = TcpStream::connect(warden.addr).await.unwrap();
     let mut buf = Vec::new();
     let dev1 = basic("use-token-auth", "dev1-token");
-    stream
-        .write_all(raw_post(EVENT_PATH, &dev1, "{}").as_bytes())
-        .await
-        .unwrap();
     assert_eq!(
-        read_response(&mut stream, &mut buf).await.unwrap().status,
+        exchange(&mut stream, &mut buf, &raw_post(EVENT_PATH, &dev1, "{}"))
+            .await
+            .status,
         200
     );
-    stream
-        .write_all(raw_post(EVENT_PATH, &dev1, "{}").as_bytes())
-        .await
-        .unwrap();
     assert_eq!(
-        read_response(&mut stream, &mut buf).await.unwrap().status,
+        exchange(&mut stream, &mut buf, &raw_post(EVENT_PATH, &dev1, "{}"))
+            .await
+            .status,
         200
     );
 
     let dev2 = basic("use-token-auth", "dev2-token");
     let path2 = EVENT_PATH.replace("dev1", "dev2");
-    stream
-        .write_all(raw_post(&path2, &dev2, "{}").as_bytes())
-        .await
-        .unwrap();
-    let refused = read_response(&mut stream, &mut buf).await.unwrap();
+    let refused = exchange(&mut stream, &mut buf, &raw_post(&path2, &dev2, "{}")).await;
     assert_eq!(refused.status, 400);
     assert!(refused.body.starts_with("175 "), "{}", refused.body);
     assert!(refused.head.contains("connection: close"));
@@ -422,11 +422,7 @@ async fn connections_are_bounded_in_requests_idle_time_and_body_time() {
     let mut stream = TcpStream::connect(warden.addr).await.unwrap();
     let mut buf = Vec::new();
     for n in 1..=3 {
-        stream
-            .write_all(raw_post(EVENT_PATH, &dev1, "{}").as_bytes())
-            .await
-            .unwrap();
-        let response = read_response(&mut stream, &mut buf).await.unwrap();
+        let response = exchange(&mut stream, &mut buf, &raw_post(EVENT_PATH, &dev1, "{}")).await;
         assert_eq!(response.status, 200);
         assert_eq!(response.head.contains("connection: close"), n == 3, "{n}");
     }
@@ -777,12 +773,10 @@ async fn authentications_count_against_the_address_connect_rate() {
     let mut buf = Vec::new();
     let dev1 = basic("use-token-auth", "dev1-token");
     for _ in 0..2 {
-        stream
-            .write_all(raw_post(EVENT_PATH, &dev1, "{}").as_bytes())
-            .await
-            .unwrap();
         assert_eq!(
-            read_response(&mut stream, &mut buf).await.unwrap().status,
+            exchange(&mut stream, &mut buf, &raw_post(EVENT_PATH, &dev1, "{}"))
+                .await
+                .status,
             200
         );
     }
@@ -814,12 +808,10 @@ async fn a_policy_edit_applies_to_a_kept_alive_connection_and_gateway_groups_hol
     let mut stream = TcpStream::connect(warden.addr).await.unwrap();
     let mut buf = Vec::new();
     let dev1 = basic("use-token-auth", "dev1-token");
-    stream
-        .write_all(raw_post(EVENT_PATH, &dev1, "{}").as_bytes())
-        .await
-        .unwrap();
     assert_eq!(
-        read_response(&mut stream, &mut buf).await.unwrap().status,
+        exchange(&mut stream, &mut buf, &raw_post(EVENT_PATH, &dev1, "{}"))
+            .await
+            .status,
         200
     );
     let edited = (policy() + &extra).replace("      sensor/dev1: {", "      sensor/dev9: {");
@@ -828,11 +820,7 @@ async fn a_policy_edit_applies_to_a_kept_alive_connection_and_gateway_groups_hol
         .running
         .reload_policy()
         .expect("the edited policy loads");
-    stream
-        .write_all(raw_post(EVENT_PATH, &dev1, "{}").as_bytes())
-        .await
-        .unwrap();
-    let refused = read_response(&mut stream, &mut buf).await.unwrap();
+    let refused = exchange(&mut stream, &mut buf, &raw_post(EVENT_PATH, &dev1, "{}")).await;
     assert_eq!(refused.status, 403, "{}", refused.body);
 }
 
@@ -842,12 +830,14 @@ async fn shutdown_closes_idle_http_connections_at_once() {
     let warden = Warden::start(&broker, &policy()).await;
     let mut stream = TcpStream::connect(warden.addr).await.unwrap();
     let mut buf = Vec::new();
-    stream
-        .write_all(raw_post(EVENT_PATH, &basic("use-token-auth", "dev1-token"), "{}").as_bytes())
-        .await
-        .unwrap();
     assert_eq!(
-        read_response(&mut stream, &mut buf).await.unwrap().status,
+        exchange(
+            &mut stream,
+            &mut buf,
+            &raw_post(EVENT_PATH, &basic("use-token-auth", "dev1-token"), "{}")
+        )
+        .await
+        .status,
         200
     );
     // The kept-alive connection would otherwise stay for the connect timeout (60 s).
