@@ -24,10 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::publisher::{connect, write};
-use crate::codec::{
-    decode_frame_header, encode_subscribe, encode_unsubscribe, parse_publish, ProtocolVersion,
-};
+use super::publisher::{complete_frame, connect, write};
+use crate::codec::{encode_subscribe, encode_unsubscribe, parse_publish, ProtocolVersion};
 use crate::upstream::Dial;
 
 /// Commands one mailbox holds.
@@ -347,10 +345,8 @@ fn handle_inbound(
     out: &mut BytesMut,
 ) -> Result<(), &'static str> {
     loop {
-        let header = match decode_frame_header(inbound, MAX_INBOUND_BYTES) {
-            Ok(Some(header)) if inbound.len() >= header.frame_len() => header,
-            Ok(_) => return Ok(()),
-            Err(_) => return Err("invalid packet from the broker"),
+        let Some(header) = complete_frame(inbound, MAX_INBOUND_BYTES)? else {
+            return Ok(());
         };
         let body = &inbound[header.header_len..header.frame_len()];
         match header.first_byte >> 4 {

@@ -23,7 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::codec::{decode_frame_header, encode_connect, put_varint, Connect, ProtocolVersion};
+use crate::codec::{
+    decode_frame_header, encode_connect, put_varint, Connect, FrameHeader, ProtocolVersion,
+};
 use crate::upstream::{handshake, Dial, UpstreamError};
 
 /// Broker connections per tenant.
@@ -315,14 +317,24 @@ where
     reason
 }
 
+/// The header of the first packet in `inbound` once the whole packet is there (`None`: not yet).
+pub(super) fn complete_frame(
+    inbound: &BytesMut,
+    max_bytes: usize,
+) -> Result<Option<FrameHeader>, &'static str> {
+    match decode_frame_header(inbound, max_bytes) {
+        Ok(Some(header)) if inbound.len() >= header.frame_len() => Ok(Some(header)),
+        Ok(_) => Ok(None),
+        Err(_) => Err("invalid packet from the broker"),
+    }
+}
+
 /// Handles every complete packet in `inbound`: a PUBACK answers its publish; anything else the
 /// broker may send on a connection that subscribed to nothing is ignored.
 fn acknowledge(inbound: &mut BytesMut, in_flight: &mut Vec<InFlight>) -> Result<(), &'static str> {
     loop {
-        let header = match decode_frame_header(inbound, MAX_INBOUND_BYTES) {
-            Ok(Some(header)) if inbound.len() >= header.frame_len() => header,
-            Ok(_) => return Ok(()),
-            Err(_) => return Err("invalid packet from the broker"),
+        let Some(header) = complete_frame(inbound, MAX_INBOUND_BYTES)? else {
+            return Ok(());
         };
         let body = &inbound[header.header_len..header.frame_len()];
         if header.first_byte == 0x40 && body.len() >= 2 {
