@@ -7,13 +7,15 @@
 //! (the proxy was not listening for it yet). From then on every command matching the filter is
 //! queued, up to [`MAILBOX_COMMANDS`] (the oldest is dropped when a new one arrives to a full
 //! mailbox), and each fetch takes the oldest. A mailbox not fetched from for [`MAILBOX_IDLE`] is
-//! dropped and unsubscribed; a tenant has at most [`MAX_MAILBOXES_PER_TENANT`].
+//! dropped and unsubscribed; a tenant has at most [`MAX_MAILBOXES_PER_TENANT`], holding at most
+//! [`MAILBOX_BYTES_PER_TENANT`] of payload together.
 //!
 //! The subscribing connection starts clean: commands sent while it is down (a broker restart)
 //! are not kept. It reconnects and subscribes every live mailbox again when the next fetch finds
 //! it down.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +32,9 @@ use crate::upstream::Dial;
 
 /// Commands one mailbox holds.
 pub const MAILBOX_COMMANDS: usize = 16;
+/// Payload bytes all the mailboxes of one tenant hold together; a command that does not fit is
+/// dropped (and logged).
+pub const MAILBOX_BYTES_PER_TENANT: usize = 64 * 1024 * 1024;
 /// Mailboxes one tenant may have.
 pub const MAX_MAILBOXES_PER_TENANT: usize = 10_000;
 /// How long a mailbox lives without a fetch.
@@ -80,10 +85,26 @@ struct Subscription {
 
 struct TenantMail {
     boxes: Mutex<HashMap<String, Mailbox>>,
+    /// Payload bytes queued in all the tenant's mailboxes (changed under the `boxes` lock).
+    bytes: AtomicUsize,
     requests: mpsc::Sender<Subscription>,
 }
 
 impl TenantMail {
+    /// Takes the oldest command of a mailbox.
+    fn take(&self, mailbox: &mut Mailbox) -> Option<Command> {
+        let command = mailbox.queue.pop_front()?;
+        self.bytes
+            .fetch_sub(command.payload.len(), Ordering::Relaxed);
+        Some(command)
+    }
+
+    /// Forgets what a dropped mailbox held.
+    fn dropped(&self, mailbox: &Mailbox) {
+        let held: usize = mailbox.queue.iter().map(|c| c.payload.len()).sum();
+        self.bytes.fetch_sub(held, Ordering::Relaxed);
+    }
+
     fn boxes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Mailbox>> {
         self.boxes
             .lock()
@@ -118,7 +139,7 @@ impl<D: Dial> Mailboxes<D> {
             match boxes.get_mut(filter) {
                 Some(mailbox) if mailbox.subscribed => {
                     mailbox.last_fetch = Instant::now();
-                    return Ok(mailbox.queue.pop_front());
+                    return Ok(mail.take(mailbox));
                 }
                 // Another fetch is subscribing it: this one waits for the same SUBACK below.
                 Some(_) => {}
@@ -154,13 +175,15 @@ impl<D: Dial> Mailboxes<D> {
                 if let Some(mailbox) = boxes.get_mut(filter) {
                     mailbox.subscribed = true;
                     mailbox.last_fetch = Instant::now();
-                    return Ok(mailbox.queue.pop_front());
+                    return Ok(mail.take(mailbox));
                 }
                 Ok(None)
             }
             Err(reason) => {
                 if boxes.get(filter).is_some_and(|mailbox| !mailbox.subscribed) {
-                    boxes.remove(filter);
+                    if let Some(mailbox) = boxes.remove(filter) {
+                        mail.dropped(&mailbox);
+                    }
                 }
                 Err(FetchError::Unavailable(reason))
             }
@@ -180,6 +203,7 @@ impl<D: Dial> Mailboxes<D> {
         let (requests, receiver) = mpsc::channel(REQUEST_QUEUE);
         let mail = Arc::new(TenantMail {
             boxes: Mutex::new(HashMap::new()),
+            bytes: AtomicUsize::new(0),
             requests,
         });
         let client_id = format!("{}-{tenant}", self.client_id_prefix);
@@ -331,7 +355,9 @@ fn expire(mail: &TenantMail) -> Vec<String> {
         .map(|(filter, _)| filter.clone())
         .collect();
     for filter in &expired {
-        boxes.remove(filter);
+        if let Some(mailbox) = boxes.remove(filter) {
+            mail.dropped(&mailbox);
+        }
     }
     expired
 }
@@ -390,8 +416,19 @@ fn deliver(mail: &TenantMail, topic: &str, payload: Bytes) {
             continue;
         }
         if mailbox.queue.len() >= MAILBOX_COMMANDS {
-            mailbox.queue.pop_front();
+            if let Some(oldest) = mailbox.queue.pop_front() {
+                mail.bytes
+                    .fetch_sub(oldest.payload.len(), Ordering::Relaxed);
+            }
         }
+        if mail.bytes.load(Ordering::Relaxed) + payload.len() > MAILBOX_BYTES_PER_TENANT {
+            warn!(
+                topic,
+                "HTTP command mailboxes of the org are full: command dropped"
+            );
+            continue;
+        }
+        mail.bytes.fetch_add(payload.len(), Ordering::Relaxed);
         mailbox.queue.push_back(Command {
             topic: topic.to_owned(),
             payload: payload.clone(),
@@ -402,6 +439,55 @@ fn deliver(mail: &TenantMail, topic: &str, payload: Bytes) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tenant_mail(filters: &[&str]) -> TenantMail {
+        let (requests, _) = mpsc::channel(1);
+        let boxes = filters
+            .iter()
+            .map(|filter| {
+                let mailbox = Mailbox {
+                    queue: VecDeque::new(),
+                    last_fetch: Instant::now(),
+                    subscribed: true,
+                };
+                (filter.to_string(), mailbox)
+            })
+            .collect();
+        TenantMail {
+            boxes: Mutex::new(boxes),
+            bytes: AtomicUsize::new(0),
+            requests,
+        }
+    }
+
+    #[test]
+    fn a_full_mailbox_drops_its_oldest_and_the_byte_count_follows() {
+        let mail = tenant_mail(&["o/cmd/+", "o/other/+"]);
+        for n in 0..MAILBOX_COMMANDS + 2 {
+            deliver(&mail, "o/cmd/c", Bytes::from(vec![b'x'; n + 1]));
+        }
+        let mut boxes = mail.boxes();
+        let mailbox = boxes.get_mut("o/cmd/+").expect("mailbox");
+        assert_eq!(mailbox.queue.len(), MAILBOX_COMMANDS);
+        // The two oldest (1 and 2 bytes) were dropped.
+        let held: usize = (3..=MAILBOX_COMMANDS + 2).sum();
+        assert_eq!(mail.bytes.load(Ordering::Relaxed), held);
+        let first = mail.take(mailbox).expect("a command");
+        assert_eq!(first.payload.len(), 3);
+        assert_eq!(mail.bytes.load(Ordering::Relaxed), held - 3);
+        assert!(boxes.get("o/other/+").expect("mailbox").queue.is_empty());
+    }
+
+    #[test]
+    fn the_tenant_byte_budget_bounds_every_mailbox_together() {
+        let mail = tenant_mail(&["o/a", "o/b"]);
+        let big = Bytes::from(vec![0u8; MAILBOX_BYTES_PER_TENANT / 2 + 1]);
+        deliver(&mail, "o/a", big.clone());
+        deliver(&mail, "o/b", big);
+        let boxes = mail.boxes();
+        assert_eq!(boxes["o/a"].queue.len(), 1);
+        assert!(boxes["o/b"].queue.is_empty(), "over the budget: dropped");
+    }
 
     #[test]
     fn filters_match_as_mqtt_says() {
