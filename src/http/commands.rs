@@ -28,6 +28,7 @@ use tracing::{debug, warn};
 
 use super::publisher::{complete_frame, connect, write};
 use crate::codec::{encode_subscribe, encode_unsubscribe, parse_publish, ProtocolVersion};
+use crate::limits::refusal_log_budget;
 use crate::upstream::Dial;
 
 /// Commands one mailbox holds.
@@ -422,10 +423,12 @@ fn deliver(mail: &TenantMail, topic: &str, payload: Bytes) {
             }
         }
         if mail.bytes.load(Ordering::Relaxed) + payload.len() > MAILBOX_BYTES_PER_TENANT {
-            warn!(
-                topic,
-                "HTTP command mailboxes of the org are full: command dropped"
-            );
+            if let Some(suppressed) = refusal_log_budget() {
+                warn!(
+                    topic,
+                    suppressed, "HTTP command mailboxes of the org are full: command dropped"
+                );
+            }
             continue;
         }
         mail.bytes.fetch_add(payload.len(), Ordering::Relaxed);
