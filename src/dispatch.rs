@@ -14,7 +14,8 @@ use crate::codec::Connect;
 use crate::generic::{self, Generic};
 use crate::policy::PolicyStore;
 use crate::profile::{
-    ConnectTerms, Counters, Profile, Publication, Request, SessionLimits, Settlement,
+    ConnectTerms, Counters, HttpRequest, HttpRoute, HttpRouteError, Profile, Publication, Request,
+    SessionLimits, Settlement,
 };
 use crate::refusal::{Cause, Code, Refusal};
 use crate::transport::ConnectionInfo;
@@ -67,6 +68,11 @@ impl Profile for Dispatch {
 
     fn code(&self, cause: Cause) -> Code {
         self.wiotp.code(cause)
+    }
+
+    fn http_route(&self, request: &HttpRequest<'_>) -> Result<HttpRoute, HttpRouteError> {
+        // The HTTP messaging API is WIoTP's.
+        self.wiotp.http_route(request)
     }
 
     fn identify(

@@ -21,6 +21,7 @@ use crate::coord::ids::process_hex;
 use crate::coord::local::{LocalAdmission, LocalReporter, LocalTenantBuckets};
 use crate::coord::{Admission, ProcessSlots};
 use crate::dispatch::Dispatch;
+use crate::http::HttpFront;
 use crate::ledger::Ledger;
 use crate::limits::{refusal_log_budget, ConnectRates};
 use crate::metrics::Metrics;
@@ -264,6 +265,13 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         shutting_down: shutting_down.clone(),
     });
 
+    // HTTP messaging requests publish through pooled broker connections of their own, named
+    // after the process so that two processes never take each other's over.
+    let http = Arc::new(HttpFront::new(
+        context.clone(),
+        format!("{namespace}-http-{boot}"),
+    ));
+
     let (shutdown, shutdown_rx) = watch::channel(false);
     let tls: Vec<Arc<ServerTls>> = transports.iter().filter_map(|t| t.tls.clone()).collect();
     let reloader = Arc::new(Reloader {
@@ -292,6 +300,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             Arc::new(transport),
             tenant,
             context.clone(),
+            http.clone(),
             sessions.clone(),
             shutdown_rx.clone(),
         ));
@@ -349,6 +358,7 @@ async fn accept_loop<P: Profile>(
     transport: Arc<ListenerTransport>,
     tenant: Option<Arc<str>>,
     context: Arc<Context<P, Dialer>>,
+    http: Arc<HttpFront<P, Dialer>>,
     sessions: TaskTracker,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -366,6 +376,8 @@ async fn accept_loop<P: Profile>(
                     transport.clone(),
                     tenant.clone(),
                     context.clone(),
+                    http.clone(),
+                    shutdown.clone(),
                 ));
             }
             Err(error) => {
@@ -377,7 +389,7 @@ async fn accept_loop<P: Profile>(
     }
 }
 
-/// Runs a connection's transport handshakes and then its session.
+/// Runs a connection's transport handshakes and then its session, or its HTTP requests.
 async fn serve_connection<P: Profile>(
     stream: TcpStream,
     peer: SocketAddr,
@@ -385,6 +397,8 @@ async fn serve_connection<P: Profile>(
     transport: Arc<ListenerTransport>,
     tenant: Option<Arc<str>>,
     context: Arc<Context<P, Dialer>>,
+    http: Arc<HttpFront<P, Dialer>>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let connected_at = SystemTime::now();
@@ -423,5 +437,9 @@ async fn serve_connection<P: Profile>(
         connected_at,
         tenant,
     };
+    if accepted.http {
+        crate::http::serve(accepted.stream, info, http, shutdown).await;
+        return;
+    }
     session::run(accepted.stream, info, context).await;
 }
