@@ -158,6 +158,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
                 tls: listener.tls.as_ref().map(ServerTls::load).transpose()?,
                 websocket: transport::websocket::config(config.limits.max_packet_bytes),
                 connect_timeout: config.limits.connect_timeout,
+                tenant: listener.tenant.as_deref().map(Arc::from),
             })
         })
         .collect::<Result<Vec<_>, TlsError>>()?;
@@ -288,17 +289,13 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
     let sessions = TaskTracker::new();
     let mut listen_addrs = Vec::new();
     let mut accept_tasks = JoinSet::new();
-    for (((listener, local), transport), listener_config) in
-        listeners.into_iter().zip(transports).zip(&config.listeners)
-    {
-        let tenant: Option<Arc<str>> = listener_config.tenant.as_deref().map(Arc::from);
-        info!(address = %local, tls = transport.tls.is_some(), tenant = tenant.as_deref(), "listening");
+    for ((listener, local), transport) in listeners.into_iter().zip(transports) {
+        info!(address = %local, tls = transport.tls.is_some(), tenant = transport.tenant.as_deref(), "listening");
         listen_addrs.push(local);
         accept_tasks.spawn(accept_loop(
             listener,
             local,
             Arc::new(transport),
-            tenant,
             context.clone(),
             http.clone(),
             sessions.clone(),
@@ -356,7 +353,6 @@ async fn accept_loop<P: Profile>(
     listener: TcpListener,
     local: SocketAddr,
     transport: Arc<ListenerTransport>,
-    tenant: Option<Arc<str>>,
     context: Arc<Context<P, Dialer>>,
     http: Arc<HttpFront<P, Dialer>>,
     sessions: TaskTracker,
@@ -374,7 +370,6 @@ async fn accept_loop<P: Profile>(
                     peer,
                     local,
                     transport.clone(),
-                    tenant.clone(),
                     context.clone(),
                     http.clone(),
                     shutdown.clone(),
@@ -395,7 +390,6 @@ async fn serve_connection<P: Profile>(
     peer: SocketAddr,
     local: SocketAddr,
     transport: Arc<ListenerTransport>,
-    tenant: Option<Arc<str>>,
     context: Arc<Context<P, Dialer>>,
     http: Arc<HttpFront<P, Dialer>>,
     shutdown: watch::Receiver<bool>,
@@ -435,7 +429,7 @@ async fn serve_connection<P: Profile>(
         certname,
         certificate: accepted.certificate,
         connected_at,
-        tenant,
+        tenant: transport.tenant.clone(),
     };
     if accepted.http {
         crate::http::serve(accepted.stream, info, http, shutdown).await;

@@ -753,3 +753,46 @@ async fn retained_handling_and_lifecycle_events() {
     assert_eq!(event["Action"], "Disconnect");
     assert_eq!(event["CloseCode"], 0);
 }
+
+/// A client that sets Request Problem Information to 0 gets its refusals without a reason
+/// string [MQTT-3.1.2-29].
+#[tokio::test]
+async fn no_reason_string_when_the_client_asks_for_none() {
+    use mqtt_warden::codec::{encode_connect, property, Connect, Property, PropertyValue};
+
+    let broker = Broker::start().await;
+    let warden = start(&broker, &policy()).await;
+    let mut packet = bytes::BytesMut::new();
+    encode_connect(
+        &mut packet,
+        &Connect {
+            version: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 30,
+            properties: vec![Property {
+                id: property::REQUEST_PROBLEM_INFORMATION,
+                value: PropertyValue::Byte(0),
+            }],
+            client_id: "alice-1",
+            will: None,
+            username: Some("alice@lab"),
+            password: Some(b"alice-pw"),
+        },
+    );
+    let mut stream = tokio::net::TcpStream::connect(warden.addr).await.unwrap();
+    stream.write_all(&packet).await.unwrap();
+    let (first, _) = read_packet(&mut stream).await;
+    assert_eq!(first, 0x20);
+    let topic = b"devices/alice-2/x";
+    let mut publish = vec![
+        0x32,
+        (2 + topic.len() + 2 + 1 + 1) as u8,
+        0,
+        topic.len() as u8,
+    ];
+    publish.extend_from_slice(topic);
+    publish.extend_from_slice(&[0x00, 0x07, 0x00, b'x']);
+    stream.write_all(&publish).await.unwrap();
+    let (first, body) = read_packet(&mut stream).await;
+    assert_eq!((first, body), (0x40, vec![0x00, 0x07, 0x87]));
+}

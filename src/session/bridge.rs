@@ -74,6 +74,9 @@ pub struct Negotiated {
     pub topic_alias_maximum: u16,
     /// Unacknowledged QoS 1/2 PUBLISHes from the client (the Receive Maximum it was told).
     pub max_inflight: usize,
+    /// The client did not set Request Problem Information to 0: acknowledgements may carry a
+    /// reason string [MQTT-3.1.2-29].
+    pub problem_information: bool,
 }
 
 /// A client topic alias.
@@ -1148,12 +1151,14 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
     /// The reason string of an MQTT 5 acknowledgement of a refused request, when the refusal
     /// asks for one.
     fn ack_reason(&self, refusal: &Refusal) -> Option<String> {
-        (self.version.is_v5() && refusal.reason_on_ack).then(|| {
-            self.context
-                .profile
-                .code(refusal.cause)
-                .reason_string(refusal)
-        })
+        (self.version.is_v5() && refusal.reason_on_ack && self.negotiated.problem_information).then(
+            || {
+                self.context
+                    .profile
+                    .code(refusal.cause)
+                    .reason_string(refusal)
+            },
+        )
     }
 
     /// What a refused request does: the close, when the refusal does not keep the connection;

@@ -680,6 +680,10 @@ fn negotiate<P: Profile, D: Dial>(
                 .unwrap_or(u16::MAX)
                 .min(process.max_inflight),
         ),
+        problem_information: !connect.properties.iter().any(|p| {
+            p.id == property::REQUEST_PROBLEM_INFORMATION
+                && matches!(p.value, PropertyValue::Byte(0))
+        }),
     }
 }
 

@@ -154,6 +154,9 @@ pub struct ListenerTransport {
     pub websocket: WebSocketConfig,
     /// The connect deadline: the first byte must arrive within it.
     pub connect_timeout: Duration,
+    /// The generic tenant of every client of this listener, if any
+    /// ([`ConnectionInfo::tenant`]).
+    pub tenant: Option<Arc<str>>,
 }
 
 /// An accepted connection, ready for the session.
