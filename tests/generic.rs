@@ -440,6 +440,20 @@ async fn read_packet(stream: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
     .expect("a packet in time")
 }
 
+/// Sends an MQTT 5 PUBLISH at QoS 1, packet id 7, no properties, payload `x` (topics below 120
+/// bytes).
+async fn publish_v5(stream: &mut tokio::net::TcpStream, topic: &str) {
+    let mut publish = vec![
+        0x32,
+        (2 + topic.len() + 2 + 1 + 1) as u8,
+        0,
+        topic.len() as u8,
+    ];
+    publish.extend_from_slice(topic.as_bytes());
+    publish.extend_from_slice(&[0x00, 0x07, 0x00, b'x']);
+    stream.write_all(&publish).await.unwrap();
+}
+
 /// The Reason String property of the properties that start (with their length) at `bytes`.
 fn reason_string(bytes: &[u8]) -> String {
     let skip = bytes
@@ -468,17 +482,7 @@ async fn explain_names_the_rule_of_the_reason_string() {
     )
     .await;
     assert_eq!(connack[3], 0, "{connack:?}");
-    // PUBLISH QoS 1, packet id 7, no properties.
-    let topic = b"devices/alice-2/x";
-    let mut publish = vec![
-        0x32,
-        (2 + topic.len() + 2 + 1 + 1) as u8,
-        0,
-        topic.len() as u8,
-    ];
-    publish.extend_from_slice(topic);
-    publish.extend_from_slice(&[0x00, 0x07, 0x00, b'x']);
-    stream.write_all(&publish).await.unwrap();
+    publish_v5(&mut stream, "devices/alice-2/x").await;
     let (first, body) = read_packet(&mut stream).await;
     assert_eq!((first, &body[..3]), (0x40, &[0x00, 0x07, 0x87][..]));
     let puback_reason = reason_string(&body[3..]);
@@ -783,16 +787,7 @@ async fn no_reason_string_when_the_client_asks_for_none() {
     stream.write_all(&packet).await.unwrap();
     let (first, _) = read_packet(&mut stream).await;
     assert_eq!(first, 0x20);
-    let topic = b"devices/alice-2/x";
-    let mut publish = vec![
-        0x32,
-        (2 + topic.len() + 2 + 1 + 1) as u8,
-        0,
-        topic.len() as u8,
-    ];
-    publish.extend_from_slice(topic);
-    publish.extend_from_slice(&[0x00, 0x07, 0x00, b'x']);
-    stream.write_all(&publish).await.unwrap();
+    publish_v5(&mut stream, "devices/alice-2/x").await;
     let (first, body) = read_packet(&mut stream).await;
     assert_eq!((first, body), (0x40, vec![0x00, 0x07, 0x87]));
 }
