@@ -40,6 +40,7 @@ tenants:
       - {{ allow: [publish, subscribe], topic: "fleet/#" }}
       - {{ deny: [subscribe], topic: "test/nosubscribe" }}
       - {{ allow: [publish, subscribe], topic: "#" }}
+      - {{ allow: [publish, subscribe], topic: "$events/#" }}
     limits: {{ publish_rate: {{ application: "100000/s" }} }}
   shop:
     mount: "customers/shop/"
@@ -205,6 +206,36 @@ async fn rules_decide_in_order_with_variables_and_deliveries_are_checked() {
         alice.subscribe_codes("$SYS/#", QoS::AtLeastOnce).await,
         [SubscribeReasonCode::Failure]
     );
+}
+
+/// Under the mount a tenant's `$events/...` is an ordinary topic at the broker, where `lab/#`
+/// matches it; the proxy still keeps it from wildcard subscriptions, as MQTT says.
+#[tokio::test]
+async fn dollar_topics_reach_only_subscriptions_that_name_them() {
+    let broker = Broker::start().await;
+    let warden = start(&broker, &policy()).await;
+    let mut spy = Spy::start(&broker).await;
+    let mut everything = anonymous(&warden, "everything").await;
+    everything.subscribe("#", QoS::AtLeastOnce).await;
+    let mut shared = anonymous(&warden, "shared").await;
+    shared.subscribe("$share/g/#", QoS::AtLeastOnce).await;
+    let mut events = anonymous(&warden, "events").await;
+    events.subscribe("$events/+", QoS::AtLeastOnce).await;
+    let publisher = anonymous(&warden, "publisher").await;
+
+    publish(&publisher, "$events/c1").await;
+    publish(&publisher, "plain/1").await;
+    assert_eq!(
+        spy.until("lab/plain/1").await,
+        ["lab/$events/c1", "lab/plain/1"],
+        "the broker has the $ topic, inside the mount"
+    );
+    assert_eq!(
+        received_until(&mut everything, "plain/1").await,
+        ["plain/1"]
+    );
+    assert_eq!(received_until(&mut shared, "plain/1").await, ["plain/1"]);
+    assert_eq!(events.next_publish().await.topic, "$events/c1");
 }
 
 #[tokio::test]

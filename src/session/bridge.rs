@@ -30,9 +30,9 @@ use super::{ClientStream, Context};
 use crate::codec::{
     check_ack, check_disconnect, decode_frame_header, encode_ack, encode_publish,
     encode_publish_with_properties, encode_suback, encode_subscribe, encode_unsubscribe,
-    for_each_property, packet_type, parse_properties, parse_publish, parse_suback, parse_subscribe,
-    parse_unsubscribe, publish_properties, varint_len, CodecError, PacketType, Property,
-    PropertyContext, PropertyValue, ProtocolVersion, PublishView,
+    filter_matches, for_each_property, packet_type, parse_properties, parse_publish, parse_suback,
+    parse_subscribe, parse_unsubscribe, publish_properties, varint_len, CodecError, PacketType,
+    Property, PropertyContext, PropertyValue, ProtocolVersion, PublishView,
 };
 use crate::coord::{Command, SessionControl, TenantBucket};
 use crate::limits::{refusal_log_budget, TokenBucket};
@@ -1541,6 +1541,16 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             .topic
             .get(self.topics.broker_prefix().len()..)
             .unwrap_or_default();
+        // Under a prefix a client's `$` topic is an ordinary one at the broker, so a wildcard
+        // subscription matches it there. [MQTT-4.7.2-1] says it must not: the delivery goes
+        // ahead only if a subscription of the client matches it as a broker would.
+        if parts[0].is_empty()
+            && rest.starts_with('$')
+            && !self.subscriptions.iter().any(|f| filter_matches(f, rest))
+        {
+            self.drop_delivery(&publish);
+            return Ok(());
+        }
         let payload = body.get(publish.payload.clone()).unwrap_or_default();
         if !self
             .context
