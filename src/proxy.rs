@@ -19,7 +19,8 @@ use crate::auth::Verifier;
 use crate::config::WardenConfig;
 use crate::coord::ids::process_hex;
 use crate::coord::local::{LocalAdmission, LocalReporter, LocalTenantBuckets};
-use crate::coord::{Admission, ProcessSlots};
+use crate::coord::redis::{CoordError, Coordinator};
+use crate::coord::{Admission, ProcessSlots, Reporter};
 use crate::ledger::Ledger;
 use crate::limits::{refusal_log_budget, ConnectRates};
 use crate::metrics::Metrics;
@@ -55,6 +56,9 @@ pub enum StartError {
     /// The broker's TLS files or the source addresses cannot be used.
     #[error("{0}")]
     Upstream(#[from] crate::upstream::DialerError),
+    /// The coordination store could not be reached, or this instance's ID is in use.
+    #[error("coordination: {0}")]
+    Coordination(#[from] CoordError),
     /// A listener could not bind.
     #[error("cannot listen on {address}: {source}")]
     Bind {
@@ -78,7 +82,9 @@ pub struct RunningProxy {
     /// The control connection.
     pub monitor: Monitor,
     /// Live sessions.
-    pub admission: Arc<LocalAdmission>,
+    pub admission: Arc<dyn Admission>,
+    /// The shared state of several instances, when `coordination:` is configured.
+    pub coordinator: Option<Arc<Coordinator>>,
     reloader: Arc<Reloader>,
     ledger: Ledger,
     sessions: TaskTracker,
@@ -111,6 +117,11 @@ impl RunningProxy {
             .is_err()
         {
             warn!("grace time over before every session closed");
+        }
+        if let Some(coordinator) = &self.coordinator {
+            // The closed sessions' statuses pass the coordinator's queue on their way out.
+            let _ = tokio::time::timeout_at(deadline, coordinator.drained()).await;
+            let _ = tokio::time::timeout_at(deadline, coordinator.leave()).await;
         }
         // This process is going: its ledger marker goes too, unless sessions are left (then the
         // will clears it when the connection drops, and the next process settles them).
@@ -187,7 +198,8 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         verifier.clone(),
         &config.upstream.topic_prefix,
     ));
-    let admission = LocalAdmission::new();
+    let local_admission = LocalAdmission::new();
+    let coordination = config.coordination.as_ref();
 
     // The ledger namespace names this instance on the broker and stays the same across
     // restarts, so that a restarted process finds and settles its predecessor's clients. The
@@ -197,6 +209,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         .upstream
         .control_client_id
         .clone()
+        .or_else(|| coordination.map(|c| format!("mqtt-warden-{}", c.instance_id)))
         .unwrap_or_else(|| {
             let first_bind = config
                 .listeners
@@ -207,8 +220,10 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         });
     let boot = process_hex();
     let ledger = Ledger::new(&namespace, &boot);
-    let recovery = {
-        let (ledger, profile, admission) = (ledger.clone(), profile.clone(), admission.clone());
+    // With coordination, Redis keeps what crash recovery needs, and the survivors settle.
+    let recovery = coordination.is_none().then(|| {
+        let (ledger, profile, admission) =
+            (ledger.clone(), profile.clone(), local_admission.clone());
         Recovery {
             filter: ledger.filter(),
             sentinel: ledger.sentinel_topic(),
@@ -228,19 +243,46 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
                 settled
             }),
         }
-    };
+    });
     let monitor = Monitor::spawn(
         dialer.clone(),
         ControlConfig {
             client_id: format!("{namespace}-{boot}"),
             will: Some(ledger.marker_clear()),
             greeting: vec![ledger.marker()],
-            recovery: Some(recovery),
+            recovery,
             queue_limit: config.limits.monitor_queue,
             queue_bytes: config.limits.monitor_queue_bytes,
         },
         metrics.monitor.clone(),
     );
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let coordinator = match coordination {
+        Some(coordination) => {
+            let settle = {
+                let profile = profile.clone();
+                Arc::new(move |entry: &[u8], refusal: &Refusal| profile.settle_as(entry, refusal))
+            };
+            Some(
+                Coordinator::start(
+                    coordination,
+                    monitor.clone(),
+                    settle,
+                    config.limits.monitor_queue,
+                    shutdown_rx.clone(),
+                )
+                .await?,
+            )
+        }
+        None => None,
+    };
+    let (admission, reporter): (Arc<dyn Admission>, Arc<dyn Reporter>) = match &coordinator {
+        Some(coordinator) => (coordinator.clone(), coordinator.clone()),
+        None => (
+            local_admission.clone(),
+            Arc::new(LocalReporter::new(monitor.clone(), ledger.clone())),
+        ),
+    };
     let shutting_down = Arc::new(AtomicBool::new(false));
     let connect_rates = Arc::new(ConnectRates::new(
         config.limits.connect_rate_per_client_id,
@@ -252,14 +294,13 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         admission: admission.clone(),
         slots: ProcessSlots::new(config.limits.max_connections),
         buckets: Arc::new(LocalTenantBuckets::default()),
-        reporter: Arc::new(LocalReporter::new(monitor.clone(), ledger.clone())),
+        reporter,
         connect_rates: connect_rates.clone(),
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         shutting_down: shutting_down.clone(),
     });
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
     let tls: Vec<Arc<ServerTls>> = transports.iter().filter_map(|t| t.tls.clone()).collect();
     let reloader = Arc::new(Reloader {
         policy_path: config.policies.clone(),
@@ -290,7 +331,12 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         Some(listener) => {
             let ready = {
                 let (monitor, shutting_down) = (monitor.clone(), shutting_down.clone());
-                Arc::new(move || monitor.is_connected() && !shutting_down.load(Ordering::Relaxed))
+                let coordinator = coordinator.clone();
+                Arc::new(move || {
+                    monitor.is_connected()
+                        && !shutting_down.load(Ordering::Relaxed)
+                        && coordinator.as_ref().is_none_or(|c| c.is_healthy())
+                })
             };
             let state = AdminState {
                 metrics: metrics.clone(),
@@ -314,6 +360,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         metrics,
         monitor,
         admission,
+        coordinator,
         reloader,
         ledger,
         sessions,

@@ -43,7 +43,7 @@ fn owner_key(tenant: &str, client_id: &str) -> String {
     key
 }
 
-fn count_down(counts: &mut HashMap<Box<str>, u32>, key: &str) -> u32 {
+pub(super) fn count_down(counts: &mut HashMap<Box<str>, u32>, key: &str) -> u32 {
     let Some(count) = counts.get_mut(key) else {
         return 0;
     };

@@ -10,6 +10,7 @@
 
 pub mod ids;
 pub mod local;
+pub mod redis;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -243,6 +244,8 @@ pub struct ClaimRequest<'a> {
 pub enum ClaimError {
     /// The tenant already has its maximum number of connections.
     TenantFull,
+    /// The shared state is out of reach, so neither the client ID nor the quota can be checked.
+    Unavailable,
 }
 
 /// What releasing an ownership tells the session.

@@ -1,0 +1,203 @@
+//! Several proxy instances in front of one broker, sharing state in a private `redis-server`:
+//! takeover across instances (288, and the old Disconnect before the new Connect, as a subscriber
+//! on the broker sees them), the org connection quota (173) across instances, application status
+//! cleared only by the app's last connection anywhere, and crash settlement after `kill -9`.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rumqttc::{ConnectReturnCode, QoS};
+use support::{mon, sha256_token, standard_policy, v4, Broker, Redis, Warden, WAIT};
+
+/// A subscriber of the proxy's own statuses, directly on the broker (org1's prefix).
+async fn broker_watcher(broker: &Broker, filter: &str) -> v4::Client {
+    broker_watcher_named(broker, "status-watcher", filter).await
+}
+
+/// The next status on `topic` (retained or not), skipping other topics and empty clearings.
+async fn next_status(watcher: &mut v4::Client, topic: &str) -> serde_json::Value {
+    loop {
+        let publish = watcher.next_publish().await;
+        if publish.topic == topic && !publish.payload.is_empty() {
+            return mon::parse(&publish.payload);
+        }
+    }
+}
+
+async fn instance(broker: &Broker, redis: &Redis, policy: &str, name: &str) -> Warden {
+    Warden::start_with(broker, policy, &redis.coordination(name)).await
+}
+
+/// A broker, a Redis, and instances `a` and `b` in front of them with `policy`.
+async fn two_instances(policy: &str) -> (Broker, Redis, Warden, Warden) {
+    let broker = Broker::start().await;
+    let redis = Redis::start().await;
+    let a = instance(&broker, &redis, policy, "a").await;
+    let b = instance(&broker, &redis, policy, "b").await;
+    (broker, redis, a, b)
+}
+
+#[tokio::test]
+async fn takeover_through_another_instance_closes_the_old_session_with_288_first() {
+    let (broker, _redis, a, b) = two_instances(&standard_policy()).await;
+    let topic = "org1/iot-2/type/sensor/id/dev1/mon";
+    let mut watcher = broker_watcher(&broker, topic).await;
+
+    let mut first = v4::org1_device(a.addr, "dev1").await;
+    let connect = next_status(&mut watcher, topic).await;
+    assert_eq!(connect["Action"], "Connect");
+    let _second = v4::org1_device(b.addr, "dev1").await;
+    first.closed().await;
+
+    let old = next_status(&mut watcher, topic).await;
+    assert_eq!(old["Action"], "Disconnect");
+    assert_eq!(old["CloseCode"], 288);
+    let new = next_status(&mut watcher, topic).await;
+    assert_eq!(new["Action"], "Connect");
+    assert_eq!(a.running.admission.sessions().len(), 0);
+    assert_eq!(b.running.admission.sessions().len(), 1);
+}
+
+#[tokio::test]
+async fn alternating_takeovers_keep_every_status_pair_in_order() {
+    let (broker, _redis, a, b) = two_instances(&standard_policy()).await;
+    let topic = "org1/iot-2/type/sensor/id/dev2/mon";
+    let mut watcher = broker_watcher(&broker, topic).await;
+
+    const ROUNDS: usize = 20;
+    let mut previous: Option<v4::Client> = None;
+    for round in 0..ROUNDS {
+        let through = if round % 2 == 0 { a.addr } else { b.addr };
+        // The next client connects without waiting for the last one to be closed.
+        let client = v4::org1_device(through, "dev2").await;
+        if let Some(mut old) = previous.replace(client) {
+            old.closed().await;
+        }
+        let live = a.running.admission.sessions().len() + b.running.admission.sessions().len();
+        assert_eq!(live, 1, "round {round}: one live session for the client ID");
+    }
+    previous.unwrap().disconnect().await;
+
+    // Connect, Disconnect 288, Connect, ... and the last Disconnect: never two of a kind in a row.
+    let mut seen = Vec::new();
+    while seen.len() < 2 * ROUNDS {
+        let status = next_status(&mut watcher, topic).await;
+        seen.push((
+            status["Action"].as_str().unwrap().to_owned(),
+            status["CloseCode"].as_i64(),
+        ));
+    }
+    for (index, (action, code)) in seen.iter().enumerate() {
+        let expected = if index % 2 == 0 {
+            "Connect"
+        } else {
+            "Disconnect"
+        };
+        assert_eq!(action, expected, "status {index} out of order: {seen:?}");
+        if index % 2 == 1 && index + 1 < seen.len() {
+            assert_eq!(*code, Some(288), "status {index}: {seen:?}");
+        }
+    }
+}
+
+fn small_org_policy() -> String {
+    format!(
+        "orgs:\n  small:\n    limits: {{ max_connections: 2 }}\n    device_types: {{ sensor: {{}} }}\n    devices:\n      sensor/a: {{ token: \"{t}\" }}\n      sensor/b: {{ token: \"{t}\" }}\n      sensor/c: {{ token: \"{t}\" }}\n",
+        t = sha256_token("t"),
+    )
+}
+
+async fn small_device(addr: SocketAddr, device: &str) -> Result<v4::Client, v4::Refused> {
+    v4::connect(
+        addr,
+        &format!("d:small:sensor:{device}"),
+        Some("use-token-auth"),
+        Some("t"),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_org_connection_quota_counts_every_instance_and_a_takeover_once() {
+    let (broker, _redis, a, b) = two_instances(&small_org_policy()).await;
+
+    let mut device_a = small_device(a.addr, "a").await.unwrap();
+    let device_b = small_device(b.addr, "b").await.unwrap();
+    let refused = Some(v4::Refused::Code(ConnectReturnCode::ServiceUnavailable));
+    assert_eq!(small_device(a.addr, "c").await.err(), refused);
+    assert_eq!(small_device(b.addr, "c").await.err(), refused);
+
+    // Device a moves to instance b: a takeover keeps its one place.
+    let _device_a_again = small_device(b.addr, "a").await.unwrap();
+    device_a.closed().await;
+    assert_eq!(small_device(a.addr, "c").await.err(), refused);
+
+    // A place given back on one instance is free on the other.
+    device_b.disconnect().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match small_device(a.addr, "c").await {
+            Ok(_) => break,
+            Err(refusal) => {
+                assert_eq!(Some(refusal), refused);
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "b's place never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_app_status_is_cleared_only_by_its_last_connection_on_any_instance() {
+    let (broker, _redis, a, b) = two_instances(&standard_policy()).await;
+    let topic = "org1/iot-2/app/pool/mon";
+    let mut watcher = broker_watcher(&broker, topic).await;
+
+    // A load-balanced application: one client ID, a connection on each instance.
+    let on_a = v4::org1_app(a.addr, "A:org1:pool:one").await;
+    assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
+    let on_b = v4::org1_app(b.addr, "A:org1:pool:one").await;
+    assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
+
+    on_a.disconnect().await;
+    assert_eq!(
+        next_status(&mut watcher, topic).await["Action"],
+        "Disconnect"
+    );
+    // The app is still connected through b: its retained status stays.
+    let mut late = broker_watcher_named(&broker, "late-1", topic).await;
+    let retained = late.next_publish().await;
+    assert!(retained.retain);
+    assert_eq!(mon::parse(&retained.payload)["Action"], "Connect");
+
+    on_b.disconnect().await;
+    assert_eq!(
+        next_status(&mut watcher, topic).await["Action"],
+        "Disconnect"
+    );
+    // The last connection is gone: nothing retained is left.
+    let mut later = broker_watcher_named(&broker, "late-2", topic).await;
+    later.subscribe("sentinel/late-2", QoS::AtMostOnce).await;
+    later
+        .client
+        .publish("sentinel/late-2", QoS::AtMostOnce, false, "end")
+        .await
+        .unwrap();
+    let first = later.next_publish().await;
+    assert_eq!(
+        first.topic, "sentinel/late-2",
+        "no retained status for the app"
+    );
+}
+
+async fn broker_watcher_named(broker: &Broker, client_id: &str, filter: &str) -> v4::Client {
+    let addr: SocketAddr = broker.addr().parse().unwrap();
+    let mut watcher = v4::connect(addr, client_id, None, None).await.unwrap();
+    watcher.subscribe(filter, QoS::AtMostOnce).await;
+    watcher
+}
