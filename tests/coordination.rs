@@ -121,7 +121,7 @@ async fn small_device(addr: SocketAddr, device: &str) -> Result<v4::Client, v4::
 
 #[tokio::test]
 async fn the_org_connection_quota_counts_every_instance_and_a_takeover_once() {
-    let (broker, _redis, a, b) = two_instances(&small_org_policy()).await;
+    let (_broker, _redis, a, b) = two_instances(&small_org_policy()).await;
 
     let mut device_a = small_device(a.addr, "a").await.unwrap();
     let device_b = small_device(b.addr, "b").await.unwrap();
