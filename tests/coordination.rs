@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use rumqttc::{ConnectReturnCode, QoS};
-use support::{mon, sha256_token, standard_policy, v4, Broker, Redis, Warden, WAIT};
+use support::{mon, sha256_token, standard_policy, v4, Broker, ProxyProcess, Redis, Warden, WAIT};
 
 /// A subscriber of the proxy's own statuses, directly on the broker (org1's prefix).
 async fn broker_watcher(broker: &Broker, filter: &str) -> v4::Client {
@@ -18,8 +18,21 @@ async fn broker_watcher(broker: &Broker, filter: &str) -> v4::Client {
 
 /// The next status on `topic` (retained or not), skipping other topics and empty clearings.
 async fn next_status(watcher: &mut v4::Client, topic: &str) -> serde_json::Value {
+    next_status_within(watcher, topic, WAIT).await
+}
+
+async fn next_status_within(
+    watcher: &mut v4::Client,
+    topic: &str,
+    limit: Duration,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + limit;
     loop {
-        let publish = watcher.next_publish().await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let publish = watcher
+            .next_publish_within(left)
+            .await
+            .unwrap_or_else(|| panic!("no status on {topic} within {limit:?}"));
         if publish.topic == topic && !publish.payload.is_empty() {
             return mon::parse(&publish.payload);
         }
@@ -200,4 +213,82 @@ async fn broker_watcher_named(broker: &Broker, client_id: &str, filter: &str) ->
     let mut watcher = v4::connect(addr, client_id, None, None).await.unwrap();
     watcher.subscribe(filter, QoS::AtMostOnce).await;
     watcher
+}
+
+/// An instance as a process of the real binary, so that it can be killed with SIGKILL.
+async fn instance_process(
+    dir: &std::path::Path,
+    broker: &Broker,
+    redis: &Redis,
+    name: &str,
+) -> ProxyProcess {
+    let config = format!(
+        "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"{}\"\npolicies: policy.yaml\ntelemetry: {{ log_format: json }}\n{}",
+        broker.addr(),
+        redis.coordination(name)
+    );
+    ProxyProcess::start(dir, name, &config, &[]).await
+}
+
+#[tokio::test]
+async fn a_takeover_from_a_killed_instance_publishes_its_288_at_once() {
+    let broker = Broker::start().await;
+    let redis = Redis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), standard_policy()).unwrap();
+    let mut a = instance_process(dir.path(), &broker, &redis, "a").await;
+    let b = instance(&broker, &redis, &standard_policy(), "b").await;
+    let topic = "org1/iot-2/type/sensor/id/dev1/mon";
+    let mut watcher = broker_watcher(&broker, topic).await;
+
+    let _on_a = v4::org1_device(a.addr, "dev1").await;
+    assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
+    a.child.kill().await.unwrap();
+
+    // a's lease still runs, but nothing listens for it: b settles a's session (288) first,
+    // without waiting for the lease to run out.
+    let started = tokio::time::Instant::now();
+    let _on_b = v4::org1_device(b.addr, "dev1").await;
+    let old = next_status(&mut watcher, topic).await;
+    assert_eq!(
+        (old["Action"].as_str(), old["CloseCode"].as_i64()),
+        (Some("Disconnect"), Some(288))
+    );
+    assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn the_survivors_settle_a_killed_instance_and_free_its_quota() {
+    let broker = Broker::start().await;
+    let redis = Redis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = small_org_policy().replace("max_connections: 2", "max_connections: 1");
+    std::fs::write(dir.path().join("policy.yaml"), &policy).unwrap();
+    let mut a = instance_process(dir.path(), &broker, &redis, "a").await;
+    let b = instance(&broker, &redis, &policy, "b").await;
+    let topic = "small/iot-2/type/sensor/id/a/mon";
+    let mut watcher = broker_watcher(&broker, topic).await;
+
+    let _on_a = small_device(a.addr, "a").await.unwrap();
+    assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
+    let refused = Some(v4::Refused::Code(ConnectReturnCode::ServiceUnavailable));
+    assert_eq!(small_device(b.addr, "b").await.err(), refused);
+    a.child.kill().await.unwrap();
+    let killed = tokio::time::Instant::now();
+
+    // Within the lease (10 s) and a renewal round (2 s) or two, b publishes a's Disconnect...
+    let settled = next_status_within(&mut watcher, topic, Duration::from_secs(20)).await;
+    assert_eq!(settled["Action"], "Disconnect");
+    assert_eq!(settled["CloseCode"], 92);
+    assert!(
+        killed.elapsed() >= Duration::from_secs(5),
+        "settled while a's lease ran"
+    );
+    // ... and the org's place is free again.
+    let _on_b = small_device(b.addr, "b").await.unwrap();
 }
