@@ -292,3 +292,56 @@ async fn the_survivors_settle_a_killed_instance_and_free_its_quota() {
     // ... and the org's place is free again.
     let _on_b = small_device(b.addr, "b").await.unwrap();
 }
+
+#[tokio::test]
+async fn without_redis_an_instance_fails_closed_and_recovers_by_itself() {
+    let broker = Broker::start().await;
+    let redis = Redis::start().await;
+    let port = redis.port;
+    let a = instance(&broker, &redis, &standard_policy(), "a").await;
+    let coordinator = a.running.coordinator.clone().expect("coordinated");
+    let topic = "org1/iot-2/type/sensor/id/dev1/mon";
+    let mut watcher = broker_watcher(&broker, topic).await;
+    let mut dev1 = v4::org1_device(a.addr, "dev1").await;
+    assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
+
+    redis.stop().await;
+    let stopped = tokio::time::Instant::now();
+    // New clients are refused (167: CONNACK 3) while ownership and quotas cannot be checked.
+    let refused = v4::connect(
+        a.addr,
+        "d:org1:sensor:dev2",
+        Some("use-token-auth"),
+        Some("dev2-token"),
+    )
+    .await
+    .err();
+    assert_eq!(
+        refused,
+        Some(v4::Refused::Code(ConnectReturnCode::ServiceUnavailable))
+    );
+    // The held client is closed before the lease could run out elsewhere, and its Disconnect
+    // still reaches the broker.
+    dev1.closed().await;
+    let closed_after = stopped.elapsed();
+    assert!(closed_after < Duration::from_secs(9), "{closed_after:?}");
+    let disconnect = next_status(&mut watcher, topic).await;
+    assert_eq!(disconnect["Action"], "Disconnect");
+    assert_eq!(disconnect["CloseCode"], 92);
+    assert!(!coordinator.is_healthy());
+
+    // Redis comes back (empty: no persistence); the instance takes its lease again.
+    let _redis = Redis::start_on(port)
+        .await
+        .expect("redis restarts on its port");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !coordinator.is_healthy() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never healthy again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _dev1 = v4::org1_device(a.addr, "dev1").await;
+    assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
+}

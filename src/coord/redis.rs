@@ -447,6 +447,8 @@ struct Shared {
     settle: SettleFn,
     /// Whether the lease is held and was renewed recently.
     healthy: AtomicBool,
+    /// When the lease was last renewed.
+    renewed: Mutex<Instant>,
     /// Takeovers waiting for a holder's answer, by the displaced session.
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
     answers: Arc<Semaphore>,
@@ -553,6 +555,7 @@ impl Coordinator {
             monitor,
             settle,
             healthy: AtomicBool::new(true),
+            renewed: Mutex::new(Instant::now()),
             waiters: Mutex::new(HashMap::new()),
             answers: Arc::new(Semaphore::new(MAX_ANSWERS)),
         });
@@ -572,6 +575,7 @@ impl Coordinator {
                 "settled clients of an earlier process of this instance"
             );
         }
+        tokio::spawn(shared.clone().watch_lease(shutdown.clone()));
         tokio::spawn(shared.clone().keep_lease(shutdown));
         info!(instance = %shared.instance, "coordination through Redis");
         Ok(Arc::new(Coordinator { shared }))
@@ -638,25 +642,32 @@ impl Shared {
         }
     }
 
-    /// Renews the lease, closes this instance's clients when it cannot, and settles instances
-    /// whose lease ran out.
-    async fn keep_lease(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut renewed = Instant::now();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next_renewal = Instant::now() + RENEW_EVERY;
+    /// Closes this instance's clients once the lease was not renewed for [`HOLD_LIMIT`]. A task
+    /// of its own, so that a renewal stuck on its deadline cannot delay it.
+    async fn watch_lease(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
+            let renewed = *lock(&self.renewed);
             if renewed.elapsed() >= HOLD_LIMIT && self.healthy.swap(false, Ordering::Relaxed) {
                 self.close_all("lost contact with the coordination store");
             }
-            if Instant::now() < next_renewal {
-                continue;
+        }
+    }
+
+    /// Renews the lease, and settles instances whose lease ran out.
+    async fn keep_lease(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(RENEW_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
             }
-            next_renewal = Instant::now() + RENEW_EVERY;
             let mut conn = self.conn.clone();
             let answer = bounded(
                 RENEW
@@ -668,7 +679,7 @@ impl Shared {
             .await;
             match answer {
                 Ok(1) => {
-                    renewed = Instant::now();
+                    *lock(&self.renewed) = Instant::now();
                     if !self.healthy.swap(true, Ordering::Relaxed) {
                         info!("coordination store reachable again");
                     }
@@ -677,7 +688,7 @@ impl Shared {
                     // The lease was gone: another instance may have settled this one's clients.
                     warn!("the coordination lease had run out; taken again");
                     self.close_all("the coordination lease ran out");
-                    renewed = Instant::now();
+                    *lock(&self.renewed) = Instant::now();
                     let _ = bounded(conn.sadd::<_, _, ()>(INSTANCES_KEY, &self.instance)).await;
                     self.healthy.store(true, Ordering::Relaxed);
                 }
@@ -821,17 +832,28 @@ impl Shared {
         let mut unreleased: Vec<(Box<str>, String)> = Vec::new();
         loop {
             let jobs = self.jobs.take().await;
+            // Once Redis fails, the rest of the batch does not wait for it job by job: statuses
+            // go out as this instance sees them, and the releases are retried later.
+            let mut failing = !self.healthy.load(Ordering::Relaxed);
             for job in jobs {
                 match job {
                     Job::Release { tenant, session } => {
-                        let outcome = match self.release(&tenant, &session).await {
-                            Ok(outcome) => outcome,
-                            Err(error) => {
-                                debug!(%error, "release failed; retried later");
-                                unreleased.push((tenant, session.clone()));
-                                Outcome::Unknown
+                        let released = if failing {
+                            None
+                        } else {
+                            match self.release(&tenant, &session).await {
+                                Ok(outcome) => Some(outcome),
+                                Err(error) => {
+                                    debug!(%error, "release failed; retried later");
+                                    failing = true;
+                                    None
+                                }
                             }
                         };
+                        let outcome = released.unwrap_or_else(|| {
+                            unreleased.push((tenant, session.clone()));
+                            Outcome::Unknown
+                        });
                         outcomes.insert(session, (outcome, Instant::now()));
                     }
                     Job::Connected {
@@ -839,7 +861,9 @@ impl Shared {
                         entry,
                         statuses,
                     } => {
-                        self.keep_entry(&session, entry).await;
+                        if !failing && self.keep_entry(&session, entry).await.is_err() {
+                            failing = true;
+                        }
                         self.monitor.send(statuses);
                     }
                     Job::Disconnected {
@@ -885,13 +909,13 @@ impl Shared {
         Ok(outcome)
     }
 
-    async fn keep_entry(&self, session: &str, entry: Vec<u8>) {
+    async fn keep_entry(&self, session: &str, entry: Vec<u8>) -> Result<(), CoordError> {
         let Some(tenant) = lock(&self.local)
             .sessions
             .get(session)
             .map(|s| s.tenant.clone())
         else {
-            return;
+            return Ok(());
         };
         let keys = OrgKeys::new(&tenant);
         let mut conn = self.conn.clone();
@@ -904,9 +928,10 @@ impl Shared {
                 .invoke_async::<()>(&mut conn),
         )
         .await;
-        if let Err(error) = kept {
+        if let Err(error) = &kept {
             debug!(%error, "keeping the settlement entry failed");
         }
+        kept
     }
 
     /// Listens on this instance's channel, resubscribing after a broken connection.
