@@ -269,7 +269,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
                     monitor.clone(),
                     settle,
                     config.limits.monitor_queue,
-                    shutdown_rx.clone(),
+                    metrics.coordination.clone(),
                 )
                 .await?,
             )

@@ -71,6 +71,11 @@ async fn takeover_through_another_instance_closes_the_old_session_with_288_first
     assert_eq!(new["Action"], "Connect");
     assert_eq!(a.running.admission.sessions().len(), 0);
     assert_eq!(b.running.admission.sessions().len(), 1);
+    // a closed its own session and answered: b settled nothing on a's behalf.
+    let coordination = &b.running.metrics.coordination;
+    assert_eq!(coordination.remote_takeovers.get(), 1);
+    assert_eq!(coordination.settled.get(), 0);
+    assert_eq!(coordination.up.get(), 1);
 }
 
 #[tokio::test]
@@ -260,6 +265,7 @@ async fn a_takeover_from_a_killed_instance_publishes_its_288_at_once() {
         "{:?}",
         started.elapsed()
     );
+    assert_eq!(b.running.metrics.coordination.settled.get(), 1);
 }
 
 #[tokio::test]
@@ -289,6 +295,7 @@ async fn the_survivors_settle_a_killed_instance_and_free_its_quota() {
         killed.elapsed() >= Duration::from_secs(5),
         "settled while a's lease ran"
     );
+    assert_eq!(b.running.metrics.coordination.settled.get(), 1);
     // ... and the org's place is free again.
     let _on_b = small_device(b.addr, "b").await.unwrap();
 }
@@ -329,6 +336,7 @@ async fn without_redis_an_instance_fails_closed_and_recovers_by_itself() {
     assert_eq!(disconnect["Action"], "Disconnect");
     assert_eq!(disconnect["CloseCode"], 92);
     assert!(!coordinator.is_healthy());
+    assert_eq!(a.running.metrics.coordination.up.get(), 0);
 
     // Redis comes back (empty: no persistence); the instance takes its lease again.
     let _redis = Redis::start_on(port)

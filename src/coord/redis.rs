@@ -59,6 +59,7 @@ use super::{
     SessionId,
 };
 use crate::config::CoordinationConfig;
+use crate::metrics::CoordinationMetrics;
 use crate::monitor::Monitor;
 use crate::profile::{Publication, Settlement};
 use crate::refusal::{Cause, Refusal};
@@ -452,11 +453,20 @@ struct Shared {
     /// Takeovers waiting for a holder's answer, by the displaced session.
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
     answers: Arc<Semaphore>,
+    metrics: CoordinationMetrics,
 }
 
 /// The Redis-backed admission and reporter of one instance.
 pub struct Coordinator {
     shared: Arc<Shared>,
+    /// Stops the lease tasks and the channel listener.
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -497,14 +507,16 @@ impl Release for RedisRelease {
 impl Coordinator {
     /// Connects to Redis, takes this instance's lease (waiting for a crashed predecessor's to
     /// run out), listens on its channel, settles what an earlier process of the same instance
-    /// left, and starts the lease and worker tasks, which stop when `shutdown` turns true.
+    /// left, and starts the lease and worker tasks (the lease tasks stop at [`Coordinator::leave`]
+    /// or when the coordinator is dropped).
     pub async fn start(
         config: &CoordinationConfig,
         monitor: Monitor,
         settle: SettleFn,
         queue_limit: usize,
-        shutdown: watch::Receiver<bool>,
+        metrics: CoordinationMetrics,
     ) -> Result<Arc<Coordinator>, CoordError> {
+        let (stop, shutdown) = watch::channel(false);
         let client = redis::Client::open(config.redis.clone())?;
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(REDIS_TIMEOUT))
@@ -558,7 +570,9 @@ impl Coordinator {
             renewed: Mutex::new(Instant::now()),
             waiters: Mutex::new(HashMap::new()),
             answers: Arc::new(Semaphore::new(MAX_ANSWERS)),
+            metrics,
         });
+        shared.set_healthy(true);
         let pubsub = subscribe(&client, &shared.instance).await?;
         tokio::spawn(shared.clone().listen(client, pubsub, shutdown.clone()));
         tokio::spawn(shared.clone().work());
@@ -578,7 +592,7 @@ impl Coordinator {
         tokio::spawn(shared.clone().watch_lease(shutdown.clone()));
         tokio::spawn(shared.clone().keep_lease(shutdown));
         info!(instance = %shared.instance, "coordination through Redis");
-        Ok(Arc::new(Coordinator { shared }))
+        Ok(Arc::new(Coordinator { shared, stop }))
     }
 
     /// Whether this instance holds its lease and reaches Redis (`/readyz`).
@@ -598,9 +612,10 @@ impl Coordinator {
         let _ = wait.await;
     }
 
-    /// Leaves the cluster at shutdown: gives the lease back (only when no session is left, so
-    /// that the others settle what is).
+    /// Leaves the cluster at shutdown: stops renewing the lease, and gives it back when no
+    /// session is left (else the others settle what is, once it runs out).
     pub async fn leave(&self) {
+        let _ = self.stop.send(true);
         let shared = &self.shared;
         if !lock(&shared.local).sessions.is_empty() {
             return;
@@ -627,6 +642,12 @@ async fn subscribe(
 }
 
 impl Shared {
+    /// Records whether the lease is held; returns whether it was before.
+    fn set_healthy(&self, healthy: bool) -> bool {
+        self.metrics.up.set(i64::from(healthy));
+        self.healthy.swap(healthy, Ordering::Relaxed)
+    }
+
     /// Closes every session of this instance (the lease is lost or about to be).
     fn close_all(&self, detail: &'static str) {
         let handles: Vec<SessionHandle> = lock(&self.local)
@@ -652,7 +673,10 @@ impl Shared {
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
             let renewed = *lock(&self.renewed);
-            if renewed.elapsed() >= HOLD_LIMIT && self.healthy.swap(false, Ordering::Relaxed) {
+            if renewed.elapsed() >= HOLD_LIMIT
+                && self.healthy.load(Ordering::Relaxed)
+                && self.set_healthy(false)
+            {
                 self.close_all("lost contact with the coordination store");
             }
         }
@@ -680,7 +704,7 @@ impl Shared {
             match answer {
                 Ok(1) => {
                     *lock(&self.renewed) = Instant::now();
-                    if !self.healthy.swap(true, Ordering::Relaxed) {
+                    if !self.set_healthy(true) {
                         info!("coordination store reachable again");
                     }
                 }
@@ -690,11 +714,11 @@ impl Shared {
                     self.close_all("the coordination lease ran out");
                     *lock(&self.renewed) = Instant::now();
                     let _ = bounded(conn.sadd::<_, _, ()>(INSTANCES_KEY, &self.instance)).await;
-                    self.healthy.store(true, Ordering::Relaxed);
+                    self.set_healthy(true);
                 }
                 Ok(_) => {
                     warn!(instance = %self.instance, "another process holds this instance's lease");
-                    self.healthy.store(false, Ordering::Relaxed);
+                    self.set_healthy(false);
                     self.close_all("another process holds this instance's lease");
                 }
                 Err(error) => debug!(%error, "lease renewal failed"),
@@ -788,6 +812,9 @@ impl Shared {
             keep_retained_status(&mut publications);
         }
         self.jobs.push(Job::Publish(publications));
+        if instance != self.instance {
+            self.metrics.settled.inc();
+        }
         Ok(true)
     }
 
@@ -1059,7 +1086,9 @@ impl Shared {
                 && tokio::time::timeout(REMOTE_TAKEOVER_WAIT, &mut wait)
                     .await
                     .is_ok();
-            if !answered {
+            if answered {
+                self.metrics.remote_takeovers.inc();
+            } else {
                 let why = Refusal::new(Cause::TakenOver);
                 match self.settle_session(tenant, displaced, holder, &why).await {
                     Ok(true) => {
