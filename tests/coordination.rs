@@ -353,3 +353,50 @@ async fn without_redis_an_instance_fails_closed_and_recovers_by_itself() {
     let _dev1 = v4::org1_device(a.addr, "dev1").await;
     assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
 }
+
+#[tokio::test]
+async fn a_redis_stall_closes_the_clients_and_gives_their_places_back_afterwards() {
+    let broker = Broker::start().await;
+    let redis = Redis::start().await;
+    let policy = small_org_policy().replace("max_connections: 2", "max_connections: 1");
+    let a = instance(&broker, &redis, &policy, "a").await;
+    let mut device_a = small_device(a.addr, "a").await.unwrap();
+
+    // Redis answers nothing for 7 s: longer than an instance may go without renewing its lease.
+    let mut control = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(7000)
+        .arg("ALL")
+        .query_async(&mut control)
+        .await
+        .unwrap();
+    let paused = tokio::time::Instant::now();
+    device_a.closed().await;
+    assert!(
+        paused.elapsed() < Duration::from_secs(7),
+        "{:?}",
+        paused.elapsed()
+    );
+
+    // Once Redis answers again, the closed client's org place is given back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let refused = Some(v4::Refused::Code(ConnectReturnCode::ServiceUnavailable));
+    loop {
+        match small_device(a.addr, "b").await {
+            Ok(_) => break,
+            Err(refusal) => {
+                assert_eq!(Some(refusal), refused);
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the place never came back"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

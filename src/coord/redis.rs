@@ -858,7 +858,15 @@ impl Shared {
         // Releases Redis did not take: retried while it is reachable again.
         let mut unreleased: Vec<(Box<str>, String)> = Vec::new();
         loop {
-            let jobs = self.jobs.take().await;
+            // Wakes without jobs too while releases wait for Redis, so they are retried even
+            // when no session comes or goes.
+            let jobs = if unreleased.is_empty() {
+                self.jobs.take().await
+            } else {
+                tokio::time::timeout(RENEW_EVERY, self.jobs.take())
+                    .await
+                    .unwrap_or_default()
+            };
             // Once Redis fails, the rest of the batch does not wait for it job by job: statuses
             // go out as this instance sees them, and the releases are retried later.
             let mut failing = !self.healthy.load(Ordering::Relaxed);
