@@ -20,7 +20,7 @@ use crate::config::WardenConfig;
 use crate::coord::ids::process_hex;
 use crate::coord::local::{LocalAdmission, LocalReporter, LocalTenantBuckets};
 use crate::coord::redis::{CoordError, Coordinator};
-use crate::coord::{Admission, ProcessSlots, Reporter};
+use crate::coord::{Admission, ProcessSlots, Reporter, TenantBuckets};
 use crate::ledger::Ledger;
 use crate::limits::{refusal_log_budget, ConnectRates};
 use crate::metrics::Metrics;
@@ -276,11 +276,21 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         }
         None => None,
     };
-    let (admission, reporter): (Arc<dyn Admission>, Arc<dyn Reporter>) = match &coordinator {
-        Some(coordinator) => (coordinator.clone(), coordinator.clone()),
+    #[allow(clippy::type_complexity)]
+    let (admission, reporter, buckets): (
+        Arc<dyn Admission>,
+        Arc<dyn Reporter>,
+        Arc<dyn TenantBuckets>,
+    ) = match &coordinator {
+        Some(coordinator) => (
+            coordinator.clone(),
+            coordinator.clone(),
+            Arc::new(coordinator.rate_buckets()),
+        ),
         None => (
             local_admission.clone(),
             Arc::new(LocalReporter::new(monitor.clone(), ledger.clone())),
+            Arc::new(LocalTenantBuckets::default()),
         ),
     };
     let shutting_down = Arc::new(AtomicBool::new(false));
@@ -293,7 +303,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         dialer,
         admission: admission.clone(),
         slots: ProcessSlots::new(config.limits.max_connections),
-        buckets: Arc::new(LocalTenantBuckets::default()),
+        buckets,
         reporter,
         connect_rates: connect_rates.clone(),
         metrics: metrics.clone(),

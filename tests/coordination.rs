@@ -400,3 +400,55 @@ async fn a_redis_stall_closes_the_clients_and_gives_their_places_back_afterwards
         }
     }
 }
+
+#[tokio::test]
+async fn the_org_publish_rate_is_shared_by_the_instances() {
+    let policy = standard_policy().replacen(
+        "limits: { publish_rate:",
+        "limits: { org_publish_rate: \"20/s\", publish_rate:",
+        1,
+    );
+    assert!(policy.contains("org_publish_rate"));
+    let (broker, _redis, a, b) = two_instances(&policy).await;
+    let mut watcher = broker_watcher(&broker, "org1/iot-2/type/sensor/id/+/evt/+/fmt/+").await;
+
+    // A device on each instance publishes far faster than the org may.
+    let mut publishers = Vec::new();
+    for (addr, device) in [(a.addr, "dev1"), (b.addr, "dev2")] {
+        let client = v4::org1_device(addr, device).await;
+        publishers.push(tokio::spawn(async move {
+            for _ in 0..500 {
+                if client
+                    .client
+                    .publish("iot-2/evt/e/fmt/txt", QoS::AtMostOnce, false, "x")
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            client
+        }));
+    }
+    // Counted over 3 s from the first delivery: the org's 20/s, its burst of one period (20),
+    // and at most one batch (1 token at 20/s) per instance beyond.
+    watcher.next_publish().await;
+    let window = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut delivered = 1;
+    while let Some(left) = window.checked_duration_since(tokio::time::Instant::now()) {
+        match watcher.next_publish_within(left).await {
+            Some(_) => delivered += 1,
+            None => break,
+        }
+    }
+    let limit = 20 * 3 + 20 + 2;
+    assert!(
+        delivered <= limit + 4,
+        "{delivered} delivered in 3 s, the org allows about {limit}"
+    );
+    assert!(delivered >= 60, "only {delivered} delivered in 3 s");
+    eprintln!("delivered {delivered} in 3 s (the org allows about {limit})");
+    for publisher in publishers {
+        publisher.abort();
+    }
+}

@@ -54,6 +54,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::local::count_down;
+use super::redis_rate::SharedRateBuckets;
 use super::{
     Admission, ClaimError, ClaimRequest, Ownership, Release, Released, Reporter, SessionHandle,
     SessionId,
@@ -598,6 +599,11 @@ impl Coordinator {
     /// Whether this instance holds its lease and reaches Redis (`/readyz`).
     pub fn is_healthy(&self) -> bool {
         self.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    /// The org publish rate buckets of this instance, shared with the others through Redis.
+    pub fn rate_buckets(&self) -> SharedRateBuckets {
+        SharedRateBuckets::new(self.shared.conn.clone())
     }
 
     /// This instance's ID.
