@@ -29,6 +29,10 @@ trap 'rm -rf "$etc"' EXIT
 cp examples/compose/warden.yaml "$etc/warden.yaml"
 cp -r policies "$etc/policies"
 target/debug/mqtt-warden check --strict --config "$etc/warden.yaml"
+for instance in a b; do
+    cp "examples/compose/warden-$instance.yaml" "$etc/warden.yaml"
+    target/debug/mqtt-warden check --strict --config "$etc/warden.yaml"
+done
 for policy in policies/*.yaml; do
     target/debug/mqtt-warden check --policy "$policy"
 done
