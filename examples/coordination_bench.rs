@@ -76,7 +76,7 @@ fn policy() -> String {
     let mut text = String::from(
         "orgs:\n  org1:\n    limits: { max_connections: 100000 }\n    device_types: { bench: {} }\n    devices:\n",
     );
-    for device in 0..DEVICES {
+    for device in 0..DEVICES + TAKEOVERS {
         text.push_str(&format!(
             "      bench/d{device}: {{ token: \"{token}\" }}\n"
         ));
@@ -156,8 +156,7 @@ async fn connect_once(addr: SocketAddr, device: usize, hold: bool) {
         .expect("a connect succeeds");
 }
 
-/// Connects per second of `count` clients through `targets` in turn, client `i` as device
-/// `i % DEVICES`.
+/// Connects per second of `count` clients through `targets` in turn.
 async fn measure(targets: &[SocketAddr], count: usize, hold: bool) -> f64 {
     let gate = Arc::new(Semaphore::new(CONCURRENCY));
     let started = Instant::now();
@@ -166,7 +165,14 @@ async fn measure(targets: &[SocketAddr], count: usize, hold: bool) -> f64 {
         let permit = gate.clone().acquire_owned().await.expect("open");
         let target = targets[i % targets.len()];
         tasks.push(tokio::spawn(async move {
-            connect_once(target, i % DEVICES, hold).await;
+            // Takeover runs use client IDs of their own: the other runs share the broker, where
+            // the same client ID would take the held sessions over first.
+            let device = if hold {
+                DEVICES + i % TAKEOVERS
+            } else {
+                i % DEVICES
+            };
+            connect_once(target, device, hold).await;
             drop(permit);
         }));
     }
@@ -217,6 +223,7 @@ async fn main() {
     let a = start_proxy(dir.path(), broker, Some((redis, "bench-a"))).await;
     let b = start_proxy(dir.path(), broker, Some((redis, "bench-b"))).await;
     let (local, one) = (local.listen_addrs[0], one.listen_addrs[0]);
+    let takeover_metrics = [a.metrics.clone(), b.metrics.clone()];
     let pair = [a.listen_addrs[0], b.listen_addrs[0]];
 
     // Warm-up: every configuration once; the takeover runs start with every client ID held
@@ -253,4 +260,13 @@ async fn main() {
             values.iter().map(|v| v.round()).collect::<Vec<_>>()
         );
     }
+    let (answered, settled) = takeover_metrics.iter().fold((0, 0), |(a, s), m| {
+        (
+            a + m.coordination.remote_takeovers.get(),
+            s + m.coordination.settled.get(),
+        )
+    });
+    println!(
+        "takeovers across the instances: {answered} answered by the holder, {settled} settled on its behalf"
+    );
 }

@@ -452,3 +452,42 @@ async fn the_org_publish_rate_is_shared_by_the_instances() {
         publisher.abort();
     }
 }
+
+#[tokio::test]
+async fn a_shutdown_publishes_its_disconnects_and_gives_the_lease_back() {
+    let broker = Broker::start().await;
+    let redis = Redis::start().await;
+    let a = instance(&broker, &redis, &standard_policy(), "a").await;
+    let topic = "org1/iot-2/type/sensor/id/dev1/mon";
+    let mut watcher = broker_watcher(&broker, topic).await;
+    let mut dev1 = v4::org1_device(a.addr, "dev1").await;
+    assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
+
+    a.running.shutdown(Duration::from_secs(5)).await;
+    dev1.closed().await;
+    let disconnect = next_status(&mut watcher, topic).await;
+    assert_eq!(disconnect["CloseCode"], 93);
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let lease: bool = redis::cmd("EXISTS")
+        .arg("warden:lease:{a}")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!lease, "the lease is given back");
+    let instances: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("warden:instances")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(instances.is_empty(), "{instances:?}");
+    let count: Option<i64> = redis::cmd("GET")
+        .arg("warden:{o:org1}:count")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(count, None, "no connection of org1 is counted");
+}

@@ -87,6 +87,8 @@ const SETTLE_LOCK: Duration = Duration::from_secs(30);
 /// Close requests answered at the same time, at most; further ones are left to the requester's
 /// bounded wait.
 const MAX_ANSWERS: usize = 1024;
+/// Jobs whose Redis work the worker runs at the same time, at most.
+const MAX_JOBS_AT_ONCE: usize = 1024;
 /// How long the worker remembers a release's outcome for the Disconnect that follows it.
 const OUTCOME_MEMORY: Duration = Duration::from_secs(60);
 /// The first level of every key and channel.
@@ -873,61 +875,11 @@ impl Shared {
                     .await
                     .unwrap_or_default()
             };
-            // Once Redis fails, the rest of the batch does not wait for it job by job: statuses
-            // go out as this instance sees them, and the releases are retried later.
-            let mut failing = !self.healthy.load(Ordering::Relaxed);
-            for job in jobs {
-                match job {
-                    Job::Release { tenant, session } => {
-                        let released = if failing {
-                            None
-                        } else {
-                            match self.release(&tenant, &session).await {
-                                Ok(outcome) => Some(outcome),
-                                Err(error) => {
-                                    debug!(%error, "release failed; retried later");
-                                    failing = true;
-                                    None
-                                }
-                            }
-                        };
-                        let outcome = released.unwrap_or_else(|| {
-                            unreleased.push((tenant, session.clone()));
-                            Outcome::Unknown
-                        });
-                        outcomes.insert(session, (outcome, Instant::now()));
-                    }
-                    Job::Connected {
-                        session,
-                        entry,
-                        statuses,
-                    } => {
-                        if !failing && self.keep_entry(&session, entry).await.is_err() {
-                            failing = true;
-                        }
-                        self.monitor.send(statuses);
-                    }
-                    Job::Disconnected {
-                        session,
-                        mut statuses,
-                    } => {
-                        match outcomes.remove(&session).map(|(outcome, _)| outcome) {
-                            Some(Outcome::Gone) => {
-                                debug!(%session, "settled by another instance already");
-                                continue;
-                            }
-                            Some(Outcome::Released { presence_left }) if presence_left > 0 => {
-                                keep_retained_status(&mut statuses)
-                            }
-                            _ => {}
-                        }
-                        self.monitor.send(statuses);
-                    }
-                    Job::Publish(publications) => self.monitor.send(publications),
-                    Job::Barrier(done) => {
-                        let _ = done.send(());
-                    }
-                }
+            let mut jobs = jobs;
+            while !jobs.is_empty() {
+                let rest = jobs.split_off(jobs.len().min(MAX_JOBS_AT_ONCE));
+                self.run_jobs(jobs, &mut outcomes, &mut unreleased).await;
+                jobs = rest;
             }
             outcomes.retain(|_, (_, at)| at.elapsed() < OUTCOME_MEMORY);
             if !unreleased.is_empty() && self.healthy.load(Ordering::Relaxed) {
@@ -942,6 +894,74 @@ impl Shared {
         }
     }
 
+    /// Runs jobs: first the Redis work of all of them at once (pipelined on the multiplexed
+    /// connection), then, in the jobs' order, what goes to the control connection.
+    async fn run_jobs(
+        &self,
+        jobs: Vec<Job>,
+        outcomes: &mut HashMap<String, (Outcome, Instant)>,
+        unreleased: &mut Vec<(Box<str>, String)>,
+    ) {
+        // While Redis is known to be away, statuses go out as this instance sees them, and the
+        // releases are retried later.
+        let redis_work: Vec<Option<Result<Outcome, CoordError>>> = if self
+            .healthy
+            .load(Ordering::Relaxed)
+        {
+            futures_util::future::join_all(jobs.iter().map(|job| async move {
+                match job {
+                    Job::Release { tenant, session } => Some(self.release(tenant, session).await),
+                    Job::Connected { session, entry, .. } => {
+                        let _ = self.keep_entry(session, entry).await;
+                        None
+                    }
+                    _ => None,
+                }
+            }))
+            .await
+        } else {
+            jobs.iter().map(|_| None).collect()
+        };
+        for (job, released) in jobs.into_iter().zip(redis_work) {
+            match job {
+                Job::Release { tenant, session } => {
+                    let outcome = match released {
+                        Some(Ok(outcome)) => outcome,
+                        failed => {
+                            if let Some(Err(error)) = failed {
+                                debug!(%error, "release failed; retried later");
+                            }
+                            unreleased.push((tenant, session.clone()));
+                            Outcome::Unknown
+                        }
+                    };
+                    outcomes.insert(session, (outcome, Instant::now()));
+                }
+                Job::Connected { statuses, .. } => self.monitor.send(statuses),
+                Job::Disconnected {
+                    session,
+                    mut statuses,
+                } => {
+                    match outcomes.remove(&session).map(|(outcome, _)| outcome) {
+                        Some(Outcome::Gone) => {
+                            debug!(%session, "settled by another instance already");
+                            continue;
+                        }
+                        Some(Outcome::Released { presence_left }) if presence_left > 0 => {
+                            keep_retained_status(&mut statuses)
+                        }
+                        _ => {}
+                    }
+                    self.monitor.send(statuses);
+                }
+                Job::Publish(publications) => self.monitor.send(publications),
+                Job::Barrier(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    }
+
     async fn release(&self, tenant: &str, session: &str) -> Result<Outcome, CoordError> {
         let (outcome, _) = self.run_release(tenant, session, &self.instance).await?;
         let mut conn = self.conn.clone();
@@ -950,7 +970,7 @@ impl Shared {
         Ok(outcome)
     }
 
-    async fn keep_entry(&self, session: &str, entry: Vec<u8>) -> Result<(), CoordError> {
+    async fn keep_entry(&self, session: &str, entry: &[u8]) -> Result<(), CoordError> {
         let Some(tenant) = lock(&self.local)
             .sessions
             .get(session)
