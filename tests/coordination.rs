@@ -491,3 +491,30 @@ async fn a_shutdown_publishes_its_disconnects_and_gives_the_lease_back() {
         .unwrap();
     assert_eq!(count, None, "no connection of org1 is counted");
 }
+
+#[tokio::test]
+async fn when_every_instance_died_the_first_to_start_settles_their_clients() {
+    let broker = Broker::start().await;
+    let redis = Redis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), standard_policy()).unwrap();
+    let mut a = instance_process(dir.path(), &broker, &redis, "a").await;
+    let topic = "org1/iot-2/type/sensor/id/dev1/mon";
+    let mut watcher = broker_watcher(&broker, topic).await;
+    let _on_a = v4::org1_device(a.addr, "dev1").await;
+    assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
+    a.child.kill().await.unwrap();
+
+    // The only instance is gone. Its successor under the same instance ID waits for the old
+    // lease to run out, then settles what the old process left before it takes clients.
+    let restarted = instance(&broker, &redis, &standard_policy(), "a").await;
+    let settled = next_status(&mut watcher, topic).await;
+    assert_eq!(settled["Action"], "Disconnect");
+    assert_eq!(settled["CloseCode"], 92);
+    assert_eq!(
+        settled["Reason"],
+        "The connection was closed by the server: settled after a proxy restart"
+    );
+    let _again = v4::org1_device(restarted.addr, "dev1").await;
+    assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
+}
