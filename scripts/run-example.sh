@@ -49,6 +49,10 @@ Try it from another terminal (the tokens are the example policy's):
   # a device publishing an event
   mosquitto_pub -h 127.0.0.2 -i d:myorg1:sensor:dev001 -u use-token-auth -P dev001-secret-token \
     -t iot-2/evt/temperature/fmt/json -m '{"celsius": 21.5}'
+  # the same event over the HTTP messaging API
+  curl --fail-with-body -u use-token-auth:dev001-secret-token -H 'Content-Type: application/json' \
+    --data-binary '{"celsius": 21.5}' \
+    http://127.0.0.2:1883/api/v0002/org/myorg1/device/types/sensor/devices/dev001/events/temperature
 
 The Python SDK example is in README.md ("Trying it"). Ctrl-C stops both.
 

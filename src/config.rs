@@ -17,6 +17,10 @@ use crate::policy::yaml::{self, LineMap};
 pub const DEFAULT_TOPIC_PREFIX: &str = "{org}/";
 /// The placeholder in `topic_prefix` that is replaced by the org ID.
 pub const ORG_PLACEHOLDER: &str = "{org}";
+/// The smallest `limits.http_max_header_bytes` (what the HTTP library needs to work).
+const MIN_HTTP_HEADER_BYTES: u64 = 8192;
+/// The largest `limits.http_max_header_bytes`.
+const MAX_HTTP_HEADER_BYTES: u64 = 1024 * 1024;
 /// How long a write may make no progress, by default (`limits.write_timeout_secs`).
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(15);
 /// The largest packet MQTT can frame, in bytes (remaining length plus a 5-byte fixed header).
@@ -209,6 +213,11 @@ pub struct ProcessLimits {
     pub connect_rate_per_client_id: Rate,
     /// CONNECTs per source address (104 above).
     pub connect_rate_per_address: Rate,
+    /// HTTP messaging requests on one kept-alive connection; the last is answered with
+    /// `Connection: close`.
+    pub http_max_requests_per_connection: u32,
+    /// Largest HTTP request head (request line and headers), in bytes (431 above).
+    pub http_max_header_bytes: usize,
 }
 
 impl Default for ProcessLimits {
@@ -237,6 +246,8 @@ impl Default for ProcessLimits {
                 per: Duration::from_secs(1),
             },
             auth_queue: 256,
+            http_max_requests_per_connection: 1000,
+            http_max_header_bytes: 16 * 1024,
         }
     }
 }
@@ -832,6 +843,29 @@ impl Check<'_> {
                 limits.connect_rate_per_address,
                 defaults.connect_rate_per_address,
             ),
+            http_max_requests_per_connection: match limits.http_max_requests_per_connection {
+                None => defaults.http_max_requests_per_connection,
+                Some(n) => u32::try_from(n).ok().filter(|n| *n > 0).unwrap_or_else(|| {
+                    self.error(
+                        "limits.http_max_requests_per_connection",
+                        "must be 1 to 4294967295",
+                    );
+                    defaults.http_max_requests_per_connection
+                }),
+            },
+            http_max_header_bytes: match limits.http_max_header_bytes {
+                None => defaults.http_max_header_bytes,
+                Some(n) if (MIN_HTTP_HEADER_BYTES..=MAX_HTTP_HEADER_BYTES).contains(&n) => {
+                    n as usize
+                }
+                Some(_) => {
+                    self.error(
+                        "limits.http_max_header_bytes",
+                        format!("must be {MIN_HTTP_HEADER_BYTES} to {MAX_HTTP_HEADER_BYTES}"),
+                    );
+                    defaults.http_max_header_bytes
+                }
+            },
         }
     }
 
@@ -966,6 +1000,8 @@ struct LimitsFileConfig {
     monitor_queue_bytes: Option<u64>,
     connect_rate_per_client_id: Option<String>,
     connect_rate_per_address: Option<String>,
+    http_max_requests_per_connection: Option<u64>,
+    http_max_header_bytes: Option<u64>,
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! - [`config`]: the process config (`warden.yaml`).
 //! - [`proxy`]: assembly only: builds everything, binds, accepts, shuts down. Nothing imports it.
 //! - [`transport`]: TCP, TLS, WebSocket and secure WebSocket, told apart on one port.
+//! - [`http`]: the HTTP messaging API on the same listeners, through the same profile hooks.
 //! - [`session`]: one client's life: connect phase, bridge loop (generic over both streams),
 //!   close.
 //! - [`codec`]: MQTT framing and packet views, for MQTT 3.1, 3.1.1 and 5.
@@ -40,6 +41,7 @@ pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod coord;
+pub mod http;
 pub mod ledger;
 pub mod limits;
 pub mod metrics;

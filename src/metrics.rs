@@ -42,6 +42,12 @@ struct DenialLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    org: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
     org: String,
     limit: &'static str,
@@ -97,6 +103,7 @@ pub struct Metrics {
     closes: Family<CloseLabels, Counter>,
     denials: Family<DenialLabels, Counter>,
     limits: Family<LimitLabels, Counter>,
+    http_requests: Family<HttpLabels, Counter>,
     auth_seconds: Histogram,
 }
 
@@ -117,6 +124,7 @@ impl Default for Metrics {
             closes: Family::default(),
             denials: Family::default(),
             limits: Family::default(),
+            http_requests: Family::default(),
             auth_seconds: Histogram::new(AUTH_BUCKETS_SECS),
             registry: Registry::default(),
         };
@@ -207,6 +215,11 @@ impl Default for Metrics {
         );
         registry.register("warden_limit_hits", "Limits hit", metrics.limits.clone());
         registry.register(
+            "warden_http_requests",
+            "HTTP messaging requests answered, by status",
+            metrics.http_requests.clone(),
+        );
+        registry.register(
             "warden_auth_seconds",
             "Time to authenticate a CONNECT",
             metrics.auth_seconds.clone(),
@@ -259,6 +272,17 @@ impl Metrics {
             .inc();
     }
 
+    /// An HTTP messaging request of `org` (empty when unknown) was answered with `status` (one
+    /// of the few statuses the HTTP front end answers with).
+    pub fn http_request(&self, org: &str, status: u16) {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                org: org.to_owned(),
+                status,
+            })
+            .inc();
+    }
+
     /// How long one authentication took.
     pub fn auth_latency(&self, elapsed: Duration) {
         self.auth_seconds.observe(elapsed.as_secs_f64());
@@ -300,6 +324,7 @@ mod tests {
         metrics.close(180, "org1");
         metrics.denial("org1", "publish not allowed");
         metrics.limit("org1", "payload");
+        metrics.http_request("org1", 200);
         metrics.auth_latency(Duration::from_micros(700));
         metrics.bytes_in.inc_by(42);
         metrics.monitor.upstream_up.set(1);
@@ -310,6 +335,7 @@ mod tests {
             "warden_closes_total{code=\"180\",org=\"org1\"} 1",
             "warden_denials_total{org=\"org1\",rule=\"publish not allowed\"} 1",
             "warden_limit_hits_total{org=\"org1\",limit=\"payload\"} 1",
+            "warden_http_requests_total{org=\"org1\",status=\"200\"} 1",
             "warden_auth_seconds_bucket{le=\"0.001\"} 1",
             "warden_auth_seconds_bucket{le=\"0.0005\"} 0",
             "warden_auth_seconds_count 1",

@@ -16,7 +16,12 @@
 //!    ones a crash left unsent.
 //!
 //! Every refusal is a generic [`Refusal`]; [`Profile::code`] turns its cause into the profile's
-//! closing code. ARCHITECTURE.md ("Writing a profile") lists what the session guarantees.
+//! closing code.
+//!
+//! The HTTP messaging front end ([`crate::http`]) goes through the same hooks: a profile says
+//! what an HTTP request stands for in MQTT terms ([`Profile::http_route`]: a client ID, a user
+//! name and a topic), and from there the request is identified, authenticated, limited and
+//! checked exactly as a CONNECT and a PUBLISH would be. ARCHITECTURE.md ("Writing a profile") lists what the session guarantees.
 
 use std::future::Future;
 use std::ops::RangeInclusive;
@@ -149,6 +154,59 @@ pub struct Settlement {
     pub publications: Vec<Publication>,
 }
 
+/// An HTTP messaging request as the HTTP front end read it, before its body.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpRequest<'a> {
+    /// The request path (without the query).
+    pub path: &'a str,
+    /// The `Host` header, when there is one.
+    pub host: Option<&'a str>,
+    /// The user name of Basic authorization, when there is one.
+    pub username: Option<&'a str>,
+    /// The `Content-Type` header, when there is one.
+    pub content_type: Option<&'a str>,
+}
+
+/// What an HTTP request stands for in MQTT terms: who (the client ID and user name of the
+/// CONNECT it is treated as; the password is the Basic authorization's) and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpRoute {
+    /// The client ID the request is identified and authenticated as.
+    pub client_id: String,
+    /// The CONNECT user name.
+    pub username: Option<String>,
+    /// What the request does.
+    pub action: HttpAction,
+}
+
+/// What an HTTP request does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpAction {
+    /// Publish the body to this client topic.
+    Publish {
+        /// The client topic (checked with [`Profile::check_publish`]).
+        topic: String,
+    },
+    /// Take a waiting command whose client topic matches this filter.
+    FetchCommand {
+        /// The client filter (checked with [`Profile::check_subscribe`]).
+        filter: String,
+    },
+}
+
+/// Why an HTTP request has no route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpRouteError {
+    /// No such path (404).
+    NotFound,
+    /// The path or its headers are not valid (400).
+    BadRequest(&'static str),
+    /// The content type maps to no format (415).
+    UnsupportedMediaType,
+    /// Refused by the profile (its cause decides the status).
+    Refused(Refusal),
+}
+
 /// A tenant model (see the module documentation). Hooks that answer quickly are plain
 /// functions; they run on the data path and must not block.
 pub trait Profile: Send + Sync + 'static {
@@ -159,6 +217,12 @@ pub trait Profile: Send + Sync + 'static {
 
     /// The profile's closing code for a cause.
     fn code(&self, cause: Cause) -> Code;
+
+    /// What an HTTP messaging request stands for. The default: no HTTP API (404).
+    fn http_route(&self, request: &HttpRequest<'_>) -> Result<HttpRoute, HttpRouteError> {
+        let _ = request;
+        Err(HttpRouteError::NotFound)
+    }
 
     /// The first look at a CONNECT: parse the identity and find its tenant. A refusal here
     /// publishes no status message (there is no tenant to publish it in).

@@ -21,6 +21,7 @@ use crate::coord::ids::process_hex;
 use crate::coord::local::{LocalAdmission, LocalReporter, LocalTenantBuckets};
 use crate::coord::redis::{CoordError, Coordinator};
 use crate::coord::{Admission, ProcessSlots, Reporter, TenantBuckets};
+use crate::http::HttpFront;
 use crate::ledger::Ledger;
 use crate::limits::{refusal_log_budget, ConnectRates};
 use crate::metrics::Metrics;
@@ -311,6 +312,13 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         shutting_down: shutting_down.clone(),
     });
 
+    // HTTP messaging requests publish through pooled broker connections of their own, named
+    // after the process so that two processes never take each other's over.
+    let http = Arc::new(HttpFront::new(
+        context.clone(),
+        format!("{namespace}-http-{boot}"),
+    ));
+
     let tls: Vec<Arc<ServerTls>> = transports.iter().filter_map(|t| t.tls.clone()).collect();
     let reloader = Arc::new(Reloader {
         policy_path: config.policies.clone(),
@@ -333,6 +341,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             local,
             Arc::new(transport),
             context.clone(),
+            http.clone(),
             sessions.clone(),
             shutdown_rx.clone(),
         ));
@@ -395,6 +404,7 @@ async fn accept_loop<P: Profile>(
     local: SocketAddr,
     transport: Arc<ListenerTransport>,
     context: Arc<Context<P, Dialer>>,
+    http: Arc<HttpFront<P, Dialer>>,
     sessions: TaskTracker,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -411,6 +421,8 @@ async fn accept_loop<P: Profile>(
                     local,
                     transport.clone(),
                     context.clone(),
+                    http.clone(),
+                    shutdown.clone(),
                 ));
             }
             Err(error) => {
@@ -422,13 +434,15 @@ async fn accept_loop<P: Profile>(
     }
 }
 
-/// Runs a connection's transport handshakes and then its session.
+/// Runs a connection's transport handshakes and then its session, or its HTTP requests.
 async fn serve_connection<P: Profile>(
     stream: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
     transport: Arc<ListenerTransport>,
     context: Arc<Context<P, Dialer>>,
+    http: Arc<HttpFront<P, Dialer>>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let connected_at = SystemTime::now();
@@ -466,5 +480,9 @@ async fn serve_connection<P: Profile>(
         certificate: accepted.certificate,
         connected_at,
     };
+    if accepted.http {
+        crate::http::serve(accepted.stream, info, http, shutdown).await;
+        return;
+    }
     session::run(accepted.stream, info, context).await;
 }

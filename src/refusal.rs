@@ -59,6 +59,8 @@ pub enum Cause {
     MessageTooLarge,
     /// A newer connection took the client ID over.
     TakenOver,
+    /// An HTTP messaging request changed the Authorization of its kept-alive connection.
+    AuthorizationChanged,
 }
 
 /// What an MQTT 3.1 / 3.1.1 client is told.
@@ -85,7 +87,7 @@ pub struct Answers {
 
 impl Cause {
     /// Every cause, for tables and tests.
-    pub const ALL: [Cause; 23] = [
+    pub const ALL: [Cause; 24] = [
         Cause::Normal,
         Cause::ClientClosed,
         Cause::ServerClosed,
@@ -109,6 +111,7 @@ impl Cause {
         Cause::InvalidTopic,
         Cause::MessageTooLarge,
         Cause::TakenOver,
+        Cause::AuthorizationChanged,
     ];
 
     /// What the client is told for this cause (before any override).
@@ -138,6 +141,8 @@ impl Cause {
             Cause::InvalidTopic => (Close, Some(0x8F), Some(0x90)),
             Cause::MessageTooLarge => (Close, Some(0x95), Some(0x95)),
             Cause::TakenOver => (Close, None, Some(0x8E)),
+            // HTTP only: the HTTP front end answers it; an MQTT client never meets it.
+            Cause::AuthorizationChanged => (Close, None, None),
         };
         Answers {
             v3,

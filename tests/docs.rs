@@ -142,6 +142,17 @@ async fn metrics_docs_dashboard_and_monitoring_fields_match_a_live_proxy() {
         [rumqttc::SubscribeReasonCode::Failure]
     ));
 
+    // An HTTP messaging request on the MQTT port (quickstart needs no credentials).
+    let mut http = TcpStream::connect(warden.addr).await.expect("the proxy");
+    http.write_all(
+        b"POST /api/v0002/device/types/thermo/devices/q2/events/e HTTP/1.1\r\nHost: quickstart.messaging.x\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    )
+    .await
+    .expect("request sent");
+    let mut answer = String::new();
+    http.read_to_string(&mut answer).await.expect("answer read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
     // The monitoring message of a real connection has exactly the documented fields.
     let connect = loop {
         let publish = watcher.next_publish().await;

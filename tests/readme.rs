@@ -1,6 +1,7 @@
 //! The README's examples, run as written against a real proxy with the example policy, so the
 //! README cannot drift from the product: the mosquitto_sub/mosquitto_pub session, the Python SDK
-//! device, the `warden.yaml` reference with `check`, and `hash-token`.
+//! device, the `curl` request to the HTTP messaging API, the `warden.yaml` reference with `check`,
+//! and `hash-token`.
 //!
 //! The proxy listens on 127.0.0.2 as in the README, on a free port: the only change made to a
 //! snippet is its port (`-p PORT` for the CLIs, the SDK client's `port` attribute).
@@ -175,6 +176,37 @@ async fn readme_mosquitto_commands_deliver_the_event_and_the_status() {
 }
 
 #[tokio::test]
+async fn readme_curl_example_publishes_the_event_over_http() {
+    let block = block_with("sh", "curl ");
+    let commands = commands(&block);
+    assert_eq!(commands.len(), 1, "{commands:?}");
+    let curl = &commands[0];
+    assert!(curl.contains("http://127.0.0.2:1883/"), "{curl}");
+
+    let broker = Broker::start().await;
+    let warden = readme_proxy(&broker).await;
+    let mut app = watcher(&warden).await;
+    let address = format!("127.0.0.2:{}", warden.addr.port());
+    let output = tokio::time::timeout(
+        WAIT,
+        Command::new("sh")
+            .arg("-c")
+            .arg(curl.replacen("127.0.0.2:1883", &address, 1))
+            .output(),
+    )
+    .await
+    .expect("curl finishes")
+    .expect("sh runs curl");
+    assert!(output.status.success(), "{output:?}");
+    let publish = app.next_publish().await;
+    assert_eq!(
+        publish.topic,
+        "iot-2/type/sensor/id/dev001/evt/temperature/fmt/json"
+    );
+    assert_eq!(publish.payload.as_ref(), br#"{"celsius": 21.5}"#);
+}
+
+#[tokio::test]
 async fn readme_python_sdk_example_sends_its_event_and_disconnects() {
     let code = block_with("python", "wiotp.sdk.device");
     assert!(code.contains("\"port\": 1883"), "{code}");
@@ -290,7 +322,11 @@ fn run_example_suggests_the_readme_commands() {
     let script = std::fs::read_to_string(Path::new(ROOT).join("scripts/run-example.sh"))
         .expect("scripts/run-example.sh");
     let suggested = commands(&script);
-    for command in commands(&block_with("sh", "mosquitto_sub")) {
+    let readme_commands = [
+        commands(&block_with("sh", "mosquitto_sub")),
+        commands(&block_with("sh", "curl ")),
+    ];
+    for command in readme_commands.concat() {
         assert!(
             suggested.contains(&command),
             "scripts/run-example.sh does not suggest {command}"

@@ -11,8 +11,10 @@
 //!   read and looked at again: `GET` is secure WebSocket, anything else MQTT. A handshake that
 //!   fails or stalls, and anything but TLS on a TLS listener, is a TLS failure (**163**): logged
 //!   and counted, with no status message (no identity is known yet).
-//! - `G` (an HTTP `GET`) on a plain listener: the WebSocket handshake. Anything else is raw MQTT,
-//!   left to the session to parse (a TLS client on a plain listener fails there as invalid MQTT).
+//! - `G` (an HTTP `GET`) on a plain listener: the WebSocket handshake. `P` (an HTTP `POST`): the
+//!   HTTP messaging API ([`crate::http`]), handed over with no handshake of its own. Anything else
+//!   is raw MQTT, left to the session to parse (a TLS client on a plain listener fails there as
+//!   invalid MQTT). After TLS, the first decrypted byte is told apart the same way.
 
 pub mod tls;
 pub mod websocket;
@@ -43,6 +45,9 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// The first byte of an HTTP upgrade request (`GET`). As an MQTT fixed header it would be an
 /// invalid PUBACK, so it never starts an MQTT connection.
 const HTTP_GET_FIRST_BYTE: u8 = b'G';
+/// The first byte of an HTTP messaging request (`POST`). As an MQTT fixed header it would be a
+/// PUBREC, which never starts an MQTT connection either.
+const HTTP_POST_FIRST_BYTE: u8 = b'P';
 /// How many decrypted bytes are read at once to tell MQTT from WebSocket after TLS.
 const FIRST_READ_BYTES: usize = 4096;
 
@@ -158,6 +163,8 @@ pub struct Accepted {
     pub secure: bool,
     /// WebSocket.
     pub websocket: bool,
+    /// The HTTP messaging API (the stream starts with an HTTP request).
+    pub http: bool,
     /// The client certificate's verdict.
     pub certificate: PeerCertificate,
 }
@@ -228,6 +235,7 @@ pub async fn accept(tcp: TcpStream, listener: &ListenerTransport) -> Result<Acce
                 stream: Either::Right(Either::Left(Box::new(ws))),
                 secure: false,
                 websocket: true,
+                http: false,
                 certificate: PeerCertificate::Absent,
             });
         }
@@ -235,6 +243,7 @@ pub async fn accept(tcp: TcpStream, listener: &ListenerTransport) -> Result<Acce
             stream: Either::Left(Either::Left(tcp)),
             secure: false,
             websocket: false,
+            http: first[0] == HTTP_POST_FIRST_BYTE,
             certificate: PeerCertificate::Absent,
         });
     };
@@ -257,6 +266,7 @@ pub async fn accept(tcp: TcpStream, listener: &ListenerTransport) -> Result<Acce
         Ok(Ok(_)) => {}
     }
     let is_websocket = prefix.first() == Some(&HTTP_GET_FIRST_BYTE);
+    let is_http = prefix.first() == Some(&HTTP_POST_FIRST_BYTE);
     let stream = Rewind::new(prefix, tls);
     if is_websocket {
         let ws = websocket_handshake(stream, listener).await?;
@@ -264,6 +274,7 @@ pub async fn accept(tcp: TcpStream, listener: &ListenerTransport) -> Result<Acce
             stream: Either::Right(Either::Right(Box::new(ws))),
             secure: true,
             websocket: true,
+            http: false,
             certificate,
         });
     }
@@ -271,6 +282,7 @@ pub async fn accept(tcp: TcpStream, listener: &ListenerTransport) -> Result<Acce
         stream: Either::Left(Either::Right(Box::new(stream))),
         secure: true,
         websocket: false,
+        http: is_http,
         certificate,
     })
 }

@@ -7,7 +7,7 @@ use crate::refusal::{Cause, Code};
 
 /// The closing-code table, one row per cause: (cause, number, reason string).
 #[rustfmt::skip]
-pub const TABLE: [(Cause, u16, &str); 23] = [
+pub const TABLE: [(Cause, u16, &str); 24] = [
     (Cause::Normal, 0, "The connection has completed normally"),
     (Cause::ClientClosed, 91, "The connection was closed by the client"),
     (Cause::ServerClosed, 92, "The connection was closed by the server"),
@@ -25,6 +25,7 @@ pub const TABLE: [(Cause, u16, &str); 23] = [
     (Cause::CertificateMissing, 169, "Certificate missing"),
     (Cause::CertificateInvalid, 170, "Certificate not valid"),
     (Cause::TenantQuota, 173, "Too many connections for an organizaton"),
+    (Cause::AuthorizationChanged, 175, "The HTTP Authorization header cannot be changed in a connection"),
     (Cause::AuthenticationBusy, 176, "Authorization request is in delay or too many authentication requests"),
     (Cause::NotAuthorized, 180, "The operation is not authorized"),
     (Cause::InvalidLength, 271, "The length of the message is not correct"),

@@ -7,11 +7,13 @@
 //! - [`principal`]: roles, groups, gateways and quickstart: what an identity may do.
 //! - [`status`]: monitoring messages, their retain rules, `notify`, and ledger entries.
 //! - [`codes`]: the closing-code table.
+//! - [`http`]: the HTTP messaging API's paths, in MQTT terms.
 //!
 //! The session knows none of this; it calls the hooks below.
 
 pub mod admit;
 pub mod codes;
+pub mod http;
 pub mod identity;
 pub mod principal;
 pub mod status;
@@ -29,7 +31,8 @@ use crate::auth::Verifier;
 use crate::codec::Connect;
 use crate::policy::{OnRateExceeded, OnViolation, Org, PerClass, PolicyStore};
 use crate::profile::{
-    ConnectTerms, Counters, Profile, Publication, RateAction, Request, SessionLimits, Settlement,
+    ConnectTerms, Counters, HttpRequest, HttpRoute, HttpRouteError, Profile, Publication,
+    RateAction, Request, SessionLimits, Settlement,
 };
 use crate::refusal::{Cause, Code, Refusal};
 use crate::transport::ConnectionInfo;
@@ -139,6 +142,10 @@ impl Profile for Wiotp {
 
     fn code(&self, cause: Cause) -> Code {
         codes::code(cause)
+    }
+
+    fn http_route(&self, request: &HttpRequest<'_>) -> Result<HttpRoute, HttpRouteError> {
+        http::route(request)
     }
 
     fn identify(
