@@ -518,3 +518,133 @@ async fn when_every_instance_died_the_first_to_start_settles_their_clients() {
     let _again = v4::org1_device(restarted.addr, "dev1").await;
     assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
 }
+
+/// The raw owner record of a client ID in Redis: its epoch and the sessions holding it.
+async fn owner_record(redis: &Redis, org: &str, client_id: &str) -> (u64, usize) {
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let record: Vec<u8> = redis::cmd("HGET")
+        .arg(format!("warden:{{o:{org}}}:owner"))
+        .arg(client_id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let fields: Vec<&[u8]> = record.split(|b| *b == 0).collect();
+    let epoch = std::str::from_utf8(fields[0]).unwrap().parse().unwrap();
+    (epoch, (fields.len() - 1) / 2)
+}
+
+#[tokio::test]
+async fn a_client_ids_epoch_only_goes_up() {
+    let (broker, redis, a, b) = two_instances(&standard_policy()).await;
+    let topic = "org1/iot-2/type/sensor/id/dev1/mon";
+    let mut watcher = broker_watcher(&broker, topic).await;
+    let mut last = 0;
+    let mut held = None;
+    for round in 0..4 {
+        let through = if round % 2 == 0 { a.addr } else { b.addr };
+        let client = v4::org1_device(through, "dev1").await;
+        if let Some(mut old) = held.replace(client) {
+            old.closed().await;
+        }
+        let (epoch, _) = owner_record(&redis, "org1", "d:org1:sensor:dev1").await;
+        assert_eq!(epoch, last + 1, "round {round}");
+        last = epoch;
+    }
+    held.unwrap().disconnect().await;
+    // The release keeps the epoch and leaves no holder.
+    loop {
+        let status = next_status(&mut watcher, topic).await;
+        if status["Action"] == "Disconnect" && status["CloseCode"] == 0 {
+            break;
+        }
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (epoch, holders) = owner_record(&redis, "org1", "d:org1:sensor:dev1").await;
+        assert_eq!(epoch, last);
+        if holders == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the holder stays");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _again = v4::org1_device(a.addr, "dev1").await;
+    assert_eq!(
+        owner_record(&redis, "org1", "d:org1:sensor:dev1").await.0,
+        last + 1
+    );
+}
+
+#[tokio::test]
+async fn a_holder_that_cannot_hear_is_settled_for_and_its_late_disconnect_is_fenced() {
+    let (broker, redis, a, b) = two_instances(&standard_policy()).await;
+    let topic = "org1/iot-2/type/sensor/id/dev1/mon";
+    let mut watcher = broker_watcher(&broker, topic).await;
+    let mut on_a = v4::org1_device(a.addr, "dev1").await;
+    assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
+
+    // a's channel subscription is cut (and cut again whenever it comes back) while b takes the
+    // client over: a never hears the request, so b settles a's session itself.
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let subscribers = |list: String| -> Vec<u64> {
+        list.lines()
+            .filter_map(|line| line.strip_prefix("id="))
+            .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+            .collect()
+    };
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // a subscribed first, so its connection has the lower ID.
+    let b_subscriber = *subscribers(list).iter().max().expect("two subscribers");
+    let cutter = tokio::spawn(async move {
+        loop {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            for id in subscribers(list)
+                .into_iter()
+                .filter(|id| *id != b_subscriber)
+            {
+                let _: Result<(), _> = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("ID")
+                    .arg(id)
+                    .query_async(&mut conn)
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _on_b = v4::org1_device(b.addr, "dev1").await;
+    on_a.closed().await;
+    cutter.abort();
+
+    let old = next_status(&mut watcher, topic).await;
+    assert_eq!(
+        (old["Action"].as_str(), old["CloseCode"].as_i64()),
+        (Some("Disconnect"), Some(288))
+    );
+    assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
+    assert_eq!(b.running.metrics.coordination.settled.get(), 1);
+    // a's own Disconnect, when its session ends, finds its record gone and is not published.
+    let late = watcher.next_publish_within(Duration::from_secs(3)).await;
+    assert!(late.is_none(), "a zombie's status got through: {late:?}");
+}
