@@ -594,31 +594,16 @@ async fn a_holder_that_cannot_hear_is_settled_for_and_its_late_disconnect_is_fen
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let subscribers = |list: String| -> Vec<u64> {
-        list.lines()
-            .filter_map(|line| line.strip_prefix("id="))
-            .filter_map(|rest| rest.split(' ').next()?.parse().ok())
-            .collect()
-    };
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     // a subscribed first, so its connection has the lower ID.
-    let b_subscriber = *subscribers(list).iter().max().expect("two subscribers");
+    let b_subscriber = *pubsub_clients(&mut conn)
+        .await
+        .iter()
+        .max()
+        .expect("two subscribers");
     let cutter = tokio::spawn(async move {
         loop {
-            let list: String = redis::cmd("CLIENT")
-                .arg("LIST")
-                .arg("TYPE")
-                .arg("pubsub")
-                .query_async(&mut conn)
+            for id in pubsub_clients(&mut conn)
                 .await
-                .unwrap();
-            for id in subscribers(list)
                 .into_iter()
                 .filter(|id| *id != b_subscriber)
             {
@@ -647,4 +632,19 @@ async fn a_holder_that_cannot_hear_is_settled_for_and_its_late_disconnect_is_fen
     // a's own Disconnect, when its session ends, finds its record gone and is not published.
     let late = watcher.next_publish_within(Duration::from_secs(3)).await;
     assert!(late.is_none(), "a zombie's status got through: {late:?}");
+}
+
+/// The IDs of Redis's pub/sub connections (the instances' channel subscriptions).
+async fn pubsub_clients(conn: &mut redis::aio::MultiplexedConnection) -> Vec<u64> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(conn)
+        .await
+        .unwrap();
+    list.lines()
+        .filter_map(|line| line.strip_prefix("id="))
+        .filter_map(|rest| rest.split(' ').next()?.parse().ok())
+        .collect()
 }
