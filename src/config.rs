@@ -72,6 +72,9 @@ impl std::fmt::Debug for CoordinationConfig {
     }
 }
 
+/// The shortest bearer token the admin endpoint accepts, in bytes.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+
 /// The longest `coordination.instance_id`, in bytes.
 pub const MAX_INSTANCE_ID_BYTES: usize = 64;
 
@@ -151,11 +154,22 @@ impl std::fmt::Debug for UpstreamConfig {
     }
 }
 
-/// The admin HTTP endpoint.
-#[derive(Debug, Clone)]
+/// The admin HTTP endpoint. Its `Debug` output hides the token.
+#[derive(Clone)]
 pub struct AdminConfig {
     /// Address to bind.
     pub bind: SocketAddr,
+    /// The bearer token of the session endpoints (from `token_env`); without it they are off.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("bind", &self.bind)
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
 }
 
 /// Log format.
@@ -484,7 +498,20 @@ impl Check<'_> {
             .collect();
         let upstream = self.upstream(file.upstream);
         let policies = self.non_empty_path("policies", file.policies);
-        let admin = file.admin.map(|admin| AdminConfig { bind: admin.bind });
+        let admin = file.admin.map(|admin| AdminConfig {
+            bind: admin.bind,
+            token: admin.token_env.and_then(|var| {
+                let token = self.secret_from_env("admin.token_env", &var)?;
+                if token.len() < MIN_ADMIN_TOKEN_BYTES {
+                    self.error(
+                        "admin.token_env",
+                        format!("the token in {var} is shorter than {MIN_ADMIN_TOKEN_BYTES} bytes"),
+                    );
+                    return None;
+                }
+                Some(token)
+            }),
+        });
         let telemetry = self.telemetry(file.telemetry.unwrap_or_default());
         let limits = self.limits(file.limits.unwrap_or_default());
         let runtime = RuntimeConfig {
@@ -971,6 +998,8 @@ struct UpstreamTlsFileConfig {
 #[serde(deny_unknown_fields)]
 struct AdminFileConfig {
     bind: SocketAddr,
+    #[serde(default)]
+    token_env: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -1316,6 +1345,25 @@ limits:
         .coordination
         .unwrap();
         assert_eq!(from_env.redis.redis_settings().password(), Some("from-env"));
+    }
+
+    #[test]
+    fn the_admin_token_comes_from_the_environment_and_is_long_enough() {
+        std::env::set_var("WARDEN_TEST_ADMIN_TOKEN_LONG", "0123456789abcdef");
+        std::env::set_var("WARDEN_TEST_ADMIN_TOKEN_SHORT", "short");
+        let admin = |var: &str| {
+            format!("{MINIMAL}admin:\n  bind: \"127.0.0.1:9100\"\n  token_env: {var}\n")
+        };
+        let config = parse(&admin("WARDEN_TEST_ADMIN_TOKEN_LONG")).unwrap();
+        let admin_config = config.admin.unwrap();
+        assert_eq!(admin_config.token.as_deref(), Some("0123456789abcdef"));
+        assert!(!format!("{admin_config:?}").contains("0123456789abcdef"));
+        let (line, field, message) = invalid(&admin("WARDEN_TEST_ADMIN_TOKEN_SHORT"));
+        assert_eq!((line, field.as_str()), (Some(8), "admin.token_env"));
+        assert!(message.contains("shorter than 16"), "{message}");
+        assert!(!message.contains("short\""), "{message}");
+        let (line, field, _) = invalid(&admin("WARDEN_TEST_ADMIN_TOKEN_UNSET"));
+        assert_eq!((line, field.as_str()), (Some(8), "admin.token_env"));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::admin::AdminState;
+use crate::admin::{AdminSessions, AdminState};
 use crate::auth::Verifier;
 use crate::config::WardenConfig;
 use crate::coord::ids::process_hex;
@@ -357,9 +357,15 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
                         && coordinator.as_ref().is_none_or(|c| c.is_healthy())
                 })
             };
+            let sessions = config
+                .admin
+                .as_ref()
+                .and_then(|admin| admin.token.as_deref())
+                .map(|token| AdminSessions::new(admission.clone(), token));
             let state = AdminState {
                 metrics: metrics.clone(),
                 ready,
+                sessions,
             };
             let address = listener.local_addr().map_err(|source| StartError::Bind {
                 address: ([0, 0, 0, 0], 0).into(),

@@ -648,3 +648,163 @@ async fn pubsub_clients(conn: &mut redis::aio::MultiplexedConnection) -> Vec<u64
         .filter_map(|rest| rest.split(' ').next()?.parse().ok())
         .collect()
 }
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789";
+
+/// The `admin:` section with the session endpoints behind [`ADMIN_TOKEN`].
+fn admin_section() -> String {
+    std::env::set_var("WARDEN_TEST_COORDINATION_ADMIN_TOKEN", ADMIN_TOKEN);
+    "admin: { bind: \"127.0.0.1:0\", token_env: WARDEN_TEST_COORDINATION_ADMIN_TOKEN }\n".into()
+}
+
+/// One request to an admin endpoint: its status code and JSON body.
+async fn admin(
+    warden: &Warden,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = warden.running.admin_addr.expect("admin endpoint");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let authorization = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n{authorization}\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, stream.read_to_string(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    (status, serde_json::from_str(body).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn an_administrator_lists_and_closes_an_orgs_sessions_on_every_instance() {
+    let broker = Broker::start().await;
+    let redis = Redis::start().await;
+    let start = |name: &'static str| {
+        let config = format!("{}{}", redis.coordination(name), admin_section());
+        let (broker, policy) = (&broker, standard_policy());
+        async move { Warden::start_with(broker, &policy, &config).await }
+    };
+    let (a, b) = (start("a").await, start("b").await);
+    let mut watcher = broker_watcher(&broker, "org1/iot-2/type/sensor/id/+/mon").await;
+    let mut dev1 = v4::org1_device(a.addr, "dev1").await;
+    let mut dev2 = v4::org1_device(b.addr, "dev2").await;
+
+    let path = "/admin/orgs/org1/sessions";
+    assert_eq!(admin(&a, "GET", path, None).await.0, 401);
+    assert_eq!(
+        admin(&a, "GET", path, Some("wrong-token-0123456789"))
+            .await
+            .0,
+        401
+    );
+    let (status, listed) = admin(&a, "GET", path, Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 200, "{listed}");
+    let mut held: Vec<(String, String)> = listed["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["client_id"].as_str().unwrap().to_owned(),
+                s["instance"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    held.sort();
+    assert_eq!(
+        held,
+        [
+            ("d:org1:sensor:dev1".to_owned(), "a".to_owned()),
+            ("d:org1:sensor:dev2".to_owned(), "b".to_owned())
+        ]
+    );
+
+    // One client, connected through the other instance: closed with 94.
+    let (status, closed) = admin(
+        &a,
+        "POST",
+        "/admin/orgs/org1/clients/d%3Aorg1%3Asensor%3Adev2/close",
+        Some(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(
+        (status, closed["closed"].as_u64()),
+        (200, Some(1)),
+        "{closed}"
+    );
+    dev2.closed().await;
+    let disconnect = next_disconnect(&mut watcher, "org1/iot-2/type/sensor/id/dev2/mon").await;
+    assert_eq!(disconnect["CloseCode"], 94);
+
+    // Every client of the org, asked through b.
+    let (status, closed) = admin(&b, "POST", "/admin/orgs/org1/close", Some(ADMIN_TOKEN)).await;
+    assert_eq!(
+        (status, closed["closed"].as_u64()),
+        (200, Some(1)),
+        "{closed}"
+    );
+    dev1.closed().await;
+    let disconnect = next_disconnect(&mut watcher, "org1/iot-2/type/sensor/id/dev1/mon").await;
+    assert_eq!(disconnect["CloseCode"], 94);
+    assert_eq!(
+        admin(&b, "GET", "/admin/orgs/org1/close", Some(ADMIN_TOKEN))
+            .await
+            .0,
+        405
+    );
+}
+
+#[tokio::test]
+async fn without_coordination_the_admin_endpoints_act_on_the_one_process() {
+    let broker = Broker::start().await;
+    let warden = Warden::start_with(&broker, &standard_policy(), &admin_section()).await;
+    let mut dev1 = v4::org1_device(warden.addr, "dev1").await;
+    let _dev2 = v4::org1_device(warden.addr, "dev2").await;
+    let (status, listed) = admin(
+        &warden,
+        "GET",
+        "/admin/orgs/org1/sessions",
+        Some(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["sessions"].as_array().unwrap().len(), 2, "{listed}");
+    assert_eq!(
+        admin(
+            &warden,
+            "GET",
+            "/admin/orgs/org2/sessions",
+            Some(ADMIN_TOKEN)
+        )
+        .await
+        .1["sessions"],
+        serde_json::json!([])
+    );
+    let (status, closed) = admin(
+        &warden,
+        "POST",
+        "/admin/orgs/org1/clients/d:org1:sensor:dev1/close",
+        Some(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!((status, closed["closed"].as_u64()), (200, Some(1)));
+    dev1.closed().await;
+    assert_eq!(warden.running.admission.sessions().len(), 1);
+}
+
+/// The next Disconnect status on `topic`.
+async fn next_disconnect(watcher: &mut v4::Client, topic: &str) -> serde_json::Value {
+    loop {
+        let status = next_status(watcher, topic).await;
+        if status["Action"] == "Disconnect" {
+            return status;
+        }
+    }
+}

@@ -56,8 +56,8 @@ use tracing::{debug, info, warn};
 use super::local::count_down;
 use super::redis_rate::SharedRateBuckets;
 use super::{
-    Admission, ClaimError, ClaimRequest, Ownership, Release, Released, Reporter, SessionHandle,
-    SessionId,
+    closed_by_administrator, Admission, ClaimError, ClaimRequest, Ownership, Release, Released,
+    Reporter, SessionHandle, SessionId, SessionInfo,
 };
 use crate::config::CoordinationConfig;
 use crate::metrics::CoordinationMetrics;
@@ -1047,6 +1047,11 @@ impl Shared {
                     drop(permit);
                 });
             }
+            (Some("admin"), Some(session), _) => {
+                if let Some(local) = lock(&self.local).sessions.get(session) {
+                    local.handle.close(closed_by_administrator());
+                }
+            }
             (Some("released"), Some(session), _) => {
                 if let Some(waiters) = lock(&self.waiters).remove(session) {
                     for waiter in waiters {
@@ -1223,6 +1228,60 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// The live sessions of `tenant` on every instance: (session, instance, client ID).
+    async fn listed(&self, tenant: &str) -> Result<Vec<SessionInfo>, ClaimError> {
+        let mut conn = self.conn.clone();
+        let records: Vec<(String, Vec<u8>)> = bounded(conn.hgetall(OrgKeys::new(tenant).sessions))
+            .await
+            .map_err(|_| ClaimError::Unavailable)?;
+        Ok(records
+            .into_iter()
+            .filter_map(|(session, record)| {
+                let record = String::from_utf8(record).ok()?;
+                let fields: Vec<&str> = record.splitn(5, '\0').collect();
+                // A superseded session is on its way out: the client ID is someone else's.
+                (fields.len() == 5 && fields[1] == "0").then(|| SessionInfo {
+                    client_id: fields[4].to_owned(),
+                    instance: fields[0].to_owned(),
+                    session,
+                })
+            })
+            .collect())
+    }
+
+    async fn close_listed(
+        &self,
+        tenant: &str,
+        client_id: Option<&str>,
+    ) -> Result<usize, ClaimError> {
+        let mut closed = 0;
+        for info in self.listed(tenant).await? {
+            if client_id.is_some_and(|id| id != info.client_id) {
+                continue;
+            }
+            if info.instance == self.instance {
+                let local = lock(&self.local)
+                    .sessions
+                    .get(&info.session)
+                    .map(|s| s.handle.clone());
+                if let Some(handle) = local {
+                    handle.close(closed_by_administrator());
+                    closed += 1;
+                }
+                continue;
+            }
+            let mut conn = self.conn.clone();
+            let request = format!("admin\0{}", info.session);
+            let heard: i64 = bounded(conn.publish(channel(&info.instance), request))
+                .await
+                .map_err(|_| ClaimError::Unavailable)?;
+            closed += usize::from(heard > 0);
+        }
+        Ok(closed)
+    }
+}
+
 impl Admission for Coordinator {
     fn claim<'a>(
         &'a self,
@@ -1270,6 +1329,18 @@ impl Admission for Coordinator {
             .values()
             .map(|s| s.handle.clone())
             .collect()
+    }
+
+    fn list<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Result<Vec<SessionInfo>, ClaimError>> {
+        Box::pin(self.shared.listed(tenant))
+    }
+
+    fn close_sessions<'a>(
+        &'a self,
+        tenant: &'a str,
+        client_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<usize, ClaimError>> {
+        Box::pin(self.shared.close_listed(tenant, client_id))
     }
 }
 
