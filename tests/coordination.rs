@@ -100,12 +100,27 @@ async fn alternating_takeovers_keep_every_status_pair_in_order() {
 
     // Connect, Disconnect 288, Connect, ... and the last Disconnect: never two of a kind in a row.
     let mut seen = Vec::new();
+    let mut seen_sequence = Vec::new();
     while seen.len() < 2 * ROUNDS {
         let status = next_status(&mut watcher, topic).await;
+        seen_sequence.push(status["Sequence"].as_u64().expect("a sequence"));
+        assert_eq!(
+            status["Epoch"].as_u64(),
+            Some(seen_sequence.last().unwrap().div_ceil(2))
+        );
         seen.push((
             status["Action"].as_str().unwrap().to_owned(),
             status["CloseCode"].as_i64(),
         ));
+    }
+    // Each status carries the client ID's epoch and a sequence that counts up by one.
+    let first = seen_sequence[0];
+    for (index, sequence) in seen_sequence.iter().enumerate() {
+        assert_eq!(
+            *sequence,
+            first + index as u64,
+            "sequences {seen_sequence:?}"
+        );
     }
     for (index, (action, code)) in seen.iter().enumerate() {
         let expected = if index % 2 == 0 {

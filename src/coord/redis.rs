@@ -9,7 +9,7 @@
 //!   session that holds it and each earlier one still closing. The epoch goes up by one at every
 //!   claim and is kept after the last release, so it never goes down.
 //! - `warden:{o:ORG}:sessions`: session ID → `INSTANCE \0 SUPERSEDED \0 TAKEOVER \0 PRESENCE \0
-//!   CLIENT`. A record is the fence: a release, or a settlement by another instance, removes it,
+//!   CLIENT \0 EPOCH`. A record is the fence: a release, or a settlement by another instance, removes it,
 //!   and only the one that removed it publishes the session's Disconnect.
 //! - `warden:{o:ORG}:count`: the org's live connections, exact across instances; a session that
 //!   was taken over hands its place to the new one (`SUPERSEDED`), so a takeover counts once.
@@ -189,7 +189,7 @@ if ARGV[2] == '1' then
   end
   redis.call('HSET', KEYS[1], ARGV[1], value)
 end
-redis.call('HSET', KEYS[2], ARGV[5], ARGV[6] .. '\0' .. '0' .. '\0' .. ARGV[2] .. '\0' .. ARGV[4] .. '\0' .. ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[5], ARGV[6] .. '\0' .. '0' .. '\0' .. ARGV[2] .. '\0' .. ARGV[4] .. '\0' .. ARGV[1] .. '\0' .. tostring(epoch))
 redis.call('HINCRBY', KEYS[4], ARGV[4], 1)
 local out = {'ok', tostring(epoch)}
 for _, v in ipairs(kept) do
@@ -203,7 +203,7 @@ return out
 /// KEYS: owner, sessions, count, presence, entries. ARGV: session, the instance that must hold
 /// it. Removes the session's record and gives back what it held. Returns {'gone'} when the record
 /// is not there (another instance settled it), else {'ok', connections left with its presence
-/// key, its settlement entry or ''}.
+/// key, its settlement entry or '', its epoch (0 for a shared client ID)}.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{LUA_SPLIT}{}",
@@ -244,7 +244,7 @@ if left <= 0 then
   redis.call('HDEL', KEYS[4], r[4])
   left = 0
 end
-return {'ok', tostring(left), entry}
+return {'ok', tostring(left), entry, r[6] or '0'}
 "#
     ))
 });
@@ -337,6 +337,45 @@ fn held_member(tenant: &str, session: &str) -> String {
     format!("{tenant}\0{session}")
 }
 
+/// Which status of a session's epoch a publication is.
+#[derive(Debug, Clone, Copy)]
+enum Stamp {
+    Connect,
+    Disconnect,
+}
+
+/// Adds the client ID's `Epoch`, and a `Sequence` that orders its statuses (the Connect of epoch
+/// E is 2E-1, its Disconnect 2E), to every status that is a JSON object, so that consumers of a
+/// broker cluster can order them. Shared client IDs (epoch 0) have no order and get neither.
+fn stamp(publications: &mut [Publication], epoch: u64, which: Stamp) {
+    if epoch == 0 {
+        return;
+    }
+    let sequence = match which {
+        Stamp::Connect => 2 * epoch - 1,
+        Stamp::Disconnect => 2 * epoch,
+    };
+    for publication in publications.iter_mut() {
+        // Appended before the closing brace, so the profile's own fields keep their order.
+        let payload = &publication.payload;
+        let is_object = payload.first() == Some(&b'{')
+            && payload.last() == Some(&b'}')
+            && serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(payload)
+                .is_ok();
+        if !is_object {
+            continue;
+        }
+        let mut stamped = Vec::with_capacity(payload.len() + 40);
+        stamped.extend_from_slice(&payload[..payload.len() - 1]);
+        if payload.len() > 2 {
+            stamped.push(b',');
+        }
+        stamped
+            .extend_from_slice(format!("\"Epoch\":{epoch},\"Sequence\":{sequence}}}").as_bytes());
+        publication.payload = stamped.into();
+    }
+}
+
 /// Drops the publications that clear a retained message (retained, empty payload): the
 /// presence they clear is still live on another instance.
 fn keep_retained_status(publications: &mut Vec<Publication>) {
@@ -347,6 +386,8 @@ fn keep_retained_status(publications: &mut Vec<Publication>) {
 struct LocalSession {
     handle: SessionHandle,
     tenant: Box<str>,
+    /// The client ID's epoch this session claimed (0: a shared client ID has none).
+    epoch: u64,
 }
 
 #[derive(Default)]
@@ -372,6 +413,7 @@ enum Job {
         session: String,
         entry: Vec<u8>,
         statuses: Vec<Publication>,
+        epoch: u64,
     },
     /// A closed session's Disconnect statuses (after its `Release`).
     Disconnected {
@@ -431,8 +473,9 @@ impl Jobs {
 
 /// What a release's script said, for the Disconnect that follows.
 enum Outcome {
-    /// The record was there: this many connections with the presence key are left.
-    Released { presence_left: u64 },
+    /// The record was there: this many connections with the presence key are left; the
+    /// session's epoch.
+    Released { presence_left: u64, epoch: u64 },
     /// Another instance settled the session: its Disconnect is published already.
     Gone,
     /// Redis did not answer: publish as this instance sees it.
@@ -807,7 +850,11 @@ impl Shared {
         why: &Refusal,
     ) -> Result<bool, CoordError> {
         let (outcome, entry) = self.run_release(tenant, session, instance).await?;
-        let Outcome::Released { presence_left } = outcome else {
+        let Outcome::Released {
+            presence_left,
+            epoch,
+        } = outcome
+        else {
             return Ok(false);
         };
         let Some(Settlement {
@@ -819,6 +866,7 @@ impl Shared {
         if presence_left > 0 {
             keep_retained_status(&mut publications);
         }
+        stamp(&mut publications, epoch, Stamp::Disconnect);
         self.jobs.push(Job::Publish(publications));
         if instance != self.instance {
             self.metrics.settled.inc();
@@ -850,13 +898,20 @@ impl Shared {
         if answer.next().as_deref() != Some(b"ok".as_slice()) {
             return Ok((Outcome::Gone, Vec::new()));
         }
-        let presence_left = answer
-            .next()
-            .and_then(|n| std::str::from_utf8(&n).ok()?.parse().ok())
-            .unwrap_or(0);
+        let number = |field: Option<Vec<u8>>| {
+            field
+                .and_then(|n| std::str::from_utf8(&n).ok()?.parse().ok())
+                .unwrap_or(0)
+        };
+        let presence_left = number(answer.next());
+        let entry = answer.next().unwrap_or_default();
+        let epoch = number(answer.next());
         Ok((
-            Outcome::Released { presence_left },
-            answer.next().unwrap_or_default(),
+            Outcome::Released {
+                presence_left,
+                epoch,
+            },
+            entry,
         ))
     }
 
@@ -937,7 +992,14 @@ impl Shared {
                     };
                     outcomes.insert(session, (outcome, Instant::now()));
                 }
-                Job::Connected { statuses, .. } => self.monitor.send(statuses),
+                Job::Connected {
+                    mut statuses,
+                    epoch,
+                    ..
+                } => {
+                    stamp(&mut statuses, epoch, Stamp::Connect);
+                    self.monitor.send(statuses)
+                }
                 Job::Disconnected {
                     session,
                     mut statuses,
@@ -947,8 +1009,14 @@ impl Shared {
                             debug!(%session, "settled by another instance already");
                             continue;
                         }
-                        Some(Outcome::Released { presence_left }) if presence_left > 0 => {
-                            keep_retained_status(&mut statuses)
+                        Some(Outcome::Released {
+                            presence_left,
+                            epoch,
+                        }) => {
+                            if presence_left > 0 {
+                                keep_retained_status(&mut statuses);
+                            }
+                            stamp(&mut statuses, epoch, Stamp::Disconnect);
                         }
                         _ => {}
                     }
@@ -1206,6 +1274,7 @@ impl Shared {
                 LocalSession {
                     handle: session.clone(),
                     tenant: tenant.as_str().into(),
+                    epoch: answer.get(1).and_then(|e| e.parse().ok()).unwrap_or(0),
                 },
             );
             *local.tenants.entry(tenant.as_str().into()).or_insert(0) += 1;
@@ -1239,9 +1308,9 @@ impl Shared {
             .into_iter()
             .filter_map(|(session, record)| {
                 let record = String::from_utf8(record).ok()?;
-                let fields: Vec<&str> = record.splitn(5, '\0').collect();
+                let fields: Vec<&str> = record.split('\0').collect();
                 // A superseded session is on its way out: the client ID is someone else's.
-                (fields.len() == 5 && fields[1] == "0").then(|| SessionInfo {
+                (fields.len() >= 5 && fields[1] == "0").then(|| SessionInfo {
                     client_id: fields[4].to_owned(),
                     instance: fields[0].to_owned(),
                     session,
@@ -1352,10 +1421,16 @@ impl Reporter for Coordinator {
         entry: Vec<u8>,
         statuses: Vec<Publication>,
     ) {
+        let session = session.to_string();
+        let epoch = lock(&self.shared.local)
+            .sessions
+            .get(&session)
+            .map_or(0, |s| s.epoch);
         self.shared.jobs.push(Job::Connected {
-            session: session.to_string(),
+            session,
             entry,
             statuses,
+            epoch,
         });
     }
 
@@ -1368,5 +1443,50 @@ impl Reporter for Coordinator {
 
     fn publish(&self, publications: Vec<Publication>) {
         self.shared.jobs.push(Job::Publish(publications));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(payload: &str, retain: bool) -> Publication {
+        Publication {
+            topic: "t".into(),
+            payload: payload.to_owned().into(),
+            retain,
+        }
+    }
+
+    #[test]
+    fn statuses_get_the_epoch_and_a_sequence_after_their_own_fields() {
+        let mut statuses = vec![
+            status(r#"{"Action":"Connect","Time":"x"}"#, true),
+            status("", true),
+            status("not json", false),
+        ];
+        stamp(&mut statuses, 3, Stamp::Connect);
+        assert_eq!(
+            statuses[0].payload.as_ref(),
+            br#"{"Action":"Connect","Time":"x","Epoch":3,"Sequence":5}"#
+        );
+        assert!(statuses[1].payload.is_empty(), "a clearing stays empty");
+        assert_eq!(statuses[2].payload.as_ref(), b"not json");
+        let mut disconnect = vec![status("{}", false)];
+        stamp(&mut disconnect, 3, Stamp::Disconnect);
+        assert_eq!(
+            disconnect[0].payload.as_ref(),
+            br#"{"Epoch":3,"Sequence":6}"#
+        );
+        let mut shared = vec![status(r#"{"a":1}"#, false)];
+        stamp(&mut shared, 0, Stamp::Connect);
+        assert_eq!(shared[0].payload.as_ref(), br#"{"a":1}"#);
+    }
+
+    #[test]
+    fn only_retained_empty_publications_are_clearings() {
+        let mut statuses = vec![status("", true), status("", false), status("{}", true)];
+        keep_retained_status(&mut statuses);
+        assert_eq!(statuses.len(), 2);
     }
 }
