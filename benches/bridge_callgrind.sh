@@ -5,6 +5,12 @@
 #
 #   benches/bridge_callgrind.sh                 # builds this checkout's example, prints the table
 #   COUNT=20000 PAYLOAD=64 benches/bridge_callgrind.sh
+#   RULES=1 benches/bridge_callgrind.sh         # WIoTP org against a generic tenant with 50 rules
+#
+# With RULES=1 the same traffic (COUNT PUBLISHes of PAYLOAD bytes, topics of the same length,
+# broker prefixes of the same length) runs for a WIoTP application (group-limited API key) and for
+# a user of a generic tenant whose topic is decided by the 43rd of 50 rules, in one invocation, and
+# the table gives both and generic / WIoTP per direction and QoS.
 #
 # Ir per message = (Ir of the run − Ir of the run with no messages) / COUNT: the proxy's own
 # work per PUBLISH (decode, checks, rewrite, encode, the loop and the runtime's wake-ups), with
@@ -30,6 +36,28 @@ ir() {
     --payload "$PAYLOAD" 2>/dev/null >/dev/null
   awk '/^summary:/ { print $2 }' "$out"
 }
+
+if [[ "${RULES:-0}" == 1 ]]; then
+  declare -A base per
+  for profile in wiotp generic; do
+    base[$profile]=$(ir "none-$profile" --direction none --profile "$profile")
+  done
+  echo "| direction, QoS | WIoTP org, Ir per PUBLISH | generic tenant (50 rules), Ir per PUBLISH | generic / WIoTP |"
+  echo "|---|---:|---:|---:|"
+  for direction in in out; do
+    for qos in 0 1; do
+      for profile in wiotp generic; do
+        total=$(ir "$direction-$qos-$profile" --direction "$direction" --qos "$qos" --profile "$profile")
+        per[$profile]=$(( (total - base[$profile]) / COUNT ))
+      done
+      ratio=$(awk -v g="${per[generic]}" -v w="${per[wiotp]}" 'BEGIN { printf "%.3f", g / w }')
+      echo "| $direction, QoS $qos | ${per[wiotp]} | ${per[generic]} | $ratio |"
+    done
+  done
+  echo
+  echo "$COUNT messages of $PAYLOAD B per run; in: client → broker, out: broker → client."
+  exit 0
+fi
 
 base=$(ir none --direction none)
 echo "| direction | QoS 0, Ir per PUBLISH | QoS 1, Ir per PUBLISH (and its PUBACK) |"

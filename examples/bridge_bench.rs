@@ -1,8 +1,10 @@
 //! The session in-process, over in-memory streams: one WIoTP application session (a
-//! group-limited API key, the costliest checks) forwarding a fixed number of PUBLISHes in one
-//! direction, with this program playing both the client and the broker. No sockets, no kernel:
-//! run it under callgrind to count the proxy's own instructions per forwarded PUBLISH
-//! (`benches/bridge_callgrind.sh` does, and subtracts a run with no messages).
+//! group-limited API key, the costliest checks), or with `--profile generic` one client of a
+//! generic tenant with 50 rules, forwarding a fixed number of PUBLISHes in one direction, with
+//! this program playing both the client and the broker. No sockets, no kernel: run it under
+//! callgrind to count the proxy's own instructions per forwarded PUBLISH
+//! (`benches/bridge_callgrind.sh` does, and subtracts a run with no messages;
+//! `RULES=1 benches/bridge_callgrind.sh` compares the two profiles).
 //!
 //! ```sh
 //! cargo build --release --example bridge_bench
@@ -26,6 +28,7 @@ use mqtt_warden::codec::{encode_connect, encode_publish, Connect, ProtocolVersio
 use mqtt_warden::config::ProcessLimits;
 use mqtt_warden::coord::local::{LocalAdmission, LocalTenantBuckets};
 use mqtt_warden::coord::{ProcessSlots, Reporter, SessionId};
+use mqtt_warden::dispatch::Dispatch;
 use mqtt_warden::limits::{ConnectRates, Rate};
 use mqtt_warden::metrics::Metrics;
 use mqtt_warden::policy::load::parse_policy;
@@ -34,12 +37,24 @@ use mqtt_warden::profile::Publication;
 use mqtt_warden::session::{self, Context};
 use mqtt_warden::transport::{ConnectionInfo, PeerCertificate};
 use mqtt_warden::upstream::memory::DuplexDialer;
-use mqtt_warden::wiotp::Wiotp;
 
 /// Bytes each in-memory pipe holds.
 const PIPE_BYTES: usize = 64 * 1024;
 /// The event topic, as the application writes it.
 const TOPIC: &[u8] = b"iot-2/type/sensor/id/d1/evt/e/fmt/bin";
+/// The generic tenant's topic: as long as [`TOPIC`], decided by rule 43 of 50 (its mount is as
+/// long as the org's prefix too).
+const GENERIC_TOPIC: &[u8] = b"site/42/dev1/sensor/evt/temps/fmt/bin";
+/// Rules of the generic tenant.
+const GENERIC_RULES: usize = 50;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProfileKind {
+    /// A WIoTP application (group-limited API key) of org1.
+    Wiotp,
+    /// A user of a generic tenant with 50 rules.
+    Generic,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Direction {
@@ -66,6 +81,9 @@ struct Args {
     /// Payload bytes.
     #[arg(long, default_value_t = 64)]
     payload: usize,
+    /// Which profile the session's client belongs to.
+    #[arg(long, value_enum, default_value = "wiotp")]
+    profile: ProfileKind,
 }
 
 /// Status messages go nowhere: the benchmark measures the data path.
@@ -107,17 +125,28 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // The generic tenant: rules that each name a site and the client, a deny of receiving
+    // secrets, and one catch-all; the benchmark's topic is decided by the 43rd.
+    let mut rules = String::new();
+    for i in 0..GENERIC_RULES - 2 {
+        rules.push_str(&format!(
+            "      - {{ allow: [publish, subscribe], topic: \"site/{i}/%c/#\" }}\n"
+        ));
+    }
+    rules.push_str("      - { deny: [receive], topic: \"site/+/+/secret/#\" }\n");
+    rules.push_str("      - { allow: [subscribe], topic: \"status/#\", groups: [ops] }\n");
     let policy = format!(
-        "orgs:\n  org1:\n    limits: {{ publish_rate: {{ application: \"1000000/s\" }} }}\n    device_types: {{ sensor: {{}} }}\n    devices:\n      sensor/d1: {{ token: \"{}\", groups: [line-1] }}\n    api_keys:\n      a-org1-key0000001: {{ token: \"{}\", groups: [line-1] }}\n",
+        "orgs:\n  org1:\n    limits: {{ publish_rate: {{ application: \"1000000/s\" }} }}\n    device_types: {{ sensor: {{}} }}\n    devices:\n      sensor/d1: {{ token: \"{}\", groups: [line-1] }}\n    api_keys:\n      a-org1-key0000001: {{ token: \"{}\", groups: [line-1] }}\ntenants:\n  lab:\n    mount: \"lab1/\"\n    limits: {{ publish_rate: {{ application: \"1000000/s\" }} }}\n    users:\n      u: {{ token: \"{}\" }}\n    rules:\n{rules}",
         hash_token_sha256(b"d1-token"),
         hash_token_sha256(b"app-token"),
+        hash_token_sha256(b"u-token"),
     );
     let policy =
         parse_policy(&policy, Path::new("bench.yaml")).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Arc::new(PolicyStore::new(policy));
     let (brokers_tx, mut brokers) = mpsc::unbounded_channel();
     let context = Arc::new(Context {
-        profile: Arc::new(Wiotp::new(store, Verifier::new(1, 0), "{org}/")),
+        profile: Arc::new(Dispatch::new(store, Verifier::new(1, 0), "{org}/")),
         dialer: Arc::new(DuplexDialer {
             brokers: brokers_tx,
             pipe_bytes: PIPE_BYTES,
@@ -143,9 +172,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         certname: None,
         certificate: PeerCertificate::Absent,
         connected_at: SystemTime::now(),
+        tenant: None,
     };
     let session = tokio::spawn(session::run(session_end, info, context));
 
+    let generic = args.profile == ProfileKind::Generic;
+    let (topic, prefix): (&[u8], &[u8]) = if generic {
+        (GENERIC_TOPIC, b"lab1/")
+    } else {
+        (TOPIC, b"org1/")
+    };
+    let (client_id, username, password): (&str, &str, &[u8]) = if generic {
+        ("dev1", "u@lab", b"u-token")
+    } else {
+        ("a:org1:bench", "a-org1-key0000001", b"app-token")
+    };
     let mut connect = BytesMut::new();
     encode_connect(
         &mut connect,
@@ -154,10 +195,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             clean_start: true,
             keep_alive: 0,
             properties: Vec::new(),
-            client_id: "a:org1:bench",
+            client_id,
             will: None,
-            username: Some("a-org1-key0000001"),
-            password: Some(b"app-token"),
+            username: Some(username),
+            password: Some(password),
         },
     );
     client.write_all(&connect).await?;
@@ -186,12 +227,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match args.direction {
         Direction::In | Direction::None => {
             let mut publish = BytesMut::new();
-            encode_publish(&mut publish, first_byte, &[TOPIC], &after_topic);
+            encode_publish(&mut publish, first_byte, &[topic], &after_topic);
             forward(&mut client, &mut broker, &publish, args.qos, count).await?;
         }
         Direction::Out => {
             let mut publish = BytesMut::new();
-            encode_publish(&mut publish, first_byte, &[b"org1/", TOPIC], &after_topic);
+            encode_publish(&mut publish, first_byte, &[prefix, topic], &after_topic);
             forward(&mut broker, &mut client, &publish, args.qos, count).await?;
         }
     }

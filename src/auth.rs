@@ -1,5 +1,6 @@
-//! Token verification: `sha256:` and argon2id hashes compared in constant time, on a bounded
-//! pool, with verified results cached (moka) by identity and a digest of the presented token.
+//! Token verification: `sha256:`, argon2id and Mosquitto password-file (`$6$`, `$7$`) hashes
+//! compared in constant time, on a bounded pool, with verified results cached (moka) by identity
+//! and a digest of the presented token.
 //!
 //! The pool is `auth_workers` threads of its own, each with one argon2 memory buffer that it
 //! reuses for every verification: argon2id needs its whole memory cost (19 MiB with the default
@@ -41,6 +42,74 @@ pub enum TokenHash {
     Sha256([u8; 32]),
     /// An argon2id PHC string (`$argon2id$v=19$m=...,t=...,p=...$salt$hash`).
     Argon2id(String),
+    /// A hash from a Mosquitto password file (`mosquitto_passwd`).
+    Mosquitto(MosquittoHash),
+}
+
+/// The most PBKDF2 iterations a `$7$` hash may ask for: more would let one policy line make
+/// every verification arbitrarily slow.
+pub const MAX_MOSQUITTO_ITERATIONS: u32 = 1_000_000;
+
+/// A Mosquitto password-file hash: `$6$<salt>$<hash>` is SHA-512 over the password then the
+/// salt; `$7$<iterations>$<salt>$<hash>` is PBKDF2-HMAC-SHA512. Salt and hash are base64.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MosquittoHash {
+    /// The hash as written (the cache digest covers it).
+    text: String,
+    /// `None` for `$6$`, the PBKDF2 iteration count for `$7$`.
+    iterations: Option<std::num::NonZeroU32>,
+    salt: Vec<u8>,
+    hash: Vec<u8>,
+}
+
+impl MosquittoHash {
+    fn parse(stored: &str) -> Option<MosquittoHash> {
+        use base64ct::{Base64, Encoding};
+        let (iterations, rest) = if let Some(rest) = stored.strip_prefix("$6$") {
+            (None, rest)
+        } else {
+            let rest = stored.strip_prefix("$7$")?;
+            let (count, rest) = rest.split_once('$')?;
+            let count: u32 = count.parse().ok()?;
+            if count > MAX_MOSQUITTO_ITERATIONS {
+                return None;
+            }
+            (Some(std::num::NonZeroU32::new(count)?), rest)
+        };
+        let (salt, hash) = rest.split_once('$')?;
+        let salt = Base64::decode_vec(salt).ok()?;
+        let hash = Base64::decode_vec(hash).ok()?;
+        if salt.is_empty() || hash.len() != 64 {
+            return None;
+        }
+        Some(MosquittoHash {
+            text: stored.to_owned(),
+            iterations,
+            salt,
+            hash,
+        })
+    }
+
+    fn verify(&self, presented: &[u8]) -> bool {
+        match self.iterations {
+            None => {
+                let mut hasher = sha2::Sha512::new();
+                hasher.update(presented);
+                hasher.update(&self.salt);
+                let digest = hasher.finalize();
+                bool::from(digest.as_slice().ct_eq(&self.hash[..]))
+            }
+            // ring compares the derived key in constant time.
+            Some(iterations) => ring::pbkdf2::verify(
+                ring::pbkdf2::PBKDF2_HMAC_SHA512,
+                iterations,
+                &self.salt,
+                presented,
+                &self.hash,
+            )
+            .is_ok(),
+        }
+    }
 }
 
 impl std::fmt::Debug for TokenHash {
@@ -49,6 +118,7 @@ impl std::fmt::Debug for TokenHash {
         match self {
             TokenHash::Sha256(_) => f.write_str("TokenHash::Sha256(..)"),
             TokenHash::Argon2id(_) => f.write_str("TokenHash::Argon2id(..)"),
+            TokenHash::Mosquitto(_) => f.write_str("TokenHash::Mosquitto(..)"),
         }
     }
 }
@@ -62,8 +132,11 @@ pub enum TokenHashError {
     /// Not a parseable argon2id PHC string.
     #[error("not a valid argon2id PHC string ($argon2id$v=19$m=..,t=..,p=..$salt$hash)")]
     BadArgon2,
+    /// Not a usable Mosquitto password-file hash.
+    #[error("not a valid Mosquitto password hash ($6$salt$hash, or $7$iterations$salt$hash with 1 to 1000000 iterations, as mosquitto_passwd writes)")]
+    BadMosquitto,
     /// Neither form (plain-text tokens are refused).
-    #[error("tokens must be stored hashed: \"sha256:<hex>\" or an argon2id PHC string (see `mqtt-warden hash-token`)")]
+    #[error("tokens must be stored hashed: \"sha256:<hex>\", an argon2id PHC string (see `mqtt-warden hash-token`) or a Mosquitto password hash")]
     NotHashed,
 }
 
@@ -90,6 +163,11 @@ impl TokenHash {
             Params::try_from(&hash).map_err(|_| TokenHashError::BadArgon2)?;
             return Ok(TokenHash::Argon2id(stored.to_owned()));
         }
+        if stored.starts_with("$6$") || stored.starts_with("$7$") {
+            return MosquittoHash::parse(stored)
+                .map(TokenHash::Mosquitto)
+                .ok_or(TokenHashError::BadMosquitto);
+        }
         Err(TokenHashError::NotHashed)
     }
 
@@ -98,12 +176,31 @@ impl TokenHash {
         match self {
             TokenHash::Sha256(stored) => bool::from(sha256(presented).ct_eq(stored)),
             TokenHash::Argon2id(phc) => verify_argon2id(phc, presented, &mut Vec::new()),
+            TokenHash::Mosquitto(hash) => hash.verify(presented),
         }
     }
 
-    /// Whether verification is slow (argon2id) and belongs on the verifier pool.
+    /// As [`TokenHash::verify`], with `memory` as argon2's work area (kept for the next call).
+    fn verify_with(&self, presented: &[u8], memory: &mut Vec<Block>) -> bool {
+        match self {
+            TokenHash::Argon2id(phc) => verify_argon2id(phc, presented, memory),
+            other => other.verify(presented),
+        }
+    }
+
+    /// Whether verification is slow (argon2id, Mosquitto's hashes) and belongs on the verifier
+    /// pool.
     pub fn is_slow(&self) -> bool {
-        matches!(self, TokenHash::Argon2id(_))
+        !matches!(self, TokenHash::Sha256(_))
+    }
+
+    /// The text the cache digest covers, for slow hashes.
+    fn stored_text(&self) -> &str {
+        match self {
+            TokenHash::Sha256(_) => "",
+            TokenHash::Argon2id(phc) => phc,
+            TokenHash::Mosquitto(hash) => &hash.text,
+        }
     }
 }
 
@@ -240,11 +337,13 @@ impl Verifier {
         stored: &TokenHash,
         presented: &[u8],
     ) -> Result<bool, AuthError> {
-        let phc = match stored {
-            TokenHash::Sha256(_) => return Ok(stored.verify(presented)),
-            TokenHash::Argon2id(phc) => phc,
-        };
-        let cache_key = (key.to_owned(), cache_digest(phc, presented));
+        if !stored.is_slow() {
+            return Ok(stored.verify(presented));
+        }
+        let cache_key = (
+            key.to_owned(),
+            cache_digest(stored.stored_text(), presented),
+        );
         if self.cache.contains_key(&cache_key) {
             return Ok(true);
         }
@@ -256,7 +355,7 @@ impl Verifier {
         self.slow_runs.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let job = Job {
-            phc: phc.clone(),
+            stored: stored.clone(),
             presented: presented.to_vec(),
             guard,
             identity,
@@ -297,9 +396,9 @@ fn cache_digest(stored: &str, presented: &[u8]) -> [u8; 32] {
     hasher.finalize().into()
 }
 
-/// One argon2id verification for a worker thread.
+/// One slow verification for a worker thread.
 struct Job {
-    phc: String,
+    stored: TokenHash,
     presented: Vec<u8>,
     /// The job's slot in the pending count, given back when the hash is done.
     guard: PendingGuard,
@@ -319,7 +418,7 @@ fn run_worker(queue: &std::sync::Mutex<std::sync::mpsc::Receiver<Job>>) {
         let Ok(job) = job else {
             return;
         };
-        let ok = verify_argon2id(&job.phc, &job.presented, &mut memory);
+        let ok = job.stored.verify_with(&job.presented, &mut memory);
         // The slots are free before the caller hears the answer.
         drop(job.guard);
         drop(job.identity);
@@ -588,5 +687,60 @@ mod tests {
         assert_eq!(holder.await.unwrap(), Ok(true));
         assert_eq!(verifier.pending(), 0);
         assert_eq!(verifier.verify("second", &slow, b"secret").await, Ok(true));
+    }
+
+    #[test]
+    fn verifies_mosquitto_password_hashes() {
+        // Written by mosquitto_passwd 2.0.11 for "secret1" and "p@ss".
+        let alice = TokenHash::parse("$7$101$s2ObCSj8MaklduYr$4nCpATRz2e+12Rg4hXAkVLOd7Aj12MAIgzOmcPC2TLvfLEBshYPDDAX8+AnuewPTN9Q4oqcb1f+7IQwMK+APPg==").unwrap();
+        let bob = TokenHash::parse("$7$101$j6YUW1vaMxJHns1E$yKjFjwMT1/hJNRo+k3865SfBoOnIsrOoMJrR/Ufv8q6LfNhMARmsMo77a32zrrQdDtf6gzTJJkuGEmmBhmqF1w==").unwrap();
+        assert!(alice.is_slow());
+        assert!(alice.verify(b"secret1"));
+        assert!(!alice.verify(b"secret2"));
+        assert!(bob.verify(b"p@ss"));
+        assert!(!bob.verify(b"secret1"));
+        // $6$: SHA-512 over the password, then the salt.
+        use base64ct::{Base64, Encoding};
+        let salt = b"0123456789ab";
+        let mut hasher = sha2::Sha512::new();
+        hasher.update(b"pw");
+        hasher.update(salt);
+        let six = format!(
+            "$6${}${}",
+            Base64::encode_string(salt),
+            Base64::encode_string(&hasher.finalize())
+        );
+        let six = TokenHash::parse(&six).unwrap();
+        assert!(six.verify(b"pw") && !six.verify(b"pw2"));
+        for bad in [
+            "$7$0$s2ObCSj8MaklduYr$4nCpATRz",
+            "$7$101$s2ObCSj8MaklduYr$short",
+            "$7$99999999$s2ObCSj8MaklduYr$4nCpATRz2e+12Rg4hXAkVLOd7Aj12MAIgzOmcPC2TLvfLEBshYPDDAX8+AnuewPTN9Q4oqcb1f+7IQwMK+APPg==",
+            "$6$nodollar",
+        ] {
+            assert_eq!(TokenHash::parse(bad), Err(TokenHashError::BadMosquitto), "{bad}");
+        }
+        assert_eq!(format!("{alice:?}"), "TokenHash::Mosquitto(..)");
+    }
+
+    #[tokio::test]
+    async fn mosquitto_hashes_verify_on_the_pool() {
+        let verifier = Verifier::new(1, 4);
+        let alice = TokenHash::parse("$7$101$s2ObCSj8MaklduYr$4nCpATRz2e+12Rg4hXAkVLOd7Aj12MAIgzOmcPC2TLvfLEBshYPDDAX8+AnuewPTN9Q4oqcb1f+7IQwMK+APPg==").unwrap();
+        assert_eq!(
+            verifier.verify("lab/alice", &alice, b"secret1").await,
+            Ok(true)
+        );
+        assert_eq!(
+            verifier.verify("lab/alice", &alice, b"nope").await,
+            Ok(false)
+        );
+        assert_eq!(verifier.slow_verifications(), 2);
+        // A success is cached.
+        assert_eq!(
+            verifier.verify("lab/alice", &alice, b"secret1").await,
+            Ok(true)
+        );
+        assert_eq!(verifier.slow_verifications(), 2);
     }
 }

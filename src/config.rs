@@ -92,6 +92,8 @@ pub struct ListenerConfig {
     pub bind: SocketAddr,
     /// TLS on this listener, if any.
     pub tls: Option<TlsConfig>,
+    /// The generic tenant every client of this listener belongs to, if any.
+    pub tenant: Option<String>,
 }
 
 /// A listener's TLS files, with paths resolved against the config file's folder.
@@ -632,9 +634,18 @@ impl Check<'_> {
                 .client_ca
                 .map(|ca| self.non_empty_path(&format!("{field}.client_ca"), ca)),
         });
+        if let Some(tenant) = &listener.tenant {
+            if !crate::policy::is_valid_id_part(tenant) {
+                self.error(
+                    &format!("listeners[{index}].tenant"),
+                    "a tenant name must be 1 to 36 characters of A-Z a-z 0-9 . _ -",
+                );
+            }
+        }
         ListenerConfig {
             bind: listener.bind,
             tls,
+            tenant: listener.tenant,
         }
     }
 
@@ -951,6 +962,8 @@ struct ListenerFileConfig {
     bind: SocketAddr,
     #[serde(default)]
     tls: Option<TlsFileConfig>,
+    #[serde(default)]
+    tenant: Option<String>,
 }
 
 #[derive(Deserialize)]

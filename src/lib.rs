@@ -21,6 +21,9 @@
 //! - [`profile`]: the seam: the trait a tenant model implements.
 //! - [`wiotp`]: the WIoTP profile: identities, `iot-2` topics, roles, groups, gateways,
 //!   quickstart, scalable apps, status messages and the closing-code table.
+//! - [`generic`]: the generic profile: tenants of plain MQTT clients, users, ordered topic
+//!   rules, isolation under a mount.
+//! - [`dispatch`]: the profile the proxy runs: WIoTP or generic, chosen per connection.
 //! - [`policy`]: the policy files' model, its loader and the store that reloads swap.
 //! - [`auth`]: token hashes, the verification pool and its cache.
 //! - [`coord`]: admission (slots, tenant counts, client-ID ownership), tenant buckets, the
@@ -41,6 +44,8 @@ pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod coord;
+pub mod dispatch;
+pub mod generic;
 pub mod http;
 pub mod ledger;
 pub mod limits;

@@ -1,4 +1,4 @@
-//! The `mqtt-warden` binary: `run`, `check` and `hash-token`.
+//! The `mqtt-warden` binary: `run`, `check`, `explain`, `import`, `probe` and `hash-token`.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -9,6 +9,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use mqtt_warden::config::{MissingSecrets, WardenConfig};
+use mqtt_warden::generic::explain::{explain, Question};
+use mqtt_warden::generic::import::import_mosquitto;
+use mqtt_warden::policy::rules::Action;
 use mqtt_warden::{auth, policy, proxy, telemetry, transport, upstream};
 
 #[derive(Parser)]
@@ -55,6 +58,35 @@ enum Command {
         #[arg(long, default_value = "/healthz")]
         path: String,
     },
+    /// Dry-run a generic tenant's decision on one request and print the rule (file:line) that
+    /// decides it. Exits 0 when the request is allowed, 1 when it is denied.
+    Explain {
+        /// The process config (warden.yaml); its policies are read.
+        #[arg(long, short, required_unless_present = "policy")]
+        config: Option<PathBuf>,
+        /// A policy file or folder (instead of --config).
+        #[arg(long, short)]
+        policy: Option<PathBuf>,
+        /// The tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The user (without it: an anonymous client).
+        #[arg(long)]
+        user: Option<String>,
+        /// The client ID.
+        #[arg(long)]
+        client_id: String,
+        /// The client certificate's common name.
+        #[arg(long)]
+        cn: Option<String>,
+        /// publish, subscribe or receive.
+        action: String,
+        /// The topic (publish, receive) or filter (subscribe), as the client writes it.
+        topic: String,
+    },
+    /// Convert another broker's access control into a generic tenant's YAML (printed).
+    #[command(subcommand)]
+    Import(Import),
     /// Hash a token read from stdin, for a policy file.
     HashToken {
         /// Print the fast `sha256:` form instead of argon2id (for long random machine tokens).
@@ -74,6 +106,30 @@ fn main() -> ExitCode {
         } => check(config, policy, strict),
         Command::Probe { address, path } => probe(&address, &path),
         Command::HashToken { sha256 } => hash_token(sha256),
+        Command::Explain {
+            config,
+            policy,
+            tenant,
+            user,
+            client_id,
+            cn,
+            action,
+            topic,
+        } => run_explain(
+            config,
+            policy,
+            &tenant,
+            user.as_deref(),
+            &client_id,
+            cn.as_deref(),
+            &action,
+            &topic,
+        ),
+        Command::Import(Import::Mosquitto {
+            acl_file,
+            password_file,
+            tenant,
+        }) => import(&tenant, &acl_file, password_file.as_deref()),
     };
     match result {
         Ok(code) => code,
@@ -176,6 +232,13 @@ fn check(
                 if ok {
                     println!("{}: ok", config_path.display());
                 }
+                // Tenants' mounts against the orgs' prefix, which the config sets.
+                if let Ok(policy) = policy::load_policies(&config.policies) {
+                    for error in policy::check_isolation(&policy, &config.upstream.topic_prefix) {
+                        eprintln!("{error}");
+                        ok = false;
+                    }
+                }
                 policies.push(config.policies);
             }
             Err(errors) => {
@@ -190,7 +253,15 @@ fn check(
     }
     for path in policies {
         match policy::load_policies(&path) {
-            Ok(policy) => println!("{}: ok ({} orgs)", path.display(), policy.orgs.len()),
+            Ok(policy) if policy.tenants.is_empty() => {
+                println!("{}: ok ({} orgs)", path.display(), policy.orgs.len())
+            }
+            Ok(policy) => println!(
+                "{}: ok ({} orgs, {} tenants)",
+                path.display(),
+                policy.orgs.len(),
+                policy.tenants.len()
+            ),
             Err(errors) => {
                 for error in &errors.0 {
                     eprintln!("{error}");
@@ -204,6 +275,91 @@ fn check(
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[derive(Subcommand)]
+enum Import {
+    /// A Mosquitto acl_file (and password_file) as one tenant.
+    Mosquitto {
+        /// The acl_file.
+        #[arg(long)]
+        acl_file: PathBuf,
+        /// The password_file (made with mosquitto_passwd): users keep their passwords.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// The tenant's name.
+        #[arg(long)]
+        tenant: String,
+    },
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_explain(
+    config: Option<PathBuf>,
+    policy_path: Option<PathBuf>,
+    tenant: &str,
+    user: Option<&str>,
+    client_id: &str,
+    common_name: Option<&str>,
+    action: &str,
+    topic: &str,
+) -> anyhow::Result<ExitCode> {
+    let action = Action::parse(action)
+        .with_context(|| format!("`{action}`: the actions are publish, subscribe and receive"))?;
+    let path = match (policy_path, config) {
+        (Some(path), _) => path,
+        (None, Some(config)) => {
+            WardenConfig::load_checked(&config, MissingSecrets::Warn)
+                .map_err(|errors| {
+                    anyhow::anyhow!(errors
+                        .errors
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n"))
+                })?
+                .config
+                .policies
+        }
+        (None, None) => anyhow::bail!("give --config or --policy"),
+    };
+    let policy = policy::load_policies(&path)?;
+    let answer = explain(
+        &policy,
+        &Question {
+            tenant,
+            user,
+            client_id,
+            common_name,
+            action,
+            topic,
+        },
+    )?;
+    print!("{answer}");
+    Ok(if answer.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn import(
+    tenant: &str,
+    acl_file: &std::path::Path,
+    password_file: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    match import_mosquitto(tenant, acl_file, password_file) {
+        Ok(yaml) => {
+            print!("{yaml}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for error in &errors.0 {
+                eprintln!("{error}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 fn probe(address: &str, path: &str) -> anyhow::Result<ExitCode> {

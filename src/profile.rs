@@ -109,6 +109,12 @@ pub struct ConnectTerms {
     /// The keep-alive the client may have, in seconds: a value outside is replaced by the end
     /// of the range (`None`: any).
     pub keep_alive: Option<RangeInclusive<u16>>,
+    /// The client ID at the broker and in admission, when it is not the client's own (a tenant
+    /// namespaces its clients' IDs so that tenants never take each other's over).
+    pub broker_client_id: Option<Box<str>>,
+    /// The client ID the proxy assigned to a client that sent a zero-length one (MQTT 5 clients
+    /// are told in the CONNACK).
+    pub assigned_client_id: Option<Box<str>>,
 }
 
 /// What exceeding a publish rate does.
@@ -140,6 +146,9 @@ pub struct SessionLimits {
     pub on_rate_exceeded: RateAction,
     /// Clear the retain flag of every PUBLISH and will (and do not announce Retain Available).
     pub strip_retained: bool,
+    /// Refuse every PUBLISH with the retain flag (MQTT 5: 0x9A Retain not supported, and Retain
+    /// Available 0 in the CONNACK).
+    pub refuse_retained: bool,
     /// The highest QoS accepted: a higher one is downgraded and completed by the proxy, and the
     /// MQTT 5 CONNACK announces it.
     pub max_qos: u8,

@@ -21,12 +21,13 @@ use crate::coord::ids::process_hex;
 use crate::coord::local::{LocalAdmission, LocalReporter, LocalTenantBuckets};
 use crate::coord::redis::{CoordError, Coordinator};
 use crate::coord::{Admission, ProcessSlots, Reporter, TenantBuckets};
+use crate::dispatch::Dispatch;
 use crate::http::HttpFront;
 use crate::ledger::Ledger;
 use crate::limits::{refusal_log_budget, ConnectRates};
 use crate::metrics::Metrics;
 use crate::monitor::{ControlConfig, Monitor, Recovery};
-use crate::policy::{load_policies, PolicyErrors, PolicyStore};
+use crate::policy::{check_isolation, load_policies, PolicyErrors, PolicyStore};
 use crate::profile::Profile;
 use crate::refusal::{Cause, Refusal};
 use crate::reload::Reloader;
@@ -35,10 +36,10 @@ use crate::transport::{
     self, ConnectionInfo, ListenerTransport, PeerCertificate, ServerTls, TlsError,
 };
 use crate::upstream::Dialer;
-use crate::wiotp::Wiotp;
 
-/// The session context of this proxy: the WIoTP profile, dialling the configured broker.
-type ProxyContext = Context<Wiotp, Dialer>;
+/// The session context of this proxy: WIoTP orgs and generic tenants, dialling the configured
+/// broker.
+type ProxyContext = Context<Dispatch, Dialer>;
 
 /// How often the CONNECT-rate maps drop keys that have been idle.
 const CONNECT_RATE_SWEEP: Duration = Duration::from_secs(60);
@@ -154,7 +155,11 @@ impl RunningProxy {
 /// the broker.
 pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
     let policy = load_policies(&config.policies)?;
-    info!(orgs = policy.orgs.len(), path = %config.policies.display(), "policy loaded");
+    let isolation = check_isolation(&policy, &config.upstream.topic_prefix);
+    if !isolation.is_empty() {
+        return Err(StartError::Policy(PolicyErrors(isolation)));
+    }
+    info!(orgs = policy.orgs.len(), tenants = policy.tenants.len(), path = %config.policies.display(), "policy loaded");
     let dialer = Arc::new(Dialer::new(&config.upstream)?);
     let transports = config
         .listeners
@@ -164,6 +169,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
                 tls: listener.tls.as_ref().map(ServerTls::load).transpose()?,
                 websocket: transport::websocket::config(config.limits.max_packet_bytes),
                 connect_timeout: config.limits.connect_timeout,
+                tenant: listener.tenant.as_deref().map(Arc::from),
             })
         })
         .collect::<Result<Vec<_>, TlsError>>()?;
@@ -194,7 +200,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(PolicyStore::new(policy));
     let verifier = Verifier::new(config.limits.auth_workers, config.limits.auth_queue);
-    let profile = Arc::new(Wiotp::new(
+    let profile = Arc::new(Dispatch::new(
         store.clone(),
         verifier.clone(),
         &config.upstream.topic_prefix,
@@ -322,6 +328,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
     let tls: Vec<Arc<ServerTls>> = transports.iter().filter_map(|t| t.tls.clone()).collect();
     let reloader = Arc::new(Reloader {
         policy_path: config.policies.clone(),
+        org_prefix: config.upstream.topic_prefix.clone(),
         store,
         verifier,
         admission: admission.clone(),
@@ -334,7 +341,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
     let mut listen_addrs = Vec::new();
     let mut accept_tasks = JoinSet::new();
     for ((listener, local), transport) in listeners.into_iter().zip(transports) {
-        info!(address = %local, tls = transport.tls.is_some(), "listening");
+        info!(address = %local, tls = transport.tls.is_some(), tenant = transport.tenant.as_deref(), "listening");
         listen_addrs.push(local);
         accept_tasks.spawn(accept_loop(
             listener,
@@ -485,6 +492,7 @@ async fn serve_connection<P: Profile>(
         certname,
         certificate: accepted.certificate,
         connected_at,
+        tenant: transport.tenant.clone(),
     };
     if accepted.http {
         crate::http::serve(accepted.stream, info, http, shutdown).await;

@@ -178,6 +178,9 @@ pub struct Refusal {
     /// For a refused request on a connection that stays: the MQTT 5 PUBACK / SUBACK reason code
     /// (0x87 Not authorized unless set).
     pub v5_ack: Option<u8>,
+    /// For a refused request on a connection that stays: the MQTT 5 acknowledgement carries the
+    /// reason string too (a profile whose details name the deciding rule asks for it).
+    pub reason_on_ack: bool,
 }
 
 impl Refusal {
@@ -190,6 +193,7 @@ impl Refusal {
             bad_credentials: false,
             keeps_connection: false,
             v5_ack: None,
+            reason_on_ack: false,
         }
     }
 
@@ -211,6 +215,12 @@ impl Refusal {
     pub fn keeping_connection(mut self, v5_ack: Option<u8>) -> Self {
         self.keeps_connection = true;
         self.v5_ack = v5_ack;
+        self
+    }
+
+    /// Asks for the reason string on the MQTT 5 acknowledgement of a refused request.
+    pub fn with_reason_on_ack(mut self) -> Self {
+        self.reason_on_ack = true;
         self
     }
 

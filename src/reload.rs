@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use crate::auth::Verifier;
 use crate::coord::Admission;
 use crate::metrics::Metrics;
-use crate::policy::{load_policies, PolicyErrors, PolicyStore};
+use crate::policy::{check_isolation, load_policies, PolicyErrors, PolicyStore};
 use crate::transport::ServerTls;
 
 /// How long the policy files must be quiet before a change is applied.
@@ -35,6 +35,9 @@ const EVENT_QUEUE: usize = 16;
 pub struct Reloader {
     /// A policy file or a folder of them.
     pub policy_path: PathBuf,
+    /// The orgs' prefix template (`upstream.topic_prefix`), which tenants' mounts must not
+    /// overlap.
+    pub org_prefix: String,
     /// The policy in force.
     pub store: Arc<PolicyStore>,
     /// Its verification cache is dropped on every policy change.
@@ -50,7 +53,15 @@ pub struct Reloader {
 impl Reloader {
     /// Loads the policy and, when valid, puts it in force and tells every session.
     pub fn reload_policy(&self) -> Result<(), PolicyErrors> {
-        match load_policies(&self.policy_path) {
+        let loaded = load_policies(&self.policy_path).and_then(|policy| {
+            let isolation = check_isolation(&policy, &self.org_prefix);
+            if isolation.is_empty() {
+                Ok(policy)
+            } else {
+                Err(PolicyErrors(isolation))
+            }
+        });
+        match loaded {
             Ok(policy) => {
                 let orgs = policy.orgs.len();
                 self.store.replace(policy);

@@ -6,6 +6,9 @@
 //! subscription group such as `$share/GROUP/`). Downstream, a broker topic that starts with
 //! `broker_add` has it replaced by `client_strip`; any other topic is not the client's.
 //!
+//! A map made [`TopicMap::with_client_shares`] keeps a client's own `$share/GROUP/` in front of
+//! the broker prefix, so that a shared subscription's group lives inside the client's space.
+//!
 //! Rewriting is two or three slices written one after the other into the output buffer, never a
 //! `format!`. The broker form is checked against MQTT's limits, which the client form alone does
 //! not guarantee: at most 65,535 bytes and at most [`MAX_TOPIC_LEVELS`] levels.
@@ -39,6 +42,8 @@ pub struct TopicMap {
     filter_prefix: Box<str>,
     /// Topic separators in `broker_add`: levels a broker topic has besides those of the rest.
     broker_add_separators: usize,
+    /// A client filter's `$share/GROUP/` goes in front of the broker prefix.
+    client_shares: bool,
 }
 
 impl TopicMap {
@@ -50,7 +55,28 @@ impl TopicMap {
             broker_add: broker_add.into(),
             filter_prefix: filter_prefix.into(),
             broker_add_separators: broker_add.bytes().filter(|&b| b == b'/').count(),
+            client_shares: false,
         }
+    }
+
+    /// The same rewrite, keeping a client filter's `$share/GROUP/` in front of the broker prefix.
+    pub fn with_client_shares(mut self) -> TopicMap {
+        self.client_shares = true;
+        self
+    }
+
+    /// A client filter as its share part (`$share/GROUP/`, or the map's filter prefix) and the
+    /// filter itself.
+    fn split_share<'a>(&'a self, client_filter: &'a str) -> (&'a str, &'a str) {
+        if self.client_shares {
+            if let Some(rest) = client_filter.strip_prefix("$share/") {
+                if let Some(slash) = rest.find('/') {
+                    let cut = "$share/".len() + slash + 1;
+                    return (&client_filter[..cut], &client_filter[cut..]);
+                }
+            }
+        }
+        (&self.filter_prefix, client_filter)
     }
 
     /// What the broker has in front of every topic of this client.
@@ -83,9 +109,10 @@ impl TopicMap {
         &'a self,
         client_filter: &'a str,
     ) -> Result<[&'a [u8]; 3], RewriteError> {
-        let rest = self.rest_of(client_filter, self.filter_prefix.len())?;
+        let (share, client_filter) = self.split_share(client_filter);
+        let rest = self.rest_of(client_filter, share.len())?;
         Ok([
-            self.filter_prefix.as_bytes(),
+            share.as_bytes(),
             self.broker_add.as_bytes(),
             rest.as_bytes(),
         ])
@@ -101,9 +128,10 @@ impl TopicMap {
     ) -> Result<[&'a [u8]; 3], RewriteError> {
         match self.filter_to_broker(client_filter) {
             Err(RewriteError::Outside) => {
-                self.check_fits(self.filter_prefix.len(), client_filter)?;
+                let (share, client_filter) = self.split_share(client_filter);
+                self.check_fits(share.len(), client_filter)?;
                 Ok([
-                    self.filter_prefix.as_bytes(),
+                    share.as_bytes(),
                     self.broker_add.as_bytes(),
                     client_filter.as_bytes(),
                 ])
@@ -185,6 +213,27 @@ mod tests {
         assert_eq!(
             joined(map.filter_to_broker("iot-2/app/+/mon").unwrap()),
             "$share/g/org1/iot-2/app/+/mon"
+        );
+    }
+
+    #[test]
+    fn client_shares_stay_in_front_of_the_prefix() {
+        let map = TopicMap::new("", "lab/", "").with_client_shares();
+        assert!(!map.is_shared());
+        assert_eq!(
+            joined(map.filter_to_broker("$share/g1/a/+").unwrap()),
+            "$share/g1/lab/a/+"
+        );
+        assert_eq!(joined(map.filter_to_broker("a/#").unwrap()), "lab/a/#");
+        assert_eq!(
+            joined(map.unsubscribe_to_broker("$share/g1/a/+").unwrap()),
+            "$share/g1/lab/a/+"
+        );
+        // Without the option, `$share` is a topic like any other, inside the prefix.
+        let plain = TopicMap::new("", "lab/", "");
+        assert_eq!(
+            joined(plain.filter_to_broker("$share/g1/a").unwrap()),
+            "lab/$share/g1/a"
         );
     }
 

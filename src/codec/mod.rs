@@ -1196,6 +1196,33 @@ pub fn check_topic_name(topic: &str) -> Result<(), CodecError> {
     Ok(())
 }
 
+/// Whether a topic name matches a filter, as a broker decides it: `+` is one level, `#` the rest
+/// (the parent level too), a shared subscription `$share/NAME/FILTER` matches as FILTER, and a
+/// filter whose first level is a wildcard never matches a topic that starts with `$`
+/// [MQTT-4.7.2-1]. Allocates nothing.
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    let filter = match filter.strip_prefix("$share/") {
+        Some(shared) => match shared.split_once('/') {
+            Some((_, filter)) => filter,
+            None => return false,
+        },
+        None => filter,
+    };
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut topic_levels = topic.split('/');
+    for level in filter.split('/') {
+        match (level, topic_levels.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (level, Some(other)) if level == other => {}
+            _ => return false,
+        }
+    }
+    topic_levels.next().is_none()
+}
+
 /// Checks a topic filter: not empty, no U+0000 anywhere (share name included), `+` and `#` alone
 /// in their level, `#` last, at most [`MAX_TOPIC_LEVELS`] levels. `$share/NAME/filter` needs a
 /// non-empty NAME without `+`, `#` or `/`, and a non-empty filter.

@@ -1828,3 +1828,28 @@ fn truncations_and_mutations_never_panic() {
         }
     }
 }
+
+#[test]
+fn filters_match_topics_as_a_broker_does() {
+    assert!(filter_matches("a/+/c", "a/b/c"));
+    assert!(filter_matches("a/#", "a/b/c"));
+    assert!(filter_matches("a/#", "a"));
+    assert!(filter_matches("#", "a/b"));
+    assert!(filter_matches("+/+", "/a"));
+    assert!(!filter_matches("a/+", "a/b/c"));
+    assert!(!filter_matches("a/b", "a/b/c"));
+    assert!(!filter_matches("a/b/c", "a/b"));
+    assert!(filter_matches(
+        "org1/iot-2/type/sensor/id/dev1/cmd/+/fmt/+",
+        "org1/iot-2/type/sensor/id/dev1/cmd/reboot/fmt/json"
+    ));
+    // [MQTT-4.7.2-1]: a wildcard first level does not match a $ topic; a literal one does.
+    assert!(!filter_matches("#", "$events/c1"));
+    assert!(!filter_matches("+/c1", "$events/c1"));
+    assert!(filter_matches("$events/+", "$events/c1"));
+    assert!(filter_matches("$events/#", "$events/c1"));
+    // A shared subscription matches by its filter.
+    assert!(filter_matches("$share/g/a/+", "a/b"));
+    assert!(!filter_matches("$share/g/#", "$events/c1"));
+    assert!(!filter_matches("$share/g", "g"));
+}

@@ -9,12 +9,16 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+mod tenants;
+
 use super::yaml::{self, LineMap};
 use super::{
     is_valid_id_part, ApiKey, ApiRole, Device, DeviceClass, DeviceType, GatewayRole,
-    OnRateExceeded, OnViolation, Org, OrgLimits, Policy, Rate, SecurityMode,
+    OnRateExceeded, OnViolation, Org, OrgLimits, Policy, Rate, SecurityMode, Tenant,
 };
 use crate::auth::TokenHash;
+pub use tenants::check_isolation;
+use tenants::TenantConfig;
 
 /// The largest payload an MQTT packet can carry, in bytes (the remaining-length maximum).
 pub const MAX_MQTT_PAYLOAD_BYTES: u64 = 268_435_455;
@@ -110,12 +114,15 @@ fn policy_files(path: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     Ok(files)
 }
 
-/// Collects orgs from files, refusing an org defined twice, and every error on the way.
+/// Collects orgs and tenants from files, refusing one defined twice, and every error on the way.
 #[derive(Default)]
 struct Merger {
     orgs: HashMap<String, Arc<Org>>,
     /// Where each org was first defined.
     defined_at: HashMap<String, (PathBuf, Option<usize>)>,
+    tenants: HashMap<String, Arc<Tenant>>,
+    /// Where each tenant was first defined, and its mount's line.
+    tenant_defined_at: HashMap<String, (PathBuf, Option<usize>, Option<usize>)>,
     errors: Vec<PolicyError>,
 }
 
@@ -153,16 +160,7 @@ impl Merger {
             let line = checker.lines.line(&field);
             let org = checker.org(&id, config);
             if let Some((first_file, first_line)) = self.defined_at.get(&id) {
-                let first_line = first_line
-                    .map(|l| l.to_string())
-                    .unwrap_or_else(|| "?".into());
-                checker.error(
-                    field,
-                    format!(
-                        "org `{id}` is already defined in {}:{first_line}",
-                        first_file.display()
-                    ),
-                );
+                checker.error(field, already_defined("org", &id, first_file, *first_line));
                 continue;
             }
             self.defined_at.insert(id.clone(), (file.to_owned(), line));
@@ -170,17 +168,48 @@ impl Merger {
                 self.orgs.insert(id, Arc::new(org));
             }
         }
+        for (name, config) in parsed.tenants {
+            let field = format!("tenants.{name}");
+            let line = checker.lines.line(&field);
+            let mount_line = checker.lines.line(&format!("{field}.mount"));
+            let tenant = checker.tenant(&name, config);
+            if let Some((first_file, first_line, _)) = self.tenant_defined_at.get(&name) {
+                checker.error(
+                    field,
+                    already_defined("tenant", &name, first_file, *first_line),
+                );
+                continue;
+            }
+            self.tenant_defined_at
+                .insert(name.clone(), (file.to_owned(), line, mount_line));
+            if let Some(tenant) = tenant {
+                self.tenants.insert(name, Arc::new(tenant));
+            }
+        }
     }
 
     fn finish(mut self) -> Result<Policy, PolicyErrors> {
+        self.check_tenant_names();
         if self.errors.is_empty() {
-            return Ok(Policy { orgs: self.orgs });
+            return Ok(Policy {
+                orgs: self.orgs,
+                tenants: self.tenants,
+            });
         }
         // Files load in order, so a stable sort keeps file order and puts each file's lines in order.
         self.errors
             .sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
         Err(PolicyErrors(self.errors))
     }
+}
+
+/// The error for an org or tenant defined a second time.
+fn already_defined(kind: &str, name: &str, first_file: &Path, first_line: Option<usize>) -> String {
+    let first_line = first_line.map_or_else(|| "?".to_owned(), |l| l.to_string());
+    format!(
+        "{kind} `{name}` is already defined in {}:{first_line}",
+        first_file.display()
+    )
 }
 
 /// Checks one file's deserialised config and compiles it, recording errors with their lines.
@@ -485,6 +514,8 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
 struct PolicyFile {
     #[serde(default)]
     orgs: BTreeMap<String, OrgConfig>,
+    #[serde(default)]
+    tenants: BTreeMap<String, TenantConfig>,
 }
 
 /// One org as written.
@@ -590,7 +621,7 @@ mod tests {
     }
 
     /// Loads `text` as one file and returns its errors as (line, field, message).
-    fn errors_of(text: &str) -> Vec<(Option<usize>, String, String)> {
+    pub(super) fn errors_of(text: &str) -> Vec<(Option<usize>, String, String)> {
         let dir = tempfile::tempdir().unwrap();
         let file = write(dir.path(), "p.yaml", text);
         let errors = load_policies(&file).unwrap_err().0;

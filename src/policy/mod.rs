@@ -1,5 +1,6 @@
-//! The policy model: orgs, device types, devices, gateways and API keys, as operators write them in
-//! `policies/*.yaml`, in the compiled form the data path reads.
+//! The policy model: WIoTP orgs (device types, devices, gateways and API keys) and generic tenants
+//! (users, rules), as operators write them in `policies/*.yaml`, in the compiled form the data
+//! path reads.
 //!
 //! A [`Policy`] is immutable. A reload builds a new one and swaps it into the [`PolicyStore`]
 //! whole, so a session sees either the old policy or the new one, never a mix. Loading and its precise errors
@@ -7,10 +8,12 @@
 //! files use (`tls-cert-or-token`, `backend-trusted`, ...).
 
 pub mod load;
+pub mod rules;
 /// YAML with field paths and lines, shared with [`crate::config`].
 pub(crate) mod yaml;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -18,7 +21,8 @@ use serde::Deserialize;
 use crate::auth::TokenHash;
 pub use crate::limits::Rate;
 
-pub use load::{load_policies, PolicyError, PolicyErrors};
+pub use load::{check_isolation, load_policies, PolicyError, PolicyErrors};
+use rules::RuleSet;
 pub use store::PolicyStore;
 
 pub mod store;
@@ -41,11 +45,13 @@ pub fn is_valid_id_part(part: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Every org the proxy knows. An org not in here is denied.
+/// Every org and tenant the proxy knows. An org or tenant not in here is denied.
 #[derive(Debug, Default)]
 pub struct Policy {
     /// Orgs by org ID.
     pub orgs: HashMap<String, Arc<Org>>,
+    /// Generic tenants by name.
+    pub tenants: HashMap<String, Arc<Tenant>>,
 }
 
 impl Policy {
@@ -53,6 +59,66 @@ impl Policy {
     pub fn org(&self, id: &str) -> Option<&Arc<Org>> {
         self.orgs.get(id)
     }
+
+    /// The generic tenant with this name.
+    pub fn tenant(&self, name: &str) -> Option<&Arc<Tenant>> {
+        self.tenants.get(name)
+    }
+}
+
+/// What a generic tenant does with the retain flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Retained {
+    /// Passed to the broker as sent.
+    #[default]
+    Keep,
+    /// Cleared, as WIoTP does.
+    Strip,
+    /// A retained PUBLISH is refused (MQTT 5: 0x9A Retain not supported).
+    Deny,
+}
+
+/// A user of a generic tenant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantUser {
+    /// Its token or password, hashed.
+    pub token: TokenHash,
+    /// Client-ID patterns (`*` any characters); empty: any client ID.
+    pub client_ids: Vec<String>,
+    /// Groups, for rules limited to groups.
+    pub groups: Vec<String>,
+    /// Disabled users cannot connect.
+    pub enabled: bool,
+}
+
+/// A generic tenant: MQTT clients under a mount, governed by topic rules.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Tenant {
+    /// The tenant's name.
+    pub name: String,
+    /// Its prefix on the broker (`lab/`).
+    pub mount: String,
+    /// Clients without a user name are admitted as user `""`.
+    pub anonymous: bool,
+    /// Users by name.
+    pub users: HashMap<String, TenantUser>,
+    /// The rules, compiled.
+    pub rules: RuleSet,
+    /// Retain handling.
+    pub retained: Retained,
+    /// Limits (the `application` values of per-class limits apply).
+    pub limits: OrgLimits,
+    /// What a refused request does (default: refuse it and keep the connection).
+    pub on_violation: OnViolation,
+    /// What publishing too fast does.
+    pub on_rate_exceeded: OnRateExceeded,
+    /// The topic (inside the mount, with variables) of lifecycle events.
+    pub events: Option<String>,
+    /// Where the tenant is defined, for errors found after loading.
+    pub file: Arc<Path>,
+    /// The line of its name.
+    pub line: Option<usize>,
 }
 
 /// How an org secures its connections.

@@ -30,9 +30,9 @@ use super::{ClientStream, Context};
 use crate::codec::{
     check_ack, check_disconnect, decode_frame_header, encode_ack, encode_publish,
     encode_publish_with_properties, encode_suback, encode_subscribe, encode_unsubscribe,
-    for_each_property, packet_type, parse_properties, parse_publish, parse_suback, parse_subscribe,
-    parse_unsubscribe, publish_properties, varint_len, CodecError, PacketType, Property,
-    PropertyContext, PropertyValue, ProtocolVersion, PublishView,
+    filter_matches, for_each_property, packet_type, parse_properties, parse_publish, parse_suback,
+    parse_subscribe, parse_unsubscribe, publish_properties, varint_len, CodecError, PacketType,
+    Property, PropertyContext, PropertyValue, ProtocolVersion, PublishView,
 };
 use crate::coord::{Command, SessionControl, TenantBucket};
 use crate::limits::{refusal_log_budget, TokenBucket};
@@ -74,6 +74,9 @@ pub struct Negotiated {
     pub topic_alias_maximum: u16,
     /// Unacknowledged QoS 1/2 PUBLISHes from the client (the Receive Maximum it was told).
     pub max_inflight: usize,
+    /// The client did not set Request Problem Information to 0: acknowledgements may carry a
+    /// reason string [MQTT-3.1.2-29].
+    pub problem_information: bool,
 }
 
 /// A client topic alias.
@@ -1010,6 +1013,17 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             return self.refuse_publish(&publish, &topic, refusal);
         }
         span.record("decision", "allow");
+        if self.limits.refuse_retained && first_byte & 0x01 != 0 {
+            let refusal =
+                Refusal::with_detail(Cause::NotAuthorized, "retained messages are refused");
+            // MQTT 5 was told Retain Available 0: a retained PUBLISH is then a protocol error
+            // answered with DISCONNECT 0x9A [MQTT-3.3.1-8]. MQTT 3 has no such flag: refused alone.
+            if self.version.is_v5() {
+                return Err(refusal.v5(0x9A));
+            }
+            let topic = topic.to_owned();
+            return self.refuse_publish(&publish, &topic, refusal.keeping_connection(None));
+        }
         let mut first_byte = first_byte;
         if self.limits.strip_retained {
             first_byte &= !0x01;
@@ -1086,14 +1100,19 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             }
         }
         if downgrade {
-            self.acknowledge_here(&publish, 0);
+            self.acknowledge_here(&publish, 0, None);
         }
         Ok(())
     }
 
     /// Completes a client's QoS 1/2 flow in the proxy: PUBACK, or PUBREC (and later PUBCOMP).
     /// An MQTT 5 reason code of 0x80 or more ends a QoS 2 flow at the PUBREC.
-    fn acknowledge_here(&mut self, publish: &PublishView<'_>, reason_code: u8) {
+    fn acknowledge_here(
+        &mut self,
+        publish: &PublishView<'_>,
+        reason_code: u8,
+        reason_string: Option<&str>,
+    ) {
         let Some(packet_id) = publish.packet_id else {
             return;
         };
@@ -1109,7 +1128,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             self.version,
             packet_id,
             code,
-            None,
+            reason_string,
         );
         if kind == PacketType::Pubrec && code < 0x80 {
             self.client_local_qos2.insert(packet_id);
@@ -1124,8 +1143,22 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         refusal: Refusal,
     ) -> Result<(), Refusal> {
         let code = self.refusal(Request::Publish, topic, &refusal)?;
-        self.acknowledge_here(publish, code);
+        let reason = self.ack_reason(&refusal);
+        self.acknowledge_here(publish, code, reason.as_deref());
         Ok(())
+    }
+
+    /// The reason string of an MQTT 5 acknowledgement of a refused request, when the refusal
+    /// asks for one.
+    fn ack_reason(&self, refusal: &Refusal) -> Option<String> {
+        (self.version.is_v5() && refusal.reason_on_ack && self.negotiated.problem_information).then(
+            || {
+                self.context
+                    .profile
+                    .code(refusal.cause)
+                    .reason_string(refusal)
+            },
+        )
     }
 
     /// What a refused request does: the close, when the refusal does not keep the connection;
@@ -1181,6 +1214,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         let _entered = span.enter();
         // For each filter: None to forward it, or the code the proxy answers itself.
         let mut verdicts: Vec<Option<u8>> = Vec::with_capacity(subscribe.filters.len());
+        let mut first_reason: Option<String> = None;
         for filter in &subscribe.filters {
             match self
                 .context
@@ -1188,11 +1222,16 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 .check_subscribe(&self.principal, filter.filter)
             {
                 Ok(()) => verdicts.push(None),
-                Err(refusal) => verdicts.push(Some(self.refusal(
-                    Request::Subscribe,
-                    filter.filter,
-                    &refusal,
-                )?)),
+                Err(refusal) => {
+                    verdicts.push(Some(self.refusal(
+                        Request::Subscribe,
+                        filter.filter,
+                        &refusal,
+                    )?));
+                    if first_reason.is_none() {
+                        first_reason = self.ack_reason(&refusal);
+                    }
+                }
             }
         }
         let allowed = || {
@@ -1219,7 +1258,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 self.version,
                 subscribe.packet_id,
                 &codes,
-                None,
+                first_reason.as_deref(),
             );
             return Ok(());
         }
@@ -1502,6 +1541,16 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             .topic
             .get(self.topics.broker_prefix().len()..)
             .unwrap_or_default();
+        // Under a prefix a client's `$` topic is an ordinary one at the broker, so a wildcard
+        // subscription matches it there. [MQTT-4.7.2-1] says it must not: the delivery goes
+        // ahead only if a subscription of the client matches it as a broker would.
+        if parts[0].is_empty()
+            && rest.starts_with('$')
+            && !self.subscriptions.iter().any(|f| filter_matches(f, rest))
+        {
+            self.drop_delivery(&publish);
+            return Ok(());
+        }
         let payload = body.get(publish.payload.clone()).unwrap_or_default();
         if !self
             .context

@@ -130,7 +130,11 @@ pub async fn establish<P: Profile, D: Dial, S: ClientStream>(
     let rates = &context.connect_rates;
     if let Err(exceeded) = rates
         .check_address(info.peer.ip())
-        .and_then(|()| rates.check_client_id(connect.client_id))
+        // Zero-length client IDs are all different clients (each gets an assigned ID).
+        .and_then(|()| match connect.client_id {
+            "" => Ok(()),
+            client_id => rates.check_client_id(client_id),
+        })
     {
         let refusal = Refusal::with_detail(
             Cause::ServerCapacity,
@@ -206,7 +210,8 @@ pub async fn establish<P: Profile, D: Dial, S: ClientStream>(
 
     // Ownership: a session this one takes over finishes closing (and queues its Disconnect)
     // before this one goes on, so statuses of one client ID stay in event order.
-    let claimed = claim_ownership(context, control, &connect, &terms).await;
+    let claimed =
+        claim_ownership(context, control, broker_client_id(&connect, &terms), &terms).await;
     let ownership = match claimed {
         Ok(ownership) => ownership,
         Err(refusal) => {
@@ -251,6 +256,7 @@ pub async fn establish<P: Profile, D: Dial, S: ClientStream>(
         &negotiated,
         &session_limits,
         announced_keep_alive,
+        terms.assigned_client_id.as_deref(),
     );
     encode_connack(&mut out, version, &connack);
     let written =
@@ -261,7 +267,7 @@ pub async fn establish<P: Profile, D: Dial, S: ClientStream>(
     }
     counters.write_bytes += out.len() as u64;
 
-    let client_id = connect.client_id.to_owned();
+    let client_id = broker_client_id(&connect, &terms).to_owned();
     context.reporter.connected(
         control.id(),
         &client_id,
@@ -302,11 +308,11 @@ pub async fn establish<P: Profile, D: Dial, S: ClientStream>(
 async fn claim_ownership<P: Profile, D: Dial>(
     context: &Context<P, D>,
     control: &SessionControl,
-    connect: &Connect<'_>,
+    client_id: &str,
     terms: &ConnectTerms,
 ) -> Result<Ownership, Refusal> {
     let claim = context.admission.claim(ClaimRequest {
-        client_id: connect.client_id,
+        client_id,
         takeover: terms.takeover,
         tenant: &terms.tenant,
         tenant_limit: terms.max_tenant_connections,
@@ -332,6 +338,14 @@ async fn claim_ownership<P: Profile, D: Dial>(
             },
         }
     }
+}
+
+/// The client ID at the broker and in admission: the profile's, else the client's own.
+fn broker_client_id<'a>(connect: &Connect<'a>, terms: &'a ConnectTerms) -> &'a str {
+    terms
+        .broker_client_id
+        .as_deref()
+        .unwrap_or(connect.client_id)
 }
 
 enum FirstFrame {
@@ -541,10 +555,11 @@ async fn dial_broker<P: Profile, D: Dial>(
     }
     // Connections that share a client ID on purpose must not take each other over at the
     // broker, so each gets an ID of its own there, unique across processes and restarts.
+    let client_id = broker_client_id(connect, terms);
     let upstream_client_id = if unique {
-        format!("{}:{}", connect.client_id, control.id())
+        format!("{client_id}:{}", control.id())
     } else {
-        connect.client_id.to_string()
+        client_id.to_string()
     };
     let dialer = &*context.dialer;
     let upstream_connect = Connect {
@@ -671,6 +686,10 @@ fn negotiate<P: Profile, D: Dial>(
                 .unwrap_or(u16::MAX)
                 .min(process.max_inflight),
         ),
+        problem_information: !connect.properties.iter().any(|p| {
+            p.id == property::REQUEST_PROBLEM_INFORMATION
+                && matches!(p.value, PropertyValue::Byte(0))
+        }),
     }
 }
 
@@ -680,15 +699,16 @@ fn client_connack<'a>(
     negotiated: &Negotiated,
     limits: &SessionLimits,
     server_keep_alive: Option<u16>,
+    assigned_client_id: Option<&'a str>,
 ) -> Connack<'a> {
-    let mut properties = Vec::with_capacity(broker.properties.len() + 2);
+    let mut properties = Vec::with_capacity(broker.properties.len() + 4);
     for (id, value) in &broker.properties {
         match *id {
             property::MAXIMUM_PACKET_SIZE
             | property::RECEIVE_MAXIMUM
             | property::ASSIGNED_CLIENT_IDENTIFIER
             | property::SERVER_KEEP_ALIVE => {}
-            property::RETAIN_AVAILABLE if limits.strip_retained => {}
+            property::RETAIN_AVAILABLE if limits.strip_retained || limits.refuse_retained => {}
             property::MAXIMUM_QOS if limits.max_qos < 2 => {}
             _ => properties.push(Property {
                 id: *id,
@@ -708,6 +728,18 @@ fn client_connack<'a>(
         properties.push(Property {
             id: property::SERVER_KEEP_ALIVE,
             value: PropertyValue::U16(seconds),
+        });
+    }
+    if limits.refuse_retained {
+        properties.push(Property {
+            id: property::RETAIN_AVAILABLE,
+            value: PropertyValue::Byte(0),
+        });
+    }
+    if let Some(client_id) = assigned_client_id {
+        properties.push(Property {
+            id: property::ASSIGNED_CLIENT_IDENTIFIER,
+            value: PropertyValue::Str(client_id),
         });
     }
     if limits.max_qos < 2 {

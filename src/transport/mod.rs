@@ -78,6 +78,8 @@ pub struct ConnectionInfo {
     pub certificate: PeerCertificate,
     /// When the connection was accepted.
     pub connected_at: SystemTime,
+    /// The generic tenant the listener belongs to, if any.
+    pub tenant: Option<Arc<str>>,
 }
 
 /// A stream with bytes already read from it put back in front.
@@ -152,6 +154,9 @@ pub struct ListenerTransport {
     pub websocket: WebSocketConfig,
     /// The connect deadline: the first byte must arrive within it.
     pub connect_timeout: Duration,
+    /// The generic tenant of every client of this listener, if any
+    /// ([`ConnectionInfo::tenant`]).
+    pub tenant: Option<Arc<str>>,
 }
 
 /// An accepted connection, ready for the session.

@@ -238,6 +238,9 @@ impl Profile for Wiotp {
             unique_upstream_session: scalable,
             force_clean_start: principal.org.quickstart,
             keep_alive: scalable.then_some(1..=MAX_SCALABLE_KEEP_ALIVE_SECS),
+            // WIoTP client IDs name their org already.
+            broker_client_id: None,
+            assigned_client_id: None,
         }
     }
 
@@ -257,6 +260,7 @@ impl Profile for Wiotp {
                 OnRateExceeded::Disconnect => RateAction::Disconnect,
             },
             strip_retained: org.strip_retained,
+            refuse_retained: false,
             // Quickstart is QoS 0 only: higher QoS is downgraded.
             max_qos: if org.quickstart { 0 } else { 2 },
         }
