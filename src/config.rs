@@ -44,7 +44,39 @@ pub struct WardenConfig {
     pub limits: ProcessLimits,
     /// The async runtime.
     pub runtime: RuntimeConfig,
+    /// Shared state with other instances, when configured (`coordination:`).
+    pub coordination: Option<CoordinationConfig>,
 }
+
+/// Several instances acting as one proxy, with their shared state in Redis (`coordination:`).
+/// Its `Debug` output hides the password.
+#[derive(Clone)]
+pub struct CoordinationConfig {
+    /// Where Redis (or Valkey) is, with the password from `redis_password_env` applied.
+    pub redis: redis::ConnectionInfo,
+    /// This instance's name among the others: unique and stable across restarts.
+    pub instance_id: String,
+}
+
+impl std::fmt::Debug for CoordinationConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinationConfig")
+            .field("redis", &self.redis.addr())
+            .field("db", &self.redis.redis_settings().db())
+            .field(
+                "password",
+                &self.redis.redis_settings().password().map(|_| "<hidden>"),
+            )
+            .field("instance_id", &self.instance_id)
+            .finish()
+    }
+}
+
+/// The shortest bearer token the admin endpoint accepts, in bytes.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 16;
+
+/// The longest `coordination.instance_id`, in bytes.
+pub const MAX_INSTANCE_ID_BYTES: usize = 64;
 
 /// The async runtime (`runtime:`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -124,11 +156,22 @@ impl std::fmt::Debug for UpstreamConfig {
     }
 }
 
-/// The admin HTTP endpoint.
-#[derive(Debug, Clone)]
+/// The admin HTTP endpoint. Its `Debug` output hides the token.
+#[derive(Clone)]
 pub struct AdminConfig {
     /// Address to bind.
     pub bind: SocketAddr,
+    /// The bearer token of the session endpoints (from `token_env`); without it they are off.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("bind", &self.bind)
+            .field("token", &self.token.as_ref().map(|_| "<hidden>"))
+            .finish()
+    }
 }
 
 /// Log format.
@@ -378,6 +421,34 @@ impl WardenConfig {
     }
 }
 
+/// The instance ID when `coordination.instance_id` is left out: the host name and the first
+/// listener's port, which no two instances share (two on one host cannot bind one port).
+fn default_instance_id(listeners: &[ListenerConfig]) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(MAX_INSTANCE_ID_BYTES - 6)
+        .collect();
+    let host = if host.is_empty() {
+        "warden".into()
+    } else {
+        host
+    };
+    let port = listeners.first().map(|l| l.bind.port()).unwrap_or(0);
+    format!("{host}-{port}")
+}
+
 /// Validation of one parsed file: every error points at the line of the offending key, and each
 /// check goes on with a stand-in value so that the next one still runs.
 struct Check<'a> {
@@ -421,7 +492,7 @@ impl Check<'_> {
         if file.listeners.is_empty() {
             self.error("listeners", "at least one listener is needed");
         }
-        let listeners = file
+        let listeners: Vec<ListenerConfig> = file
             .listeners
             .into_iter()
             .enumerate()
@@ -429,7 +500,20 @@ impl Check<'_> {
             .collect();
         let upstream = self.upstream(file.upstream);
         let policies = self.non_empty_path("policies", file.policies);
-        let admin = file.admin.map(|admin| AdminConfig { bind: admin.bind });
+        let admin = file.admin.map(|admin| AdminConfig {
+            bind: admin.bind,
+            token: admin.token_env.and_then(|var| {
+                let token = self.secret_from_env("admin.token_env", &var)?;
+                if token.len() < MIN_ADMIN_TOKEN_BYTES {
+                    self.error(
+                        "admin.token_env",
+                        format!("the token in {var} is shorter than {MIN_ADMIN_TOKEN_BYTES} bytes"),
+                    );
+                    return None;
+                }
+                Some(token)
+            }),
+        });
         let telemetry = self.telemetry(file.telemetry.unwrap_or_default());
         let limits = self.limits(file.limits.unwrap_or_default());
         let runtime = RuntimeConfig {
@@ -441,6 +525,9 @@ impl Check<'_> {
                 threads => threads,
             },
         };
+        let coordination = file
+            .coordination
+            .and_then(|coordination| self.coordination(coordination, &listeners));
         WardenConfig {
             listeners,
             upstream,
@@ -449,7 +536,92 @@ impl Check<'_> {
             telemetry,
             limits,
             runtime,
+            coordination,
         }
+    }
+
+    /// The value of the environment variable a `*_env` field names; a missing one is an error
+    /// or, under [`MissingSecrets::Warn`], a warning.
+    fn secret_from_env(&self, field: &str, var: &str) -> Option<String> {
+        match std::env::var(var) {
+            Ok(value) => Some(value),
+            Err(std::env::VarError::NotPresent) => {
+                let problem = self.invalid(field, format!("environment variable {var} is not set"));
+                match self.secrets {
+                    MissingSecrets::Error => self.errors.borrow_mut().push(problem),
+                    MissingSecrets::Warn => self.warnings.borrow_mut().push(problem),
+                }
+                None
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                self.error(
+                    field,
+                    format!("environment variable {var} is not valid UTF-8"),
+                );
+                None
+            }
+        }
+    }
+
+    fn coordination(
+        &self,
+        coordination: CoordinationFileConfig,
+        listeners: &[ListenerConfig],
+    ) -> Option<CoordinationConfig> {
+        use redis::IntoConnectionInfo;
+        // The URL itself is never repeated in a message: it may hold a password.
+        let scheme_ok = ["redis://", "rediss://"]
+            .iter()
+            .any(|scheme| coordination.redis.starts_with(scheme));
+        let parsed = if scheme_ok {
+            coordination.redis.as_str().into_connection_info().ok()
+        } else {
+            None
+        };
+        if parsed.is_none() {
+            self.error(
+                "coordination.redis",
+                "must be a redis:// or rediss:// URL, for example redis://127.0.0.1:6379/0",
+            );
+        }
+        let password = coordination.redis_password_env.as_deref().and_then(|var| {
+            if parsed
+                .as_ref()
+                .is_some_and(|info| info.redis_settings().password().is_some())
+            {
+                self.error(
+                    "coordination.redis_password_env",
+                    "the redis URL holds a password already: set one or the other",
+                );
+                return None;
+            }
+            self.secret_from_env("coordination.redis_password_env", var)
+        });
+        let instance_id = match coordination.instance_id {
+            Some(id) => {
+                let valid = !id.is_empty()
+                    && id.len() <= MAX_INSTANCE_ID_BYTES
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+                if !valid {
+                    self.error(
+                        "coordination.instance_id",
+                        format!(
+                            "must be 1 to {MAX_INSTANCE_ID_BYTES} letters, digits, '-', '_' or '.'; leave it out for one made of the host name and the first listener's port"
+                        ),
+                    );
+                }
+                id
+            }
+            None => default_instance_id(listeners),
+        };
+        let mut redis = parsed?;
+        if let Some(password) = password {
+            let settings = redis.redis_settings().clone().set_password(password);
+            redis = redis.set_redis_settings(settings);
+        }
+        Some(CoordinationConfig { redis, instance_id })
     }
 
     fn listener(&self, index: usize, listener: ListenerFileConfig) -> ListenerConfig {
@@ -497,27 +669,7 @@ impl Check<'_> {
                 None
             }
             (Some(password), None) => Some(password),
-            (None, Some(var)) => match std::env::var(&var) {
-                Ok(password) => Some(password),
-                Err(std::env::VarError::NotPresent) => {
-                    let problem = self.invalid(
-                        "upstream.password_env",
-                        format!("environment variable {var} is not set"),
-                    );
-                    match self.secrets {
-                        MissingSecrets::Error => self.errors.borrow_mut().push(problem),
-                        MissingSecrets::Warn => self.warnings.borrow_mut().push(problem),
-                    }
-                    None
-                }
-                Err(std::env::VarError::NotUnicode(_)) => {
-                    self.error(
-                        "upstream.password_env",
-                        format!("environment variable {var} is not valid UTF-8"),
-                    );
-                    None
-                }
-            },
+            (None, Some(var)) => self.secret_from_env("upstream.password_env", &var),
             (None, None) => None,
         };
         let topic_prefix = upstream
@@ -783,6 +935,18 @@ struct ConfigFile {
     limits: Option<LimitsFileConfig>,
     #[serde(default)]
     runtime: Option<RuntimeFileConfig>,
+    #[serde(default)]
+    coordination: Option<CoordinationFileConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoordinationFileConfig {
+    redis: String,
+    #[serde(default)]
+    instance_id: Option<String>,
+    #[serde(default)]
+    redis_password_env: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -847,6 +1011,8 @@ struct UpstreamTlsFileConfig {
 #[serde(deny_unknown_fields)]
 struct AdminFileConfig {
     bind: SocketAddr,
+    #[serde(default)]
+    token_env: Option<String>,
 }
 
 #[derive(Default, Deserialize)]
@@ -1152,6 +1318,101 @@ limits:
             "  address: \"127.0.0.1:1884\"\n  tls: { cert: w.pem }\n",
         ));
         assert_eq!(field, "upstream.tls");
+    }
+
+    #[test]
+    fn coordination_is_optional_and_checked() {
+        assert!(parse(MINIMAL).unwrap().coordination.is_none());
+        let config = parse(&format!(
+            "{MINIMAL}coordination:\n  redis: \"redis://:secret@127.0.0.1:6390/2\"\n  instance_id: warden-a\n"
+        ))
+        .unwrap();
+        let coordination = config.coordination.unwrap();
+        assert_eq!(coordination.instance_id, "warden-a");
+        assert_eq!(coordination.redis.redis_settings().db(), 2);
+        assert_eq!(
+            coordination.redis.redis_settings().password(),
+            Some("secret")
+        );
+        let shown = format!("{coordination:?}");
+        assert!(!shown.contains("secret"), "{shown}");
+
+        // The default instance ID: the host name and the first listener's port.
+        let derived = parse(&format!(
+            "{MINIMAL}coordination: {{ redis: \"redis://h:1\" }}\n"
+        ))
+        .unwrap()
+        .coordination
+        .unwrap();
+        assert!(
+            derived.instance_id.ends_with("-0"),
+            "{}",
+            derived.instance_id
+        );
+
+        std::env::set_var("WARDEN_TEST_REDIS_PASSWORD", "from-env");
+        let from_env = parse(&format!(
+            "{MINIMAL}coordination:\n  redis: \"rediss://h:1\"\n  redis_password_env: WARDEN_TEST_REDIS_PASSWORD\n"
+        ))
+        .unwrap()
+        .coordination
+        .unwrap();
+        assert_eq!(from_env.redis.redis_settings().password(), Some("from-env"));
+    }
+
+    #[test]
+    fn the_admin_token_comes_from_the_environment_and_is_long_enough() {
+        std::env::set_var("WARDEN_TEST_ADMIN_TOKEN_LONG", "0123456789abcdef");
+        std::env::set_var("WARDEN_TEST_ADMIN_TOKEN_SHORT", "short");
+        let admin = |var: &str| {
+            format!("{MINIMAL}admin:\n  bind: \"127.0.0.1:9100\"\n  token_env: {var}\n")
+        };
+        let config = parse(&admin("WARDEN_TEST_ADMIN_TOKEN_LONG")).unwrap();
+        let admin_config = config.admin.unwrap();
+        assert_eq!(admin_config.token.as_deref(), Some("0123456789abcdef"));
+        assert!(!format!("{admin_config:?}").contains("0123456789abcdef"));
+        let (line, field, message) = invalid(&admin("WARDEN_TEST_ADMIN_TOKEN_SHORT"));
+        assert_eq!((line, field.as_str()), (Some(8), "admin.token_env"));
+        assert!(message.contains("shorter than 16"), "{message}");
+        assert!(!message.contains("short\""), "{message}");
+        let (line, field, _) = invalid(&admin("WARDEN_TEST_ADMIN_TOKEN_UNSET"));
+        assert_eq!((line, field.as_str()), (Some(8), "admin.token_env"));
+    }
+
+    #[test]
+    fn coordination_errors_name_their_line_and_field() {
+        let text = format!(
+            "{MINIMAL}coordination:\n  redis: \"http://user:pw@h:1\"\n  instance_id: \"a b\"\n  redis_password_env: WARDEN_TEST_UNSET_REDIS_PASSWORD\n"
+        );
+        let errors = all_invalid(&text);
+        let fields: Vec<_> = errors
+            .iter()
+            .map(|(line, field, _)| (*line, field.as_str()))
+            .collect();
+        assert_eq!(
+            fields,
+            vec![
+                (Some(7), "coordination.redis"),
+                (Some(8), "coordination.instance_id"),
+                (Some(9), "coordination.redis_password_env"),
+            ]
+        );
+        assert!(
+            errors
+                .iter()
+                .all(|(_, _, message)| !message.contains("pw@")),
+            "the URL may hold a password: {errors:?}"
+        );
+        let (line, field, message) = invalid(&format!(
+            "{MINIMAL}coordination:\n  redis: \"redis://:pw@h:1\"\n  redis_password_env: HOME\n"
+        ));
+        assert_eq!(
+            (line, field.as_str()),
+            (Some(8), "coordination.redis_password_env")
+        );
+        assert!(message.contains("one or the other"), "{message}");
+        let (line, field, _) = invalid(&format!("{MINIMAL}coordination: {{ instance_id: a }}\n"));
+        assert_eq!((line, field.as_str()), (Some(6), "coordination"));
     }
 
     #[test]

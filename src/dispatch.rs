@@ -235,6 +235,12 @@ impl Profile for Dispatch {
             .settle(entry)
             .or_else(|| self.generic.settle(entry))
     }
+
+    fn settle_as(&self, entry: &[u8], refusal: &Refusal) -> Option<Settlement> {
+        self.wiotp
+            .settle_as(entry, refusal)
+            .or_else(|| self.generic.settle_as(entry, refusal))
+    }
 }
 
 #[cfg(test)]

@@ -64,6 +64,19 @@ pub struct MonitorMetrics {
     pub dropped: Counter,
 }
 
+/// The coordination's series (`coordination:`; zero without it).
+#[derive(Debug, Clone, Default)]
+pub struct CoordinationMetrics {
+    /// Whether this instance holds its lease in Redis.
+    pub up: Gauge,
+    /// Sessions on another instance that this instance's takeovers closed, answered by the
+    /// holder.
+    pub remote_takeovers: Counter,
+    /// Sessions of another instance whose Disconnect this instance published: a takeover whose
+    /// holder did not answer, or an instance that stopped.
+    pub settled: Counter,
+}
+
 /// Every metric of the process.
 #[derive(Debug)]
 pub struct Metrics {
@@ -84,6 +97,8 @@ pub struct Metrics {
     pub policy_reload_failures: Counter,
     /// The control connection's series.
     pub monitor: MonitorMetrics,
+    /// The coordination's series.
+    pub coordination: CoordinationMetrics,
     connections: Family<ConnectionLabels, Gauge>,
     closes: Family<CloseLabels, Counter>,
     denials: Family<DenialLabels, Counter>,
@@ -104,6 +119,7 @@ impl Default for Metrics {
             policy_reloads: Counter::default(),
             policy_reload_failures: Counter::default(),
             monitor: MonitorMetrics::default(),
+            coordination: CoordinationMetrics::default(),
             connections: Family::default(),
             closes: Family::default(),
             denials: Family::default(),
@@ -158,6 +174,16 @@ impl Default for Metrics {
                 "Status messages dropped because the queue was full",
                 &metrics.monitor.dropped,
             ),
+            (
+                "warden_coordination_remote_takeovers",
+                "Sessions on other instances closed by a takeover here, answered by their instance",
+                &metrics.coordination.remote_takeovers,
+            ),
+            (
+                "warden_coordination_settled",
+                "Disconnects published here for sessions of other instances",
+                &metrics.coordination.settled,
+            ),
         ];
         for (name, help, counter) in counters {
             registry.register(name, help, counter.clone());
@@ -166,6 +192,11 @@ impl Default for Metrics {
             "warden_upstream_up",
             "Whether the broker is reachable",
             metrics.monitor.upstream_up.clone(),
+        );
+        registry.register(
+            "warden_coordination_up",
+            "Whether this instance holds its coordination lease",
+            metrics.coordination.up.clone(),
         );
         registry.register(
             "warden_connections",

@@ -207,6 +207,16 @@ impl Monitor {
         let _ = settled.wait_for(|settled| *settled >= target).await;
     }
 
+    /// A future that resolves once every message handed over before this call was confirmed by
+    /// the broker or dropped (later messages do not hold it up).
+    pub fn confirmed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let target = *self.intake.accepted.borrow();
+        let mut settled = self.intake.settled.subscribe();
+        async move {
+            let _ = settled.wait_for(|settled| *settled >= target).await;
+        }
+    }
+
     /// Stops accepting messages; the task ends once it has sent what is queued.
     pub fn close(&self) {
         self.intake.lock().closed = true;

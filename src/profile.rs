@@ -323,4 +323,12 @@ pub trait Profile: Send + Sync + 'static {
     /// The status messages owed for a ledger entry of a process that died. `None` for an entry
     /// that is not this profile's or cannot be read (it is then only cleared).
     fn settle(&self, entry: &[u8]) -> Option<Settlement>;
+
+    /// As [`Profile::settle`], closed with `refusal` instead of the crash-recovery close: another
+    /// proxy instance publishes the Disconnect of a session whose own instance did not answer
+    /// (a takeover's 288, an instance that stopped).
+    fn settle_as(&self, entry: &[u8], refusal: &Refusal) -> Option<Settlement> {
+        let _ = refusal;
+        self.settle(entry)
+    }
 }

@@ -14,12 +14,13 @@ use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::admin::AdminState;
+use crate::admin::{AdminSessions, AdminState};
 use crate::auth::Verifier;
 use crate::config::WardenConfig;
 use crate::coord::ids::process_hex;
 use crate::coord::local::{LocalAdmission, LocalReporter, LocalTenantBuckets};
-use crate::coord::{Admission, ProcessSlots};
+use crate::coord::redis::{CoordError, Coordinator};
+use crate::coord::{Admission, ProcessSlots, Reporter, TenantBuckets};
 use crate::dispatch::Dispatch;
 use crate::http::HttpFront;
 use crate::ledger::Ledger;
@@ -57,6 +58,9 @@ pub enum StartError {
     /// The broker's TLS files or the source addresses cannot be used.
     #[error("{0}")]
     Upstream(#[from] crate::upstream::DialerError),
+    /// The coordination store could not be reached, or this instance's ID is in use.
+    #[error("coordination: {0}")]
+    Coordination(#[from] CoordError),
     /// A listener could not bind.
     #[error("cannot listen on {address}: {source}")]
     Bind {
@@ -80,7 +84,9 @@ pub struct RunningProxy {
     /// The control connection.
     pub monitor: Monitor,
     /// Live sessions.
-    pub admission: Arc<LocalAdmission>,
+    pub admission: Arc<dyn Admission>,
+    /// The shared state of several instances, when `coordination:` is configured.
+    pub coordinator: Option<Arc<Coordinator>>,
     reloader: Arc<Reloader>,
     ledger: Ledger,
     sessions: TaskTracker,
@@ -113,6 +119,11 @@ impl RunningProxy {
             .is_err()
         {
             warn!("grace time over before every session closed");
+        }
+        if let Some(coordinator) = &self.coordinator {
+            // The closed sessions' statuses pass the coordinator's queue on their way out.
+            let _ = tokio::time::timeout_at(deadline, coordinator.drained()).await;
+            let _ = tokio::time::timeout_at(deadline, coordinator.leave()).await;
         }
         // This process is going: its ledger marker goes too, unless sessions are left (then the
         // will clears it when the connection drops, and the next process settles them).
@@ -194,7 +205,8 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         verifier.clone(),
         &config.upstream.topic_prefix,
     ));
-    let admission = LocalAdmission::new();
+    let local_admission = LocalAdmission::new();
+    let coordination = config.coordination.as_ref();
 
     // The ledger namespace names this instance on the broker and stays the same across
     // restarts, so that a restarted process finds and settles its predecessor's clients. The
@@ -204,6 +216,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         .upstream
         .control_client_id
         .clone()
+        .or_else(|| coordination.map(|c| format!("mqtt-warden-{}", c.instance_id)))
         .unwrap_or_else(|| {
             let first_bind = config
                 .listeners
@@ -214,8 +227,10 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         });
     let boot = process_hex();
     let ledger = Ledger::new(&namespace, &boot);
-    let recovery = {
-        let (ledger, profile, admission) = (ledger.clone(), profile.clone(), admission.clone());
+    // With coordination, Redis keeps what crash recovery needs, and the survivors settle.
+    let recovery = coordination.is_none().then(|| {
+        let (ledger, profile, admission) =
+            (ledger.clone(), profile.clone(), local_admission.clone());
         Recovery {
             filter: ledger.filter(),
             sentinel: ledger.sentinel_topic(),
@@ -235,19 +250,56 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
                 settled
             }),
         }
-    };
+    });
     let monitor = Monitor::spawn(
         dialer.clone(),
         ControlConfig {
             client_id: format!("{namespace}-{boot}"),
             will: Some(ledger.marker_clear()),
             greeting: vec![ledger.marker()],
-            recovery: Some(recovery),
+            recovery,
             queue_limit: config.limits.monitor_queue,
             queue_bytes: config.limits.monitor_queue_bytes,
         },
         metrics.monitor.clone(),
     );
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let coordinator = match coordination {
+        Some(coordination) => {
+            let settle = {
+                let profile = profile.clone();
+                Arc::new(move |entry: &[u8], refusal: &Refusal| profile.settle_as(entry, refusal))
+            };
+            Some(
+                Coordinator::start(
+                    coordination,
+                    monitor.clone(),
+                    settle,
+                    config.limits.monitor_queue,
+                    metrics.coordination.clone(),
+                )
+                .await?,
+            )
+        }
+        None => None,
+    };
+    #[allow(clippy::type_complexity)]
+    let (admission, reporter, buckets): (
+        Arc<dyn Admission>,
+        Arc<dyn Reporter>,
+        Arc<dyn TenantBuckets>,
+    ) = match &coordinator {
+        Some(coordinator) => (
+            coordinator.clone(),
+            coordinator.clone(),
+            Arc::new(coordinator.rate_buckets()),
+        ),
+        None => (
+            local_admission.clone(),
+            Arc::new(LocalReporter::new(monitor.clone(), ledger.clone())),
+            Arc::new(LocalTenantBuckets::default()),
+        ),
+    };
     let shutting_down = Arc::new(AtomicBool::new(false));
     let connect_rates = Arc::new(ConnectRates::new(
         config.limits.connect_rate_per_client_id,
@@ -258,8 +310,8 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         dialer,
         admission: admission.clone(),
         slots: ProcessSlots::new(config.limits.max_connections),
-        buckets: Arc::new(LocalTenantBuckets::default()),
-        reporter: Arc::new(LocalReporter::new(monitor.clone(), ledger.clone())),
+        buckets,
+        reporter,
         connect_rates: connect_rates.clone(),
         metrics: metrics.clone(),
         limits: config.limits.clone(),
@@ -273,7 +325,6 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         format!("{namespace}-http-{boot}"),
     ));
 
-    let (shutdown, shutdown_rx) = watch::channel(false);
     let tls: Vec<Arc<ServerTls>> = transports.iter().filter_map(|t| t.tls.clone()).collect();
     let reloader = Arc::new(Reloader {
         policy_path: config.policies.clone(),
@@ -306,11 +357,22 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         Some(listener) => {
             let ready = {
                 let (monitor, shutting_down) = (monitor.clone(), shutting_down.clone());
-                Arc::new(move || monitor.is_connected() && !shutting_down.load(Ordering::Relaxed))
+                let coordinator = coordinator.clone();
+                Arc::new(move || {
+                    monitor.is_connected()
+                        && !shutting_down.load(Ordering::Relaxed)
+                        && coordinator.as_ref().is_none_or(|c| c.is_healthy())
+                })
             };
+            let sessions = config
+                .admin
+                .as_ref()
+                .and_then(|admin| admin.token.as_deref())
+                .map(|token| AdminSessions::new(admission.clone(), token));
             let state = AdminState {
                 metrics: metrics.clone(),
                 ready,
+                sessions,
             };
             let address = listener.local_addr().map_err(|source| StartError::Bind {
                 address: ([0, 0, 0, 0], 0).into(),
@@ -330,6 +392,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         metrics,
         monitor,
         admission,
+        coordinator,
         reloader,
         ledger,
         sessions,

@@ -301,6 +301,10 @@ fn every_key_the_loaders_accept_is_in_docs_configuration() {
         ("admin", format!("{{ bind: \"127.0.0.1:0\", {PROBE} }}")),
         ("telemetry", format!("{{ {PROBE} }}")),
         ("limits", format!("{{ {PROBE} }}")),
+        (
+            "coordination",
+            format!("{{ redis: \"redis://h:1\", {PROBE} }}"),
+        ),
     ] {
         check(
             &format!("{section}."),

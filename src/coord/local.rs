@@ -9,8 +9,8 @@ use futures_util::future::BoxFuture;
 use tokio::time::Instant;
 
 use super::{
-    Admission, ClaimError, ClaimRequest, Ownership, Release, Released, Reporter, SessionHandle,
-    SessionId, TenantBucket, TenantBuckets,
+    closed_by_administrator, Admission, ClaimError, ClaimRequest, Ownership, Release, Released,
+    Reporter, SessionHandle, SessionId, SessionInfo, TenantBucket, TenantBuckets,
 };
 use crate::ledger::Ledger;
 use crate::limits::{Rate, SharedBucket};
@@ -23,8 +23,8 @@ pub const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Default)]
 struct Registry {
-    /// Every claimed session.
-    all: HashMap<SessionId, SessionHandle>,
+    /// Every claimed session, with its tenant and client ID.
+    all: HashMap<SessionId, (SessionHandle, Box<str>, Box<str>)>,
     /// The owner of each client ID, keyed by tenant and client ID.
     owners: HashMap<String, SessionHandle>,
     /// Live connections per tenant.
@@ -43,7 +43,7 @@ fn owner_key(tenant: &str, client_id: &str) -> String {
     key
 }
 
-fn count_down(counts: &mut HashMap<Box<str>, u32>, key: &str) -> u32 {
+pub(super) fn count_down(counts: &mut HashMap<Box<str>, u32>, key: &str) -> u32 {
     let Some(count) = counts.get_mut(key) else {
         return 0;
     };
@@ -125,7 +125,14 @@ impl LocalAdmission {
         if let Some(owner) = &owner {
             registry.owners.insert(owner.clone(), session.clone());
         }
-        registry.all.insert(session.id(), session.clone());
+        registry.all.insert(
+            session.id(),
+            (
+                session.clone(),
+                request.tenant.into(),
+                request.client_id.into(),
+            ),
+        );
         *registry.tenants.entry(request.tenant.into()).or_insert(0) += 1;
         *registry
             .presence
@@ -170,7 +177,44 @@ impl Admission for LocalAdmission {
     }
 
     fn sessions(&self) -> Vec<SessionHandle> {
-        locked(&self.registry).all.values().cloned().collect()
+        locked(&self.registry)
+            .all
+            .values()
+            .map(|(handle, _, _)| handle.clone())
+            .collect()
+    }
+
+    fn list<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Result<Vec<SessionInfo>, ClaimError>> {
+        let listed = locked(&self.registry)
+            .all
+            .iter()
+            .filter(|(_, (_, held_by, _))| **held_by == *tenant)
+            .map(|(id, (_, _, client_id))| SessionInfo {
+                client_id: client_id.to_string(),
+                instance: String::new(),
+                session: id.to_string(),
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(listed)))
+    }
+
+    fn close_sessions<'a>(
+        &'a self,
+        tenant: &'a str,
+        client_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<usize, ClaimError>> {
+        let handles: Vec<SessionHandle> = locked(&self.registry)
+            .all
+            .values()
+            .filter(|(_, held_by, held_id)| {
+                **held_by == *tenant && client_id.is_none_or(|id| **held_id == *id)
+            })
+            .map(|(handle, _, _)| handle.clone())
+            .collect();
+        for handle in &handles {
+            handle.close(closed_by_administrator());
+        }
+        Box::pin(std::future::ready(Ok(handles.len())))
     }
 }
 

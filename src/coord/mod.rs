@@ -10,6 +10,8 @@
 
 pub mod ids;
 pub mod local;
+pub mod redis;
+pub mod redis_rate;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -243,6 +245,8 @@ pub struct ClaimRequest<'a> {
 pub enum ClaimError {
     /// The tenant already has its maximum number of connections.
     TenantFull,
+    /// The shared state is out of reach, so neither the client ID nor the quota can be checked.
+    Unavailable,
 }
 
 /// What releasing an ownership tells the session.
@@ -301,6 +305,17 @@ impl Drop for Ownership {
     }
 }
 
+/// A live session, as an administrator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    /// The client ID.
+    pub client_id: String,
+    /// The instance holding it (empty without coordination).
+    pub instance: String,
+    /// The session's ID.
+    pub session: String,
+}
+
 /// Client-ID ownership, tenant connection counts and takeover.
 pub trait Admission: Send + Sync + 'static {
     /// Claims the request's client ID and a place in its tenant. A session displaced by the
@@ -320,6 +335,23 @@ pub trait Admission: Send + Sync + 'static {
 
     /// Handles of every live session (shutdown, policy edits).
     fn sessions(&self) -> Vec<SessionHandle>;
+
+    /// The live sessions of a tenant, on every instance (the admin endpoint).
+    fn list<'a>(&'a self, tenant: &'a str) -> BoxFuture<'a, Result<Vec<SessionInfo>, ClaimError>>;
+
+    /// Closes the live sessions of a tenant, all of them or those of one client ID, wherever
+    /// they are connected, with 94 (closed by an administrator). Resolves to how many were told
+    /// to close.
+    fn close_sessions<'a>(
+        &'a self,
+        tenant: &'a str,
+        client_id: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<usize, ClaimError>>;
+}
+
+/// The refusal an administrator's close gives a session (94).
+pub fn closed_by_administrator() -> Refusal {
+    Refusal::with_detail(crate::refusal::Cause::Revoked, "closed by an administrator")
 }
 
 /// A tenant's shared publish bucket.

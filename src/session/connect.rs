@@ -323,7 +323,13 @@ async fn claim_ownership<P: Profile, D: Dial>(
     loop {
         tokio::select! {
             claimed = &mut claim => {
-                return claimed.map_err(|ClaimError::TenantFull| Refusal::new(Cause::TenantQuota));
+                return claimed.map_err(|error| match error {
+                    ClaimError::TenantFull => Refusal::new(Cause::TenantQuota),
+                    ClaimError::Unavailable => Refusal::with_detail(
+                        Cause::ServerUnavailable,
+                        "the coordination store is unavailable",
+                    ),
+                });
             }
             command = control.next() => match command {
                 Command::Close(refusal) => return Err(refusal),

@@ -383,4 +383,8 @@ impl Profile for Wiotp {
     fn settle(&self, entry: &[u8]) -> Option<Settlement> {
         status::settle(entry)
     }
+
+    fn settle_as(&self, entry: &[u8], refusal: &Refusal) -> Option<Settlement> {
+        status::settle_as(entry, refusal)
+    }
 }

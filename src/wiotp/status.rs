@@ -278,15 +278,22 @@ pub fn presence(identity: &Identity) -> String {
 
 /// The Disconnect (92, "settled after a proxy restart") owed for a ledger entry.
 pub fn settle(entry: &[u8]) -> Option<Settlement> {
+    settle_as(
+        entry,
+        &Refusal::with_detail(Cause::ServerClosed, "settled after a proxy restart"),
+    )
+}
+
+/// The Disconnect owed for a ledger entry, closed with `refusal`.
+pub fn settle_as(entry: &[u8], refusal: &Refusal) -> Option<Settlement> {
     let entry: Entry = serde_json::from_slice(entry).ok()?;
     let identity = parse_client_id(&entry.connect.client_id).ok()?;
-    let refusal = Refusal::with_detail(Cause::ServerClosed, "settled after a proxy restart");
     let code = code(refusal.cause);
     let mut message = entry.connect;
     message.action = Action::Disconnect;
     message.time = iso_time(SystemTime::now());
     message.close_code = code.number;
-    message.reason = code.reason_string(&refusal);
+    message.reason = code.reason_string(refusal);
     let clear = clears_on_disconnect(identity.class, entry.quickstart);
     Some(Settlement {
         presence: presence(&identity),

@@ -135,6 +135,94 @@ impl Broker {
     }
 }
 
+/// A `redis-server` process of the test's own: loopback only, no persistence, on a free port
+/// (Redis refuses `--port 0`, so a free port is found by binding port 0 and releasing it, and
+/// another is tried if something took it in between).
+pub struct Redis {
+    child: Child,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl Redis {
+    /// Starts `redis-server` on a free loopback port.
+    pub async fn start() -> Redis {
+        for _ in 0..5 {
+            if let Some(redis) = Self::start_on(free_port()).await {
+                return redis;
+            }
+        }
+        panic!("redis-server did not start");
+    }
+
+    /// Starts `redis-server` on `port` (used to restart it on the same port).
+    pub async fn start_on(port: u16) -> Option<Redis> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout piped")).lines();
+        let ready = tokio::time::timeout(WAIT, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("Ready to accept connections") {
+                    return true;
+                }
+                if line.contains("Could not create server TCP listening socket") {
+                    return false;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        if !ready {
+            let _ = child.kill().await;
+            return None;
+        }
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Some(Redis {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+
+    /// The URL for `coordination.redis`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The `coordination:` config section for an instance named `instance`.
+    pub fn coordination(&self, instance: &str) -> String {
+        format!(
+            "coordination:\n  redis: \"{}\"\n  instance_id: {instance}\n",
+            self.url()
+        )
+    }
+
+    /// Stops the server.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+        let _ = self.child.wait().await;
+    }
+}
+
 /// `sha256:<hex>` of a token, as a policy file stores it.
 pub fn sha256_token(token: &str) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(token.as_bytes())))
