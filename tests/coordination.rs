@@ -369,6 +369,103 @@ async fn without_redis_an_instance_fails_closed_and_recovers_by_itself() {
     assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
 }
 
+/// Redis restarts (empty: no persistence) while a device publishes at QoS 1 through one
+/// instance: every PUBLISH the device saw acknowledged reaches the broker, the instances close
+/// what they can no longer vouch for with a Disconnect status, and traffic resumes through the
+/// other instance once Redis is back.
+#[tokio::test]
+async fn a_redis_restart_under_traffic_loses_no_acknowledged_message() {
+    let (broker, redis, a, b) = two_instances(&standard_policy()).await;
+    let port = redis.port;
+    let events = "org1/iot-2/type/sensor/id/dev1/evt/+/fmt/+";
+    let status = "org1/iot-2/type/sensor/id/dev1/mon";
+    let addr: SocketAddr = broker.addr().parse().unwrap();
+    let mut received = v4::connect(addr, "event-watcher", None, None)
+        .await
+        .unwrap();
+    received.subscribe(events, QoS::AtLeastOnce).await;
+    let mut watcher = broker_watcher(&broker, status).await;
+    let mut dev1 = v4::org1_device(a.addr, "dev1").await;
+    assert_eq!(next_status(&mut watcher, status).await["Action"], "Connect");
+
+    let topic = "iot-2/evt/seq/fmt/txt";
+    let mut acked: Vec<u32> = Vec::new();
+    let mut n = 0u32;
+    // Traffic before the restart.
+    while n < 20 {
+        assert!(dev1.publish_acked(topic, n.to_string().into_bytes()).await);
+        acked.push(n);
+        n += 1;
+    }
+    // The restart, while the device keeps publishing one message at a time.
+    let publishing = tokio::spawn(async move {
+        let (mut acked_during, mut n) = (Vec::new(), n);
+        while dev1.publish_acked(topic, n.to_string().into_bytes()).await {
+            acked_during.push(n);
+            n += 1;
+        }
+        (acked_during, n)
+    });
+    redis.stop().await;
+    let _redis = Redis::start_on(port)
+        .await
+        .expect("redis restarts on its port");
+    let (acked_during, next) = tokio::time::timeout(Duration::from_secs(30), publishing)
+        .await
+        .expect("the instance closes the device it can no longer vouch for")
+        .expect("publisher task");
+    acked.extend(acked_during);
+    n = next + 1;
+    let disconnect = next_status(&mut watcher, status).await;
+    assert_eq!(disconnect["Action"], "Disconnect");
+
+    // Redis is back: the device reconnects through the other instance and publishes again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut dev1 = loop {
+        match v4::connect(
+            b.addr,
+            "d:org1:sensor:dev1",
+            Some("use-token-auth"),
+            Some("dev1-token"),
+        )
+        .await
+        {
+            Ok(client) => break client,
+            Err(refused) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never admitted again: {refused:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(next_status(&mut watcher, status).await["Action"], "Connect");
+    for _ in 0..20 {
+        assert!(dev1.publish_acked(topic, n.to_string().into_bytes()).await);
+        acked.push(n);
+        n += 1;
+    }
+
+    // Every acknowledged message is at the broker (others may be there too: at least once).
+    let mut seen = std::collections::HashSet::new();
+    let last = *acked.last().expect("messages were acknowledged");
+    while !seen.contains(&last) {
+        let publish = received.next_publish().await;
+        let value: u32 = std::str::from_utf8(&publish.payload)
+            .unwrap()
+            .parse()
+            .unwrap();
+        seen.insert(value);
+    }
+    let lost: Vec<u32> = acked
+        .iter()
+        .filter(|n| !seen.contains(n))
+        .copied()
+        .collect();
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+}
+
 #[tokio::test]
 async fn a_redis_stall_closes_the_clients_and_gives_their_places_back_afterwards() {
     let broker = Broker::start().await;

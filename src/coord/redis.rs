@@ -39,7 +39,7 @@
 //! instance that has not renewed its lease for [`HOLD_LIMIT`] closes its own clients before the
 //! lease runs out, so that no other instance settles clients that are still connected.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
@@ -262,8 +262,9 @@ return 1
     )
 });
 
-/// KEYS: lease. ARGV: this process's ID, lease in ms. 1: renewed; 2: it was gone and is taken
-/// again (the lease ran out, or Redis lost its data); 0: another process holds it.
+/// KEYS: lease, mark. ARGV: this process's ID, lease in ms. 1: renewed; 2: the lease ran out and
+/// is taken again; 3: Redis lost its data (lease and mark gone) and the lease is taken again;
+/// 0: another process holds it.
 static RENEW: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -272,7 +273,12 @@ if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 elseif not holder then
+  local lost = redis.call('EXISTS', KEYS[2]) == 0
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  redis.call('SET', KEYS[2], ARGV[1])
+  if lost then
+    return 3
+  end
   return 2
 end
 return 0
@@ -316,6 +322,12 @@ impl OrgKeys {
 
 fn lease_key(instance: &str) -> String {
     format!("{ROOT}:lease:{{{instance}}}")
+}
+
+/// A key that lives as long as Redis keeps its data (no expiry), in the lease's hash slot: a
+/// lease that is gone while this key is still there ran out; both gone, Redis lost its data.
+fn mark_key(instance: &str) -> String {
+    format!("{ROOT}:mark:{{{instance}}}")
 }
 
 fn held_key(instance: &str) -> String {
@@ -500,6 +512,8 @@ struct Shared {
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
     answers: Arc<Semaphore>,
     metrics: CoordinationMetrics,
+    /// Sessions whose records Redis lost: their Disconnects are this instance's to publish.
+    orphaned: Mutex<HashSet<String>>,
 }
 
 /// The Redis-backed admission and reporter of one instance.
@@ -599,6 +613,7 @@ impl Coordinator {
             info!(%instance, "waiting for the lease of an earlier process of this instance to run out");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        let _: () = bounded(conn.set(mark_key(&instance), &boot)).await?;
         let _: () = bounded(conn.sadd(INSTANCES_KEY, &instance)).await?;
         let shared = Arc::new(Shared {
             conn,
@@ -617,6 +632,7 @@ impl Coordinator {
             waiters: Mutex::new(HashMap::new()),
             answers: Arc::new(Semaphore::new(MAX_ANSWERS)),
             metrics,
+            orphaned: Mutex::new(HashSet::new()),
         });
         shared.set_healthy(true);
         let pubsub = subscribe(&client, &shared.instance).await?;
@@ -747,6 +763,7 @@ impl Shared {
             let answer = bounded(
                 RENEW
                     .key(lease_key(&self.instance))
+                    .key(mark_key(&self.instance))
                     .arg(&self.boot)
                     .arg(LEASE.as_millis() as u64)
                     .invoke_async::<i64>(&mut conn),
@@ -758,6 +775,20 @@ impl Shared {
                     if !self.set_healthy(true) {
                         info!("coordination store reachable again");
                     }
+                }
+                Ok(3) => {
+                    // Redis restarted without its data: nobody can settle this instance's
+                    // sessions from their records, so their Disconnects go out from here.
+                    warn!("the coordination store lost its data; closing every client");
+                    {
+                        let sessions: Vec<String> =
+                            lock(&self.local).sessions.keys().cloned().collect();
+                        lock(&self.orphaned).extend(sessions);
+                    }
+                    self.close_all("the coordination store lost its data");
+                    *lock(&self.renewed) = Instant::now();
+                    let _ = bounded(conn.sadd::<_, _, ()>(INSTANCES_KEY, &self.instance)).await;
+                    self.set_healthy(true);
                 }
                 Ok(2) => {
                     // The lease was gone: another instance may have settled this one's clients.
@@ -1004,7 +1035,11 @@ impl Shared {
                     session,
                     mut statuses,
                 } => {
+                    let orphaned = lock(&self.orphaned).remove(&session);
                     match outcomes.remove(&session).map(|(outcome, _)| outcome) {
+                        Some(Outcome::Gone) if orphaned => {
+                            debug!(%session, "its record was lost with Redis's data");
+                        }
                         Some(Outcome::Gone) => {
                             debug!(%session, "settled by another instance already");
                             continue;

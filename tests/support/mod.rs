@@ -492,6 +492,30 @@ pub mod v4 {
             .flatten()
         }
 
+        /// Publishes `payload` at QoS 1 and waits for its PUBACK (one message in flight):
+        /// `false` when the connection ended, or nothing came within [`WAIT`], first.
+        pub async fn publish_acked(&mut self, topic: &str, payload: Vec<u8>) -> bool {
+            if self
+                .client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            tokio::time::timeout(WAIT, async {
+                loop {
+                    match self.events.recv().await {
+                        Some(Ok(Packet::PubAck(_))) => return true,
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => return false,
+                    }
+                }
+            })
+            .await
+            .unwrap_or(false)
+        }
+
         /// Waits for the next SUBACK and returns its return codes.
         pub async fn suback(&mut self) -> Vec<rumqttc::SubscribeReasonCode> {
             tokio::time::timeout(WAIT, async {
