@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use rumqttc::{ConnectReturnCode, QoS};
-use support::{mon, sha256_token, standard_policy, v4, Broker, ProxyProcess, Redis, Warden, WAIT};
+use support::{
+    mon, poll_until, sha256_token, standard_policy, v4, Broker, ProxyProcess, Redis, Warden, WAIT,
+};
 
 /// A subscriber of the proxy's own statuses, directly on the broker (org1's prefix).
 async fn broker_watcher(broker: &Broker, filter: &str) -> v4::Client {
@@ -169,20 +171,17 @@ async fn the_org_connection_quota_counts_every_instance_and_a_takeover_once() {
 
     // A place given back on one instance is free on the other.
     device_b.disconnect().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    let refused = &refused;
+    poll_until(WAIT, "b's place comes back", || async move {
         match small_device(a.addr, "c").await {
-            Ok(_) => break,
+            Ok(client) => Some(client),
             Err(refusal) => {
-                assert_eq!(Some(refusal), refused);
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "b's place never came back"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                assert_eq!(Some(refusal), *refused);
+                None
             }
         }
-    }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -357,14 +356,10 @@ async fn without_redis_an_instance_fails_closed_and_recovers_by_itself() {
     let _redis = Redis::start_on(port)
         .await
         .expect("redis restarts on its port");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while !coordinator.is_healthy() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never healthy again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_until(Duration::from_secs(15), "healthy again", || async {
+        coordinator.is_healthy().then_some(())
+    })
+    .await;
     let _dev1 = v4::org1_device(a.addr, "dev1").await;
     assert_eq!(next_status(&mut watcher, topic).await["Action"], "Connect");
 }
@@ -420,26 +415,17 @@ async fn a_redis_restart_under_traffic_loses_no_acknowledged_message() {
     assert_eq!(disconnect["Action"], "Disconnect");
 
     // Redis is back: the device reconnects through the other instance and publishes again.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let mut dev1 = loop {
-        match v4::connect(
+    let mut dev1 = poll_until(Duration::from_secs(20), "admitted again", || async {
+        v4::connect(
             b.addr,
             "d:org1:sensor:dev1",
             Some("use-token-auth"),
             Some("dev1-token"),
         )
         .await
-        {
-            Ok(client) => break client,
-            Err(refused) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "never admitted again: {refused:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
+        .ok()
+    })
+    .await;
     assert_eq!(next_status(&mut watcher, status).await["Action"], "Connect");
     for _ in 0..20 {
         assert!(dev1.publish_acked(topic, n.to_string().into_bytes()).await);
@@ -496,21 +482,21 @@ async fn a_redis_stall_closes_the_clients_and_gives_their_places_back_afterwards
     );
 
     // Once Redis answers again, the closed client's org place is given back.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let refused = Some(v4::Refused::Code(ConnectReturnCode::ServiceUnavailable));
-    loop {
-        match small_device(a.addr, "b").await {
-            Ok(_) => break,
-            Err(refusal) => {
-                assert_eq!(Some(refusal), refused);
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the place never came back"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = &Some(v4::Refused::Code(ConnectReturnCode::ServiceUnavailable));
+    poll_until(
+        Duration::from_secs(20),
+        "the place comes back",
+        || async move {
+            match small_device(a.addr, "b").await {
+                Ok(client) => Some(client),
+                Err(refusal) => {
+                    assert_eq!(Some(refusal), *refused);
+                    None
+                }
             }
-        }
-    }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -674,16 +660,12 @@ async fn a_client_ids_epoch_only_goes_up() {
             break;
         }
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    poll_until(WAIT, "the holder goes", || async {
         let (epoch, holders) = owner_record(&redis, "org1", "d:org1:sensor:dev1").await;
         assert_eq!(epoch, last);
-        if holders == 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the holder stays");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (holders == 0).then_some(())
+    })
+    .await;
     let _again = v4::org1_device(a.addr, "dev1").await;
     assert_eq!(
         owner_record(&redis, "org1", "d:org1:sensor:dev1").await.0,

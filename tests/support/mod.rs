@@ -19,6 +19,28 @@ use mqtt_warden::proxy::{self, RunningProxy};
 /// How long a test waits for any one expected event.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Tries `attempt` until it gives `Some`, for at most `limit` (failing with `what`): for state a
+/// test can only poll, such as a quota place or a lease kept in Redis, whose change sends the test
+/// no event to wait for.
+pub async fn poll_until<T, F, Fut>(limit: Duration, what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = attempt().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} within {limit:?}"
+        );
+        // sleep-ok: a pause between polls of state that signals nothing to the test.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The Python interpreter that runs the Python clients (wiotp-sdk, paho-mqtt): the one named by
 /// `WARDEN_TEST_PYTHON` (scripts/test.sh sets it to its private environment), else that
 /// environment's `target/test-venv/bin/python` when it exists, else `python3` from `PATH`.
