@@ -694,6 +694,8 @@ async fn a_holder_that_cannot_hear_is_settled_for_and_its_late_disconnect_is_fen
         .iter()
         .max()
         .expect("two subscribers");
+    let (first_cut, cut) = tokio::sync::oneshot::channel();
+    let mut first_cut = Some(first_cut);
     let cutter = tokio::spawn(async move {
         loop {
             for id in pubsub_clients(&mut conn)
@@ -708,10 +710,14 @@ async fn a_holder_that_cannot_hear_is_settled_for_and_its_late_disconnect_is_fen
                     .query_async(&mut conn)
                     .await;
             }
+            if let Some(first_cut) = first_cut.take() {
+                let _ = first_cut.send(());
+            }
+            // sleep-ok: the pace of an adversary that keeps cutting a's channel, not a wait.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    cut.await.expect("a's channel is cut");
     let _on_b = v4::org1_device(b.addr, "dev1").await;
     on_a.closed().await;
     cutter.abort();
