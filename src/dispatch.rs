@@ -249,7 +249,6 @@ mod tests {
     use crate::auth::hash_token_sha256;
     use crate::codec::ProtocolVersion;
     use crate::policy::load::parse_policy;
-    use crate::transport::PeerCertificate;
     use std::path::Path;
 
     fn dispatch() -> Dispatch {
@@ -264,16 +263,7 @@ mod tests {
     }
 
     fn info(tenant: Option<&str>) -> ConnectionInfo {
-        ConnectionInfo {
-            peer: "127.0.0.1:40000".parse().unwrap(),
-            local: "127.0.0.1:1883".parse().unwrap(),
-            secure: false,
-            websocket: false,
-            certname: None,
-            certificate: PeerCertificate::Absent,
-            connected_at: std::time::SystemTime::UNIX_EPOCH,
-            tenant: tenant.map(Arc::from),
-        }
+        ConnectionInfo::loopback_for_tests(tenant)
     }
 
     fn connect<'a>(client_id: &'a str, user: Option<&'a str>) -> Connect<'a> {

@@ -5,7 +5,6 @@ use super::*;
 use crate::auth::hash_token_sha256;
 use crate::codec::Will;
 use crate::policy::load::parse_policy;
-use crate::transport::PeerCertificate;
 
 fn policy() -> String {
     format!(
@@ -46,16 +45,7 @@ fn profile(text: &str) -> (Generic, Arc<PolicyStore>) {
 }
 
 fn info(tenant: Option<&str>) -> ConnectionInfo {
-    ConnectionInfo {
-        peer: "127.0.0.1:40000".parse().unwrap(),
-        local: "127.0.0.1:1883".parse().unwrap(),
-        secure: false,
-        websocket: false,
-        certname: None,
-        certificate: PeerCertificate::Absent,
-        connected_at: std::time::SystemTime::UNIX_EPOCH,
-        tenant: tenant.map(Arc::from),
-    }
+    ConnectionInfo::loopback_for_tests(tenant)
 }
 
 fn connect<'a>(

@@ -29,7 +29,7 @@ use crate::policy::load::parse_policy;
 use crate::policy::PolicyStore;
 use crate::profile::Publication;
 use crate::refusal::{Cause, Refusal};
-use crate::transport::{ConnectionInfo, PeerCertificate};
+use crate::transport::ConnectionInfo;
 use crate::upstream::memory::DuplexDialer;
 
 /// Bytes each in-memory pipe holds before a writer waits.
@@ -137,16 +137,7 @@ fn limits() -> ProcessLimits {
 }
 
 fn info() -> ConnectionInfo {
-    ConnectionInfo {
-        peer: "127.0.0.1:40000".parse().unwrap(),
-        local: "127.0.0.1:1883".parse().unwrap(),
-        secure: false,
-        websocket: false,
-        certname: None,
-        certificate: PeerCertificate::Absent,
-        connected_at: std::time::SystemTime::UNIX_EPOCH,
-        tenant: None,
-    }
+    ConnectionInfo::loopback_for_tests(None)
 }
 
 fn connect_packet(version: ProtocolVersion, keep_alive: u16) -> BytesMut {

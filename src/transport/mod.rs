@@ -82,6 +82,24 @@ pub struct ConnectionInfo {
     pub tenant: Option<Arc<str>>,
 }
 
+#[cfg(test)]
+impl ConnectionInfo {
+    /// A plain TCP client on loopback, of `tenant`'s listener if any: the connection the unit
+    /// tests of profiles and sessions admit.
+    pub fn loopback_for_tests(tenant: Option<&str>) -> ConnectionInfo {
+        ConnectionInfo {
+            peer: SocketAddr::from(([127, 0, 0, 1], 40000)),
+            local: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            secure: false,
+            websocket: false,
+            certname: None,
+            certificate: PeerCertificate::Absent,
+            connected_at: SystemTime::UNIX_EPOCH,
+            tenant: tenant.map(Arc::from),
+        }
+    }
+}
+
 /// A stream with bytes already read from it put back in front.
 #[derive(Debug)]
 pub struct Rewind<S> {
