@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use mqtt_warden::codec::{encode_connect, put_varint, Connect, ProtocolVersion};
+use mqtt_warden::codec::{encode_connect, encode_publish, Connect, ProtocolVersion};
 use mqtt_warden::config::WardenConfig;
 
 #[derive(Parser, Debug)]
@@ -137,15 +137,15 @@ async fn mqtt_client(
     let topic = b"iot-2/evt/load/fmt/bin";
     let mut id: u16 = 0;
     let mut ack = [0u8; 4];
+    // The packet id, then the payload: what follows the topic in a QoS 1 PUBLISH.
+    let mut after_topic = Vec::with_capacity(2 + payload.len());
     while !stop.load(Ordering::Relaxed) {
         id = id.wrapping_add(1).max(1);
+        after_topic.clear();
+        after_topic.extend_from_slice(&id.to_be_bytes());
+        after_topic.extend_from_slice(&payload);
         out.clear();
-        out.extend_from_slice(&[0x32]);
-        put_varint(&mut out, 2 + topic.len() + 2 + payload.len());
-        out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-        out.extend_from_slice(topic);
-        out.extend_from_slice(&id.to_be_bytes());
-        out.extend_from_slice(&payload);
+        encode_publish(&mut out, 0x32, &[topic], &after_topic);
         stream.write_all(&out).await?;
         stream.read_exact(&mut ack).await?;
         if ack[0] != 0x40 {
