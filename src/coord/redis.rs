@@ -488,7 +488,8 @@ enum Outcome {
     /// The record was there: this many connections with the presence key are left; the
     /// session's epoch.
     Released { presence_left: u64, epoch: u64 },
-    /// Another instance settled the session: its Disconnect is published already.
+    /// The record is gone: another instance settled the session and published its Disconnect,
+    /// or Redis lost its data (the session is then in `Shared::orphaned`).
     Gone,
     /// Redis did not answer: publish as this instance sees it.
     Unknown,
