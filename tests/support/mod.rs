@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 use mqtt_warden::config::WardenConfig;
 use mqtt_warden::proxy::{self, RunningProxy};
 
+pub mod brokers;
+
 /// How long a test waits for any one expected event.
 pub const WAIT: Duration = Duration::from_secs(10);
 
