@@ -34,3 +34,32 @@ async fn each_broker_starts_and_relays_a_message_between_direct_clients() {
         broker.stop().await;
     }
 }
+
+/// The proxy starts in front of each broker kind and relays a device event to an application.
+/// (What does not work yet on RabbitMQ and NATS is issue 11's work; this test grows with it.)
+#[tokio::test]
+async fn a_device_event_reaches_an_application_through_the_proxy_on_each_broker() {
+    for kind in BrokerKind::ALL {
+        let broker = AnyBroker::start(kind).await;
+        let warden =
+            support::Warden::start_in_front(&broker, &support::standard_policy(), "", "").await;
+        let mut app = support::v4::org1_app(warden.addr, "a:org1:watcher").await;
+        app.subscribe("iot-2/type/sensor/id/dev1/evt/+/fmt/json", QoS::AtLeastOnce)
+            .await;
+        let mut device = support::v4::org1_device(warden.addr, "dev1").await;
+        assert!(
+            device
+                .publish_acked("iot-2/evt/temp/fmt/json", b"{\"t\":1}".to_vec())
+                .await,
+            "{kind:?}: PUBACK"
+        );
+        let message = tokio::time::timeout(WAIT, app.next_publish())
+            .await
+            .unwrap_or_else(|_| panic!("{kind:?}: no delivery"));
+        assert_eq!(
+            message.topic, "iot-2/type/sensor/id/dev1/evt/temp/fmt/json",
+            "{kind:?}"
+        );
+        broker.stop().await;
+    }
+}
