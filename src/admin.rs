@@ -1,9 +1,9 @@
 //! The admin HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the process runs) and `/readyz`
-//! (the broker is reachable), and, behind a bearer token (`admin.token_env`), an org's sessions
-//! on every instance: `GET /admin/orgs/ORG/sessions`, `POST /admin/orgs/ORG/close` and
-//! `POST /admin/orgs/ORG/clients/CLIENT_ID/close` (94, wherever the client is connected). It
-//! speaks just enough HTTP/1.1 for probes, scrapers and scripts: one request per connection, no
-//! request body, a bounded request head and a deadline.
+//! (the broker is reachable; a line per broker node follows), and, behind a bearer token
+//! (`admin.token_env`), an org's sessions on every instance: `GET /admin/orgs/ORG/sessions`,
+//! `POST /admin/orgs/ORG/close` and `POST /admin/orgs/ORG/clients/CLIENT_ID/close` (94,
+//! wherever the client is connected). It speaks just enough HTTP/1.1 for probes, scrapers and
+//! scripts: one request per connection, no request body, a bounded request head and a deadline.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +23,9 @@ use crate::metrics::{Metrics, CONTENT_TYPE};
 /// Whether the proxy is ready for clients (the broker is reachable, no shutdown under way).
 pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// The broker nodes' state, one line each, for the body of `/readyz`.
+pub type UpstreamReport = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// What the endpoint reports on.
 #[derive(Clone)]
 pub struct AdminState {
@@ -30,6 +33,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Readiness for `/readyz`.
     pub ready: Readiness,
+    /// The lines about the broker nodes after `/readyz`'s first line.
+    pub upstream_report: UpstreamReport,
     /// The session endpoints, when a token is configured.
     pub sessions: Option<AdminSessions>,
 }
@@ -228,11 +233,15 @@ async fn answer(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
             sessions_request(method, path, &head, state).await
         }
         (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        (b"GET", b"/readyz") if (state.ready)() => ("200 OK", "text/plain", "ready\n".to_string()),
+        (b"GET", b"/readyz") if (state.ready)() => (
+            "200 OK",
+            "text/plain",
+            format!("ready\n{}", (state.upstream_report)()),
+        ),
         (b"GET", b"/readyz") => (
             "503 Service Unavailable",
             "text/plain",
-            "not ready\n".to_string(),
+            format!("not ready\n{}", (state.upstream_report)()),
         ),
         (b"GET", b"/metrics") => ("200 OK", CONTENT_TYPE, state.metrics.render()),
         (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),

@@ -160,7 +160,8 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         return Err(StartError::Policy(PolicyErrors(isolation)));
     }
     info!(orgs = policy.orgs.len(), tenants = policy.tenants.len(), path = %config.policies.display(), "policy loaded");
-    let dialer = Arc::new(Dialer::new(&config.upstream)?);
+    let metrics = Arc::new(Metrics::default());
+    let dialer = Arc::new(Dialer::with_metrics(&config.upstream, &metrics.nodes)?);
     let transports = config
         .listeners
         .iter()
@@ -197,7 +198,6 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         None => None,
     };
 
-    let metrics = Arc::new(Metrics::default());
     let store = Arc::new(PolicyStore::new(policy));
     let verifier = Verifier::new(config.limits.auth_workers, config.limits.auth_queue);
     let profile = Arc::new(Dispatch::new(
@@ -358,11 +358,17 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             let ready = {
                 let (monitor, shutting_down) = (monitor.clone(), shutting_down.clone());
                 let coordinator = coordinator.clone();
+                let dialer = context.dialer.clone();
                 Arc::new(move || {
                     monitor.is_connected()
+                        && dialer.nodes().any_up()
                         && !shutting_down.load(Ordering::Relaxed)
                         && coordinator.as_ref().is_none_or(|c| c.is_healthy())
                 })
+            };
+            let upstream_report = {
+                let dialer = context.dialer.clone();
+                Arc::new(move || dialer.nodes().report())
             };
             let sessions = config
                 .admin
@@ -372,6 +378,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             let state = AdminState {
                 metrics: metrics.clone(),
                 ready,
+                upstream_report,
                 sessions,
             };
             let address = listener.local_addr().map_err(|source| StartError::Bind {
