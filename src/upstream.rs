@@ -321,6 +321,7 @@ impl Shared {
                 if !wait.is_zero() {
                     tokio::time::sleep(wait).await;
                 }
+                shared.nodes.probing(index);
                 let outcome = match tokio::time::timeout(PROBE_TIMEOUT, shared.connect(index)).await
                 {
                     Ok(Ok(_probe)) => Ok(()),

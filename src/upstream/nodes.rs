@@ -7,9 +7,9 @@
 //!   down, and then the dial tries them anyway rather than refuse without trying.
 //! - **Down.** A node is marked down when a dial to it fails (TCP or TLS), or when a probe
 //!   fails. A probe is a TCP (and TLS) connect, made when one of the node's connections ends
-//!   (at most once per [`LOSS_PROBE_INTERVAL`]), and while the node is down, after a backoff
-//!   that doubles from [`DOWN_BACKOFF_MIN`] to [`DOWN_BACKOFF_MAX`]. A probe that connects, or a
-//!   dial that does, marks the node up again.
+//!   (at most one per [`LOSS_PROBE_INTERVAL`]: a burst of ends costs one probe, a later one),
+//!   and while the node is down, after a backoff that doubles from [`DOWN_BACKOFF_MIN`] to
+//!   [`DOWN_BACKOFF_MAX`]. A probe that connects, or a dial that does, marks the node up again.
 //! - **Live connections are left alone.** Marking a node down steers new connections away
 //!   from it and does not close the ones it holds: a node that is really gone ends them itself
 //!   (the bridge closes those sessions with 92), and a dial that failed once on a busy node is no
@@ -40,8 +40,10 @@ struct Health {
     up: bool,
     /// A probe task watches the node.
     probing: bool,
-    /// When the last probe for a lost connection started.
-    last_loss_probe: Option<Instant>,
+    /// A connection ended since the last probe started: the node needs another look.
+    loss_pending: bool,
+    /// When the last probe started.
+    last_probe: Option<Instant>,
     /// Since when the node is down.
     down_since: Option<Instant>,
 }
@@ -155,7 +157,8 @@ impl Nodes {
                     health: Mutex::new(Health {
                         up: true,
                         probing: false,
-                        last_loss_probe: None,
+                        loss_pending: false,
+                        last_probe: None,
                         down_since: None,
                     }),
                     series,
@@ -241,21 +244,32 @@ impl Nodes {
         node.mark_up(&mut node.health(), "a connection to it opened");
     }
 
-    /// One of node `index`'s connections ended (closed by the broker, or an I/O error): probe
-    /// the node at once, unless a probe watches it already or ran within
-    /// [`LOSS_PROBE_INTERVAL`].
+    /// One of node `index`'s connections ended (closed by the broker, or an I/O error): have
+    /// the node probed, at once, or [`LOSS_PROBE_INTERVAL`] after the last probe started, so
+    /// that many ends at once (or a stream of clients that come and go) cost one probe. A loss
+    /// while a probe is under way has it probe once more after it.
     pub fn connection_lost(&self, index: usize) -> Watch {
         let node = &self.nodes[index];
         let mut health = node.health();
-        let recent = health
-            .last_loss_probe
-            .is_some_and(|at| at.elapsed() < LOSS_PROBE_INTERVAL);
-        if health.probing || recent || !health.up {
+        if !health.up {
+            return Watch::Nothing;
+        }
+        health.loss_pending = true;
+        if health.probing {
             return Watch::Nothing;
         }
         health.probing = true;
-        health.last_loss_probe = Some(Instant::now());
-        Watch::Start(Duration::ZERO)
+        let since_last = health.last_probe.map(|at| at.elapsed());
+        Watch::Start(since_last.map_or(Duration::ZERO, |since| {
+            LOSS_PROBE_INTERVAL.saturating_sub(since)
+        }))
+    }
+
+    /// The probe task of node `index` is about to probe it.
+    pub fn probing(&self, index: usize) {
+        let mut health = self.nodes[index].health();
+        health.loss_pending = false;
+        health.last_probe = Some(Instant::now());
     }
 
     /// A probe of node `index`, made after waiting `waited`, connected (`Ok`) or failed.
@@ -263,6 +277,8 @@ impl Nodes {
         let node = &self.nodes[index];
         let mut health = node.health();
         match outcome {
+            // A connection ended while the probe ran: the probe may have come before the end.
+            Ok(()) if health.loss_pending => Next::ProbeAfter(LOSS_PROBE_INTERVAL),
             Ok(()) => {
                 node.mark_up(&mut health, "a probe connected");
                 health.probing = false;
@@ -425,26 +441,39 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_lost_connection_probes_its_node_once_per_interval() {
+    async fn lost_connections_have_their_node_probed_at_most_once_per_interval() {
         let (nodes, _) = nodes(2);
-        let mut first = nodes.lease(0);
-        let mut second = nodes.lease(0);
-        assert_eq!(first.lost(), Watch::Start(Duration::ZERO));
-        assert_eq!(first.lost(), Watch::Nothing, "once per connection");
-        assert_eq!(second.lost(), Watch::Nothing, "a probe is under way");
+        let mut leases: Vec<NodeLease> = (0..5).map(|_| nodes.lease(0)).collect();
+        assert_eq!(leases[0].lost(), Watch::Start(Duration::ZERO));
+        assert_eq!(leases[0].lost(), Watch::Nothing, "once per connection");
+        nodes.probing(0);
         assert_eq!(nodes.probed(0, Duration::ZERO, Ok(())), Next::Stop);
-        let mut third = nodes.lease(0);
-        assert_eq!(third.lost(), Watch::Nothing, "probed a moment ago");
-        tokio::time::advance(LOSS_PROBE_INTERVAL).await;
-        let mut fourth = nodes.lease(0);
-        assert_eq!(fourth.lost(), Watch::Start(Duration::ZERO));
+
+        // The next loss comes soon after: its probe waits for the rest of the interval.
+        tokio::time::advance(Duration::from_millis(300)).await;
+        assert_eq!(leases[1].lost(), Watch::Start(Duration::from_millis(700)));
+        assert_eq!(leases[2].lost(), Watch::Nothing, "a probe is on its way");
+        tokio::time::advance(Duration::from_millis(700)).await;
+        nodes.probing(0);
+        // A loss while the probe runs: the probe's success may predate it, so probe again.
+        assert_eq!(leases[3].lost(), Watch::Nothing);
         assert_eq!(
-            nodes.probed(0, Duration::ZERO, Err("connection refused".into())),
-            Next::ProbeAfter(DOWN_BACKOFF_MIN)
+            nodes.probed(0, Duration::from_millis(700), Ok(())),
+            Next::ProbeAfter(LOSS_PROBE_INTERVAL)
+        );
+        nodes.probing(0);
+        assert_eq!(
+            nodes.probed(0, LOSS_PROBE_INTERVAL, Err("connection refused".into())),
+            Next::ProbeAfter(DOWN_BACKOFF_MIN * 2)
         );
         assert!(!nodes.get(0).is_up());
-        assert_eq!(nodes.get(0).connections(), 4);
-        drop((first, second, third, fourth));
+        assert_eq!(
+            leases[4].lost(),
+            Watch::Nothing,
+            "down: its probe task watches it"
+        );
+        assert_eq!(nodes.get(0).connections(), 5);
+        drop(leases);
         assert_eq!(nodes.get(0).connections(), 0);
     }
 }
