@@ -219,11 +219,11 @@ impl Dialer {
             let lease = shared.nodes.lease(index);
             let error = match tokio::time::timeout(limit, shared.connect(index)).await {
                 Ok(Ok(stream)) => {
-                    shared.nodes.dialled(index);
                     return Ok(NodeStream {
                         inner: stream,
                         lease,
                         shared: shared.clone(),
+                        answered: false,
                     });
                 }
                 Ok(Err(error)) => error,
@@ -328,7 +328,7 @@ impl Shared {
                     Ok(Err(error)) => Err(error.to_string()),
                     Err(_) => Err(format!("no connection within {PROBE_TIMEOUT:?}")),
                 };
-                match shared.nodes.probed(index, wait, outcome) {
+                match shared.nodes.probed(index, outcome) {
                     Next::Stop => return,
                     Next::ProbeAfter(next) => wait = next,
                 }
@@ -337,13 +337,18 @@ impl Shared {
     }
 }
 
-/// A connection to one broker node. It counts in its node's connections while it lives, and
-/// its end by the broker's doing (end of stream, or an I/O error) has the node probed, so that
-/// a node that went away is marked down before the next dial has to find out.
+/// A connection to one broker node. It counts in its node's connections while it lives. Until
+/// the node's first bytes it is still a dial: its end (or its drop) before them, or a CONNACK
+/// that says the node cannot serve (MQTT 3 code 3; MQTT 5 0x88, 0x89), marks the node down like
+/// a failed TCP connect. Later, its end by the broker's doing (end of stream, or an I/O error)
+/// has the node probed, so that a node that went away is marked down before the next dial has
+/// to find out.
 pub struct NodeStream {
     inner: UpstreamStream,
     lease: NodeLease,
     shared: Arc<Shared>,
+    /// The node sent its first bytes (or the dial already counted as failed).
+    answered: bool,
 }
 
 impl NodeStream {
@@ -353,9 +358,43 @@ impl NodeStream {
         (node.index, &node.address)
     }
 
-    fn lost(&mut self) {
+    /// The connection ended, by the broker's doing or an I/O error.
+    fn ended(&mut self, why: &str) {
+        if !self.answered {
+            self.failed(why);
+            return;
+        }
         let watch = self.lease.lost();
         self.shared.watch(self.lease.node().index, watch);
+    }
+
+    /// The node's first bytes: the CONNACK's start (fixed header, flags, code).
+    fn first_answer(&mut self, bytes: &[u8]) {
+        if let [0x20, length, _, code, ..] = *bytes {
+            if length < 0x80 && matches!(code, 3 | 0x88 | 0x89) {
+                self.failed(&format!("CONNACK {code:#04x}: the node cannot serve"));
+                return;
+            }
+        }
+        self.answered = true;
+        self.shared.nodes.dialled(self.lease.node().index);
+    }
+
+    /// The dial failed after all: no answer to the CONNECT, or a refusal only the node is to
+    /// blame for.
+    fn failed(&mut self, why: &str) {
+        if std::mem::replace(&mut self.answered, true) {
+            return;
+        }
+        let index = self.lease.node().index;
+        let watch = self.shared.nodes.dial_failed(index, why);
+        self.shared.watch(index, watch);
+    }
+}
+
+impl Drop for NodeStream {
+    fn drop(&mut self) {
+        self.failed("no answer to the CONNECT");
     }
 }
 
@@ -378,9 +417,15 @@ impl AsyncRead for NodeStream {
         let room = buf.remaining();
         let filled = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - filled;
         match &poll {
-            Poll::Ready(Ok(())) if room > 0 && buf.filled().len() == filled => self.lost(),
-            Poll::Ready(Err(_)) => self.lost(),
+            Poll::Ready(Ok(())) if read > 0 && !self.answered => {
+                self.first_answer(&buf.filled()[filled..]);
+            }
+            Poll::Ready(Ok(())) if read == 0 && room > 0 => {
+                self.ended("the node closed the connection")
+            }
+            Poll::Ready(Err(error)) => self.ended(&error.to_string()),
             _ => {}
         }
         poll
@@ -394,8 +439,8 @@ impl AsyncWrite for NodeStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, data);
-        if let Poll::Ready(Err(_)) = &poll {
-            self.lost();
+        if let Poll::Ready(Err(error)) = &poll {
+            self.ended(&error.to_string());
         }
         poll
     }
@@ -406,8 +451,8 @@ impl AsyncWrite for NodeStream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Err(_)) = &poll {
-            self.lost();
+        if let Poll::Ready(Err(error)) = &poll {
+            self.ended(&error.to_string());
         }
         poll
     }
@@ -418,8 +463,8 @@ impl AsyncWrite for NodeStream {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
         let poll = Pin::new(&mut self.inner).poll_flush(cx);
-        if let Poll::Ready(Err(_)) = &poll {
-            self.lost();
+        if let Poll::Ready(Err(error)) = &poll {
+            self.ended(&error.to_string());
         }
         poll
     }
@@ -527,7 +572,7 @@ mod tests {
     use std::net::SocketAddr;
     use std::path::Path;
 
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -600,7 +645,10 @@ mod tests {
         let dialer = dialer(&[address, other.local_addr().unwrap()]);
         let mut stream = dialer.dial().await.unwrap();
         assert_eq!(stream.node().0, 0);
-        let (accepted, _) = listener.accept().await.unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        accepted.write_all(&[0x20, 2, 0, 0]).await.unwrap();
+        let mut connack = [0u8; 4];
+        stream.read_exact(&mut connack).await.unwrap();
         // The node goes away: its listener and its end of the connection.
         drop((listener, accepted));
         let mut byte = [0u8; 1];
@@ -610,9 +658,42 @@ mod tests {
             !nodes.get(0).is_up()
         })
         .await;
-        assert_eq!(dialer.dial().await.unwrap().node().0, 1);
+        assert_eq!(
+            nodes.get(0).series_dial_failures(),
+            0,
+            "a loss, not a failed dial"
+        );
+        let next = dialer.dial().await.unwrap();
+        assert_eq!(next.node().0, 1);
         drop(stream);
         assert_eq!(nodes.get(0).connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_node_that_cannot_serve_the_connect_counts_as_a_failed_dial() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let other = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dialer = dialer(&[address, other.local_addr().unwrap()]);
+        let nodes = dialer.nodes();
+
+        // CONNACK 3, server unavailable.
+        let mut stream = dialer.dial().await.unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        accepted.write_all(&[0x20, 2, 0, 3]).await.unwrap();
+        let mut connack = [0u8; 4];
+        stream.read_exact(&mut connack).await.unwrap();
+        assert!(!nodes.get(0).is_up());
+        assert_eq!(nodes.get(0).series_dial_failures(), 1);
+        drop(stream);
+        assert_eq!(nodes.get(0).series_dial_failures(), 1, "counted once");
+
+        // A connection dropped before the node said anything (the CONNECT's deadline passed).
+        let unanswered = dialer.dial().await.unwrap();
+        assert_eq!(unanswered.node().0, 1);
+        drop(unanswered);
+        assert!(!nodes.get(1).is_up());
+        assert!(!nodes.any_up());
     }
 
     #[tokio::test]

@@ -46,6 +46,10 @@ struct Health {
     last_probe: Option<Instant>,
     /// Since when the node is down.
     down_since: Option<Instant>,
+    /// The wait before the next probe of a down node. It doubles with each failure and starts
+    /// over only when a connection to the node was answered, not when a probe connects: a node
+    /// that takes TCP connections and fails every CONNECT is given ever longer rests.
+    backoff: Duration,
 }
 
 /// One broker node.
@@ -77,6 +81,11 @@ impl Node {
     /// Connections open or being opened.
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Dials to the node that failed so far.
+    pub fn series_dial_failures(&self) -> u64 {
+        self.series.dial_failures.get()
     }
 
     /// Marks the node down (a no-op when it is down already), with a log line and metrics.
@@ -160,6 +169,7 @@ impl Nodes {
                         loss_pending: false,
                         last_probe: None,
                         down_since: None,
+                        backoff: DOWN_BACKOFF_MIN,
                     }),
                     series,
                 }
@@ -225,7 +235,8 @@ impl Nodes {
         }
     }
 
-    /// A dial to node `index` failed (TCP or TLS) with `reason`.
+    /// A dial to node `index` failed with `reason`: TCP or TLS, no answer to the CONNECT, or a
+    /// CONNACK that says the node cannot serve.
     pub fn dial_failed(&self, index: usize, reason: &str) -> Watch {
         let node = &self.nodes[index];
         node.series.dial_failures.inc();
@@ -235,13 +246,22 @@ impl Nodes {
             return Watch::Nothing;
         }
         health.probing = true;
-        Watch::Start(DOWN_BACKOFF_MIN)
+        Watch::Start(Self::next_backoff(&mut health))
     }
 
-    /// A dial to node `index` connected.
+    /// The backoff to wait now; the next one doubles.
+    fn next_backoff(health: &mut Health) -> Duration {
+        let wait = health.backoff;
+        health.backoff = (wait * 2).min(DOWN_BACKOFF_MAX);
+        wait
+    }
+
+    /// A connection to node `index` was answered: the node serves.
     pub fn dialled(&self, index: usize) {
         let node = &self.nodes[index];
-        node.mark_up(&mut node.health(), "a connection to it opened");
+        let mut health = node.health();
+        health.backoff = DOWN_BACKOFF_MIN;
+        node.mark_up(&mut health, "a connection to it was answered");
     }
 
     /// One of node `index`'s connections ended (closed by the broker, or an I/O error): have
@@ -272,8 +292,8 @@ impl Nodes {
         health.last_probe = Some(Instant::now());
     }
 
-    /// A probe of node `index`, made after waiting `waited`, connected (`Ok`) or failed.
-    pub fn probed(&self, index: usize, waited: Duration, outcome: Result<(), String>) -> Next {
+    /// A probe of node `index` connected (`Ok`) or failed.
+    pub fn probed(&self, index: usize, outcome: Result<(), String>) -> Next {
         let node = &self.nodes[index];
         let mut health = node.health();
         match outcome {
@@ -286,7 +306,7 @@ impl Nodes {
             }
             Err(reason) => {
                 node.mark_down(&mut health, &format!("probe failed: {reason}"));
-                Next::ProbeAfter((waited * 2).clamp(DOWN_BACKOFF_MIN, DOWN_BACKOFF_MAX))
+                Next::ProbeAfter(Self::next_backoff(&mut health))
             }
         }
     }
@@ -398,14 +418,12 @@ mod tests {
         assert_eq!(metrics.series(1, "10.0.0.1:1883").up.get(), 0);
 
         // The backoff doubles up to its maximum.
-        let mut wait = DOWN_BACKOFF_MIN;
         let mut waits = Vec::new();
         for _ in 0..6 {
-            match nodes.probed(1, wait, Err("refused".into())) {
-                Next::ProbeAfter(next) => wait = next,
+            match nodes.probed(1, Err("refused".into())) {
+                Next::ProbeAfter(next) => waits.push(next.as_secs()),
                 Next::Stop => panic!("a failed probe keeps probing"),
             }
-            waits.push(wait.as_secs());
         }
         assert_eq!(waits, [2, 4, 8, 15, 15, 15]);
         assert_eq!(
@@ -413,18 +431,25 @@ mod tests {
             1,
             "down once, not per probe"
         );
-        assert_eq!(nodes.probed(1, wait, Ok(())), Next::Stop);
+        assert_eq!(nodes.probed(1, Ok(())), Next::Stop);
         assert!(nodes.get(1).is_up());
         assert!(nodes
             .report()
             .contains("node 1 10.0.0.1:1883 up connections=0"));
-        // A new failure starts a new probe task.
+        // A probe that connects does not reset the backoff: the next failure rests longer...
+        assert_eq!(
+            nodes.dial_failed(1, "CONNACK 0x88"),
+            Watch::Start(DOWN_BACKOFF_MAX)
+        );
+        assert_eq!(nodes.get(1).series.downs.get(), 2);
+        assert!(nodes.report().contains("node 1 10.0.0.1:1883 down"));
+        assert_eq!(nodes.probed(1, Ok(())), Next::Stop);
+        // ...until a connection to the node is answered.
+        nodes.dialled(1);
         assert_eq!(
             nodes.dial_failed(1, "refused"),
             Watch::Start(DOWN_BACKOFF_MIN)
         );
-        assert_eq!(nodes.get(1).series.downs.get(), 2);
-        assert!(nodes.report().contains("node 1 10.0.0.1:1883 down"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -447,7 +472,7 @@ mod tests {
         assert_eq!(leases[0].lost(), Watch::Start(Duration::ZERO));
         assert_eq!(leases[0].lost(), Watch::Nothing, "once per connection");
         nodes.probing(0);
-        assert_eq!(nodes.probed(0, Duration::ZERO, Ok(())), Next::Stop);
+        assert_eq!(nodes.probed(0, Ok(())), Next::Stop);
 
         // The next loss comes soon after: its probe waits for the rest of the interval.
         tokio::time::advance(Duration::from_millis(300)).await;
@@ -458,13 +483,13 @@ mod tests {
         // A loss while the probe runs: the probe's success may predate it, so probe again.
         assert_eq!(leases[3].lost(), Watch::Nothing);
         assert_eq!(
-            nodes.probed(0, Duration::from_millis(700), Ok(())),
+            nodes.probed(0, Ok(())),
             Next::ProbeAfter(LOSS_PROBE_INTERVAL)
         );
         nodes.probing(0);
         assert_eq!(
-            nodes.probed(0, LOSS_PROBE_INTERVAL, Err("connection refused".into())),
-            Next::ProbeAfter(DOWN_BACKOFF_MIN * 2)
+            nodes.probed(0, Err("connection refused".into())),
+            Next::ProbeAfter(DOWN_BACKOFF_MIN)
         );
         assert!(!nodes.get(0).is_up());
         assert_eq!(
