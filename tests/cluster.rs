@@ -344,6 +344,8 @@ struct DeviceLog {
     closes: u32,
     /// CONNECTs the proxy refused (a node election under way, say), retried.
     refused: u32,
+    /// Messages acknowledged when the first connection ended.
+    acked_at_first_close: Option<usize>,
 }
 
 /// A device that publishes QoS 1 messages one at a time, each waiting for its PUBACK, and
@@ -377,7 +379,10 @@ async fn publish_in_a_loop(
                 _ = stop.wait_for(|stop| *stop) => return,
             };
             if !acked {
-                log.lock().unwrap().closes += 1;
+                let mut log = log.lock().unwrap();
+                log.closes += 1;
+                log.acked_at_first_close = log.acked_at_first_close.or(Some(log.acked.len()));
+                drop(log);
                 break;
             }
             log.lock().unwrap().acked.push(next);
@@ -481,7 +486,20 @@ async fn a_nats_node_killed_under_qos1_traffic_loses_no_acknowledged_message() {
         .await
         .expect("the device's node");
     let acked_before_kill = acked();
+    let killed = tokio::time::Instant::now();
     cluster.kill(dead).await;
+    poll_until(
+        Duration::from_secs(25),
+        "a PUBACK after the reconnect",
+        || async {
+            let log = log.lock().unwrap();
+            log.acked_at_first_close
+                .is_some_and(|at| log.acked.len() > at)
+                .then_some(())
+        },
+    )
+    .await;
+    let resumed = killed.elapsed();
 
     // The device is closed (92), reconnects through the proxy to another node, and goes on.
     poll_until(
@@ -541,7 +559,7 @@ async fn a_nats_node_killed_under_qos1_traffic_loses_no_acknowledged_message() {
         log.refused
     );
     eprintln!(
-        "node {dead} killed: {} acked, {} closes, {} CONNECTs refused while the cluster recovered",
+        "node {dead} killed: first PUBACK after the reconnect {resumed:?} later; {} acked, {} closes, {} CONNECTs refused while the cluster recovered",
         log.acked.len(),
         log.closes,
         log.refused
