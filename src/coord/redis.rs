@@ -46,7 +46,6 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use thiserror::Error;
 use tokio::sync::{oneshot, watch, Notify, Semaphore};
@@ -54,6 +53,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::local::count_down;
+use super::redis_link::{LinkError, RedisConn, RedisLink};
 use super::redis_rate::SharedRateBuckets;
 use super::{
     closed_by_administrator, Admission, ClaimError, ClaimRequest, Ownership, Release, Released,
@@ -104,6 +104,9 @@ pub enum CoordError {
     /// Redis answered with an error or the connection failed.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The link to Redis could not be set up (its URLs, its CA).
+    #[error(transparent)]
+    Link(#[from] LinkError),
     /// Redis did not answer in time.
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
@@ -497,7 +500,8 @@ enum Outcome {
 
 /// The part of the coordinator that background tasks and releases share.
 struct Shared {
-    conn: ConnectionManager,
+    conn: RedisConn,
+    link: RedisLink,
     instance: String,
     /// This start of the instance: the lease's value.
     boot: String,
@@ -578,17 +582,10 @@ impl Coordinator {
         metrics: CoordinationMetrics,
     ) -> Result<Arc<Coordinator>, CoordError> {
         let (stop, shutdown) = watch::channel(false);
-        let client = redis::Client::open(config.redis.clone())?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_max_delay(Duration::from_secs(1));
-        let mut conn = tokio::time::timeout(
-            LEASE_ACQUIRE_WAIT,
-            ConnectionManager::new_with_config(client.clone(), manager_config),
-        )
-        .await
-        .map_err(|_| CoordError::Timeout(LEASE_ACQUIRE_WAIT))??;
+        let link = RedisLink::new(config, REDIS_TIMEOUT)?;
+        let mut conn = tokio::time::timeout(LEASE_ACQUIRE_WAIT, link.connect())
+            .await
+            .map_err(|_| CoordError::Timeout(LEASE_ACQUIRE_WAIT))??;
         let instance = config.instance_id.clone();
         // Per start, not per process: two instances in one test process are two holders.
         let boot = format!("{:016x}", rand::random::<u64>());
@@ -618,6 +615,7 @@ impl Coordinator {
         let _: () = bounded(conn.sadd(INSTANCES_KEY, &instance)).await?;
         let shared = Arc::new(Shared {
             conn,
+            link,
             instance,
             boot,
             local: Mutex::new(Local::default()),
@@ -636,8 +634,8 @@ impl Coordinator {
             orphaned: Mutex::new(HashSet::new()),
         });
         shared.set_healthy(true);
-        let pubsub = subscribe(&client, &shared.instance).await?;
-        tokio::spawn(shared.clone().listen(client, pubsub, shutdown.clone()));
+        let pubsub = bounded(shared.link.subscribe(&channel(&shared.instance), 0)).await?;
+        tokio::spawn(shared.clone().listen(pubsub, shutdown.clone()));
         tokio::spawn(shared.clone().work());
         let own = shared.instance.clone();
         let settled = shared
@@ -698,15 +696,6 @@ impl Coordinator {
         )
         .await;
     }
-}
-
-async fn subscribe(
-    client: &redis::Client,
-    instance: &str,
-) -> Result<redis::aio::PubSub, CoordError> {
-    let mut pubsub = bounded(client.get_async_pubsub()).await?;
-    bounded(pubsub.subscribe(channel(instance))).await?;
-    Ok(pubsub)
 }
 
 impl Shared {
@@ -1102,11 +1091,12 @@ impl Shared {
     /// Listens on this instance's channel, resubscribing after a broken connection.
     async fn listen(
         self: Arc<Self>,
-        client: redis::Client,
         mut pubsub: redis::aio::PubSub,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut wait = Duration::from_millis(100);
+        // Which node to dial next: each attempt tries the next seed node of a cluster.
+        let mut attempt = 0;
         loop {
             {
                 let mut messages = pubsub.on_message();
@@ -1127,7 +1117,9 @@ impl Shared {
                     _ = shutdown.wait_for(|stop| *stop) => return,
                 }
                 wait = (wait * 2).min(Duration::from_secs(2));
-                if let Ok(again) = subscribe(&client, &self.instance).await {
+                attempt += 1;
+                let again = bounded(self.link.subscribe(&channel(&self.instance), attempt)).await;
+                if let Ok(again) = again {
                     pubsub = again;
                     break;
                 }
@@ -1221,7 +1213,7 @@ impl Shared {
                 .push(answered);
             let mut conn = self.conn.clone();
             let request = format!("close\0{displaced}\0{}", self.instance);
-            let listeners: i64 = bounded(conn.publish(channel(holder), request))
+            let listeners = bounded(self.link.publish(&mut conn, &channel(holder), &request))
                 .await
                 .unwrap_or(0);
             let mut wait = std::pin::pin!(wait);
@@ -1378,9 +1370,12 @@ impl Shared {
             }
             let mut conn = self.conn.clone();
             let request = format!("admin\0{}", info.session);
-            let heard: i64 = bounded(conn.publish(channel(&info.instance), request))
-                .await
-                .map_err(|_| ClaimError::Unavailable)?;
+            let heard = bounded(
+                self.link
+                    .publish(&mut conn, &channel(&info.instance), &request),
+            )
+            .await
+            .map_err(|_| ClaimError::Unavailable)?;
             closed += usize::from(heard > 0);
         }
         Ok(closed)
