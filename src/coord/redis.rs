@@ -639,10 +639,7 @@ impl Coordinator {
         tokio::spawn(shared.clone().work());
         let own = shared.instance.clone();
         let settled = shared
-            .settle_instance(
-                &own,
-                Refusal::with_detail(Cause::ServerClosed, "settled after a proxy restart"),
-            )
+            .settle_instance(&own, crate::profile::settled_after_restart())
             .await?;
         if settled > 0 {
             warn!(
