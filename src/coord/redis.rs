@@ -301,6 +301,31 @@ return 1
     )
 });
 
+/// One round trip to one server for a CONNECT: the session recorded in the instance's held set
+/// and the claim script, pipelined; the server runs them in that order, so a claim is never
+/// without its record, as when they are sent one after the other.
+async fn record_and_claim(
+    conn: &mut RedisConn,
+    held: &str,
+    member: &str,
+    claim: &redis::ScriptInvocation<'_>,
+) -> redis::RedisResult<Vec<String>> {
+    let mut pipe = redis::pipe();
+    pipe.sadd(held, member).ignore().invoke_script(claim);
+    match pipe.query_async::<(Vec<String>,)>(conn).await {
+        // The script is not loaded yet (a new or restarted server): load it and run both again
+        // (the record is a set member, so recording it twice is harmless).
+        Err(error)
+            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
+            claim.load_async(conn).await?;
+            pipe.query_async::<(Vec<String>,)>(conn).await
+        }
+        answer => answer,
+    }
+    .map(|(answer,)| answer)
+}
+
 /// The keys of one org.
 struct OrgKeys {
     owner: String,
@@ -1260,29 +1285,33 @@ impl Shared {
         let keys = OrgKeys::new(&tenant);
         let mut conn = self.conn.clone();
         let member = held_member(&tenant, &id);
-        // Recorded first, so that a crash between the two leaves nothing unsettled.
-        bounded(conn.sadd::<_, _, ()>(held_key(&self.instance), &member))
-            .await
-            .map_err(|_| ClaimError::Unavailable)?;
-        let answer: Result<Vec<String>, _> = bounded(
-            CLAIM
-                .key(&keys.owner)
-                .key(&keys.sessions)
-                .key(&keys.count)
-                .key(&keys.presence)
-                .arg(&client_id)
-                .arg(if takeover { "1" } else { "0" })
-                .arg(limit)
-                .arg(&presence)
-                .arg(&id)
-                .arg(&self.instance)
-                .invoke_async(&mut conn),
-        )
-        .await;
+        let mut claim = CLAIM.key(&keys.owner);
+        claim
+            .key(&keys.sessions)
+            .key(&keys.count)
+            .key(&keys.presence)
+            .arg(&client_id)
+            .arg(if takeover { "1" } else { "0" })
+            .arg(limit)
+            .arg(&presence)
+            .arg(&id)
+            .arg(&self.instance);
+        let held = held_key(&self.instance);
+        let answer: Result<Vec<String>, _> = if self.link.is_cluster() {
+            // The held set and the org's keys are in different slots, on nodes that nothing
+            // orders: the session is recorded first, so that a crash between the two leaves
+            // nothing unsettled.
+            bounded(conn.sadd::<_, _, ()>(&held, &member))
+                .await
+                .map_err(|_| ClaimError::Unavailable)?;
+            bounded(claim.invoke_async(&mut conn)).await
+        } else {
+            bounded(record_and_claim(&mut conn, &held, &member, &claim)).await
+        };
         let answer = match answer {
             Ok(answer) if answer.first().map(String::as_str) == Some("ok") => answer,
             other => {
-                let _ = bounded(conn.srem::<_, _, ()>(held_key(&self.instance), &member)).await;
+                let _ = bounded(conn.srem::<_, _, ()>(&held, &member)).await;
                 return Err(match other {
                     Ok(_) => ClaimError::TenantFull,
                     Err(error) => {
