@@ -64,8 +64,8 @@ pub struct CoordinationConfig {
 /// One Redis server, or a Redis Cluster (`coordination.redis` / `coordination.redis_cluster`).
 #[derive(Clone)]
 pub enum RedisEndpoint {
-    /// One server (a primary; a Sentinel or proxy address that always leads to the primary).
-    Node(redis::ConnectionInfo),
+    /// One server (boxed: the cluster's list is far smaller).
+    Node(Box<redis::ConnectionInfo>),
     /// Seed nodes of a Redis Cluster: the rest of the cluster is found from any of them.
     Cluster(Vec<redis::ConnectionInfo>),
 }
@@ -74,7 +74,7 @@ impl RedisEndpoint {
     /// The node, or the seed nodes.
     pub fn nodes(&self) -> &[redis::ConnectionInfo] {
         match self {
-            RedisEndpoint::Node(node) => std::slice::from_ref(node),
+            RedisEndpoint::Node(node) => std::slice::from_ref(&**node),
             RedisEndpoint::Cluster(seeds) => seeds,
         }
     }
@@ -611,7 +611,9 @@ impl Check<'_> {
             parsed
         };
         let endpoint = match (coordination.redis, coordination.redis_cluster) {
-            (Some(url), None) => parse("coordination.redis", &url).map(RedisEndpoint::Node),
+            (Some(url), None) => {
+                parse("coordination.redis", &url).map(|node| RedisEndpoint::Node(Box::new(node)))
+            }
             (None, Some(urls)) => self.cluster_seeds(&urls, parse),
             (Some(_), Some(_)) => {
                 self.error(
@@ -682,7 +684,7 @@ impl Check<'_> {
             None => info,
         };
         let redis = match endpoint? {
-            RedisEndpoint::Node(node) => RedisEndpoint::Node(with_password(node)),
+            RedisEndpoint::Node(node) => RedisEndpoint::Node(Box::new(with_password(*node))),
             RedisEndpoint::Cluster(seeds) => {
                 RedisEndpoint::Cluster(seeds.into_iter().map(with_password).collect())
             }

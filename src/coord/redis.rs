@@ -21,6 +21,10 @@
 //!   holding the ID of the process that holds it; `warden:instances`: every instance that may
 //!   hold sessions; `warden:{i:INSTANCE}:held`: `ORG \0 SESSION` of each session it claimed.
 //!
+//! How Redis is reached, one server or a Redis Cluster, plain or TLS, is
+//! [`super::redis_link`]'s; the rest of this module does not tell them apart, except for the
+//! CONNECT's round trips (one pipeline on one server, two steps on a cluster).
+//!
 //! Signalling between instances is Redis pub/sub, one channel per instance
 //! (`warden:chan:INSTANCE`): a takeover asks the holder to close its session (`close`), the holder
 //! closes it with 288, waits until its Disconnect status is confirmed by the broker, and answers
