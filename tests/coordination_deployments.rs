@@ -11,7 +11,8 @@ use std::time::Duration;
 use rumqttc::{ConnectReturnCode, QoS};
 use support::pki::TestPki;
 use support::{
-    mon, sha256_token, standard_policy, v4, Broker, ProxyProcess, Redis, RedisCluster, Warden, WAIT,
+    mon, poll_until, sha256_token, standard_policy, v4, Broker, ProxyProcess, Redis, RedisCluster,
+    Warden, WAIT,
 };
 
 /// A subscriber of the proxy's statuses, directly on the broker.
@@ -89,43 +90,80 @@ async fn a_redis_cluster_carries_takeovers_the_org_quota_and_a_crash_settlement(
     std::fs::write(dir.path().join("policy.yaml"), policy()).unwrap();
     // Instance a is a process of its own (to be killed), b runs here; each lists the seed
     // nodes from a different one, so their channels are on different nodes of the cluster.
+    // b's first seed answers nothing, and its second is a node without slots, which b
+    // subscribes on, and which goes away later.
     let config = format!(
         "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"{}\"\npolicies: policy.yaml\ntelemetry: {{ log_format: json }}\n{}",
         broker.addr(),
-        cluster.coordination("a", 0)
+        cluster.coordination("a", 0, &[])
     );
     let mut a = ProxyProcess::start(dir.path(), "a", &config, &[]).await;
-    let b = Warden::start_with(&broker, &policy(), &cluster.coordination("b", 1)).await;
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_seed = format!("redis://{}", nobody.local_addr().unwrap());
+    drop(nobody);
+    let empty = cluster.add_empty_node().await;
+    let b_seeds = [dead_seed, empty.url()];
+    let b = Warden::start_with(&broker, &policy(), &cluster.coordination("b", 1, &b_seeds)).await;
 
     check_takeover(&broker, a.addr, &b).await;
 
-    // The org quota is exact across the instances.
-    let topic = "small/iot-2/type/sensor/id/a/mon";
-    let mut watcher = broker_watcher(&broker, "small-watcher", topic).await;
-    let _on_a = small_device(a.addr, "a").await.unwrap();
+    // b's pub/sub node stops: b subscribes again on its next seed node, and still hears a
+    // takeover request (it closes its own session, well before a would settle it).
     assert_eq!(
-        next_status(&mut watcher, topic, WAIT).await["Action"],
-        "Connect"
+        cluster.subscribers("warden:chan:b").await,
+        0,
+        "b is on the extra node"
     );
-    let _on_b = small_device(b.addr, "b").await.unwrap();
+    empty.stop().await;
+    poll_until(WAIT, "b subscribes on another node", || async {
+        (cluster.subscribers("warden:chan:b").await == 1).then_some(())
+    })
+    .await;
+    let dev2 = "org1/iot-2/type/sensor/id/dev2/mon";
+    let mut dev2_watcher = broker_watcher(&broker, "dev2-watcher", dev2).await;
+    let mut dev2_on_b = v4::org1_device(b.addr, "dev2").await;
+    let connect = next_status(&mut dev2_watcher, dev2, WAIT).await;
+    assert_eq!(connect["Action"], "Connect");
+    let _dev2_on_a = v4::org1_device(a.addr, "dev2").await;
+    tokio::time::timeout(Duration::from_secs(4), dev2_on_b.closed())
+        .await
+        .expect("b closes its session itself");
+    let old = next_status(&mut dev2_watcher, dev2, WAIT).await;
+    assert_eq!(
+        (old["Action"].as_str(), old["CloseCode"].as_i64()),
+        (Some("Disconnect"), Some(288))
+    );
+    let connect = next_status(&mut dev2_watcher, dev2, WAIT).await;
+    assert_eq!(connect["Action"], "Connect");
+
+    // The org quota is exact across the instances.
+    let small_a = "small/iot-2/type/sensor/id/a/mon";
+    let mut small_watcher = broker_watcher(&broker, "small-watcher", small_a).await;
+    let _small_a_on_a = small_device(a.addr, "a").await.unwrap();
+    let connect = next_status(&mut small_watcher, small_a, WAIT).await;
+    assert_eq!(connect["Action"], "Connect");
+    let _small_b_on_b = small_device(b.addr, "b").await.unwrap();
     let refused = Some(v4::Refused::Code(ConnectReturnCode::ServiceUnavailable));
     assert_eq!(small_device(a.addr, "c").await.err(), refused);
     assert_eq!(small_device(b.addr, "c").await.err(), refused);
 
-    // kill -9 of a: once its lease runs out, b publishes the Disconnect of a's client and
-    // gives its place back.
+    // kill -9 of a: once its lease runs out, b publishes the Disconnect of a's clients (dev2
+    // and small/a) and gives small/a's place back.
     a.child.kill().await.unwrap();
     let killed = tokio::time::Instant::now();
-    let settled = next_status(&mut watcher, topic, Duration::from_secs(20)).await;
-    assert_eq!(
-        (settled["Action"].as_str(), settled["CloseCode"].as_i64()),
-        (Some("Disconnect"), Some(92))
-    );
+    for (watcher, topic) in [(&mut small_watcher, small_a), (&mut dev2_watcher, dev2)] {
+        let settled = next_status(watcher, topic, Duration::from_secs(20)).await;
+        assert_eq!(
+            (settled["Action"].as_str(), settled["CloseCode"].as_i64()),
+            (Some("Disconnect"), Some(92)),
+            "{topic}"
+        );
+    }
     assert!(
         killed.elapsed() >= Duration::from_secs(5),
         "settled while a's lease ran"
     );
-    assert_eq!(b.running.metrics.coordination.settled.get(), 1);
+    assert_eq!(b.running.metrics.coordination.settled.get(), 2);
     let _c = small_device(b.addr, "c").await.unwrap();
     assert_eq!(b.running.metrics.coordination.up.get(), 1);
 }

@@ -663,8 +663,8 @@ impl Coordinator {
             orphaned: Mutex::new(HashSet::new()),
         });
         shared.set_healthy(true);
-        let pubsub = bounded(shared.link.subscribe(&channel(&shared.instance), 0)).await?;
-        tokio::spawn(shared.clone().listen(pubsub, shutdown.clone()));
+        let (pubsub, node) = shared.link.subscribe(&channel(&shared.instance), 0).await?;
+        tokio::spawn(shared.clone().listen(pubsub, node, shutdown.clone()));
         tokio::spawn(shared.clone().work());
         let own = shared.instance.clone();
         let settled = shared
@@ -1118,11 +1118,10 @@ impl Shared {
     async fn listen(
         self: Arc<Self>,
         mut pubsub: redis::aio::PubSub,
+        mut node: usize,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut wait = Duration::from_millis(100);
-        // Which node to dial next: each attempt tries the next seed node of a cluster.
-        let mut attempt = 0;
         loop {
             {
                 let mut messages = pubsub.on_message();
@@ -1143,10 +1142,14 @@ impl Shared {
                     _ = shutdown.wait_for(|stop| *stop) => return,
                 }
                 wait = (wait * 2).min(Duration::from_secs(2));
-                attempt += 1;
-                let again = bounded(self.link.subscribe(&channel(&self.instance), attempt)).await;
-                if let Ok(again) = again {
+                // From the next node on: in a cluster, the one it had may be the one that is gone.
+                let again = self
+                    .link
+                    .subscribe(&channel(&self.instance), node + 1)
+                    .await;
+                if let Ok((again, on)) = again {
                     pubsub = again;
+                    node = on;
                     break;
                 }
             }

@@ -152,18 +152,30 @@ impl RedisLink {
         }
     }
 
-    /// A pub/sub connection subscribed to `channel`, to the node of this `attempt` (the seed
-    /// nodes in turn), so that a subscriber whose node went away moves to another.
-    pub async fn subscribe(&self, channel: &str, attempt: usize) -> RedisResult<PubSub> {
-        let node = self
-            .nodes
-            .get(attempt % self.nodes.len().max(1))
-            .ok_or_else(|| {
-                redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no node"))
-            })?;
-        let mut pubsub = node.get_async_pubsub().await?;
-        pubsub.subscribe(channel).await?;
-        Ok(pubsub)
+    /// A pub/sub connection subscribed to `channel`, on the first node that answers, trying
+    /// them in turn from node `from` (the seed nodes of a cluster, in the configured order), and
+    /// which node that is: a subscriber whose node went away moves on from the next one.
+    pub async fn subscribe(&self, channel: &str, from: usize) -> RedisResult<(PubSub, usize)> {
+        let count = self.nodes.len();
+        let mut last = redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no node"));
+        for index in (from..from + count).map(|i| i % count) {
+            let node = &self.nodes[index];
+            let subscribed = tokio::time::timeout(self.timeout, async {
+                let mut pubsub = node.get_async_pubsub().await?;
+                pubsub.subscribe(channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            })
+            .await;
+            match subscribed {
+                Ok(Ok(pubsub)) => return Ok((pubsub, index)),
+                Ok(Err(error)) => last = error,
+                Err(_) => {
+                    last =
+                        redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+                }
+            }
+        }
+        Err(last)
     }
 
     /// Publishes `message` on `channel`; answers how many subscribers listen to the channel

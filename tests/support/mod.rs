@@ -301,32 +301,8 @@ impl RedisCluster {
     /// the cluster is ok.
     pub async fn start() -> RedisCluster {
         let mut nodes = Vec::new();
-        let mut tries = 0;
         while nodes.len() < 3 {
-            tries += 1;
-            assert!(tries <= 15, "redis-server cluster nodes did not start");
-            let port = free_cluster_port();
-            let args: Vec<String> = [
-                "--port",
-                &port.to_string(),
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-                "--cluster-node-timeout",
-                "5000",
-            ]
-            .iter()
-            .map(|arg| arg.to_string())
-            .collect();
-            if let Some((child, dir)) = spawn_redis_server(&args).await {
-                nodes.push(Redis {
-                    child,
-                    port,
-                    _dir: dir,
-                    tls: false,
-                });
-            }
+            nodes.push(start_cluster_node().await);
         }
         let addresses: Vec<String> = nodes
             .iter()
@@ -343,40 +319,115 @@ impl RedisCluster {
             .await
             .expect("redis-cli is installed (it comes with redis-server)");
         assert!(created.success(), "redis-cli --cluster create failed");
-        let cluster = RedisCluster { nodes };
-        for node in &cluster.nodes {
-            let client = redis::Client::open(node.url()).expect("node URL");
-            poll_until(WAIT, "the cluster is ok on every node", || {
-                let client = client.clone();
-                async move {
-                    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                    let info: String = redis::cmd("CLUSTER")
-                        .arg("INFO")
-                        .query_async(&mut conn)
-                        .await
-                        .ok()?;
-                    info.contains("cluster_state:ok").then_some(())
-                }
-            })
-            .await;
+        for node in &nodes {
+            wait_cluster_ok(node).await;
         }
-        cluster
+        RedisCluster { nodes }
+    }
+
+    /// Starts one more node and joins it to the cluster as a master without slots: it holds no
+    /// keys, so the cluster stays ok when it stops, but it serves pub/sub like any node.
+    pub async fn add_empty_node(&self) -> Redis {
+        let node = start_cluster_node().await;
+        let added = Command::new("redis-cli")
+            .args(["--cluster", "add-node"])
+            .arg(format!("127.0.0.1:{}", node.port))
+            .arg(format!("127.0.0.1:{}", self.nodes[0].port))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .expect("redis-cli is installed (it comes with redis-server)");
+        assert!(added.success(), "redis-cli --cluster add-node failed");
+        wait_cluster_ok(&node).await;
+        node
+    }
+
+    /// How many subscribers `channel` has on the nodes of [`RedisCluster::start`].
+    pub async fn subscribers(&self, channel: &str) -> i64 {
+        let mut total = 0;
+        for node in &self.nodes {
+            let client = redis::Client::open(node.url()).expect("node URL");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("a cluster node answers");
+            let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(channel)
+                .query_async(&mut conn)
+                .await
+                .expect("PUBSUB NUMSUB");
+            total += counts.iter().map(|(_, count)| count).sum::<i64>();
+        }
+        total
     }
 
     /// The `coordination:` config section for an instance named `instance`, with the seed
-    /// nodes listed from node `first` on (so that instances subscribe on different nodes).
-    pub fn coordination(&self, instance: &str, first: usize) -> String {
-        let seeds: Vec<String> = (0..self.nodes.len())
-            .map(|i| {
+    /// nodes listed from node `first` on (so that instances subscribe on different nodes),
+    /// after the URLs of `before` (seeds that may not answer).
+    pub fn coordination(&self, instance: &str, first: usize, before: &[String]) -> String {
+        let seeds: Vec<String> = before
+            .iter()
+            .cloned()
+            .chain((0..self.nodes.len()).map(|i| {
                 let node = &self.nodes[(first + i) % self.nodes.len()];
-                format!("\"redis://127.0.0.1:{}\"", node.port)
-            })
+                format!("redis://127.0.0.1:{}", node.port)
+            }))
+            .map(|url| format!("\"{url}\""))
             .collect();
         format!(
             "coordination:\n  redis_cluster: [{}]\n  instance_id: {instance}\n",
             seeds.join(", ")
         )
     }
+}
+
+/// A `redis-server` with cluster mode on, on a free port whose bus port is free too.
+async fn start_cluster_node() -> Redis {
+    for _ in 0..5 {
+        let port = free_cluster_port();
+        let args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+        ]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect();
+        if let Some((child, dir)) = spawn_redis_server(&args).await {
+            return Redis {
+                child,
+                port,
+                _dir: dir,
+                tls: false,
+            };
+        }
+    }
+    panic!("a redis-server cluster node did not start");
+}
+
+/// Waits until `node` says the cluster is ok (every slot served, as it sees it).
+async fn wait_cluster_ok(node: &Redis) {
+    let client = redis::Client::open(node.url()).expect("node URL");
+    poll_until(WAIT, "the cluster is ok on every node", || {
+        let client = client.clone();
+        async move {
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            info.contains("cluster_state:ok").then_some(())
+        }
+    })
+    .await;
 }
 
 /// A free loopback port whose cluster bus port (+10000) is free too.
