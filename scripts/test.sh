@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 say "checking test prerequisites"
 need_cargo
 need_commands mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients \
-    openssl:openssl curl:curl redis-server:redis-server redis-cli:redis-tools
+    openssl:openssl curl:curl redis-server:redis-server redis-cli:redis-tools \
+    nats-server:nats-server /usr/lib/rabbitmq/bin/rabbitmq-server:rabbitmq-server
 need_mqtt_js
 need_test_venv
 # The tests run the Python clients with this interpreter (tests/support: python()).

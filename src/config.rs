@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::broker::{BrokerKind, Capabilities, CapabilityOverrides, EscapeSet};
 use crate::limits::Rate;
 
 use crate::policy::yaml::{self, LineMap};
@@ -154,6 +155,14 @@ pub struct UpstreamConfig {
     /// kernel's choice. Each one gives its own range of ephemeral ports, so together they lift
     /// the ~28,000-connection ceiling of one source address towards one broker address.
     pub source_addresses: Vec<IpAddr>,
+    /// The broker's kind (`upstream.broker`, default `mosquitto`).
+    pub broker: BrokerKind,
+    /// What the proxy relies on the broker for: the kind's declaration with the overrides of
+    /// `upstream.capabilities`.
+    pub capabilities: Capabilities,
+    /// The overrides themselves, so that a probe's mismatch can say whether the operator
+    /// declared the capability.
+    pub capability_overrides: CapabilityOverrides,
 }
 
 /// TLS towards the broker, with paths resolved against the config file's folder.
@@ -179,6 +188,8 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("control_client_id", &self.control_client_id)
             .field("tls", &self.tls)
             .field("source_addresses", &self.source_addresses)
+            .field("broker", &self.broker)
+            .field("capabilities", &self.capabilities)
             .finish()
     }
 }
@@ -850,7 +861,22 @@ impl Check<'_> {
                 parsed.ok()
             })
             .collect();
+        let broker = match upstream.broker.as_deref() {
+            None => BrokerKind::default(),
+            Some(name) => BrokerKind::from_name(name).unwrap_or_else(|| {
+                self.error(
+                    "upstream.broker",
+                    format!("must be one of {}", BrokerKind::NAMES.join(", ")),
+                );
+                BrokerKind::default()
+            }),
+        };
+        let capability_overrides =
+            self.capability_overrides(upstream.capabilities.unwrap_or_default());
         UpstreamConfig {
+            capabilities: Capabilities::of(broker, &capability_overrides),
+            broker,
+            capability_overrides,
             address: upstream.address,
             username: upstream.username,
             password,
@@ -858,6 +884,31 @@ impl Check<'_> {
             control_client_id: upstream.control_client_id,
             tls,
             source_addresses,
+        }
+    }
+
+    fn capability_overrides(&self, file: CapabilitiesFileConfig) -> CapabilityOverrides {
+        if file.max_qos.is_some_and(|qos| qos > 2) {
+            self.error("upstream.capabilities.max_qos", "must be 0, 1 or 2");
+        }
+        let escaped = file.escape.and_then(|chars| match EscapeSet::parse(&chars) {
+            Ok(set) => Some(set),
+            Err(c) => {
+                self.error(
+                    "upstream.capabilities.escape",
+                    format!(
+                        "cannot escape {c:?}: list printable ASCII characters other than % / + # $, for example \".\""
+                    ),
+                );
+                None
+            }
+        });
+        CapabilityOverrides {
+            mqtt5: file.mqtt5,
+            max_qos: file.max_qos.filter(|qos| *qos <= 2),
+            shared_subscriptions: file.shared_subscriptions,
+            retained_to_wildcards: file.retained_to_wildcards,
+            escaped,
         }
     }
 
@@ -1109,6 +1160,25 @@ struct UpstreamFileConfig {
     tls: Option<UpstreamTlsFileConfig>,
     #[serde(default)]
     source_addresses: Vec<String>,
+    #[serde(default)]
+    broker: Option<String>,
+    #[serde(default)]
+    capabilities: Option<CapabilitiesFileConfig>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CapabilitiesFileConfig {
+    #[serde(default)]
+    mqtt5: Option<bool>,
+    #[serde(default)]
+    max_qos: Option<u8>,
+    #[serde(default)]
+    shared_subscriptions: Option<bool>,
+    #[serde(default)]
+    retained_to_wildcards: Option<bool>,
+    #[serde(default)]
+    escape: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1681,5 +1751,43 @@ limits:
         );
         let policy = crate::policy::load_policies(&config.policies).unwrap();
         assert_eq!(policy.orgs.len(), 3);
+    }
+
+    #[test]
+    fn the_broker_kind_sets_capabilities_and_each_override_replaces_one() {
+        let config = WardenConfig::from_yaml(MINIMAL, Path::new("warden.yaml")).expect("valid");
+        assert_eq!(config.upstream.broker, BrokerKind::Mosquitto);
+        assert_eq!(
+            config.upstream.capabilities,
+            BrokerKind::Mosquitto.declared()
+        );
+        let text = MINIMAL.replace(
+            "upstream:\n",
+            "upstream:\n  broker: nats\n  capabilities: { max_qos: 2, escape: \". \" }\n",
+        );
+        let config = WardenConfig::from_yaml(&text, Path::new("warden.yaml")).expect("valid");
+        assert_eq!(config.upstream.broker, BrokerKind::Nats);
+        let caps = config.upstream.capabilities;
+        assert_eq!(caps.max_qos, 2);
+        assert!(!caps.mqtt5 && !caps.shared_subscriptions);
+        assert!(caps.escaped.contains(b' ') && caps.escaped.contains(b'.'));
+    }
+
+    #[test]
+    fn a_bad_broker_section_names_every_wrong_field() {
+        let text = MINIMAL.replace(
+            "upstream:\n",
+            "upstream:\n  broker: kafka\n  capabilities:\n    max_qos: 3\n    escape: \"/\"\n",
+        );
+        let error = WardenConfig::from_yaml(&text, Path::new("warden.yaml"))
+            .expect_err("three errors")
+            .to_string();
+        for field in [
+            "upstream.broker",
+            "upstream.capabilities.max_qos",
+            "upstream.capabilities.escape",
+        ] {
+            assert!(error.contains(field), "{field} in {error}");
+        }
     }
 }

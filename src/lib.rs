@@ -30,6 +30,7 @@
 //!   status reporter and session mailboxes: traits with in-process implementations.
 //! - [`limits`]: token buckets, CONNECT rates and the refusal log budget.
 //! - [`upstream`]: dialling the broker, over TCP or TLS.
+//! - [`broker`]: what the broker behind the proxy supports (`upstream.broker`, overrides).
 //! - [`monitor`]: the control connection that publishes the proxy's own messages.
 //! - [`ledger`]: which sessions a process holds, kept on the broker for crash recovery.
 //! - [`reload`]: live reloads of policy and TLS files.
@@ -41,6 +42,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod coord;

