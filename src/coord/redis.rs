@@ -793,15 +793,22 @@ impl Shared {
                     }
                 }
                 Ok(3) => {
-                    // Redis restarted without its data: nobody can settle this instance's
-                    // sessions from their records, so their Disconnects go out from here.
-                    warn!("the coordination store lost its data; closing every client");
-                    {
-                        let sessions: Vec<String> =
-                            lock(&self.local).sessions.keys().cloned().collect();
-                        lock(&self.orphaned).extend(sessions);
+                    // Redis restarted without its data: nobody can settle the sessions whose
+                    // records went with it, so they are closed and their Disconnects go out
+                    // from here. Sessions claimed since then (in the time until this renewal)
+                    // have their records in the new data, and go on.
+                    let lost = self.sessions_without_records().await;
+                    warn!(
+                        sessions = lost.len(),
+                        "the coordination store lost its data; closing the clients it held"
+                    );
+                    lock(&self.orphaned).extend(lost.iter().map(|(id, _)| id.clone()));
+                    for (_, handle) in lost {
+                        handle.close(Refusal::with_detail(
+                            Cause::ServerClosed,
+                            "the coordination store lost its data",
+                        ));
                     }
-                    self.close_all("the coordination store lost its data");
                     *lock(&self.renewed) = Instant::now();
                     let _ = bounded(conn.sadd::<_, _, ()>(INSTANCES_KEY, &self.instance)).await;
                     self.set_healthy(true);
@@ -827,6 +834,27 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// This instance's sessions whose records are not in Redis (or could not be checked).
+    async fn sessions_without_records(&self) -> Vec<(String, SessionHandle)> {
+        let sessions: Vec<(String, Box<str>, SessionHandle)> = lock(&self.local)
+            .sessions
+            .iter()
+            .map(|(id, s)| (id.clone(), s.tenant.clone(), s.handle.clone()))
+            .collect();
+        let checks =
+            futures_util::future::join_all(sessions.iter().map(|(id, tenant, _)| async move {
+                let mut conn = self.conn.clone();
+                bounded(conn.hexists::<_, _, bool>(OrgKeys::new(tenant).sessions, id)).await
+            }))
+            .await;
+        sessions
+            .into_iter()
+            .zip(checks)
+            .filter(|(_, kept)| !matches!(kept, Ok(true)))
+            .map(|((id, _, handle), _)| (id, handle))
+            .collect()
     }
 
     async fn settle_dead_instances(&self) -> Result<(), CoordError> {
