@@ -5,11 +5,13 @@
 //!   the fewest connections of this process (dials under way included, so a burst of CONNECTs
 //!   spreads too); ties go round-robin. Nodes that are down come last, in case every node is
 //!   down, and then the dial tries them anyway rather than refuse without trying.
-//! - **Down.** A node is marked down when a dial to it fails (TCP or TLS), or when a probe
-//!   fails. A probe is a TCP (and TLS) connect, made when one of the node's connections ends
-//!   (at most one per [`LOSS_PROBE_INTERVAL`]: a burst of ends costs one probe, a later one),
-//!   and while the node is down, after a backoff that doubles from [`DOWN_BACKOFF_MIN`] to
-//!   [`DOWN_BACKOFF_MAX`]. A probe that connects, or a dial that does, marks the node up again.
+//! - **Down.** A node is marked down when a dial to it fails (TCP or TLS, no answer to the
+//!   CONNECT, or a CONNACK that says the node cannot serve), or when a probe fails. A probe is a
+//!   TCP (and TLS) connect, made when one of the node's connections ends (at most one per
+//!   [`LOSS_PROBE_INTERVAL`]: a burst of ends costs one probe, a later one), and while the node
+//!   is down, after a backoff that doubles from [`DOWN_BACKOFF_MIN`] to [`DOWN_BACKOFF_MAX`]
+//!   and starts over only when a connection to the node was answered. A probe that connects, or
+//!   a connection that is answered, marks the node up again.
 //! - **Live connections are left alone.** Marking a node down steers new connections away
 //!   from it and does not close the ones it holds: a node that is really gone ends them itself
 //!   (the bridge closes those sessions with 92), and a dial that failed once on a busy node is no
@@ -26,7 +28,7 @@ use tracing::{info, warn};
 
 use crate::metrics::{NodeMetrics, NodeSeries};
 
-/// The first wait before a down node is probed again; it doubles after each failed probe.
+/// The first wait before a down node is probed again; it doubles after each failure.
 pub const DOWN_BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// The longest wait between probes of a down node.
 pub const DOWN_BACKOFF_MAX: Duration = Duration::from_secs(15);
