@@ -11,26 +11,46 @@
 //! batch is written again: a duplicate is possible, a loss is not (short of the queue
 //! overflowing). Every write has a deadline ([`CONTROL_WRITE_TIMEOUT`]).
 //!
+//! The broker's refusals and every failure of the connection are logged in the broker's own
+//! words (the CONNACK code and its meaning, the I/O error), counted in
+//! `warden_upstream_refusals_total`, and kept for `/readyz` ([`Monitor::report`]). Redials back
+//! off from [`REDIAL_MIN`] to [`REDIAL_MAX`], and the wait starts again from the minimum only
+//! after a connection stayed up for [`STABLE_CONNECTION`], so a broker that accepts and then
+//! drops the connection at once is not dialled ten times a second.
+//!
+//! Each time the connection comes up, the broker is probed on connections of its own
+//! (`probe`), and what the probe contradicts in the declared capabilities is logged and
+//! counted.
+//!
+//! Topics go to the broker with the characters it cannot take escaped (`names`), and the
+//! topics a recovery reads back are unescaped, so the rest of the proxy never sees the escape.
+//!
 //! The task knows nothing of what it publishes. On its first connection it can run a
 //! [`Recovery`]: subscribe to a filter, collect the retained messages up to a sentinel, and queue
 //! what the recovery's closure makes of them (see `ledger`).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{watch, Notify};
-use tracing::{debug, warn};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::broker::{Capabilities, EscapeSet};
 
 use crate::codec::{
     decode_frame_header, encode_connect, encode_publish, encode_subscribe, encode_unsubscribe,
     parse_publish, Connect, ProtocolVersion, Will,
 };
-use crate::metrics::MonitorMetrics;
+use crate::metrics::{CapabilityLabels, MonitorMetrics};
+use crate::names::{escape, unescape};
+use crate::probe::{probe, Probed, CAPABILITIES};
 use crate::profile::Publication;
-use crate::upstream::{handshake, Dial, UpstreamError};
+use crate::upstream::{connack_label, connack_meaning, failure_label, handshake, Dial};
 
 /// Keep-alive of the control connection, in seconds.
 const CONTROL_KEEP_ALIVE_SECS: u16 = 30;
@@ -47,8 +67,13 @@ const MAX_RECOVERED: usize = 1_000_000;
 /// How long a recovery may take before the connection is redialled and it starts again.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// First and longest wait between redials.
-const REDIAL_MIN: Duration = Duration::from_millis(100);
-const REDIAL_MAX: Duration = Duration::from_secs(5);
+pub const REDIAL_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between redials.
+pub const REDIAL_MAX: Duration = Duration::from_secs(5);
+/// How long a connection must stay up before the redial wait starts again from [`REDIAL_MIN`].
+pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+/// The same failure is logged as a warning at most this often (every time at debug level).
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What a recovery makes of the retained messages it found (topic, payload).
 pub type Settle = Box<dyn FnOnce(&[(String, Vec<u8>)]) -> Vec<Publication> + Send>;
@@ -88,6 +113,26 @@ pub struct ControlConfig {
     pub queue_limit: usize,
     /// Bytes (topics and payloads) the intake queue holds, at most.
     pub queue_bytes: usize,
+    /// What the broker is declared to support: its escape set applies to every topic and to
+    /// the client ID, and the probe is checked against it.
+    pub capabilities: Capabilities,
+    /// Whether to probe the broker each time the connection comes up.
+    pub probe: bool,
+}
+
+/// What the control connection knows of the broker, for `/readyz`.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerReport {
+    /// Whether the control connection is up.
+    pub up: bool,
+    /// The last failure, in the broker's words (kept after a reconnect, for the record).
+    pub last_failure: Option<String>,
+    /// Failed attempts since the connection was last up.
+    pub failures_in_a_row: u64,
+    /// What the last probe saw.
+    pub probed: Option<Probed>,
+    /// Where the last probe contradicted the declaration.
+    pub mismatches: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -107,12 +152,20 @@ struct Intake {
     /// Messages accepted so far, and messages confirmed or dropped so far.
     accepted: watch::Sender<u64>,
     settled: watch::Sender<u64>,
+    report: Mutex<BrokerReport>,
 }
 
 impl Intake {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // Each update is a push or a pop with its byte count; a poisoned queue is consistent.
         self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn report(&self) -> MutexGuard<'_, BrokerReport> {
+        // Each update replaces fields whole; a poisoned report is consistent.
+        self.report
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -145,10 +198,31 @@ impl Monitor {
             metrics,
             accepted: watch::channel(0).0,
             settled: watch::channel(0).0,
+            report: Mutex::new(BrokerReport::default()),
+        });
+        let escaped = config.capabilities.escaped;
+        // The probe's own name: the client ID with anything but letters, digits, `-` and `_`
+        // replaced, as it is a topic level too.
+        let probe_name = config.probe.then(|| {
+            config
+                .client_id
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
         });
         let control = Control {
             dialer,
-            client_id: config.client_id,
+            client_id: escape(escaped, &config.client_id).into_owned(),
+            escaped,
+            capabilities: config.capabilities,
+            probe_name,
+            probing: Arc::new(AtomicBool::new(false)),
             will: config.will,
             greeting: config.greeting,
             recovery: config.recovery,
@@ -227,11 +301,32 @@ impl Monitor {
     pub fn is_connected(&self) -> bool {
         self.intake.metrics.upstream_up.get() == 1
     }
+
+    /// What the control connection knows of the broker: whether it is up, its last failure and
+    /// the last probe.
+    pub fn report(&self) -> BrokerReport {
+        self.intake.report().clone()
+    }
+}
+
+/// A failed attempt to bring the control connection up or keep it up.
+struct Failure {
+    /// The `code` label of `warden_upstream_refusals_total`, when the broker refused or failed
+    /// the CONNECT (not for a connection that broke later).
+    label: Option<String>,
+    /// What happened, in the broker's words.
+    words: String,
 }
 
 struct Control<D: Dial> {
     dialer: Arc<D>,
     client_id: String,
+    escaped: EscapeSet,
+    capabilities: Capabilities,
+    /// The probe's name, when probing.
+    probe_name: Option<String>,
+    /// A probe is under way (redials do not start a second one).
+    probing: Arc<AtomicBool>,
     will: Option<Publication>,
     greeting: Vec<Publication>,
     recovery: Option<Recovery>,
@@ -267,26 +362,63 @@ async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> Resul
 impl<D: Dial> Control<D> {
     async fn run(mut self) {
         let mut wait = REDIAL_MIN;
+        // The last failure logged as a warning, and when.
+        let mut logged: Option<(String, Instant)> = None;
         loop {
-            match self.connect().await {
+            let failure = match self.connect().await {
                 Ok(stream) => {
-                    wait = REDIAL_MIN;
+                    let up_since = Instant::now();
                     self.intake.metrics.upstream_up.set(1);
+                    {
+                        let mut report = self.intake.report();
+                        report.up = true;
+                        report.failures_in_a_row = 0;
+                    }
+                    if logged.take().is_some() {
+                        info!(client_id = %self.client_id, "control connection to the broker is up again");
+                    }
+                    self.start_probe();
                     let stop = self.serve(stream).await;
                     self.intake.metrics.upstream_up.set(0);
+                    self.intake.report().up = false;
+                    if up_since.elapsed() >= STABLE_CONNECTION {
+                        wait = REDIAL_MIN;
+                    }
                     match stop {
                         Stop::Finished => return,
-                        Stop::ClosedByBroker => warn!(
-                            client_id = %self.client_id,
-                            "the broker closed the control connection; if this repeats, another \
-                             process may be using the same control client ID"
-                        ),
-                        Stop::Broken(reason) => {
-                            debug!(%reason, "control connection broken; redialling")
-                        }
+                        Stop::ClosedByBroker => Failure {
+                            label: None,
+                            words: format!(
+                                "the broker closed the control connection (client ID {}); if this \
+                                 repeats, the broker may refuse one of its topics, or another \
+                                 process may use the same control client ID",
+                                self.client_id
+                            ),
+                        },
+                        Stop::Broken(reason) => Failure {
+                            label: None,
+                            words: format!("control connection broken: {reason}"),
+                        },
                     }
                 }
-                Err(error) => debug!(%error, "control connection failed"),
+                Err(failure) => failure,
+            };
+            if let Some(label) = failure.label {
+                self.intake.metrics.refusal("control", label);
+            }
+            {
+                let mut report = self.intake.report();
+                report.last_failure = Some(failure.words.clone());
+                report.failures_in_a_row += 1;
+            }
+            let repeat = logged.as_ref().is_some_and(|(words, at)| {
+                *words == failure.words && at.elapsed() < FAILURE_LOG_EVERY
+            });
+            if repeat {
+                debug!(reason = %failure.words, retry_in = ?wait, "control connection to the broker failed");
+            } else {
+                warn!(reason = %failure.words, retry_in = ?wait, "control connection to the broker failed; status messages wait in the queue");
+                logged = Some((failure.words, Instant::now()));
             }
             if self.finished() {
                 return;
@@ -297,21 +429,84 @@ impl<D: Dial> Control<D> {
         }
     }
 
+    /// Probes the broker on connections of its own, unless a probe is under way.
+    fn start_probe(&self) {
+        let Some(name) = self.probe_name.clone() else {
+            return;
+        };
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (dialer, intake, probing, declared) = (
+            self.dialer.clone(),
+            self.intake.clone(),
+            self.probing.clone(),
+            self.capabilities,
+        );
+        tokio::spawn(async move {
+            let probed = probe(&*dialer, &name).await;
+            let mismatches = probed.mismatches(&declared);
+            let metrics = &intake.metrics;
+            for (capability, value) in probed.gauges() {
+                metrics
+                    .capability_probed
+                    .get_or_create(&CapabilityLabels { capability })
+                    .set(value);
+            }
+            for capability in CAPABILITIES {
+                let mismatch = mismatches.iter().any(|m| m.capability == capability);
+                metrics
+                    .capability_mismatch
+                    .get_or_create(&CapabilityLabels { capability })
+                    .set(i64::from(mismatch));
+            }
+            for mismatch in &mismatches {
+                warn!(
+                    capability = mismatch.capability,
+                    declared = %mismatch.declared,
+                    probed = %mismatch.probed,
+                    key = mismatch.key,
+                    "the broker does not behave as declared; set {} to what the broker does",
+                    mismatch.key
+                );
+            }
+            info!(%probed, mismatches = mismatches.len(), "broker probed");
+            {
+                let mut report = intake.report();
+                report.probed = Some(probed);
+                report.mismatches = mismatches.iter().map(ToString::to_string).collect();
+            }
+            probing.store(false, Ordering::Release);
+        });
+    }
+
     /// The intake is closed and nothing is left to send.
     fn finished(&self) -> bool {
         let queue = self.intake.lock();
         queue.closed && queue.items.is_empty() && self.in_flight.is_empty()
     }
 
-    async fn connect(&mut self) -> Result<D::Stream, UpstreamError> {
-        let mut stream = self.dialer.dial().await?;
-        let will = self.will.as_ref().map(|will| Will {
-            properties: Vec::new(),
-            topic: &will.topic,
-            payload: &will.payload,
-            qos: 0,
-            retain: will.retain,
-        });
+    async fn connect(&mut self) -> Result<D::Stream, Failure> {
+        let failed = |error| Failure {
+            label: Some(failure_label(&error).to_owned()),
+            words: format!("control connection: {error}"),
+        };
+        let mut stream = self.dialer.dial().await.map_err(failed)?;
+        let will_topic = self
+            .will
+            .as_ref()
+            .map(|will| escape(self.escaped, &will.topic));
+        let will = self
+            .will
+            .as_ref()
+            .zip(will_topic.as_deref())
+            .map(|(will, topic)| Will {
+                properties: Vec::new(),
+                topic,
+                payload: &will.payload,
+                qos: 0,
+                retain: will.retain,
+            });
         let connect = Connect {
             version: ProtocolVersion::V311,
             clean_start: true,
@@ -325,11 +520,18 @@ impl<D: Dial> Control<D> {
         let mut out = BytesMut::new();
         encode_connect(&mut out, &connect);
         let mut buf = BytesMut::with_capacity(64);
-        let header = handshake(&mut stream, &out, &mut buf).await?;
+        let header = handshake(&mut stream, &out, &mut buf)
+            .await
+            .map_err(failed)?;
         let code = buf.get(header.header_len + 1).copied().unwrap_or(0xFF);
         if code != 0 {
-            warn!(code, "broker refused the control connection");
-            return Err(UpstreamError::NotConnack);
+            return Err(Failure {
+                label: Some(connack_label(code)),
+                words: format!(
+                    "the broker refused the control connection: CONNACK {code} ({})",
+                    connack_meaning(false, code)
+                ),
+            });
         }
         Ok(stream)
     }
@@ -351,7 +553,7 @@ impl<D: Dial> Control<D> {
             encode_publish(
                 &mut out,
                 0x30 | u8::from(publication.retain),
-                &[publication.topic.as_bytes()],
+                &[escape(self.escaped, &publication.topic).as_bytes()],
                 &publication.payload,
             );
         }
@@ -366,8 +568,9 @@ impl<D: Dial> Control<D> {
                 recover(
                     &mut stream,
                     &mut inbound,
-                    &recovery.filter,
-                    &recovery.sentinel,
+                    &escape(self.escaped, &recovery.filter),
+                    &escape(self.escaped, &recovery.sentinel),
+                    self.escaped,
                 ),
             )
             .await
@@ -415,7 +618,7 @@ impl<D: Dial> Control<D> {
                     encode_publish(
                         &mut out,
                         0x30 | u8::from(publication.retain),
-                        &[publication.topic.as_bytes()],
+                        &[escape(self.escaped, &publication.topic).as_bytes()],
                         &publication.payload,
                     );
                 }
@@ -478,6 +681,7 @@ async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
     inbound: &mut BytesMut,
     filter: &str,
     sentinel: &str,
+    escaped: EscapeSet,
 ) -> Result<Vec<(String, Vec<u8>)>, Stop> {
     let mut out = BytesMut::new();
     encode_subscribe(
@@ -524,7 +728,10 @@ async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
                             break 'read;
                         }
                         if found.len() < MAX_RECOVERED {
-                            found.push((publish.topic.to_owned(), body[publish.payload].to_vec()));
+                            found.push((
+                                unescape(escaped, publish.topic).into_owned(),
+                                body[publish.payload].to_vec(),
+                            ));
                         }
                     }
                 }
@@ -567,6 +774,8 @@ mod tests {
             recovery: None,
             queue_limit,
             queue_bytes,
+            capabilities: Capabilities::default(),
+            probe: false,
         }
     }
 

@@ -534,7 +534,9 @@ impl<P: Profile, D: Dial> HttpFront<P, D> {
                 .tenant(tenant)
                 .retry_after(wait);
         }
-        let terms = self.context.profile.terms(principal);
+        let mut terms = self.context.profile.terms(principal);
+        terms.topics =
+            std::mem::take(&mut terms.topics).escaping(self.context.capabilities.escaped);
         let broker_topic = match terms.topics.to_broker_string(topic) {
             Ok(broker_topic) => broker_topic,
             Err(error) => {
@@ -574,7 +576,9 @@ impl<P: Profile, D: Dial> HttpFront<P, D> {
         principal: &P::Principal,
         filter: &str,
     ) -> Answer {
-        let terms = self.context.profile.terms(principal);
+        let mut terms = self.context.profile.terms(principal);
+        terms.topics =
+            std::mem::take(&mut terms.topics).escaping(self.context.capabilities.escaped);
         let broker_filter = match terms.topics.filter_to_broker(filter) {
             Ok(parts) => String::from_utf8_lossy(&parts.concat()).into_owned(),
             Err(error) => {
@@ -596,14 +600,13 @@ impl<P: Profile, D: Dial> HttpFront<P, D> {
                     return self.refused(&refusal, tenant, client_id);
                 }
             };
-            let rest = command
-                .topic
-                .get(terms.topics.broker_prefix().len()..)
-                .unwrap_or_default();
+            let Some(rest) = terms.topics.client_rest(&command.topic) else {
+                continue;
+            };
             if !self
                 .context
                 .profile
-                .may_deliver(principal, rest, &command.payload)
+                .may_deliver(principal, &rest, &command.payload)
             {
                 continue;
             }
