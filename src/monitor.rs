@@ -50,7 +50,9 @@ use crate::metrics::{CapabilityLabels, MonitorMetrics};
 use crate::names::{escape, unescape};
 use crate::probe::{probe, Probed, CAPABILITIES};
 use crate::profile::Publication;
-use crate::upstream::{connack_label, connack_meaning, failure_label, handshake, Dial};
+use crate::upstream::{
+    connack_label, connack_meaning, failure_label, handshake, Dial, UpstreamError,
+};
 
 /// Keep-alive of the control connection, in seconds.
 const CONTROL_KEEP_ALIVE_SECS: u16 = 30;
@@ -127,7 +129,7 @@ pub struct BrokerReport {
     pub up: bool,
     /// The last failure, in the broker's words (kept after a reconnect, for the record).
     pub last_failure: Option<String>,
-    /// Failed attempts since the connection was last up.
+    /// Failed attempts since the connection was last up for [`STABLE_CONNECTION`].
     pub failures_in_a_row: u64,
     /// What the last probe saw.
     pub probed: Option<Probed>,
@@ -361,6 +363,10 @@ async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> Resul
 
 impl<D: Dial> Control<D> {
     async fn run(mut self) {
+        // The first probe does not wait for the control connection: when a wrong declaration
+        // keeps it from coming up, the probe is what says why.
+        self.start_probe();
+        let mut first = true;
         let mut wait = REDIAL_MIN;
         // The last failure logged as a warning, and when.
         let mut logged: Option<(String, Instant)> = None;
@@ -369,20 +375,19 @@ impl<D: Dial> Control<D> {
                 Ok(stream) => {
                     let up_since = Instant::now();
                     self.intake.metrics.upstream_up.set(1);
-                    {
-                        let mut report = self.intake.report();
-                        report.up = true;
-                        report.failures_in_a_row = 0;
-                    }
+                    self.intake.report().up = true;
                     if logged.take().is_some() {
                         info!(client_id = %self.client_id, "control connection to the broker is up again");
                     }
-                    self.start_probe();
+                    if !std::mem::take(&mut first) {
+                        self.start_probe();
+                    }
                     let stop = self.serve(stream).await;
                     self.intake.metrics.upstream_up.set(0);
                     self.intake.report().up = false;
                     if up_since.elapsed() >= STABLE_CONNECTION {
                         wait = REDIAL_MIN;
+                        self.intake.report().failures_in_a_row = 0;
                     }
                     match stop {
                         Stop::Finished => return,
@@ -461,14 +466,17 @@ impl<D: Dial> Control<D> {
                     .set(i64::from(mismatch));
             }
             for mismatch in &mismatches {
-                warn!(
-                    capability = mismatch.capability,
-                    declared = %mismatch.declared,
-                    probed = %mismatch.probed,
-                    key = mismatch.key,
-                    "the broker does not behave as declared; set {} to what the broker does",
-                    mismatch.key
+                let (capability, declared, probed, key) = (
+                    mismatch.capability,
+                    &mismatch.declared,
+                    &mismatch.probed,
+                    mismatch.key,
                 );
+                if mismatch.overstated {
+                    warn!(capability, %declared, %probed, key, "the broker does less than declared, and what relies on it will fail; correct upstream.broker or set {key}");
+                } else {
+                    info!(capability, %declared, %probed, key, "the broker does more than declared; {key} could say so");
+                }
             }
             info!(%probed, mismatches = mismatches.len(), "broker probed");
             {
@@ -487,9 +495,19 @@ impl<D: Dial> Control<D> {
     }
 
     async fn connect(&mut self) -> Result<D::Stream, Failure> {
-        let failed = |error| Failure {
-            label: Some(failure_label(&error).to_owned()),
-            words: format!("control connection: {error}"),
+        let failed = |error| {
+            let hint = match error {
+                UpstreamError::Closed => format!(
+                    " (a broker may do this over the client ID {}, the credentials or the will \
+                     topic)",
+                    self.client_id
+                ),
+                _ => String::new(),
+            };
+            Failure {
+                label: Some(failure_label(&error).to_owned()),
+                words: format!("control connection: {error}{hint}"),
+            }
         };
         let mut stream = self.dialer.dial().await.map_err(failed)?;
         let will_topic = self
@@ -837,5 +855,112 @@ mod tests {
             second.read_buf(&mut seen).await.unwrap();
         }
         drop(first);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn topics_and_the_client_id_go_out_escaped() {
+        let (brokers, mut dialled) = mpsc::unbounded_channel();
+        let mut config = config(100, 100_000);
+        config.client_id = "warden-127.0.0.1".into();
+        config.capabilities.escaped = EscapeSet::DOT;
+        let monitor = Monitor::spawn(
+            Arc::new(DuplexDialer {
+                brokers,
+                pipe_bytes: 64 * 1024,
+            }),
+            config,
+            MonitorMetrics::default(),
+        );
+        monitor.send(vec![Publication {
+            topic: "org1/iot-2/type/t.1/id/d.1/mon".into(),
+            payload: b"x".to_vec().into(),
+            retain: false,
+        }]);
+        let mut broker = dialled.recv().await.unwrap();
+        let mut seen = BytesMut::new();
+        broker.read_buf(&mut seen).await.unwrap();
+        assert!(
+            seen.windows(18).any(|w| w == b"warden-127%2E0%2E0"),
+            "{seen:?}"
+        );
+        broker.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+        let escaped = b"org1/iot-2/type/t%2E1/id/d%2E1/mon";
+        while !seen.windows(escaped.len()).any(|w| w == escaped) {
+            broker.read_buf(&mut seen).await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_drops_every_connection_at_once_is_redialled_ever_more_slowly() {
+        let (brokers, mut dialled) = mpsc::unbounded_channel();
+        let metrics = MonitorMetrics::default();
+        let monitor = Monitor::spawn(
+            Arc::new(DuplexDialer {
+                brokers,
+                pipe_bytes: 64 * 1024,
+            }),
+            config(100, 100_000),
+            metrics.clone(),
+        );
+        let mut dials = Vec::new();
+        for _ in 0..8 {
+            let mut broker = tokio::time::timeout(Duration::from_secs(60), dialled.recv())
+                .await
+                .expect("redialled")
+                .unwrap();
+            dials.push(Instant::now());
+            let mut buf = BytesMut::new();
+            broker.read_buf(&mut buf).await.unwrap();
+            // Accepted, then dropped at once, as NATS 2.9 did with a topic it refused.
+            broker.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+            drop(broker);
+        }
+        let gaps: Vec<Duration> = dials.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|w| w[1] >= w[0]), "{gaps:?}");
+        assert!(gaps[gaps.len() - 1] >= REDIAL_MAX, "{gaps:?}");
+        let report = monitor.report();
+        assert!(!report.up);
+        assert!(report.failures_in_a_row >= 6, "{report:?}");
+        assert!(
+            report
+                .last_failure
+                .as_deref()
+                .is_some_and(|why| why.contains("the broker closed the control connection")),
+            "{report:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_reported_in_the_brokers_words_and_counted() {
+        let (brokers, mut dialled) = mpsc::unbounded_channel();
+        let metrics = MonitorMetrics::default();
+        let monitor = Monitor::spawn(
+            Arc::new(DuplexDialer {
+                brokers,
+                pipe_bytes: 64 * 1024,
+            }),
+            config(100, 100_000),
+            metrics.clone(),
+        );
+        for _ in 0..2 {
+            let mut broker = dialled.recv().await.unwrap();
+            let mut buf = BytesMut::new();
+            broker.read_buf(&mut buf).await.unwrap();
+            broker.write_all(&[0x20, 0x02, 0x00, 0x05]).await.unwrap();
+        }
+        let _third = dialled.recv().await.unwrap();
+        let report = monitor.report();
+        assert_eq!(
+            report.last_failure.as_deref(),
+            Some("the broker refused the control connection: CONNACK 5 (not authorized)")
+        );
+        let refusals = metrics
+            .refusals
+            .get_or_create(&crate::metrics::RefusalLabels {
+                connection: "control",
+                code: "0x05".into(),
+            })
+            .get();
+        assert_eq!(refusals, 2);
     }
 }

@@ -65,6 +65,9 @@ pub struct Mismatch {
     pub probed: String,
     /// The configuration key that sets it.
     pub key: &'static str,
+    /// The declaration promises more than the broker does (something will fail); otherwise
+    /// the broker does more than declared, and the proxy only works around what it need not.
+    pub overstated: bool,
 }
 
 impl fmt::Display for Mismatch {
@@ -105,6 +108,7 @@ impl Probed {
         let mut flag = |capability, declared: bool, probed: Option<bool>| {
             if let Some(probed) = probed.filter(|probed| *probed != declared) {
                 out.push(Mismatch {
+                    overstated: declared,
                     capability,
                     declared: declared.to_string(),
                     probed: probed.to_string(),
@@ -129,6 +133,7 @@ impl Probed {
         );
         if let Some(probed) = self.max_qos.filter(|q| *q != declared.max_qos) {
             out.push(Mismatch {
+                overstated: declared.max_qos > probed,
                 capability: "max_qos",
                 declared: declared.max_qos.to_string(),
                 probed: probed.to_string(),
@@ -145,6 +150,7 @@ impl Probed {
                 }
             };
             out.push(Mismatch {
+                overstated: probed,
                 capability: "escape",
                 declared: words(dot_declared),
                 probed: if probed {
@@ -465,4 +471,61 @@ pub async fn probe<D: Dial>(dialer: &D, name: &str) -> Probed {
         let _ = line.send(&[0xE0, 0x00]).await;
     }
     probed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::BrokerKind;
+
+    #[test]
+    fn a_probe_that_agrees_has_no_mismatch_and_unknowns_are_not_compared() {
+        let agrees = Probed {
+            mqtt5: Some(false),
+            max_qos: Some(1),
+            shared_subscriptions: Some(false),
+            retained_to_wildcards: None,
+            dot_rejected: Some(true),
+        };
+        assert!(agrees
+            .mismatches(&BrokerKind::Rabbitmq.declared())
+            .is_empty());
+        assert!(Probed::default()
+            .mismatches(&BrokerKind::Mosquitto.declared())
+            .is_empty());
+    }
+
+    #[test]
+    fn a_mismatch_names_the_key_and_whether_the_declaration_overstates() {
+        // Mosquitto declared, RabbitMQ behind: every difference is a promise not kept.
+        let rabbit = Probed {
+            mqtt5: Some(false),
+            max_qos: Some(1),
+            shared_subscriptions: Some(false),
+            retained_to_wildcards: Some(false),
+            dot_rejected: Some(true),
+        };
+        let mismatches = rabbit.mismatches(&BrokerKind::Mosquitto.declared());
+        assert_eq!(mismatches.len(), 5);
+        assert!(mismatches.iter().all(|m| m.overstated));
+        let escape = mismatches
+            .iter()
+            .find(|m| m.capability == "escape")
+            .expect("escape differs");
+        assert_eq!(escape.key, "upstream.capabilities.escape");
+        assert_eq!(
+            escape.to_string(),
+            "escape: declared `.` kept as it is, the broker showed `.` rejected or rewritten \
+             (set upstream.capabilities.escape)"
+        );
+        // NATS declared, a broker that does more: noted, not a promise broken.
+        let more = Probed {
+            max_qos: Some(2),
+            dot_rejected: Some(false),
+            ..Probed::default()
+        };
+        let mismatches = more.mismatches(&BrokerKind::Nats.declared());
+        assert_eq!(mismatches.len(), 2);
+        assert!(mismatches.iter().all(|m| !m.overstated));
+    }
 }

@@ -370,14 +370,15 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
                         return Err("this instance does not hold its coordination lease".to_owned());
                     }
                     let report = monitor.report();
+                    let details = crate::admin::broker_details(kind, &declared, &report);
                     if !monitor.is_connected() {
                         return Err(format!(
-                            "the control connection to the broker is down ({} failed attempts in a row): {}",
+                            "the control connection to the broker is down ({} failed attempts in a row): {}\n{details}",
                             report.failures_in_a_row,
                             report.last_failure.as_deref().unwrap_or("not connected yet"),
                         ));
                     }
-                    Ok(crate::admin::broker_details(kind, &declared, &report))
+                    Ok(details)
                 })
             };
             let sessions = config
