@@ -271,6 +271,25 @@ impl Default for Metrics {
             "Time to authenticate a CONNECT",
             metrics.auth_seconds.clone(),
         );
+        // Series that dashboards rate() from zero: every failure that is not a CONNACK code,
+        // and every capability (unknown, no mismatch, until the first probe).
+        for connection in ["control", "session"] {
+            for code in ["io", "timeout", "closed", "tls", "invalid"] {
+                let _ = metrics.monitor.refusals.get_or_create(&RefusalLabels {
+                    connection,
+                    code: code.to_owned(),
+                });
+            }
+        }
+        for capability in crate::probe::CAPABILITIES {
+            let labels = CapabilityLabels { capability };
+            metrics
+                .monitor
+                .capability_probed
+                .get_or_create(&labels)
+                .set(-1);
+            let _ = metrics.monitor.capability_mismatch.get_or_create(&labels);
+        }
         Metrics {
             registry,
             ..metrics

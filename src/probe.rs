@@ -360,16 +360,18 @@ async fn ask_qos<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// `Some(true)`: the dotted topic came back as something else (RabbitMQ: `a/b`); `None`: it did
+/// not come back at all, which says nothing (a broker ACL may have refused it).
 async fn ask_dot<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
     line: &mut Line<S>,
     root: &str,
-) -> Result<bool, Gone> {
+) -> Result<Option<bool>, Gone> {
     let (dot_topic, end) = (format!("{root}/d/a.b"), format!("{root}/d/end"));
     line.subscribe(2, &[&format!("{root}/d/#")]).await?;
     line.publish(&dot_topic, 0, false, 0, b"probe").await?;
     line.publish(&end, 0, false, 0, b"end").await?;
     let seen = line.topics_until(&end).await?;
-    Ok(!seen.contains(&dot_topic))
+    Ok(seen.first().map(|topic| *topic != dot_topic))
 }
 
 async fn ask_retained<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
@@ -450,8 +452,12 @@ pub async fn probe<D: Dial>(dialer: &D, name: &str) -> Probed {
             }
             // A broker that closes the connection over a `.` rejects it.
             1 => {
-                probed.dot_rejected =
-                    verdict(ask_dot(open_line, &root).await, Some(true), &mut alive)
+                probed.dot_rejected = verdict(
+                    ask_dot(open_line, &root).await,
+                    Some(Some(true)),
+                    &mut alive,
+                )
+                .flatten()
             }
             2 => {
                 probed.retained_to_wildcards =

@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use support::brokers::{AnyBroker, BrokerKind};
-use support::{poll_until, v4, Warden, WAIT};
+use support::{mon, poll_until, v4, Warden, WAIT};
 
 const ADMIN: &str = "admin: { bind: \"127.0.0.1:0\" }\n";
 
@@ -50,9 +50,10 @@ fn expected_probe(kind: BrokerKind) -> &'static str {
     }
 }
 
-/// A `.` in an event ID reaches a subscribing application intact on every broker, the device's
-/// Connect status reaches it too (the ledger and status topics hold dots of their own), and the
-/// probe of each broker finds what its kind declares.
+/// A `.` in an event ID reaches a subscribing application intact on every broker; the device's
+/// Connect status, and a takeover's Disconnect (288) before the new Connect, reach it too (the
+/// ledger and status topics hold dots of their own); and the probe of each broker finds what the
+/// tests' brokers do.
 #[tokio::test]
 async fn a_dot_in_an_event_id_arrives_intact_and_statuses_appear_on_each_broker() {
     for kind in BrokerKind::ALL {
@@ -82,6 +83,20 @@ async fn a_dot_in_an_event_id_arrives_intact_and_statuses_appear_on_each_broker(
             message.topic, "iot-2/type/sensor/id/dev1/evt/temp.c/fmt/json",
             "{kind:?}"
         );
+        // A takeover: the old session's Disconnect (288) comes before the new Connect.
+        let _again = v4::org1_device(warden.addr, "dev1").await;
+        let mut actions = Vec::new();
+        while actions.len() < 2 {
+            let status = tokio::time::timeout(WAIT, app.next_publish())
+                .await
+                .unwrap_or_else(|_| panic!("{kind:?}: takeover statuses {actions:?}"));
+            let status = mon::parse(&status.payload);
+            actions.push((status["Action"].clone(), status["CloseCode"].clone()));
+        }
+        assert_eq!(actions[0].0, "Disconnect", "{kind:?}: {actions:?}");
+        assert_eq!(actions[0].1, 288, "{kind:?}: {actions:?}");
+        assert_eq!(actions[1].0, "Connect", "{kind:?}: {actions:?}");
+        drop(device);
         let body = poll_until(WAIT, "the broker probe", || async {
             let (status, body) = http_get(admin, "/readyz").await;
             (status == 200 && !body.contains("probed: not yet")).then_some(body)

@@ -135,6 +135,10 @@ impl<P: Profile, D: Dial> HttpFront<P, D> {
     /// The front end over a proxy's context; its broker connections' client IDs start with
     /// `client_id_prefix`.
     pub fn new(context: Arc<Context<P, D>>, client_id_prefix: String) -> HttpFront<P, D> {
+        // The instance's name may hold characters the broker cannot take (the default one has
+        // the listener's dotted address).
+        let client_id_prefix =
+            crate::names::escape(context.capabilities.escaped, &client_id_prefix).into_owned();
         HttpFront {
             publisher: Publisher::new(context.dialer.clone(), client_id_prefix.clone()),
             mailboxes: Mailboxes::new(context.dialer.clone(), format!("{client_id_prefix}-cmd")),
