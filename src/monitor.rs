@@ -41,7 +41,6 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::broker::{Capabilities, EscapeSet};
-
 use crate::codec::{
     decode_frame_header, encode_connect, encode_publish, encode_subscribe, encode_unsubscribe,
     parse_publish, Connect, ProtocolVersion, Will,
