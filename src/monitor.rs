@@ -11,26 +11,47 @@
 //! batch is written again: a duplicate is possible, a loss is not (short of the queue
 //! overflowing). Every write has a deadline ([`CONTROL_WRITE_TIMEOUT`]).
 //!
+//! The broker's refusals and every failure of the connection are logged in the broker's own
+//! words (the CONNACK code and its meaning, the I/O error), counted in
+//! `warden_upstream_refusals_total`, and kept for `/readyz` ([`Monitor::report`]). Redials back
+//! off from [`REDIAL_MIN`] to [`REDIAL_MAX`], and the wait starts again from the minimum only
+//! after a connection stayed up for [`STABLE_CONNECTION`], so a broker that accepts and then
+//! drops the connection at once is not dialled ten times a second.
+//!
+//! Each time the connection comes up, the broker is probed on connections of its own
+//! (`probe`), and what the probe contradicts in the declared capabilities is logged and
+//! counted.
+//!
+//! Topics go to the broker with the characters it cannot take escaped (`names`), and the
+//! topics a recovery reads back are unescaped, so the rest of the proxy never sees the escape.
+//!
 //! The task knows nothing of what it publishes. On its first connection it can run a
 //! [`Recovery`]: subscribe to a filter, collect the retained messages up to a sentinel, and queue
 //! what the recovery's closure makes of them (see `ledger`).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{watch, Notify};
-use tracing::{debug, warn};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
+use crate::broker::{Capabilities, EscapeSet};
 use crate::codec::{
     decode_frame_header, encode_connect, encode_publish, encode_subscribe, encode_unsubscribe,
     parse_publish, Connect, ProtocolVersion, Will,
 };
-use crate::metrics::MonitorMetrics;
+use crate::metrics::{CapabilityLabels, MonitorMetrics};
+use crate::names::{escape, unescape};
+use crate::probe::{probe, Probed, CAPABILITIES};
 use crate::profile::Publication;
-use crate::upstream::{handshake, Dial, UpstreamError};
+use crate::upstream::{
+    connack_label, connack_meaning, failure_label, handshake, Dial, UpstreamError,
+};
 
 /// Keep-alive of the control connection, in seconds.
 const CONTROL_KEEP_ALIVE_SECS: u16 = 30;
@@ -47,8 +68,13 @@ const MAX_RECOVERED: usize = 1_000_000;
 /// How long a recovery may take before the connection is redialled and it starts again.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// First and longest wait between redials.
-const REDIAL_MIN: Duration = Duration::from_millis(100);
-const REDIAL_MAX: Duration = Duration::from_secs(5);
+pub const REDIAL_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between redials.
+pub const REDIAL_MAX: Duration = Duration::from_secs(5);
+/// How long a connection must stay up before the redial wait starts again from [`REDIAL_MIN`].
+pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+/// The same failure is logged as a warning at most this often (every time at debug level).
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// What a recovery makes of the retained messages it found (topic, payload).
 pub type Settle = Box<dyn FnOnce(&[(String, Vec<u8>)]) -> Vec<Publication> + Send>;
@@ -88,6 +114,26 @@ pub struct ControlConfig {
     pub queue_limit: usize,
     /// Bytes (topics and payloads) the intake queue holds, at most.
     pub queue_bytes: usize,
+    /// What the broker is declared to support: its escape set applies to every topic and to
+    /// the client ID, and the probe is checked against it.
+    pub capabilities: Capabilities,
+    /// Whether to probe the broker each time the connection comes up.
+    pub probe: bool,
+}
+
+/// What the control connection knows of the broker, for `/readyz`.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerReport {
+    /// Whether the control connection is up.
+    pub up: bool,
+    /// The last failure, in the broker's words (kept after a reconnect, for the record).
+    pub last_failure: Option<String>,
+    /// Failed attempts since the connection was last up for [`STABLE_CONNECTION`].
+    pub failures_in_a_row: u64,
+    /// What the last probe saw.
+    pub probed: Option<Probed>,
+    /// Where the last probe contradicted the declaration.
+    pub mismatches: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -107,12 +153,20 @@ struct Intake {
     /// Messages accepted so far, and messages confirmed or dropped so far.
     accepted: watch::Sender<u64>,
     settled: watch::Sender<u64>,
+    report: Mutex<BrokerReport>,
 }
 
 impl Intake {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // Each update is a push or a pop with its byte count; a poisoned queue is consistent.
         self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn report(&self) -> MutexGuard<'_, BrokerReport> {
+        // Each update replaces fields whole; a poisoned report is consistent.
+        self.report
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -145,10 +199,31 @@ impl Monitor {
             metrics,
             accepted: watch::channel(0).0,
             settled: watch::channel(0).0,
+            report: Mutex::new(BrokerReport::default()),
+        });
+        let escaped = config.capabilities.escaped;
+        // The probe's own name: the client ID with anything but letters, digits, `-` and `_`
+        // replaced, as it is a topic level too.
+        let probe_name = config.probe.then(|| {
+            config
+                .client_id
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
         });
         let control = Control {
             dialer,
-            client_id: config.client_id,
+            client_id: escape(escaped, &config.client_id).into_owned(),
+            escaped,
+            capabilities: config.capabilities,
+            probe_name,
+            probing: Arc::new(AtomicBool::new(false)),
             will: config.will,
             greeting: config.greeting,
             recovery: config.recovery,
@@ -227,11 +302,32 @@ impl Monitor {
     pub fn is_connected(&self) -> bool {
         self.intake.metrics.upstream_up.get() == 1
     }
+
+    /// What the control connection knows of the broker: whether it is up, its last failure and
+    /// the last probe.
+    pub fn report(&self) -> BrokerReport {
+        self.intake.report().clone()
+    }
+}
+
+/// A failed attempt to bring the control connection up or keep it up.
+struct Failure {
+    /// The `code` label of `warden_upstream_refusals_total`, when the broker refused or failed
+    /// the CONNECT (not for a connection that broke later).
+    label: Option<String>,
+    /// What happened, in the broker's words.
+    words: String,
 }
 
 struct Control<D: Dial> {
     dialer: Arc<D>,
     client_id: String,
+    escaped: EscapeSet,
+    capabilities: Capabilities,
+    /// The probe's name, when probing.
+    probe_name: Option<String>,
+    /// A probe is under way (redials do not start a second one).
+    probing: Arc<AtomicBool>,
     will: Option<Publication>,
     greeting: Vec<Publication>,
     recovery: Option<Recovery>,
@@ -266,27 +362,67 @@ async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> Resul
 
 impl<D: Dial> Control<D> {
     async fn run(mut self) {
+        // The first probe does not wait for the control connection: when a wrong declaration
+        // keeps it from coming up, the probe is what says why.
+        self.start_probe();
+        let mut first = true;
         let mut wait = REDIAL_MIN;
+        // The last failure logged as a warning, and when.
+        let mut logged: Option<(String, Instant)> = None;
         loop {
-            match self.connect().await {
+            let failure = match self.connect().await {
                 Ok(stream) => {
-                    wait = REDIAL_MIN;
+                    let up_since = Instant::now();
                     self.intake.metrics.upstream_up.set(1);
+                    self.intake.report().up = true;
+                    if logged.take().is_some() {
+                        info!(client_id = %self.client_id, "control connection to the broker is up again");
+                    }
+                    if !std::mem::take(&mut first) {
+                        self.start_probe();
+                    }
                     let stop = self.serve(stream).await;
                     self.intake.metrics.upstream_up.set(0);
+                    self.intake.report().up = false;
+                    if up_since.elapsed() >= STABLE_CONNECTION {
+                        wait = REDIAL_MIN;
+                        self.intake.report().failures_in_a_row = 0;
+                    }
                     match stop {
                         Stop::Finished => return,
-                        Stop::ClosedByBroker => warn!(
-                            client_id = %self.client_id,
-                            "the broker closed the control connection; if this repeats, another \
-                             process may be using the same control client ID"
-                        ),
-                        Stop::Broken(reason) => {
-                            debug!(%reason, "control connection broken; redialling")
-                        }
+                        Stop::ClosedByBroker => Failure {
+                            label: None,
+                            words: format!(
+                                "the broker closed the control connection (client ID {}); if this \
+                                 repeats, the broker may refuse one of its topics, or another \
+                                 process may use the same control client ID",
+                                self.client_id
+                            ),
+                        },
+                        Stop::Broken(reason) => Failure {
+                            label: None,
+                            words: format!("control connection broken: {reason}"),
+                        },
                     }
                 }
-                Err(error) => debug!(%error, "control connection failed"),
+                Err(failure) => failure,
+            };
+            if let Some(label) = failure.label {
+                self.intake.metrics.refusal("control", label);
+            }
+            {
+                let mut report = self.intake.report();
+                report.last_failure = Some(failure.words.clone());
+                report.failures_in_a_row += 1;
+            }
+            let repeat = logged.as_ref().is_some_and(|(words, at)| {
+                *words == failure.words && at.elapsed() < FAILURE_LOG_EVERY
+            });
+            if repeat {
+                debug!(reason = %failure.words, retry_in = ?wait, "control connection to the broker failed");
+            } else {
+                warn!(reason = %failure.words, retry_in = ?wait, "control connection to the broker failed; status messages wait in the queue");
+                logged = Some((failure.words, Instant::now()));
             }
             if self.finished() {
                 return;
@@ -297,21 +433,97 @@ impl<D: Dial> Control<D> {
         }
     }
 
+    /// Probes the broker on connections of its own, unless a probe is under way.
+    fn start_probe(&self) {
+        let Some(name) = self.probe_name.clone() else {
+            return;
+        };
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (dialer, intake, probing, declared) = (
+            self.dialer.clone(),
+            self.intake.clone(),
+            self.probing.clone(),
+            self.capabilities,
+        );
+        tokio::spawn(async move {
+            let probed = probe(&*dialer, &name).await;
+            let mismatches = probed.mismatches(&declared);
+            let metrics = &intake.metrics;
+            for (capability, value) in probed.gauges() {
+                metrics
+                    .capability_probed
+                    .get_or_create(&CapabilityLabels { capability })
+                    .set(value);
+            }
+            for capability in CAPABILITIES {
+                let mismatch = mismatches.iter().any(|m| m.capability == capability);
+                metrics
+                    .capability_mismatch
+                    .get_or_create(&CapabilityLabels { capability })
+                    .set(i64::from(mismatch));
+            }
+            for mismatch in &mismatches {
+                let (capability, declared, probed, key) = (
+                    mismatch.capability,
+                    &mismatch.declared,
+                    &mismatch.probed,
+                    mismatch.key,
+                );
+                if mismatch.overstated {
+                    warn!(capability, %declared, %probed, key, "the broker does less than declared, and what relies on it will fail; correct upstream.broker or set {key}");
+                } else {
+                    info!(capability, %declared, %probed, key, "the broker does more than declared; {key} could say so");
+                }
+            }
+            info!(%probed, mismatches = mismatches.len(), "broker probed");
+            {
+                let mut report = intake.report();
+                report.probed = Some(probed);
+                report.mismatches = mismatches.iter().map(ToString::to_string).collect();
+            }
+            probing.store(false, Ordering::Release);
+        });
+    }
+
     /// The intake is closed and nothing is left to send.
     fn finished(&self) -> bool {
         let queue = self.intake.lock();
         queue.closed && queue.items.is_empty() && self.in_flight.is_empty()
     }
 
-    async fn connect(&mut self) -> Result<D::Stream, UpstreamError> {
-        let mut stream = self.dialer.dial().await?;
-        let will = self.will.as_ref().map(|will| Will {
-            properties: Vec::new(),
-            topic: &will.topic,
-            payload: &will.payload,
-            qos: 0,
-            retain: will.retain,
-        });
+    async fn connect(&mut self) -> Result<D::Stream, Failure> {
+        let failed = |error| {
+            let hint = match error {
+                UpstreamError::Closed => format!(
+                    " (a broker may do this over the client ID {}, the credentials or the will \
+                     topic)",
+                    self.client_id
+                ),
+                _ => String::new(),
+            };
+            Failure {
+                label: Some(failure_label(&error).to_owned()),
+                words: format!("control connection: {error}{hint}"),
+            }
+        };
+        let mut stream = self.dialer.dial().await.map_err(failed)?;
+        let will_topic = self
+            .will
+            .as_ref()
+            .map(|will| escape(self.escaped, &will.topic));
+        let will = self
+            .will
+            .as_ref()
+            .zip(will_topic.as_deref())
+            .map(|(will, topic)| Will {
+                properties: Vec::new(),
+                topic,
+                payload: &will.payload,
+                qos: 0,
+                retain: will.retain,
+            });
         let connect = Connect {
             version: ProtocolVersion::V311,
             clean_start: true,
@@ -325,11 +537,18 @@ impl<D: Dial> Control<D> {
         let mut out = BytesMut::new();
         encode_connect(&mut out, &connect);
         let mut buf = BytesMut::with_capacity(64);
-        let header = handshake(&mut stream, &out, &mut buf).await?;
+        let header = handshake(&mut stream, &out, &mut buf)
+            .await
+            .map_err(failed)?;
         let code = buf.get(header.header_len + 1).copied().unwrap_or(0xFF);
         if code != 0 {
-            warn!(code, "broker refused the control connection");
-            return Err(UpstreamError::NotConnack);
+            return Err(Failure {
+                label: Some(connack_label(code)),
+                words: format!(
+                    "the broker refused the control connection: CONNACK {code} ({})",
+                    connack_meaning(false, code)
+                ),
+            });
         }
         Ok(stream)
     }
@@ -351,7 +570,7 @@ impl<D: Dial> Control<D> {
             encode_publish(
                 &mut out,
                 0x30 | u8::from(publication.retain),
-                &[publication.topic.as_bytes()],
+                &[escape(self.escaped, &publication.topic).as_bytes()],
                 &publication.payload,
             );
         }
@@ -366,8 +585,9 @@ impl<D: Dial> Control<D> {
                 recover(
                     &mut stream,
                     &mut inbound,
-                    &recovery.filter,
-                    &recovery.sentinel,
+                    &escape(self.escaped, &recovery.filter),
+                    &escape(self.escaped, &recovery.sentinel),
+                    self.escaped,
                 ),
             )
             .await
@@ -415,7 +635,7 @@ impl<D: Dial> Control<D> {
                     encode_publish(
                         &mut out,
                         0x30 | u8::from(publication.retain),
-                        &[publication.topic.as_bytes()],
+                        &[escape(self.escaped, &publication.topic).as_bytes()],
                         &publication.payload,
                     );
                 }
@@ -478,6 +698,7 @@ async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
     inbound: &mut BytesMut,
     filter: &str,
     sentinel: &str,
+    escaped: EscapeSet,
 ) -> Result<Vec<(String, Vec<u8>)>, Stop> {
     let mut out = BytesMut::new();
     encode_subscribe(
@@ -524,7 +745,10 @@ async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
                             break 'read;
                         }
                         if found.len() < MAX_RECOVERED {
-                            found.push((publish.topic.to_owned(), body[publish.payload].to_vec()));
+                            found.push((
+                                unescape(escaped, publish.topic).into_owned(),
+                                body[publish.payload].to_vec(),
+                            ));
                         }
                     }
                 }
@@ -567,6 +791,8 @@ mod tests {
             recovery: None,
             queue_limit,
             queue_bytes,
+            capabilities: Capabilities::default(),
+            probe: false,
         }
     }
 
@@ -628,5 +854,112 @@ mod tests {
             second.read_buf(&mut seen).await.unwrap();
         }
         drop(first);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn topics_and_the_client_id_go_out_escaped() {
+        let (brokers, mut dialled) = mpsc::unbounded_channel();
+        let mut config = config(100, 100_000);
+        config.client_id = "warden-127.0.0.1".into();
+        config.capabilities.escaped = EscapeSet::DOT;
+        let monitor = Monitor::spawn(
+            Arc::new(DuplexDialer {
+                brokers,
+                pipe_bytes: 64 * 1024,
+            }),
+            config,
+            MonitorMetrics::default(),
+        );
+        monitor.send(vec![Publication {
+            topic: "org1/iot-2/type/t.1/id/d.1/mon".into(),
+            payload: b"x".to_vec().into(),
+            retain: false,
+        }]);
+        let mut broker = dialled.recv().await.unwrap();
+        let mut seen = BytesMut::new();
+        broker.read_buf(&mut seen).await.unwrap();
+        assert!(
+            seen.windows(18).any(|w| w == b"warden-127%2E0%2E0"),
+            "{seen:?}"
+        );
+        broker.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+        let escaped = b"org1/iot-2/type/t%2E1/id/d%2E1/mon";
+        while !seen.windows(escaped.len()).any(|w| w == escaped) {
+            broker.read_buf(&mut seen).await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_drops_every_connection_at_once_is_redialled_ever_more_slowly() {
+        let (brokers, mut dialled) = mpsc::unbounded_channel();
+        let metrics = MonitorMetrics::default();
+        let monitor = Monitor::spawn(
+            Arc::new(DuplexDialer {
+                brokers,
+                pipe_bytes: 64 * 1024,
+            }),
+            config(100, 100_000),
+            metrics.clone(),
+        );
+        let mut dials = Vec::new();
+        for _ in 0..8 {
+            let mut broker = tokio::time::timeout(Duration::from_secs(60), dialled.recv())
+                .await
+                .expect("redialled")
+                .unwrap();
+            dials.push(Instant::now());
+            let mut buf = BytesMut::new();
+            broker.read_buf(&mut buf).await.unwrap();
+            // Accepted, then dropped at once, as NATS 2.9 did with a topic it refused.
+            broker.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+            drop(broker);
+        }
+        let gaps: Vec<Duration> = dials.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|w| w[1] >= w[0]), "{gaps:?}");
+        assert!(gaps[gaps.len() - 1] >= REDIAL_MAX, "{gaps:?}");
+        let report = monitor.report();
+        assert!(!report.up);
+        assert!(report.failures_in_a_row >= 6, "{report:?}");
+        assert!(
+            report
+                .last_failure
+                .as_deref()
+                .is_some_and(|why| why.contains("the broker closed the control connection")),
+            "{report:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_reported_in_the_brokers_words_and_counted() {
+        let (brokers, mut dialled) = mpsc::unbounded_channel();
+        let metrics = MonitorMetrics::default();
+        let monitor = Monitor::spawn(
+            Arc::new(DuplexDialer {
+                brokers,
+                pipe_bytes: 64 * 1024,
+            }),
+            config(100, 100_000),
+            metrics.clone(),
+        );
+        for _ in 0..2 {
+            let mut broker = dialled.recv().await.unwrap();
+            let mut buf = BytesMut::new();
+            broker.read_buf(&mut buf).await.unwrap();
+            broker.write_all(&[0x20, 0x02, 0x00, 0x05]).await.unwrap();
+        }
+        let _third = dialled.recv().await.unwrap();
+        let report = monitor.report();
+        assert_eq!(
+            report.last_failure.as_deref(),
+            Some("the broker refused the control connection: CONNACK 5 (not authorized)")
+        );
+        let refusals = metrics
+            .refusals
+            .get_or_create(&crate::metrics::RefusalLabels {
+                connection: "control",
+                code: "0x05".into(),
+            })
+            .get();
+        assert_eq!(refusals, 2);
     }
 }

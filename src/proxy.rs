@@ -260,6 +260,8 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             recovery,
             queue_limit: config.limits.monitor_queue,
             queue_bytes: config.limits.monitor_queue_bytes,
+            capabilities: config.upstream.capabilities,
+            probe: true,
         },
         metrics.monitor.clone(),
     );
@@ -316,6 +318,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         shutting_down: shutting_down.clone(),
+        capabilities: config.upstream.capabilities,
     });
 
     // HTTP messaging requests publish through pooled broker connections of their own, named
@@ -358,10 +361,24 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             let ready = {
                 let (monitor, shutting_down) = (monitor.clone(), shutting_down.clone());
                 let coordinator = coordinator.clone();
+                let (kind, declared) = (config.upstream.broker, config.upstream.capabilities);
                 Arc::new(move || {
-                    monitor.is_connected()
-                        && !shutting_down.load(Ordering::Relaxed)
-                        && coordinator.as_ref().is_none_or(|c| c.is_healthy())
+                    if shutting_down.load(Ordering::Relaxed) {
+                        return Err("shutting down".to_owned());
+                    }
+                    if coordinator.as_ref().is_some_and(|c| !c.is_healthy()) {
+                        return Err("this instance does not hold its coordination lease".to_owned());
+                    }
+                    let report = monitor.report();
+                    let details = crate::admin::broker_details(kind, &declared, &report);
+                    if !monitor.is_connected() {
+                        return Err(format!(
+                            "the control connection to the broker is down ({} failed attempts in a row): {}\n{details}",
+                            report.failures_in_a_row,
+                            report.last_failure.as_deref().unwrap_or("not connected yet"),
+                        ));
+                    }
+                    Ok(details)
                 })
             };
             let sessions = config

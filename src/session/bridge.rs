@@ -12,6 +12,7 @@
 //! is simply not read from (back-pressure), so memory stays bounded, and a write that makes no
 //! progress for `limits.write_timeout` closes the session.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -38,7 +39,7 @@ use crate::coord::{Command, SessionControl, TenantBucket};
 use crate::limits::{refusal_log_budget, TokenBucket};
 use crate::profile::{Counters, Profile, RateAction, Request, SessionLimits};
 use crate::refusal::{Cause, Refusal};
-use crate::rewrite::{RewriteError, TopicMap};
+use crate::rewrite::{slices, Part, RewriteError, TopicMap};
 use crate::telemetry::TRACEPARENT;
 use crate::upstream::{Dial, READ_BUFFER_BYTES};
 
@@ -1054,13 +1055,14 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             }
             self.inflight.insert(packet_id);
         }
-        let parts: [&[u8]; 2] = if alias_known_upstream {
-            [&[], &[]]
+        let broker_topic = if alias_known_upstream {
+            [Cow::Borrowed(&[][..]), Cow::Borrowed(&[][..])]
         } else {
             self.topics
                 .to_broker(topic)
                 .map_err(|error| rewrite_refusal(error, false))?
         };
+        let parts = slices(&broker_topic);
         // A W3C trace context from an MQTT 5 client continues through the proxy's own span.
         let traceparent =
             (self.version.is_v5() && !downgrade && crate::telemetry::tracing_enabled())
@@ -1263,7 +1265,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             return Ok(());
         }
         let shared = self.topics.is_shared();
-        let mut rewritten: Vec<([&[u8]; 3], u8)> = Vec::with_capacity(verdicts.len());
+        let mut rewritten: Vec<([Part<'_>; 3], u8)> = Vec::with_capacity(verdicts.len());
         for filter in allowed() {
             let parts = self
                 .topics
@@ -1280,6 +1282,10 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             }
             rewritten.push((parts, options));
         }
+        let rewritten: Vec<([&[u8]; 3], u8)> = rewritten
+            .iter()
+            .map(|(parts, options)| (slices(parts), *options))
+            .collect();
         let filters: Vec<(&[&[u8]], u8)> = rewritten
             .iter()
             .map(|(parts, options)| (&parts[..], *options))
@@ -1309,7 +1315,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             u32::try_from(unsubscribe.filters.len()).unwrap_or(u32::MAX),
             Instant::now(),
         );
-        let mut rewritten: Vec<[&[u8]; 3]> = Vec::with_capacity(unsubscribe.filters.len());
+        let mut rewritten: Vec<[Part<'_>; 3]> = Vec::with_capacity(unsubscribe.filters.len());
         for filter in &unsubscribe.filters {
             rewritten.push(
                 self.topics
@@ -1317,6 +1323,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                     .map_err(|error| rewrite_refusal(error, true))?,
             );
         }
+        let rewritten: Vec<[&[u8]; 3]> = rewritten.iter().map(slices).collect();
         let filters: Vec<&[&[u8]]> = rewritten.iter().map(|parts| &parts[..]).collect();
         encode_unsubscribe(
             &mut self.to_upstream.buf,
@@ -1371,10 +1378,11 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         }) else {
             return Err(no_longer_allowed());
         };
-        let rewritten: Vec<[&[u8]; 3]> = revoked
+        let rewritten: Vec<[Part<'_>; 3]> = revoked
             .iter()
             .filter_map(|(filter, _)| self.topics.filter_to_broker(filter).ok())
             .collect();
+        let rewritten: Vec<[&[u8]; 3]> = rewritten.iter().map(slices).collect();
         let filters: Vec<&[&[u8]]> = rewritten.iter().map(|parts| &parts[..]).collect();
         encode_unsubscribe(
             &mut self.to_upstream.buf,
@@ -1533,20 +1541,17 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 "the broker used a topic alias",
             ));
         }
-        let Some(parts) = self.topics.to_client(publish.topic) else {
+        let Some(rest) = self.topics.client_rest(publish.topic) else {
             self.drop_delivery(&publish);
             return Ok(());
         };
-        let rest = publish
-            .topic
-            .get(self.topics.broker_prefix().len()..)
-            .unwrap_or_default();
+        let parts = [self.topics.client_strip().as_bytes(), rest.as_bytes()];
         // Under a prefix a client's `$` topic is an ordinary one at the broker, so a wildcard
         // subscription matches it there. [MQTT-4.7.2-1] says it must not: the delivery goes
         // ahead only if a subscription of the client matches it as a broker would.
         if parts[0].is_empty()
             && rest.starts_with('$')
-            && !self.subscriptions.iter().any(|f| filter_matches(f, rest))
+            && !self.subscriptions.iter().any(|f| filter_matches(f, &rest))
         {
             self.drop_delivery(&publish);
             return Ok(());
@@ -1555,7 +1560,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         if !self
             .context
             .profile
-            .may_deliver(&self.principal, rest, payload)
+            .may_deliver(&self.principal, &rest, payload)
         {
             self.drop_delivery(&publish);
             return Ok(());

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::{run, Context};
 use crate::auth::{hash_token_sha256, Verifier};
+use crate::broker::{Capabilities, EscapeSet};
 use crate::codec::{
     decode_frame_header, encode_connect, encode_publish, encode_subscribe, Connect, ProtocolVersion,
 };
@@ -95,6 +96,11 @@ fn harness(limits: ProcessLimits) -> Harness {
 }
 
 fn harness_with(limits: ProcessLimits, policy: &str) -> Harness {
+    harness_escaping(limits, policy, EscapeSet::NONE)
+}
+
+/// A harness in front of a broker whose topics need `escaped` escaped.
+fn harness_escaping(limits: ProcessLimits, policy: &str, escaped: EscapeSet) -> Harness {
     let policy = parse_policy(policy, Path::new("policy.yaml")).expect("policy");
     let store = Arc::new(PolicyStore::new(policy));
     let profile = Arc::new(Dispatch::new(store.clone(), Verifier::new(1, 1), "{org}/"));
@@ -118,6 +124,10 @@ fn harness_with(limits: ProcessLimits, policy: &str) -> Harness {
         metrics: Arc::new(Metrics::default()),
         limits,
         shutting_down: Arc::new(AtomicBool::new(false)),
+        capabilities: Capabilities {
+            escaped,
+            ..Capabilities::default()
+        },
     });
     Harness {
         context,
@@ -655,9 +665,55 @@ fn forwarding_allocates_nothing_per_publish() {
     forwarding_allocates_nothing(
         &policy_text(true),
         connect,
+        EscapeSet::NONE,
         b"org1/",
         b"iot-2/type/sensor/id/d1/evt/e/fmt/t",
     );
+}
+
+/// In front of a broker that needs `.` escaped, a topic without one costs nothing either: only
+/// a topic that holds an escaped character is copied.
+#[test]
+fn forwarding_allocates_nothing_per_publish_when_escaping_finds_nothing() {
+    let connect = connect_as(ProtocolVersion::V311, 0, "a:org1:app", b"app-token");
+    forwarding_allocates_nothing(
+        &policy_text(true),
+        connect,
+        EscapeSet::DOT,
+        b"org1/",
+        b"iot-2/type/sensor/id/d1/evt/e/fmt/t",
+    );
+}
+
+/// With `.` escaped, a dotted event ID goes to the broker as `%2E` and comes back to the client
+/// as it was sent.
+#[tokio::test(start_paused = true)]
+async fn a_dotted_topic_is_escaped_at_the_broker_and_restored_for_the_client() {
+    let mut harness = harness_escaping(limits(), &policy_text(true), EscapeSet::DOT);
+    let connect = connect_as(ProtocolVersion::V311, 0, "a:org1:app", b"app-token");
+    let (mut client, mut broker, _task) = harness.connect_with(connect).await;
+    let mut publish = BytesMut::new();
+    encode_publish(
+        &mut publish,
+        0x30,
+        &[b"iot-2/type/sensor/id/d1/evt/temp.c/fmt/t"],
+        b"x",
+    );
+    client.write_all(&publish).await.unwrap();
+    let mut expected = BytesMut::new();
+    encode_publish(
+        &mut expected,
+        0x30,
+        &[b"org1/iot-2/type/sensor/id/d1/evt/temp%2Ec/fmt/t"],
+        b"x",
+    );
+    let mut forwarded = vec![0u8; expected.len()];
+    broker.read_exact(&mut forwarded).await.unwrap();
+    assert_eq!(forwarded, expected);
+    broker.write_all(&expected).await.unwrap();
+    let mut delivered = vec![0u8; publish.len()];
+    client.read_exact(&mut delivered).await.unwrap();
+    assert_eq!(delivered, publish);
 }
 
 /// The same for a client of a generic tenant with 50 rules: the rule trie, the receive check
@@ -690,19 +746,31 @@ fn generic_forwarding_allocates_nothing_per_publish() {
             password: Some(b"u-token"),
         },
     );
-    forwarding_allocates_nothing(&policy, connect, b"lab/", b"site/7/dev1/temp");
+    forwarding_allocates_nothing(
+        &policy,
+        connect,
+        EscapeSet::NONE,
+        b"lab/",
+        b"site/7/dev1/temp",
+    );
 }
 
 /// Connects with `connect` under `policy` and forwards PUBLISHes to `topic` (`prefix` in front
 /// at the broker) both ways at QoS 0 and 1, counting allocations once the buffers have grown.
-fn forwarding_allocates_nothing(policy: &str, connect: BytesMut, prefix: &[u8], topic: &[u8]) {
+fn forwarding_allocates_nothing(
+    policy: &str,
+    connect: BytesMut,
+    escaped: EscapeSet,
+    prefix: &[u8],
+    topic: &[u8],
+) {
     const MESSAGES: usize = 2_000;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let (mut client, mut broker, mut harness) = runtime.block_on(async {
-        let mut harness = harness_with(limits(), policy);
+        let mut harness = harness_escaping(limits(), policy, escaped);
         let (client, broker, _task) = harness.connect_with(connect).await;
         (client, broker, harness)
     });
