@@ -33,6 +33,8 @@
 //! - [`broker`]: what the broker behind the proxy supports (`upstream.broker`, overrides).
 //! - [`monitor`]: the control connection that publishes the proxy's own messages.
 //! - [`ledger`]: which sessions a process holds, kept on the broker for crash recovery.
+//! - [`retained`]: the retained statuses the proxy published, replayed to wildcard
+//!   subscribers on brokers that do not deliver retained messages to them.
 //! - [`reload`]: live reloads of policy and TLS files.
 //! - [`metrics`] and [`admin`]: OpenMetrics, `/healthz`, `/readyz`.
 //! - [`telemetry`]: logging and traces.
@@ -58,6 +60,7 @@ pub mod profile;
 pub mod proxy;
 pub mod refusal;
 pub mod reload;
+pub mod retained;
 pub mod rewrite;
 pub mod session;
 pub mod telemetry;

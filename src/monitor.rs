@@ -12,8 +12,11 @@
 //! overflowing). Every write has a deadline ([`CONTROL_WRITE_TIMEOUT`]).
 //!
 //! The task knows nothing of what it publishes. On its first connection it can run a
-//! [`Recovery`]: subscribe to a filter, collect the retained messages up to a sentinel, and queue
-//! what the recovery's closure makes of them (see `ledger`).
+//! [`Recovery`]: rounds of reading the retained messages of exact topics (subscribe, collect up
+//! to a sentinel, unsubscribe), each round's topics chosen by the recovery's closure from what
+//! the earlier rounds found, and then queue what the closure makes of them (see `ledger`). Only
+//! filters without wildcards are used, since some brokers (RabbitMQ 3.x) deliver retained
+//! messages to no other.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,8 +31,10 @@ use crate::codec::{
     decode_frame_header, encode_connect, encode_publish, encode_subscribe, encode_unsubscribe,
     parse_publish, Connect, ProtocolVersion, Will,
 };
+use crate::ledger::Step;
 use crate::metrics::MonitorMetrics;
 use crate::profile::Publication;
+use crate::retained::RetainedRecord;
 use crate::upstream::{handshake, Dial, UpstreamError};
 
 /// Keep-alive of the control connection, in seconds.
@@ -42,32 +47,34 @@ const MAX_BATCH: usize = 512;
 const RECOVERY_PACKET_ID: u16 = 1;
 /// Largest retained message read back by a recovery, in bytes.
 const MAX_RECOVERY_PACKET_BYTES: usize = 64 * 1024;
+/// Filters in one recovery SUBSCRIBE.
+const FILTERS_PER_SUBSCRIBE: usize = 64;
 /// Retained messages a recovery reads back, at most.
 const MAX_RECOVERED: usize = 1_000_000;
-/// How long a recovery may take before the connection is redialled and it starts again.
+/// How long a recovery (every round) may take before the connection is redialled and it starts again.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// First and longest wait between redials.
 const REDIAL_MIN: Duration = Duration::from_millis(100);
 const REDIAL_MAX: Duration = Duration::from_secs(5);
 
-/// What a recovery makes of the retained messages it found (topic, payload).
-pub type Settle = Box<dyn FnOnce(&[(String, Vec<u8>)]) -> Vec<Publication> + Send>;
+/// A recovery's next step, given the round (from 0) and every retained message (topic,
+/// payload) found in the earlier rounds: more exact topics to read, or what to publish.
+pub type Settle = Box<dyn FnMut(usize, &[(String, Vec<u8>)]) -> Step + Send>;
 
 /// A one-time read of retained messages when the control connection first comes up.
 pub struct Recovery {
-    /// The filter to subscribe to.
-    pub filter: String,
-    /// A topic under the filter, published (not retained) after subscribing: the broker
-    /// delivers it after every retained message.
+    /// A topic of the proxy's own, subscribed with each round's topics and published (not
+    /// retained) once they are acknowledged: the broker delivers it after every retained
+    /// message of those subscriptions.
     pub sentinel: String,
-    /// What to publish for the retained messages found (topic, payload).
+    /// Chooses each round's topics, and finally what to publish. Called again from round 0 when
+    /// a recovery is interrupted and starts over on a new connection.
     pub settle: Settle,
 }
 
 impl std::fmt::Debug for Recovery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Recovery")
-            .field("filter", &self.filter)
             .field("sentinel", &self.sentinel)
             .finish_non_exhaustive()
     }
@@ -88,6 +95,9 @@ pub struct ControlConfig {
     pub queue_limit: usize,
     /// Bytes (topics and payloads) the intake queue holds, at most.
     pub queue_bytes: usize,
+    /// Where the retained messages published are noted, for replay to wildcard subscribers
+    /// (only on brokers that do not deliver retained messages to them).
+    pub retained: Option<Arc<RetainedRecord>>,
 }
 
 #[derive(Debug, Default)]
@@ -104,6 +114,7 @@ struct Intake {
     limit: usize,
     bytes_limit: usize,
     metrics: MonitorMetrics,
+    retained: Option<Arc<RetainedRecord>>,
     /// Messages accepted so far, and messages confirmed or dropped so far.
     accepted: watch::Sender<u64>,
     settled: watch::Sender<u64>,
@@ -143,6 +154,7 @@ impl Monitor {
             limit: config.queue_limit.max(1),
             bytes_limit: config.queue_bytes.max(1),
             metrics,
+            retained: config.retained,
             accepted: watch::channel(0).0,
             settled: watch::channel(0).0,
         });
@@ -169,6 +181,9 @@ impl Monitor {
             let mut queue = intake.lock();
             if queue.closed {
                 return;
+            }
+            if let Some(record) = &intake.retained {
+                record.record(&publications);
             }
             accepted = publications.len() as u64;
             for publication in publications {
@@ -360,20 +375,17 @@ impl<D: Dial> Control<D> {
                 return stop;
             }
         }
-        if let Some(recovery) = self.recovery.take() {
+        if let Some(mut recovery) = self.recovery.take() {
             match tokio::time::timeout(
                 RECOVERY_TIMEOUT,
-                recover(
-                    &mut stream,
-                    &mut inbound,
-                    &recovery.filter,
-                    &recovery.sentinel,
-                ),
+                recover(&mut stream, &mut inbound, &mut recovery),
             )
             .await
             {
-                Ok(Ok(found)) => {
-                    let publications = (recovery.settle)(&found);
+                Ok(Ok(publications)) => {
+                    if let Some(record) = &self.intake.retained {
+                        record.record(&publications);
+                    }
                     // Recovery output goes before anything queued since: it is older news.
                     let mut queue = self.intake.lock();
                     let count = publications.len() as u64;
@@ -471,25 +483,51 @@ impl<D: Dial> Control<D> {
     }
 }
 
-/// Subscribes to `filter`, publishes `sentinel`, and collects every retained message delivered
-/// before the sentinel. Unsubscribes again afterwards.
+/// Runs `recovery`'s rounds on `stream` and returns what it finally publishes.
 async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     inbound: &mut BytesMut,
-    filter: &str,
-    sentinel: &str,
-) -> Result<Vec<(String, Vec<u8>)>, Stop> {
-    let mut out = BytesMut::new();
-    encode_subscribe(
-        &mut out,
-        ProtocolVersion::V311,
-        RECOVERY_PACKET_ID,
-        &[],
-        &[(&[filter.as_bytes()], 0)],
-    );
-    write_all(stream, &out).await?;
+    recovery: &mut Recovery,
+) -> Result<Vec<Publication>, Stop> {
     let mut found = Vec::new();
-    let mut sentinel_sent = false;
+    for round in 0.. {
+        match (recovery.settle)(round, &found) {
+            Step::Done(publications) => return Ok(publications),
+            Step::Read(topics) => {
+                read_retained(stream, inbound, &topics, &recovery.sentinel, &mut found).await?;
+            }
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// Subscribes to `topics` and `sentinel` (exact topics, in SUBSCRIBEs of at most
+/// [`FILTERS_PER_SUBSCRIBE`]), publishes `sentinel` once every SUBACK is in, and adds every
+/// message delivered before it to `found`. Unsubscribes again afterwards.
+async fn read_retained<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    inbound: &mut BytesMut,
+    topics: &[String],
+    sentinel: &str,
+    found: &mut Vec<(String, Vec<u8>)>,
+) -> Result<(), Stop> {
+    let mut filters: Vec<&str> = topics.iter().map(String::as_str).collect();
+    filters.push(sentinel);
+    let chunks: Vec<&[&str]> = filters.chunks(FILTERS_PER_SUBSCRIBE).collect();
+    let mut out = BytesMut::new();
+    for chunk in &chunks {
+        let parts: Vec<[&[u8]; 1]> = chunk.iter().map(|filter| [filter.as_bytes()]).collect();
+        let request: Vec<(&[&[u8]], u8)> = parts.iter().map(|p| (&p[..], 0u8)).collect();
+        encode_subscribe(
+            &mut out,
+            ProtocolVersion::V311,
+            RECOVERY_PACKET_ID,
+            &[],
+            &request,
+        );
+    }
+    write_all(stream, &out).await?;
+    let mut subacks_missing = chunks.len();
     'read: loop {
         match stream.read_buf(inbound).await {
             Ok(0) => return Err(Stop::ClosedByBroker),
@@ -508,22 +546,24 @@ async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
             }
             let frame = inbound.split_to(header.frame_len());
             match header.first_byte >> 4 {
-                // SUBACK: the subscription is in place; the sentinel follows the retained ones.
-                9 if !sentinel_sent => {
-                    out.clear();
-                    encode_publish(&mut out, 0x30, &[sentinel.as_bytes()], b"sentinel");
-                    write_all(stream, &out).await?;
-                    sentinel_sent = true;
+                // Every subscription is in place: the sentinel follows the retained messages.
+                9 if subacks_missing > 0 => {
+                    subacks_missing -= 1;
+                    if subacks_missing == 0 {
+                        out.clear();
+                        encode_publish(&mut out, 0x30, &[sentinel.as_bytes()], b"sentinel");
+                        write_all(stream, &out).await?;
+                    }
                 }
                 3 => {
                     let body = &frame[header.header_len..];
                     if let Ok(publish) =
                         parse_publish(header.first_byte, body, ProtocolVersion::V311, false)
                     {
-                        if publish.topic == sentinel {
+                        if publish.topic == sentinel && subacks_missing == 0 {
                             break 'read;
                         }
-                        if found.len() < MAX_RECOVERED {
+                        if found.len() < MAX_RECOVERED && publish.topic != sentinel {
                             found.push((publish.topic.to_owned(), body[publish.payload].to_vec()));
                         }
                     }
@@ -533,15 +573,18 @@ async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     out.clear();
-    encode_unsubscribe(
-        &mut out,
-        ProtocolVersion::V311,
-        RECOVERY_PACKET_ID,
-        &[],
-        &[&[filter.as_bytes()]],
-    );
-    write_all(stream, &out).await?;
-    Ok(found)
+    for chunk in &chunks {
+        let parts: Vec<[&[u8]; 1]> = chunk.iter().map(|filter| [filter.as_bytes()]).collect();
+        let request: Vec<&[&[u8]]> = parts.iter().map(|p| &p[..]).collect();
+        encode_unsubscribe(
+            &mut out,
+            ProtocolVersion::V311,
+            RECOVERY_PACKET_ID,
+            &[],
+            &request,
+        );
+    }
+    write_all(stream, &out).await
 }
 
 #[cfg(test)]
@@ -567,6 +610,7 @@ mod tests {
             recovery: None,
             queue_limit,
             queue_bytes,
+            retained: None,
         }
     }
 

@@ -23,7 +23,7 @@ use crate::coord::redis::{CoordError, Coordinator};
 use crate::coord::{Admission, ProcessSlots, Reporter, TenantBuckets};
 use crate::dispatch::Dispatch;
 use crate::http::HttpFront;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, Step, LEDGER_ROOT};
 use crate::limits::{refusal_log_budget, ConnectRates};
 use crate::metrics::Metrics;
 use crate::monitor::{ControlConfig, Monitor, Recovery};
@@ -31,6 +31,7 @@ use crate::policy::{check_isolation, load_policies, PolicyErrors, PolicyStore};
 use crate::profile::Profile;
 use crate::refusal::{Cause, Refusal};
 use crate::reload::Reloader;
+use crate::retained::RetainedRecord;
 use crate::session::{self, Context};
 use crate::transport::{
     self, ConnectionInfo, ListenerTransport, PeerCertificate, ServerTls, TlsError,
@@ -232,25 +233,35 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         let (ledger, profile, admission) =
             (ledger.clone(), profile.clone(), local_admission.clone());
         Recovery {
-            filter: ledger.filter(),
             sentinel: ledger.sentinel_topic(),
-            settle: Box::new(move |found| {
-                let settled = ledger.recover(
+            settle: Box::new(move |round, found| {
+                let step = ledger.recover(
+                    round,
                     found,
                     |entry| profile.settle(entry),
                     |presence| admission.is_present(presence),
                 );
-                let clients = settled.iter().filter(|p| !p.payload.is_empty()).count();
-                if clients > 0 {
-                    warn!(
-                        statuses = clients,
-                        "settled clients of an earlier process that stopped without closing them"
-                    );
+                if let Step::Done(settled) = &step {
+                    let statuses = settled
+                        .iter()
+                        .filter(|p| !p.payload.is_empty() && !p.topic.starts_with(LEDGER_ROOT))
+                        .count();
+                    if statuses > 0 {
+                        warn!(
+                            statuses,
+                            "settled clients of an earlier process that stopped without closing them"
+                        );
+                    }
                 }
-                settled
+                step
             }),
         }
     });
+    // Statuses are replayed by the proxy where the broker would not deliver them to a new
+    // wildcard subscription.
+    let capabilities = config.upstream.capabilities;
+    let retained =
+        (!capabilities.retained_to_wildcards).then(|| Arc::new(RetainedRecord::default()));
     let monitor = Monitor::spawn(
         dialer.clone(),
         ControlConfig {
@@ -260,6 +271,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             recovery,
             queue_limit: config.limits.monitor_queue,
             queue_bytes: config.limits.monitor_queue_bytes,
+            retained: retained.clone(),
         },
         metrics.monitor.clone(),
     );
@@ -316,6 +328,8 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         shutting_down: shutting_down.clone(),
+        capabilities,
+        retained: retained.clone(),
     });
 
     // HTTP messaging requests publish through pooled broker connections of their own, named

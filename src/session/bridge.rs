@@ -285,6 +285,10 @@ pub struct Bridge<P: Profile, D: Dial, C> {
     /// SUBSCRIBEs with filters the proxy refused itself, by packet id: the codes to merge into
     /// the broker's SUBACK (`None`: the broker's code).
     pending_subacks: HashMap<u16, Vec<Option<u8>>>,
+    /// Granted wildcard subscriptions owed a replay of the proxy's retained statuses once the
+    /// broker's SUBACK arrives (the broker does not deliver retained messages to wildcards), by
+    /// packet id: each filter's position among the forwarded ones, and its broker form.
+    pending_replays: HashMap<u16, Vec<(usize, String)>>,
     /// UNSUBSCRIBEs the proxy sent itself (a policy edit revoked a subscription), by packet id:
     /// their UNSUBACKs are not the client's.
     proxy_unsubscribes: HashSet<u16>,
@@ -387,6 +391,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             events_since_report: 0,
             aliases: HashMap::new(),
             pending_subacks: HashMap::new(),
+            pending_replays: HashMap::new(),
             proxy_unsubscribes: HashSet::new(),
             client_unsubscribes: HashSet::new(),
             subscriptions: HashSet::new(),
@@ -1216,11 +1221,12 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         let mut verdicts: Vec<Option<u8>> = Vec::with_capacity(subscribe.filters.len());
         let mut first_reason: Option<String> = None;
         for filter in &subscribe.filters {
-            match self
+            let checked = self
                 .context
                 .profile
                 .check_subscribe(&self.principal, filter.filter)
-            {
+                .and_then(|()| self.check_shared(filter.filter));
+            match checked {
                 Ok(()) => verdicts.push(None),
                 Err(refusal) => {
                     verdicts.push(Some(self.refusal(
@@ -1279,6 +1285,17 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 options &= !0x04;
             }
             rewritten.push((parts, options));
+        }
+        if self.context.retained.is_some() {
+            let replays: Vec<(usize, String)> = rewritten
+                .iter()
+                .enumerate()
+                .map(|(at, (parts, _))| (at, String::from_utf8_lossy(&parts.concat()).into_owned()))
+                .filter(|(_, filter)| filter.contains(['+', '#']))
+                .collect();
+            if !replays.is_empty() {
+                self.pending_replays.insert(subscribe.packet_id, replays);
+            }
         }
         let filters: Vec<(&[&[u8]], u8)> = rewritten
             .iter()
@@ -1397,11 +1414,72 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         Ok(())
     }
 
+    /// A filter whose broker form is a shared subscription, on a broker without them: refused
+    /// with a reason, since the broker would accept it as a plain topic and deliver nothing.
+    fn check_shared(&self, filter: &str) -> Result<(), Refusal> {
+        if self.context.capabilities.shared_subscriptions
+            || !(self.topics.is_shared() || filter.starts_with("$share/"))
+        {
+            return Ok(());
+        }
+        Err(Refusal::with_detail(
+            Cause::NotAuthorized,
+            "shared subscriptions (scalable applications) are not available: the broker behind \
+             the proxy has none (upstream.capabilities.shared_subscriptions is false)",
+        )
+        .keeping_connection(Some(0x9E))
+        .with_reason_on_ack())
+    }
+
+    /// The proxy's retained statuses matching the granted wildcard filters of a SUBSCRIBE, as
+    /// retained QoS 0 PUBLISHes after its SUBACK. `granted` holds the broker's codes.
+    fn replay_retained(&mut self, packet_id: u16, granted: &[u8]) {
+        let (Some(replays), Some(record)) = (
+            self.pending_replays.remove(&packet_id),
+            self.context.retained.clone(),
+        ) else {
+            return;
+        };
+        for (at, filter) in replays {
+            if granted.get(at).is_none_or(|code| *code >= 0x80) {
+                continue;
+            }
+            for (topic, payload) in record.matching(&filter) {
+                let Some(parts) = self.topics.to_client(&topic) else {
+                    continue;
+                };
+                let rest = topic
+                    .get(self.topics.broker_prefix().len()..)
+                    .unwrap_or_default();
+                if !self
+                    .context
+                    .profile
+                    .may_deliver(&self.principal, rest, &payload)
+                {
+                    continue;
+                }
+                let mut after_topic = Vec::with_capacity(payload.len() + 1);
+                if self.version.is_v5() {
+                    after_topic.push(0);
+                }
+                after_topic.extend_from_slice(&payload);
+                let remaining = 2 + parts[0].len() + parts[1].len() + after_topic.len();
+                if !self.client_fits(1 + varint_len(remaining) + remaining) {
+                    continue;
+                }
+                encode_publish(&mut self.to_client.buf, 0x31, &parts, &after_topic);
+                self.counters.write_msg += 1;
+            }
+        }
+    }
+
     /// A SUBACK from the broker: merged with the proxy's own refusals when some filters of that
-    /// SUBSCRIBE were answered here.
+    /// SUBSCRIBE were answered here, and followed by the replay of retained statuses it is owed.
     fn broker_suback(&mut self, frame: &[u8], body: &[u8]) -> Result<(), Refusal> {
-        if !self.pending_subacks.is_empty() {
+        if !self.pending_subacks.is_empty() || !self.pending_replays.is_empty() {
             let suback = parse_suback(body, self.upstream_version).map_err(broker_fault)?;
+            let granted = suback.codes.to_vec();
+            let packet_id = suback.packet_id;
             if let Some(verdicts) = self.pending_subacks.remove(&suback.packet_id) {
                 let mut from_broker = suback.codes.iter().copied();
                 let codes: Vec<u8> = verdicts
@@ -1415,8 +1493,11 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                     &codes,
                     None,
                 );
-                return Ok(());
+            } else {
+                self.to_client.buf.extend_from_slice(frame);
             }
+            self.replay_retained(packet_id, &granted);
+            return Ok(());
         }
         self.to_client.buf.extend_from_slice(frame);
         Ok(())

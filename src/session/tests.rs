@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use super::{run, Context};
 use crate::auth::{hash_token_sha256, Verifier};
+use crate::broker::Capabilities;
 use crate::codec::{
     decode_frame_header, encode_connect, encode_publish, encode_subscribe, Connect, ProtocolVersion,
 };
@@ -118,6 +119,8 @@ fn harness_with(limits: ProcessLimits, policy: &str) -> Harness {
         metrics: Arc::new(Metrics::default()),
         limits,
         shutting_down: Arc::new(AtomicBool::new(false)),
+        capabilities: Capabilities::default(),
+        retained: None,
     });
     Harness {
         context,

@@ -1,0 +1,131 @@
+//! Status messages and crash recovery in front of every supported broker, none of which may
+//! rely on retained delivery to wildcard filters (RabbitMQ 3.x has none): a late wildcard
+//! subscriber gets the current statuses, and a proxy killed with SIGKILL and started again
+//! publishes the Disconnect of its devices. Also what scalable applications get on brokers
+//! without shared subscriptions. One RabbitMQ node serves this binary.
+
+mod support;
+
+use rumqttc::QoS;
+use support::brokers::{AnyBroker, BrokerKind};
+use support::{mon, standard_policy, v4, ProxyProcess, WAIT};
+
+/// The monitoring filter of a late subscriber, as the application writes it.
+const MON_FILTER: &str = "iot-2/type/+/id/+/mon";
+
+/// A control client ID for `kind` with a `.` in it (which every ledger topic must escape),
+/// except on the current NATS, which refuses `.` in client IDs.
+fn instance_name(kind: BrokerKind) -> &'static str {
+    if kind == BrokerKind::Nats {
+        "instance-a"
+    } else {
+        "instance.a"
+    }
+}
+
+/// A client of the test's own, straight at the broker, that watches one device's status topic
+/// (an exact topic, so every broker delivers its retained message too).
+async fn status_spy(broker: &AnyBroker, name: &str, device: &str) -> v4::Client {
+    let mut spy = v4::connect_with(broker.client_options(name))
+        .await
+        .unwrap_or_else(|refused| panic!("{:?}: spy refused: {refused:?}", broker.kind));
+    spy.subscribe(
+        &format!("org1/iot-2/type/sensor/id/{device}/mon"),
+        QoS::AtMostOnce,
+    )
+    .await;
+    spy
+}
+
+/// The next status the client receives with this action, skipping others (a retained one
+/// delivered on subscription, say).
+async fn next_status(client: &mut v4::Client, action: &str, kind: BrokerKind) -> serde_json::Value {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let status = mon::parse(&client.next_publish().await.payload);
+            if status["Action"] == action {
+                return status;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{kind:?}: no {action} status"))
+}
+
+/// Whatever the broker, an application that subscribes to every device's status through the
+/// proxy after a device connected receives that device's Connect, as a retained message.
+#[tokio::test]
+async fn a_late_wildcard_subscriber_gets_the_current_statuses_on_each_broker() {
+    for kind in BrokerKind::ALL {
+        let broker = AnyBroker::start(kind).await;
+        let upstream = format!("  control_client_id: \"{}\"\n", instance_name(kind));
+        let warden =
+            support::Warden::start_in_front(&broker, &standard_policy(), &upstream, "").await;
+        let mut spy = status_spy(&broker, "spy", "dev1").await;
+        let _dev1 = v4::org1_device(warden.addr, "dev1").await;
+        // The Connect reached the broker: the late subscriber comes after it.
+        next_status(&mut spy, "Connect", kind).await;
+
+        let mut late = v4::org1_app(warden.addr, "a:org1:late").await;
+        late.subscribe(MON_FILTER, QoS::AtMostOnce).await;
+        let replayed = late.next_publish().await;
+        assert!(replayed.retain, "{kind:?}: delivered as a retained message");
+        assert_eq!(replayed.topic, "iot-2/type/sensor/id/dev1/mon", "{kind:?}");
+        let status = mon::parse(&replayed.payload);
+        assert_eq!(
+            (status["ClientID"].as_str(), status["Action"].as_str()),
+            (Some("d:org1:sensor:dev1"), Some("Connect")),
+            "{kind:?}"
+        );
+        warden.running.shutdown(WAIT).await;
+        broker.stop().await;
+    }
+}
+
+/// The proxy as a process of the real binary, named `instance` on the broker.
+async fn proxy_process(dir: &std::path::Path, broker: &AnyBroker, instance: &str) -> ProxyProcess {
+    let config = format!(
+        "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"{}\"\n{}  control_client_id: \"{instance}\"\npolicies: policy.yaml\ntelemetry: {{ log_format: json }}\n",
+        broker.addr(),
+        broker.upstream_keys(),
+    );
+    ProxyProcess::start(dir, instance, &config, &[]).await
+}
+
+/// `kill -9` of the proxy, then a restart: the new process settles the devices the killed one
+/// held (Disconnect, closing code 92), on every broker; a wildcard subscriber then sees that
+/// Disconnect as the device's retained status.
+#[tokio::test]
+async fn a_proxy_killed_and_restarted_publishes_the_disconnect_of_its_devices_on_each_broker() {
+    for kind in BrokerKind::ALL {
+        let broker = AnyBroker::start(kind).await;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("policy.yaml"), standard_policy()).unwrap();
+        let mut spy = status_spy(&broker, "spy", "dev1").await;
+        let mut first = proxy_process(dir.path(), &broker, instance_name(kind)).await;
+        let _dev1 = v4::org1_device(first.addr, "dev1").await;
+        next_status(&mut spy, "Connect", kind).await;
+
+        // SIGKILL: the dying process can send nothing.
+        first.child.start_kill().unwrap();
+        first.child.wait().await.unwrap();
+
+        let restarted = proxy_process(dir.path(), &broker, instance_name(kind)).await;
+        let status = next_status(&mut spy, "Disconnect", kind).await;
+        assert_eq!(status["ClientID"], "d:org1:sensor:dev1", "{kind:?}");
+        assert_eq!(status["CloseCode"], 92, "{kind:?}");
+
+        let mut late = v4::org1_app(restarted.addr, "a:org1:late").await;
+        late.subscribe(MON_FILTER, QoS::AtMostOnce).await;
+        let replayed = late.next_publish().await;
+        assert!(replayed.retain, "{kind:?}");
+        let status = mon::parse(&replayed.payload);
+        assert_eq!(
+            (status["ClientID"].as_str(), status["Action"].as_str()),
+            (Some("d:org1:sensor:dev1"), Some("Disconnect")),
+            "{kind:?}"
+        );
+        drop(restarted);
+        broker.stop().await;
+    }
+}
