@@ -33,6 +33,7 @@ use crate::refusal::{Cause, Refusal};
 use crate::reload::Reloader;
 use crate::retained::RetainedRecord;
 use crate::session::{self, Context};
+use crate::share::Groups;
 use crate::transport::{
     self, ConnectionInfo, ListenerTransport, PeerCertificate, ServerTls, TlsError,
 };
@@ -313,6 +314,14 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         ),
     };
     let shutting_down = Arc::new(AtomicBool::new(false));
+    // Scalable applications' groups are distributed here when the broker cannot.
+    let shares = (!capabilities.shared_subscriptions).then(|| {
+        Arc::new(Groups::new(
+            dialer.clone(),
+            &format!("{namespace}-share-{boot}"),
+            &format!("{namespace}-{boot}"),
+        ))
+    });
     let connect_rates = Arc::new(ConnectRates::new(
         config.limits.connect_rate_per_client_id,
         config.limits.connect_rate_per_address,
@@ -330,6 +339,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         shutting_down: shutting_down.clone(),
         capabilities,
         retained: retained.clone(),
+        shares,
     });
 
     // HTTP messaging requests publish through pooled broker connections of their own, named

@@ -129,3 +129,115 @@ async fn a_proxy_killed_and_restarted_publishes_the_disconnect_of_its_devices_on
         broker.stop().await;
     }
 }
+
+/// A scalable application's three connections on a broker without shared subscriptions: the
+/// proxy hands each event to exactly one of them, spread over more than one; a generic `$share`
+/// filter it cannot serve is refused with a reason rather than accepted and left empty.
+#[tokio::test]
+async fn scalable_application_members_share_the_events_on_brokers_without_shared_subscriptions() {
+    for kind in [BrokerKind::RabbitMq, BrokerKind::Nats29, BrokerKind::Nats] {
+        let broker = AnyBroker::start(kind).await;
+        let upstream = format!("  control_client_id: \"{}\"\n", instance_name(kind));
+        let warden =
+            support::Warden::start_in_front(&broker, &standard_policy(), &upstream, "").await;
+        let mut members = Vec::new();
+        for _ in 0..3 {
+            let mut options = v4::options(
+                warden.addr,
+                "A:org1:pool",
+                Some("a-org1-key0000001"),
+                Some("app-token"),
+            );
+            options.set_clean_session(false);
+            let mut member = v4::connect_with(options)
+                .await
+                .unwrap_or_else(|refused| panic!("{kind:?}: member refused: {refused:?}"));
+            member
+                .subscribe("iot-2/type/+/id/+/evt/+/fmt/+", QoS::AtLeastOnce)
+                .await;
+            members.push(member);
+        }
+        let mut device = v4::org1_device(warden.addr, "dev1").await;
+        const EVENTS: usize = 30;
+        for n in 0..EVENTS {
+            assert!(
+                device
+                    .publish_acked("iot-2/evt/n/fmt/txt", n.to_string().into_bytes())
+                    .await,
+                "{kind:?}: PUBACK of event {n}"
+            );
+        }
+        let mut seen = vec![0usize; EVENTS];
+        let mut per_member = [0usize; 3];
+        let mut received = 0;
+        while received < EVENTS {
+            let mut progress = false;
+            for (at, member) in members.iter_mut().enumerate() {
+                // A short wait per member: the next event may be on another one.
+                if let Some(event) = member
+                    .next_publish_within(std::time::Duration::from_millis(100))
+                    .await
+                {
+                    let n: usize = String::from_utf8_lossy(&event.payload).parse().unwrap();
+                    seen[n] += 1;
+                    per_member[at] += 1;
+                    received += 1;
+                    progress = true;
+                }
+            }
+            assert!(
+                progress || received == EVENTS,
+                "{kind:?}: only {received} of {EVENTS} events arrived: {seen:?}"
+            );
+        }
+        // Nothing more comes: a duplicate would have been sent along with the events.
+        for member in &mut members {
+            assert!(
+                member
+                    .next_publish_within(std::time::Duration::from_millis(300))
+                    .await
+                    .is_none(),
+                "{kind:?}: a duplicate"
+            );
+        }
+        assert!(seen.iter().all(|count| *count == 1), "{kind:?}: {seen:?}");
+        assert!(
+            per_member.iter().filter(|count| **count > 0).count() > 1,
+            "{kind:?}: spread over more than one member: {per_member:?}"
+        );
+
+        // A member that leaves gets nothing more; the others get everything.
+        if let Some(mut leaving) = members.pop() {
+            leaving.disconnect().await;
+            leaving.closed().await;
+        }
+        for n in 0..6 {
+            assert!(
+                device
+                    .publish_acked("iot-2/evt/m/fmt/txt", vec![b'0' + n])
+                    .await
+            );
+        }
+        let mut after = 0;
+        while after < 6 {
+            let mut progress = false;
+            for member in &mut members {
+                if member
+                    .next_publish_within(std::time::Duration::from_millis(100))
+                    .await
+                    .is_some()
+                {
+                    after += 1;
+                    progress = true;
+                }
+            }
+            assert!(
+                progress || after == 6,
+                "{kind:?}: only {after} of 6 after a member left"
+            );
+        }
+        drop(members);
+        warden.running.shutdown(WAIT).await;
+        broker.stop().await;
+    }
+}

@@ -121,6 +121,7 @@ fn harness_with(limits: ProcessLimits, policy: &str) -> Harness {
         shutting_down: Arc::new(AtomicBool::new(false)),
         capabilities: Capabilities::default(),
         retained: None,
+        shares: None,
     });
     Harness {
         context,
