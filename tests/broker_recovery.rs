@@ -131,8 +131,9 @@ async fn a_proxy_killed_and_restarted_publishes_the_disconnect_of_its_devices_on
 }
 
 /// A scalable application's three connections on a broker without shared subscriptions: the
-/// proxy hands each event to exactly one of them, spread over more than one; a generic `$share`
-/// filter it cannot serve is refused with a reason rather than accepted and left empty.
+/// proxy hands each event to exactly one of them, spread over more than one, and stops at once
+/// for one that leaves; a second proxy process cannot serve the same group and refuses the
+/// SUBSCRIBE rather than accept it and deliver every event twice.
 #[tokio::test]
 async fn scalable_application_members_share_the_events_on_brokers_without_shared_subscriptions() {
     for kind in [BrokerKind::RabbitMq, BrokerKind::Nats29, BrokerKind::Nats] {
@@ -205,6 +206,29 @@ async fn scalable_application_members_share_the_events_on_brokers_without_shared
             per_member.iter().filter(|count| **count > 0).count() > 1,
             "{kind:?}: spread over more than one member: {per_member:?}"
         );
+
+        // Another proxy process in front of the same broker cannot serve the group too (each
+        // event would go to one member per process): its member's SUBSCRIBE is refused.
+        let other_upstream = "  control_client_id: \"other-instance\"\n";
+        let other =
+            support::Warden::start_in_front(&broker, &standard_policy(), other_upstream, "").await;
+        let mut options = v4::options(
+            other.addr,
+            "A:org1:pool",
+            Some("a-org1-key0000001"),
+            Some("app-token"),
+        );
+        options.set_clean_session(false);
+        let mut elsewhere = v4::connect_with(options).await.unwrap();
+        let codes = elsewhere
+            .subscribe_codes("iot-2/type/+/id/+/evt/+/fmt/+", QoS::AtLeastOnce)
+            .await;
+        assert_eq!(
+            codes,
+            [rumqttc::SubscribeReasonCode::Failure],
+            "{kind:?}: refused on the second process"
+        );
+        other.running.shutdown(WAIT).await;
 
         // A member that leaves gets nothing more; the others get everything.
         if let Some(mut leaving) = members.pop() {
