@@ -329,11 +329,7 @@ impl<D: Dial> Distributor<D> {
             }
             tokio::select! {
                 command = self.commands.recv() => match command {
-                    Some(command) => {
-                        if !self.command(command) {
-                            break;
-                        }
-                    }
+                    Some(command) => self.command(command),
                     None => break,
                 },
                 read = stream.read_buf(&mut inbound), if self.backlog.len() < MAX_BACKLOG => {
@@ -505,8 +501,10 @@ impl<D: Dial> Distributor<D> {
         self.members.iter_mut().find(|member| member.id == id)
     }
 
-    /// Handles a member's command; `false` once no member is left.
-    fn command(&mut self, command: Command) -> bool {
+    /// Handles a member's command. The distributor ends when the command channel closes (the
+    /// registry drops its sender with the last member), not when the last member's Leave
+    /// arrives: a new member may have joined in between.
+    fn command(&mut self, command: Command) {
         match command {
             Command::Join(id, events) => self.members.push(MemberState {
                 id,
@@ -518,7 +516,7 @@ impl<D: Dial> Distributor<D> {
             Command::Subscribe(id, packet_id, filters) => self.subscribe(id, packet_id, filters),
             Command::Unsubscribe(id, filters) => {
                 let Some(member) = self.member(id) else {
-                    return true;
+                    return;
                 };
                 let mut dropped = Vec::new();
                 for filter in filters {
@@ -540,7 +538,7 @@ impl<D: Dial> Distributor<D> {
             }
             Command::Leave(id) => {
                 let Some(at) = self.members.iter().position(|member| member.id == id) else {
-                    return !self.members.is_empty();
+                    return;
                 };
                 let member = self.members.remove(at);
                 // Its unacknowledged messages go to another member, marked as sent before.
@@ -549,10 +547,8 @@ impl<D: Dial> Distributor<D> {
                     self.backlog.push_front(message);
                 }
                 self.release(member.filters.into_iter().map(|(f, _)| f).collect());
-                return !self.members.is_empty();
             }
         }
-        true
     }
 
     fn subscribe(&mut self, id: u64, packet_id: u16, filters: Vec<(String, u8)>) {
@@ -694,7 +690,7 @@ impl<D: Dial> Distributor<D> {
                             };
                             if member.events.try_send(answer).is_err() {
                                 warn!(group = %self.group, "a member's mailbox is full: its SUBSCRIBE answer is lost and the member leaves");
-                                let _ = self.command(Command::Leave(id));
+                                self.command(Command::Leave(id));
                             }
                         }
                     }
