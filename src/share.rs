@@ -777,3 +777,151 @@ async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> Resul
         Err(_) => Err(Broken("a write to the broker stalled".into())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::memory::DuplexDialer;
+    use tokio::io::{AsyncWriteExt, DuplexStream};
+
+    /// How long the test waits for something that must (or must not) happen, in paused time.
+    const PATIENCE: Duration = Duration::from_secs(1);
+
+    async fn read_frame(stream: &mut DuplexStream) -> Option<Vec<u8>> {
+        let mut buf = Vec::new();
+        tokio::time::timeout(PATIENCE, async {
+            loop {
+                if let Ok(Some(header)) = decode_frame_header(&buf, usize::MAX) {
+                    if buf.len() >= header.frame_len() {
+                        return buf;
+                    }
+                }
+                let mut byte = [0u8; 1];
+                match stream.read(&mut byte).await {
+                    Ok(1) => buf.push(byte[0]),
+                    _ => return Vec::new(),
+                }
+            }
+        })
+        .await
+        .ok()
+        .filter(|frame| !frame.is_empty())
+    }
+
+    fn publish(topic: &str, packet_id: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        let mut after = packet_id.to_be_bytes().to_vec();
+        after.extend_from_slice(payload);
+        encode_publish(&mut out, 0x32, &[topic.as_bytes()], &after);
+        out.to_vec()
+    }
+
+    /// Plays the broker until the distributor has claimed its group.
+    async fn accept(broker: &mut DuplexStream) {
+        assert_eq!(read_frame(broker).await.expect("CONNECT")[0], 0x10);
+        broker.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+        let subscribe = read_frame(broker).await.expect("claim SUBSCRIBE");
+        assert_eq!(subscribe[0], 0x82);
+        broker
+            .write_all(&[0x90, 0x03, subscribe[2], subscribe[3], 0x00])
+            .await
+            .unwrap();
+        // The probe comes back, as the broker delivers it to the subscription.
+        let probe = read_frame(broker).await.expect("probe");
+        broker.write_all(&probe).await.unwrap();
+        assert_eq!(read_frame(broker).await.expect("UNSUBSCRIBE")[0], 0xA2);
+        let claim = read_frame(broker).await.expect("claim");
+        assert_eq!(claim[0], 0x31, "retained claim");
+    }
+
+    /// Subscribes `member` and plays the broker's SUBACK.
+    async fn subscribe(member: &mut Member, broker: &mut DuplexStream, packet_id: u16) {
+        member.subscribe(packet_id, vec![("org1/iot-2/#".into(), 1)]);
+        let subscribe = read_frame(broker).await.expect("SUBSCRIBE");
+        assert_eq!(subscribe[0], 0x82);
+        broker
+            .write_all(&[0x90, 0x03, subscribe[2], subscribe[3], 0x01])
+            .await
+            .unwrap();
+        match member.events.recv().await {
+            Some(ShareEvent::Suback { codes, .. }) => assert_eq!(codes, [1]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn delivery(member: &mut Member) -> (Bytes, Option<u16>, bool) {
+        match tokio::time::timeout(PATIENCE, member.events.recv()).await {
+            Ok(Some(ShareEvent::Deliver {
+                payload,
+                packet_id,
+                dup,
+                ..
+            })) => (payload, packet_id, dup),
+            other => panic!("a delivery: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_message_goes_to_one_member_and_is_acknowledged_after_its_client_did() {
+        let (brokers, mut dialled) = mpsc::unbounded_channel();
+        let groups = Groups::new(
+            Arc::new(DuplexDialer {
+                brokers,
+                pipe_bytes: 64 * 1024,
+            }),
+            "test-share",
+            "test-process",
+        );
+        let mut first = groups.join("$share/g/");
+        let mut second = groups.join("$share/g/");
+        let mut broker = dialled.recv().await.expect("the distributor dials");
+        accept(&mut broker).await;
+        subscribe(&mut first, &mut broker, 1).await;
+        subscribe(&mut second, &mut broker, 1).await;
+
+        broker
+            .write_all(&publish("org1/iot-2/a", 7, b"one"))
+            .await
+            .unwrap();
+        broker
+            .write_all(&publish("org1/iot-2/b", 8, b"two"))
+            .await
+            .unwrap();
+        let (payload, to_first, _) = delivery(&mut first).await;
+        assert_eq!(&payload[..], b"one");
+        let (payload, to_second, _) = delivery(&mut second).await;
+        assert_eq!(&payload[..], b"two", "the next member's turn");
+        // Neither client acknowledged yet: the broker hears nothing.
+        assert!(read_frame(&mut broker).await.is_none());
+        second.ack(to_second.expect("QoS 1"));
+        assert_eq!(
+            read_frame(&mut broker).await,
+            Some(vec![0x40, 0x02, 0x00, 0x08])
+        );
+
+        // The first member leaves without acknowledging: its message goes to the other one,
+        // marked as sent before, and is acknowledged once that client did.
+        assert!(to_first.is_some());
+        drop(first);
+        let (payload, again, dup) = delivery(&mut second).await;
+        assert_eq!((&payload[..], dup), (&b"one"[..], true));
+        assert!(read_frame(&mut broker).await.is_none());
+        second.ack(again.expect("QoS 1"));
+        assert_eq!(
+            read_frame(&mut broker).await,
+            Some(vec![0x40, 0x02, 0x00, 0x07])
+        );
+
+        // A retained message on subscription is no shared subscription's: acknowledged, dropped.
+        let mut retained = publish("org1/iot-2/c", 9, b"old");
+        retained[0] |= 0x01;
+        broker.write_all(&retained).await.unwrap();
+        assert_eq!(
+            read_frame(&mut broker).await,
+            Some(vec![0x40, 0x02, 0x00, 0x09])
+        );
+        assert!(tokio::time::timeout(PATIENCE, second.events.recv())
+            .await
+            .is_err());
+    }
+}
