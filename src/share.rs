@@ -25,7 +25,8 @@
 //! Several proxy processes cannot share one distributor. The first distributor of a group
 //! *claims* it with a retained message at `warden:share/GROUP` (cleared by its connection's
 //! will and when it ends); a process that finds the group claimed by another refuses the
-//! SUBSCRIBE with a reason that says so, rather than deliver each message once per process.
+//! SUBSCRIBE with a reason that says so, rather than deliver each message once per process, and
+//! reads the claim again at the next SUBSCRIBE.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,6 +88,9 @@ pub enum ShareEvent {
         dup: bool,
     },
 }
+
+/// Broker filters (without `$share`) and their QoS.
+type Filters = Vec<(String, u8)>;
 
 enum Command {
     Join(u64, mpsc::Sender<ShareEvent>),
@@ -195,10 +199,14 @@ impl<D: Dial> Groups<D> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events) = mpsc::channel(MEMBER_MAILBOX);
         let mut groups = self.registry.lock();
-        let live = groups
+        // A distributor that ended (its broker connection broke) is replaced by a new one.
+        if groups
             .get(group)
-            .is_some_and(|entry| !entry.commands.is_closed());
-        if !live {
+            .is_some_and(|entry| entry.commands.is_closed())
+        {
+            groups.remove(group);
+        }
+        let entry = groups.entry(group.to_owned()).or_insert_with(|| {
             let (commands, commands_rx) = mpsc::unbounded_channel();
             let distributor = Distributor {
                 dialer: self.dialer.clone(),
@@ -215,19 +223,14 @@ impl<D: Dial> Groups<D> {
                 backlog: VecDeque::new(),
                 out: BytesMut::new(),
                 refusal: None,
+                deferred: Vec::new(),
             };
             tokio::spawn(distributor.run());
-            groups.insert(
-                group.to_owned(),
-                Entry {
-                    commands,
-                    members: 0,
-                },
-            );
-        }
-        let Some(entry) = groups.get_mut(group) else {
-            unreachable!("inserted above")
-        };
+            Entry {
+                commands,
+                members: 0,
+            }
+        });
         entry.members += 1;
         let commands = entry.commands.clone();
         let _ = commands.send(Command::Join(id, events_tx));
@@ -299,6 +302,8 @@ struct Distributor<D: Dial> {
     out: BytesMut,
     /// Set when the group cannot be served here: every SUBSCRIBE is refused with it.
     refusal: Option<String>,
+    /// SUBSCRIBEs that wait for the claim to be read again (the group was claimed elsewhere).
+    deferred: Vec<(u64, u16, Filters)>,
 }
 
 /// Why a distributor's connection ended.
@@ -326,6 +331,14 @@ impl<D: Dial> Distributor<D> {
             if !self.out.is_empty() {
                 let out = std::mem::take(&mut self.out);
                 write_all(&mut stream, &out).await?;
+            }
+            if !self.deferred.is_empty() {
+                // The other process may have let the group go since: look again.
+                self.claim(&mut stream, &mut inbound).await?;
+                for (id, packet_id, filters) in std::mem::take(&mut self.deferred) {
+                    self.subscribe_now(id, packet_id, filters);
+                }
+                continue;
             }
             tokio::select! {
                 command = self.commands.recv() => match command {
@@ -404,11 +417,15 @@ impl<D: Dial> Distributor<D> {
         stream: &mut D::Stream,
         inbound: &mut BytesMut,
     ) -> Result<(), Broken> {
+        self.refusal = None;
+        let round = self.packet_id();
+        // This read's own probe: an earlier read's, or another process's, says nothing.
+        let probe = format!("probe {} {round}", self.owner);
         let mut out = BytesMut::new();
         encode_subscribe(
             &mut out,
             ProtocolVersion::V311,
-            self.packet_id(),
+            round,
             &[],
             &[(&[self.claim_topic.as_bytes()], 0)],
         );
@@ -437,7 +454,7 @@ impl<D: Dial> Distributor<D> {
                                 &mut out,
                                 0x30,
                                 &[self.claim_topic.as_bytes()],
-                                format!("probe {}", self.owner).as_bytes(),
+                                probe.as_bytes(),
                             );
                             write_all(stream, &out).await?;
                         }
@@ -448,10 +465,13 @@ impl<D: Dial> Distributor<D> {
                             {
                                 let payload =
                                     String::from_utf8_lossy(&body[publish.payload]).into_owned();
-                                if payload.starts_with("probe ") {
+                                if payload == probe {
                                     return Ok(None);
                                 }
-                                if !payload.is_empty() && payload != self.owner {
+                                if !payload.is_empty()
+                                    && !payload.starts_with("probe ")
+                                    && payload != self.owner
+                                {
                                     return Ok(Some(payload));
                                 }
                             }
@@ -551,7 +571,17 @@ impl<D: Dial> Distributor<D> {
         }
     }
 
+    /// A member's SUBSCRIBE. While the group is claimed elsewhere, it waits for the claim to be
+    /// read again.
     fn subscribe(&mut self, id: u64, packet_id: u16, filters: Vec<(String, u8)>) {
+        if self.refusal.is_some() {
+            self.deferred.push((id, packet_id, filters));
+        } else {
+            self.subscribe_now(id, packet_id, filters);
+        }
+    }
+
+    fn subscribe_now(&mut self, id: u64, packet_id: u16, filters: Vec<(String, u8)>) {
         if let Some(reason) = self.refusal.clone() {
             if let Some(member) = self.member(id) {
                 let _ = member.events.try_send(ShareEvent::Suback {

@@ -228,7 +228,6 @@ async fn scalable_application_members_share_the_events_on_brokers_without_shared
             [rumqttc::SubscribeReasonCode::Failure],
             "{kind:?}: refused on the second process"
         );
-        other.running.shutdown(WAIT).await;
 
         // A member that leaves gets nothing more; the others get everything.
         if let Some(mut leaving) = members.pop() {
@@ -260,7 +259,36 @@ async fn scalable_application_members_share_the_events_on_brokers_without_shared
                 "{kind:?}: only {after} of 6 after a member left"
             );
         }
-        drop(members);
+        // Once the first process's group has no member left, its claim is gone and the other
+        // process serves the application.
+        for mut member in members {
+            member.disconnect().await;
+            member.closed().await;
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while elsewhere
+            .subscribe_codes("iot-2/type/+/id/+/evt/+/fmt/+", QoS::AtLeastOnce)
+            .await
+            == [rumqttc::SubscribeReasonCode::Failure]
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{kind:?}: the group is served by the other process once the first let it go"
+            );
+            // sleep-ok: the first process clears its claim in a task that signals nothing.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            device
+                .publish_acked("iot-2/evt/late/fmt/txt", b"x".to_vec())
+                .await
+        );
+        assert_eq!(
+            elsewhere.next_publish().await.topic,
+            "iot-2/type/sensor/id/dev1/evt/late/fmt/txt",
+            "{kind:?}"
+        );
+        other.running.shutdown(WAIT).await;
         warden.running.shutdown(WAIT).await;
         broker.stop().await;
     }
