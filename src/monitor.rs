@@ -26,8 +26,11 @@
 //! topics a recovery reads back are unescaped, so the rest of the proxy never sees the escape.
 //!
 //! The task knows nothing of what it publishes. On its first connection it can run a
-//! [`Recovery`]: subscribe to a filter, collect the retained messages up to a sentinel, and queue
-//! what the recovery's closure makes of them (see `ledger`).
+//! [`Recovery`]: rounds of reading the retained messages of exact topics (subscribe, collect up
+//! to a sentinel, unsubscribe), each round's topics chosen by the recovery's closure from what
+//! the earlier rounds found, and then queue what the closure makes of them (see `ledger`). Only
+//! filters without wildcards are used, since some brokers (RabbitMQ 3.x) deliver retained
+//! messages to no other.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,10 +48,12 @@ use crate::codec::{
     decode_frame_header, encode_connect, encode_publish, encode_subscribe, encode_unsubscribe,
     parse_publish, Connect, ProtocolVersion, Will,
 };
+use crate::ledger::Step;
 use crate::metrics::{CapabilityLabels, MonitorMetrics};
 use crate::names::{escape, unescape};
 use crate::probe::{probe, Probed, CAPABILITIES};
 use crate::profile::Publication;
+use crate::retained::RetainedRecord;
 use crate::upstream::{
     connack_label, connack_meaning, failure_label, handshake, Dial, UpstreamError,
 };
@@ -63,9 +68,11 @@ const MAX_BATCH: usize = 512;
 const RECOVERY_PACKET_ID: u16 = 1;
 /// Largest retained message read back by a recovery, in bytes.
 const MAX_RECOVERY_PACKET_BYTES: usize = 64 * 1024;
+/// Filters in one recovery SUBSCRIBE.
+const FILTERS_PER_SUBSCRIBE: usize = 64;
 /// Retained messages a recovery reads back, at most.
 const MAX_RECOVERED: usize = 1_000_000;
-/// How long a recovery may take before the connection is redialled and it starts again.
+/// How long a recovery (every round) may take before the connection is redialled and it starts again.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// First and longest wait between redials.
 pub const REDIAL_MIN: Duration = Duration::from_millis(100);
@@ -76,24 +83,24 @@ pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// The same failure is logged as a warning at most this often (every time at debug level).
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 
-/// What a recovery makes of the retained messages it found (topic, payload).
-pub type Settle = Box<dyn FnOnce(&[(String, Vec<u8>)]) -> Vec<Publication> + Send>;
+/// A recovery's next step, given the round (from 0) and every retained message (topic,
+/// payload) found in the earlier rounds: more exact topics to read, or what to publish.
+pub type Settle = Box<dyn FnMut(usize, &[(String, Vec<u8>)]) -> Step + Send>;
 
 /// A one-time read of retained messages when the control connection first comes up.
 pub struct Recovery {
-    /// The filter to subscribe to.
-    pub filter: String,
-    /// A topic under the filter, published (not retained) after subscribing: the broker
-    /// delivers it after every retained message.
+    /// A topic of the proxy's own, subscribed with each round's topics and published (not
+    /// retained) once they are acknowledged: the broker delivers it after every retained
+    /// message of those subscriptions.
     pub sentinel: String,
-    /// What to publish for the retained messages found (topic, payload).
+    /// Chooses each round's topics, and finally what to publish. Called again from round 0 when
+    /// a recovery is interrupted and starts over on a new connection.
     pub settle: Settle,
 }
 
 impl std::fmt::Debug for Recovery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Recovery")
-            .field("filter", &self.filter)
             .field("sentinel", &self.sentinel)
             .finish_non_exhaustive()
     }
@@ -119,6 +126,9 @@ pub struct ControlConfig {
     pub capabilities: Capabilities,
     /// Whether to probe the broker each time the connection comes up.
     pub probe: bool,
+    /// Where the retained messages published are noted, for replay to wildcard subscribers
+    /// (only on brokers that do not deliver retained messages to them).
+    pub retained: Option<Arc<RetainedRecord>>,
 }
 
 /// What the control connection knows of the broker, for `/readyz`.
@@ -150,6 +160,7 @@ struct Intake {
     limit: usize,
     bytes_limit: usize,
     metrics: MonitorMetrics,
+    retained: Option<Arc<RetainedRecord>>,
     /// Messages accepted so far, and messages confirmed or dropped so far.
     accepted: watch::Sender<u64>,
     settled: watch::Sender<u64>,
@@ -197,6 +208,7 @@ impl Monitor {
             limit: config.queue_limit.max(1),
             bytes_limit: config.queue_bytes.max(1),
             metrics,
+            retained: config.retained,
             accepted: watch::channel(0).0,
             settled: watch::channel(0).0,
             report: Mutex::new(BrokerReport::default()),
@@ -244,6 +256,9 @@ impl Monitor {
             let mut queue = intake.lock();
             if queue.closed {
                 return;
+            }
+            if let Some(record) = &intake.retained {
+                record.record(&publications);
             }
             accepted = publications.len() as u64;
             for publication in publications {
@@ -579,21 +594,17 @@ impl<D: Dial> Control<D> {
                 return stop;
             }
         }
-        if let Some(recovery) = self.recovery.take() {
+        if let Some(mut recovery) = self.recovery.take() {
             match tokio::time::timeout(
                 RECOVERY_TIMEOUT,
-                recover(
-                    &mut stream,
-                    &mut inbound,
-                    &escape(self.escaped, &recovery.filter),
-                    &escape(self.escaped, &recovery.sentinel),
-                    self.escaped,
-                ),
+                recover(&mut stream, &mut inbound, &mut recovery, self.escaped),
             )
             .await
             {
-                Ok(Ok(found)) => {
-                    let publications = (recovery.settle)(&found);
+                Ok(Ok(publications)) => {
+                    if let Some(record) = &self.intake.retained {
+                        record.record(&publications);
+                    }
                     // Recovery output goes before anything queued since: it is older news.
                     let mut queue = self.intake.lock();
                     let count = publications.len() as u64;
@@ -691,26 +702,59 @@ impl<D: Dial> Control<D> {
     }
 }
 
-/// Subscribes to `filter`, publishes `sentinel`, and collects every retained message delivered
-/// before the sentinel. Unsubscribes again afterwards.
+/// Runs `recovery`'s rounds on `stream` and returns what it finally publishes.
 async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     inbound: &mut BytesMut,
-    filter: &str,
+    recovery: &mut Recovery,
+    escaped: EscapeSet,
+) -> Result<Vec<Publication>, Stop> {
+    // The broker sees escaped topics; the ledger only ever sees its own form.
+    let sentinel = escape(escaped, &recovery.sentinel).into_owned();
+    let mut found = Vec::new();
+    for round in 0.. {
+        match (recovery.settle)(round, &found) {
+            Step::Done(publications) => return Ok(publications),
+            Step::Read(topics) => {
+                let topics: Vec<String> = topics
+                    .iter()
+                    .map(|topic| escape(escaped, topic).into_owned())
+                    .collect();
+                read_retained(stream, inbound, &topics, &sentinel, escaped, &mut found).await?;
+            }
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// Subscribes to `topics` and `sentinel` (exact topics, in SUBSCRIBEs of at most
+/// [`FILTERS_PER_SUBSCRIBE`]), publishes `sentinel` once every SUBACK is in, and adds every
+/// message delivered before it to `found`. Unsubscribes again afterwards.
+async fn read_retained<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    inbound: &mut BytesMut,
+    topics: &[String],
     sentinel: &str,
     escaped: EscapeSet,
-) -> Result<Vec<(String, Vec<u8>)>, Stop> {
+    found: &mut Vec<(String, Vec<u8>)>,
+) -> Result<(), Stop> {
+    let mut filters: Vec<&str> = topics.iter().map(String::as_str).collect();
+    filters.push(sentinel);
+    let chunks: Vec<&[&str]> = filters.chunks(FILTERS_PER_SUBSCRIBE).collect();
     let mut out = BytesMut::new();
-    encode_subscribe(
-        &mut out,
-        ProtocolVersion::V311,
-        RECOVERY_PACKET_ID,
-        &[],
-        &[(&[filter.as_bytes()], 0)],
-    );
+    for chunk in &chunks {
+        let parts: Vec<[&[u8]; 1]> = chunk.iter().map(|filter| [filter.as_bytes()]).collect();
+        let request: Vec<(&[&[u8]], u8)> = parts.iter().map(|p| (&p[..], 0u8)).collect();
+        encode_subscribe(
+            &mut out,
+            ProtocolVersion::V311,
+            RECOVERY_PACKET_ID,
+            &[],
+            &request,
+        );
+    }
     write_all(stream, &out).await?;
-    let mut found = Vec::new();
-    let mut sentinel_sent = false;
+    let mut subacks_missing = chunks.len();
     'read: loop {
         match stream.read_buf(inbound).await {
             Ok(0) => return Err(Stop::ClosedByBroker),
@@ -729,22 +773,24 @@ async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
             }
             let frame = inbound.split_to(header.frame_len());
             match header.first_byte >> 4 {
-                // SUBACK: the subscription is in place; the sentinel follows the retained ones.
-                9 if !sentinel_sent => {
-                    out.clear();
-                    encode_publish(&mut out, 0x30, &[sentinel.as_bytes()], b"sentinel");
-                    write_all(stream, &out).await?;
-                    sentinel_sent = true;
+                // Every subscription is in place: the sentinel follows the retained messages.
+                9 if subacks_missing > 0 => {
+                    subacks_missing -= 1;
+                    if subacks_missing == 0 {
+                        out.clear();
+                        encode_publish(&mut out, 0x30, &[sentinel.as_bytes()], b"sentinel");
+                        write_all(stream, &out).await?;
+                    }
                 }
                 3 => {
                     let body = &frame[header.header_len..];
                     if let Ok(publish) =
                         parse_publish(header.first_byte, body, ProtocolVersion::V311, false)
                     {
-                        if publish.topic == sentinel {
+                        if publish.topic == sentinel && subacks_missing == 0 {
                             break 'read;
                         }
-                        if found.len() < MAX_RECOVERED {
+                        if found.len() < MAX_RECOVERED && publish.topic != sentinel {
                             found.push((
                                 unescape(escaped, publish.topic).into_owned(),
                                 body[publish.payload].to_vec(),
@@ -757,15 +803,18 @@ async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     out.clear();
-    encode_unsubscribe(
-        &mut out,
-        ProtocolVersion::V311,
-        RECOVERY_PACKET_ID,
-        &[],
-        &[&[filter.as_bytes()]],
-    );
-    write_all(stream, &out).await?;
-    Ok(found)
+    for chunk in &chunks {
+        let parts: Vec<[&[u8]; 1]> = chunk.iter().map(|filter| [filter.as_bytes()]).collect();
+        let request: Vec<&[&[u8]]> = parts.iter().map(|p| &p[..]).collect();
+        encode_unsubscribe(
+            &mut out,
+            ProtocolVersion::V311,
+            RECOVERY_PACKET_ID,
+            &[],
+            &request,
+        );
+    }
+    write_all(stream, &out).await
 }
 
 #[cfg(test)]
@@ -793,6 +842,7 @@ mod tests {
             queue_bytes,
             capabilities: Capabilities::default(),
             probe: false,
+            retained: None,
         }
     }
 

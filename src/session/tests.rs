@@ -128,6 +128,8 @@ fn harness_escaping(limits: ProcessLimits, policy: &str, escaped: EscapeSet) -> 
             escaped,
             ..Capabilities::default()
         },
+        retained: None,
+        shares: None,
     });
     Harness {
         context,
@@ -906,4 +908,102 @@ fn a_session_task_is_small() {
         let bytes = std::mem::size_of_val(&session);
         assert!(bytes <= 1024, "a session future of {bytes} bytes");
     });
+}
+
+/// A harness whose broker has the given capabilities and, optionally, a record of retained
+/// statuses.
+fn harness_for_broker(
+    capabilities: Capabilities,
+    retained: Option<Arc<crate::retained::RetainedRecord>>,
+) -> Harness {
+    let mut harness = harness(limits());
+    let context = Arc::get_mut(&mut harness.context).expect("nothing else holds the context yet");
+    context.capabilities = capabilities;
+    context.retained = retained;
+    harness
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_subscription_the_broker_cannot_serve_is_refused_with_a_reason() {
+    let capabilities = Capabilities {
+        shared_subscriptions: false,
+        ..Capabilities::default()
+    };
+    // No distributor either (as if the proxy could not serve the group itself).
+    let mut harness = harness_for_broker(capabilities, None);
+    let connect = connect_as(ProtocolVersion::V5, 60, "A:org1:app", b"app-token");
+    let (mut client, mut broker, _task) = harness.connect_with(connect).await;
+    let mut subscribe = BytesMut::new();
+    encode_subscribe(
+        &mut subscribe,
+        ProtocolVersion::V5,
+        3,
+        &[],
+        &[(&[b"iot-2/type/+/id/+/evt/+/fmt/+"], 0x01)],
+    );
+    client.write_all(&subscribe).await.unwrap();
+    let suback = read_frame(&mut client).await.expect("SUBACK");
+    assert_eq!(suback[0], 0x90);
+    assert_eq!(
+        suback.last(),
+        Some(&0x9E),
+        "Shared Subscriptions not supported"
+    );
+    let text = String::from_utf8_lossy(&suback);
+    assert!(
+        text.contains("shared subscriptions are not available"),
+        "{text}"
+    );
+    // Nothing reached the broker: a PINGREQ is the next thing it sees.
+    client.write_all(&[0xC0, 0x00]).await.unwrap();
+    assert_eq!(read_frame(&mut broker).await.expect("PINGREQ")[0], 0xC0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wildcard_subscription_gets_the_recorded_statuses_after_its_suback() {
+    let capabilities = Capabilities {
+        retained_to_wildcards: false,
+        ..Capabilities::default()
+    };
+    let record = Arc::new(crate::retained::RetainedRecord::default());
+    record.record(&[
+        Publication {
+            topic: "org1/iot-2/type/sensor/id/d1/mon".into(),
+            payload: "{\"Action\":\"Connect\"}".into(),
+            retain: true,
+        },
+        Publication {
+            topic: "org2/iot-2/type/sensor/id/d1/mon".into(),
+            payload: "another org".into(),
+            retain: true,
+        },
+    ]);
+    let mut harness = harness_for_broker(capabilities, Some(record));
+    let connect = connect_as(ProtocolVersion::V311, 60, "a:org1:app", b"app-token");
+    let (mut client, mut broker, _task) = harness.connect_with(connect).await;
+    let mut subscribe = BytesMut::new();
+    encode_subscribe(
+        &mut subscribe,
+        ProtocolVersion::V311,
+        4,
+        &[],
+        &[(&[b"iot-2/type/+/id/+/mon"], 0x00)],
+    );
+    client.write_all(&subscribe).await.unwrap();
+    assert_eq!(read_frame(&mut broker).await.expect("SUBSCRIBE")[0], 0x82);
+    broker
+        .write_all(&[0x90, 0x03, 0x00, 0x04, 0x00])
+        .await
+        .unwrap();
+    assert_eq!(read_frame(&mut client).await.expect("SUBACK")[0], 0x90);
+    let replayed = read_frame(&mut client).await.expect("the recorded status");
+    assert_eq!(replayed[0], 0x31, "QoS 0, retained");
+    let topic = b"iot-2/type/sensor/id/d1/mon";
+    assert_eq!(&replayed[4..4 + topic.len()], topic);
+    assert!(replayed.ends_with(b"{\"Action\":\"Connect\"}"));
+    // Only that one: the other org's status is not the client's.
+    client.write_all(&[0xC0, 0x00]).await.unwrap();
+    assert_eq!(read_frame(&mut broker).await.expect("PINGREQ")[0], 0xC0);
+    broker.write_all(&[0xD0, 0x00]).await.unwrap();
+    assert_eq!(read_frame(&mut client).await.expect("PINGRESP")[0], 0xD0);
 }
