@@ -27,7 +27,9 @@ use crate::metrics::limit_name;
 use crate::profile::{ConnectTerms, Counters, Profile, SessionLimits};
 use crate::refusal::{Cause, Refusal};
 use crate::transport::{write_flushed, ConnectionInfo};
-use crate::upstream::{handshake, Dial, READ_BUFFER_BYTES};
+use crate::upstream::{
+    connack_label, connack_meaning, failure_label, handshake, Dial, READ_BUFFER_BYTES,
+};
 
 /// An established session, ready for the bridge loop.
 pub struct Established<P: Profile, D: Dial, S> {
@@ -205,7 +207,8 @@ pub async fn establish<P: Profile, D: Dial, S: ClientStream>(
             return None;
         }
     };
-    let terms = profile.terms(&principal);
+    let mut terms = profile.terms(&principal);
+    terms.topics = std::mem::take(&mut terms.topics).escaping(context.capabilities.escaped);
     let session_limits = profile.limits(&principal);
 
     // Ownership: a session this one takes over finishes closing (and queues its Disconnect)
@@ -561,6 +564,8 @@ async fn dial_broker<P: Profile, D: Dial>(
     } else {
         client_id.to_string()
     };
+    let upstream_client_id =
+        crate::names::escape(context.capabilities.escaped, &upstream_client_id).into_owned();
     let dialer = &*context.dialer;
     let upstream_connect = Connect {
         // MQTT 3.1 limits client IDs to 23 bytes at many brokers; 3.1.1 has the same wire format
@@ -580,7 +585,9 @@ async fn dial_broker<P: Profile, D: Dial>(
     };
     let mut encoded = BytesMut::new();
     encode_connect(&mut encoded, &upstream_connect);
+    let refusals = &context.metrics.monitor;
     let mut stream = dialer.dial().await.map_err(|error| {
+        refusals.refusal("session", failure_label(&error).to_owned());
         warn!(%error, "broker unreachable");
         unavailable("broker unreachable")
     })?;
@@ -588,14 +595,29 @@ async fn dial_broker<P: Profile, D: Dial>(
     let header = handshake(&mut stream, &encoded, &mut buf)
         .await
         .map_err(|error| {
+            refusals.refusal("session", failure_label(&error).to_owned());
             warn!(%error, "broker handshake failed");
             unavailable("broker handshake failed")
         })?;
     let frame = buf.split_to(header.frame_len());
-    let parsed = parse_connack(&frame[header.header_len..], upstream_connect.version)
-        .map_err(|_| unavailable("invalid CONNACK from broker"))?;
+    let parsed =
+        parse_connack(&frame[header.header_len..], upstream_connect.version).map_err(|error| {
+            refusals.refusal("session", "invalid".to_owned());
+            warn!(%error, "the broker's CONNACK is invalid");
+            unavailable("invalid CONNACK from broker")
+        })?;
     if parsed.code != 0 {
-        warn!(code = parsed.code, "broker refused the upstream connection");
+        refusals.refusal("session", connack_label(parsed.code));
+        let reason_string = parsed.properties.iter().find_map(|prop| match prop.value {
+            PropertyValue::Str(text) if prop.id == property::REASON_STRING => Some(text),
+            _ => None,
+        });
+        warn!(
+            code = parsed.code,
+            meaning = connack_meaning(upstream_connect.version.is_v5(), parsed.code),
+            reason = reason_string.unwrap_or_default(),
+            "broker refused the upstream connection"
+        );
         return Err(Refusal::with_detail(
             Cause::ServerUnavailable,
             format!("broker refused with code {}", parsed.code),
