@@ -1,9 +1,9 @@
 //! The admin HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the process runs) and `/readyz`
-//! (the broker is reachable), and, behind a bearer token (`admin.token_env`), an org's sessions
-//! on every instance: `GET /admin/orgs/ORG/sessions`, `POST /admin/orgs/ORG/close` and
-//! `POST /admin/orgs/ORG/clients/CLIENT_ID/close` (94, wherever the client is connected). It
-//! speaks just enough HTTP/1.1 for probes, scrapers and scripts: one request per connection, no
-//! request body, a bounded request head and a deadline.
+//! (the broker is reachable; a line per broker node follows), and, behind a bearer token
+//! (`admin.token_env`), an org's sessions on every instance: `GET /admin/orgs/ORG/sessions`,
+//! `POST /admin/orgs/ORG/close` and `POST /admin/orgs/ORG/clients/CLIENT_ID/close` (94,
+//! wherever the client is connected). It speaks just enough HTTP/1.1 for probes, scrapers and
+//! scripts: one request per connection, no request body, a bounded request head and a deadline.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,6 +44,9 @@ pub fn broker_details(kind: BrokerKind, declared: &Capabilities, report: &Broker
     out
 }
 
+/// The broker nodes' state, one line each, for the body of `/readyz`.
+pub type UpstreamReport = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// What the endpoint reports on.
 #[derive(Clone)]
 pub struct AdminState {
@@ -51,6 +54,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Readiness for `/readyz`.
     pub ready: Readiness,
+    /// The lines about the broker nodes after `/readyz`'s first line.
+    pub upstream_report: UpstreamReport,
     /// The session endpoints, when a token is configured.
     pub sessions: Option<AdminSessions>,
 }
@@ -250,11 +255,15 @@ async fn answer(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
         }
         (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         (b"GET", b"/readyz") => match (state.ready)() {
-            Ok(details) => ("200 OK", "text/plain", format!("ready\n{details}")),
+            Ok(details) => (
+                "200 OK",
+                "text/plain",
+                format!("ready\n{details}{}", (state.upstream_report)()),
+            ),
             Err(reason) => (
                 "503 Service Unavailable",
                 "text/plain",
-                format!("not ready: {reason}\n"),
+                format!("not ready: {reason}\n{}", (state.upstream_report)()),
             ),
         },
         (b"GET", b"/metrics") => ("200 OK", CONTENT_TYPE, state.metrics.render()),

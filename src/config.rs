@@ -138,8 +138,11 @@ pub struct TlsConfig {
 /// How to reach the broker. Its `Debug` output hides the password.
 #[derive(Clone)]
 pub struct UpstreamConfig {
-    /// The broker address.
+    /// The broker address: the first node of [`UpstreamConfig::addresses`].
     pub address: String,
+    /// Every broker node, `HOST:PORT`, in the configured order (`upstream.addresses`); one
+    /// node with `upstream.address`. Never empty.
+    pub addresses: Vec<String>,
     /// The proxy's own user name on the broker.
     pub username: Option<String>,
     /// Its password (from `password` or the variable named by `password_env`).
@@ -181,7 +184,7 @@ pub struct UpstreamTlsConfig {
 impl std::fmt::Debug for UpstreamConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamConfig")
-            .field("address", &self.address)
+            .field("addresses", &self.addresses)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<hidden>"))
             .field("topic_prefix", &self.topic_prefix)
@@ -772,16 +775,7 @@ impl Check<'_> {
     }
 
     fn upstream(&self, upstream: UpstreamFileConfig) -> UpstreamConfig {
-        let has_port = upstream
-            .address
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !has_port {
-            self.error(
-                "upstream.address",
-                "must be HOST:PORT, for example 127.0.0.1:1884",
-            );
-        }
+        let addresses = self.upstream_addresses(upstream.address, upstream.addresses);
         let password = match (upstream.password, upstream.password_env) {
             (Some(_), Some(_)) => {
                 self.error(
@@ -835,7 +829,7 @@ impl Check<'_> {
             if tls.server_name.as_deref() == Some("") {
                 self.error(
                     "upstream.tls.server_name",
-                    "must not be empty; leave it out to use the host of upstream.address",
+                    "must not be empty; leave it out to use the host of each broker address",
                 );
             }
             UpstreamTlsConfig {
@@ -877,13 +871,73 @@ impl Check<'_> {
             capabilities: Capabilities::of(broker, &capability_overrides),
             broker,
             capability_overrides,
-            address: upstream.address,
+            address: addresses.first().cloned().unwrap_or_default(),
+            addresses,
             username: upstream.username,
             password,
             topic_prefix,
             control_client_id: upstream.control_client_id,
             tls,
             source_addresses,
+        }
+    }
+
+    /// The broker nodes: `upstream.address` (one) or `upstream.addresses` (a cluster), each
+    /// `HOST:PORT` and listed once.
+    fn upstream_addresses(
+        &self,
+        address: Option<String>,
+        addresses: Option<Vec<String>>,
+    ) -> Vec<String> {
+        let has_port = |address: &str| {
+            address
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+        };
+        match (address, addresses) {
+            (Some(_), Some(_)) => {
+                self.error(
+                    "upstream.addresses",
+                    "set address (one broker) or addresses (the nodes of a cluster), not both",
+                );
+                Vec::new()
+            }
+            (None, None) => {
+                self.error(
+                    "upstream.address",
+                    "missing: the broker, HOST:PORT (or upstream.addresses, the nodes of a cluster)",
+                );
+                Vec::new()
+            }
+            (Some(address), None) => {
+                if !has_port(&address) {
+                    self.error(
+                        "upstream.address",
+                        "must be HOST:PORT, for example 127.0.0.1:1884",
+                    );
+                }
+                vec![address]
+            }
+            (None, Some(addresses)) => {
+                if addresses.is_empty() {
+                    self.error(
+                        "upstream.addresses",
+                        "list at least one node, HOST:PORT (for one broker, address is enough)",
+                    );
+                }
+                for (index, address) in addresses.iter().enumerate() {
+                    let field = format!(
+                        "upstream.addresses[{}]",
+                        self.lines.item_index("upstream.addresses", index)
+                    );
+                    if !has_port(address) {
+                        self.error(&field, "must be HOST:PORT, for example 10.0.0.2:1883");
+                    } else if addresses[..index].contains(address) {
+                        self.error(&field, format!("{address} is listed twice"));
+                    }
+                }
+                addresses
+            }
         }
     }
 
@@ -1145,7 +1199,10 @@ struct TlsFileConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UpstreamFileConfig {
-    address: String,
+    #[serde(default)]
+    address: Option<String>,
+    #[serde(default)]
+    addresses: Option<Vec<String>>,
     #[serde(default)]
     username: Option<String>,
     #[serde(default)]
@@ -1443,6 +1500,48 @@ limits:
             "{MINIMAL}telemetry: {{ otlp_endpoint: \"127.0.0.1:4317\" }}\n"
         ));
         assert_eq!((line, field.as_str()), (Some(6), "telemetry.otlp_endpoint"));
+    }
+
+    #[test]
+    fn upstream_addresses_of_a_cluster() {
+        let cluster = |list: &str| {
+            MINIMAL.replace(
+                "  address: \"127.0.0.1:1884\"\n",
+                &format!("  addresses:\n{list}"),
+            )
+        };
+        let config = parse(&cluster(
+            "    - \"10.0.0.1:1883\"\n    - \"broker-2:1884\"\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.upstream.addresses,
+            ["10.0.0.1:1883", "broker-2:1884"]
+        );
+        assert_eq!(config.upstream.address, "10.0.0.1:1883");
+        let single = parse(MINIMAL).unwrap();
+        assert_eq!(single.upstream.addresses, ["127.0.0.1:1884"]);
+
+        let (line, field, _) = invalid(&cluster("    - \"h:1\"\n    - h\n"));
+        assert_eq!((line, field.as_str()), (Some(6), "upstream.addresses[1]"));
+        let (line, field, message) =
+            invalid(&cluster("    - \"h:1\"\n    - \"h:2\"\n    - \"h:1\"\n"));
+        assert_eq!((line, field.as_str()), (Some(7), "upstream.addresses[2]"));
+        assert!(message.contains("listed twice"), "{message}");
+        let (line, field, _) = invalid(&cluster("    []\n").replace(":\n    []", ": []"));
+        assert_eq!((line, field.as_str()), (Some(4), "upstream.addresses"));
+
+        let both = MINIMAL.replace(
+            "  address: \"127.0.0.1:1884\"\n",
+            "  address: \"127.0.0.1:1884\"\n  addresses: [\"h:1\", \"h:2\"]\n",
+        );
+        let (line, field, message) = invalid(&both);
+        assert_eq!((line, field.as_str()), (Some(5), "upstream.addresses"));
+        assert!(message.contains("not both"), "{message}");
+
+        let neither = MINIMAL.replace("  address: \"127.0.0.1:1884\"\n", "  username: u\n");
+        let (line, field, _) = invalid(&neither);
+        assert_eq!((line, field.as_str()), (Some(3), "upstream.address"));
     }
 
     #[test]

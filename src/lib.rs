@@ -29,7 +29,7 @@
 //! - [`coord`]: admission (slots, tenant counts, client-ID ownership), tenant buckets, the
 //!   status reporter and session mailboxes: traits with in-process implementations.
 //! - [`limits`]: token buckets, CONNECT rates and the refusal log budget.
-//! - [`upstream`]: dialling the broker, over TCP or TLS.
+//! - [`upstream`]: dialling the broker, over TCP or TLS, to a live node of a cluster.
 //! - [`broker`]: what the broker behind the proxy supports (`upstream.broker`, overrides).
 //! - [`names`]: the reversible escape of characters a broker rejects in topics and client IDs.
 //! - [`monitor`]: the control connection that publishes the proxy's own messages.

@@ -69,6 +69,52 @@ struct LimitLabels {
     limit: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
+    address: String,
+}
+
+/// The series of each broker node (`upstream.address` or `upstream.addresses`), labelled with
+/// the node's index in the config and its address: as many series as configured nodes.
+#[derive(Debug, Clone, Default)]
+pub struct NodeMetrics {
+    up: Family<NodeLabels, Gauge>,
+    connections: Family<NodeLabels, Gauge>,
+    downs: Family<NodeLabels, Counter>,
+    dial_failures: Family<NodeLabels, Counter>,
+}
+
+/// One node's series, created once per node so that updates skip the label lookup.
+#[derive(Debug, Clone, Default)]
+pub struct NodeSeries {
+    /// 1 while the node is taken for new connections, 0 while it is marked down.
+    pub up: Gauge,
+    /// Live connections to the node (sessions, the control connection, HTTP publishers), and
+    /// dials under way.
+    pub connections: Gauge,
+    /// Times the node was marked down.
+    pub downs: Counter,
+    /// Connections to the node that failed before they were open (TCP or TLS).
+    pub dial_failures: Counter,
+}
+
+impl NodeMetrics {
+    /// The series of node `index` at `address`.
+    pub fn series(&self, index: usize, address: &str) -> NodeSeries {
+        let labels = NodeLabels {
+            node: index.to_string(),
+            address: address.to_owned(),
+        };
+        NodeSeries {
+            up: self.up.get_or_create(&labels).clone(),
+            connections: self.connections.get_or_create(&labels).clone(),
+            downs: self.downs.get_or_create(&labels).clone(),
+            dial_failures: self.dial_failures.get_or_create(&labels).clone(),
+        }
+    }
+}
+
 /// The monitor's own series, updated by the control connection.
 #[derive(Debug, Clone, Default)]
 pub struct MonitorMetrics {
@@ -131,6 +177,8 @@ pub struct Metrics {
     pub monitor: MonitorMetrics,
     /// The coordination's series.
     pub coordination: CoordinationMetrics,
+    /// The broker nodes' series.
+    pub nodes: NodeMetrics,
     connections: Family<ConnectionLabels, Gauge>,
     closes: Family<CloseLabels, Counter>,
     denials: Family<DenialLabels, Counter>,
@@ -152,6 +200,7 @@ impl Default for Metrics {
             policy_reload_failures: Counter::default(),
             monitor: MonitorMetrics::default(),
             coordination: CoordinationMetrics::default(),
+            nodes: NodeMetrics::default(),
             connections: Family::default(),
             closes: Family::default(),
             denials: Family::default(),
@@ -244,6 +293,26 @@ impl Default for Metrics {
             "warden_coordination_up",
             "Whether this instance holds its coordination lease",
             metrics.coordination.up.clone(),
+        );
+        registry.register(
+            "warden_upstream_node_up",
+            "Whether a broker node is taken for new connections (0 while marked down)",
+            metrics.nodes.up.clone(),
+        );
+        registry.register(
+            "warden_upstream_node_connections",
+            "Connections to a broker node",
+            metrics.nodes.connections.clone(),
+        );
+        registry.register(
+            "warden_upstream_node_downs",
+            "Times a broker node was marked down",
+            metrics.nodes.downs.clone(),
+        );
+        registry.register(
+            "warden_upstream_node_dial_failures",
+            "Connections to a broker node that failed to open",
+            metrics.nodes.dial_failures.clone(),
         );
         registry.register(
             "warden_connections",
@@ -395,6 +464,10 @@ mod tests {
         metrics.bytes_in.inc_by(42);
         metrics.monitor.upstream_up.set(1);
         metrics.monitor.published.inc_by(3);
+        let node = metrics.nodes.series(1, "10.0.0.2:1883");
+        node.up.set(1);
+        node.connections.set(7);
+        node.downs.inc();
         let text = metrics.render();
         for line in [
             "warden_connections{org=\"org1\",protocol=\"mqtt4\"} 1",
@@ -408,6 +481,10 @@ mod tests {
             "warden_bytes_in_total 42",
             "warden_upstream_up 1",
             "warden_monitor_published_total 3",
+            "warden_upstream_node_up{node=\"1\",address=\"10.0.0.2:1883\"} 1",
+            "warden_upstream_node_connections{node=\"1\",address=\"10.0.0.2:1883\"} 7",
+            "warden_upstream_node_downs_total{node=\"1\",address=\"10.0.0.2:1883\"} 1",
+            "warden_upstream_node_dial_failures_total{node=\"1\",address=\"10.0.0.2:1883\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}\n{text}");
         }

@@ -162,7 +162,8 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         return Err(StartError::Policy(PolicyErrors(isolation)));
     }
     info!(orgs = policy.orgs.len(), tenants = policy.tenants.len(), path = %config.policies.display(), "policy loaded");
-    let dialer = Arc::new(Dialer::new(&config.upstream)?);
+    let metrics = Arc::new(Metrics::default());
+    let dialer = Arc::new(Dialer::with_metrics(&config.upstream, &metrics.nodes)?);
     let transports = config
         .listeners
         .iter()
@@ -199,7 +200,6 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         None => None,
     };
 
-    let metrics = Arc::new(Metrics::default());
     let store = Arc::new(PolicyStore::new(policy));
     let verifier = Verifier::new(config.limits.auth_workers, config.limits.auth_queue);
     let profile = Arc::new(Dispatch::new(
@@ -385,6 +385,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
                 let (monitor, shutting_down) = (monitor.clone(), shutting_down.clone());
                 let coordinator = coordinator.clone();
                 let (kind, declared) = (config.upstream.broker, config.upstream.capabilities);
+                let dialer = context.dialer.clone();
                 Arc::new(move || {
                     if shutting_down.load(Ordering::Relaxed) {
                         return Err("shutting down".to_owned());
@@ -401,8 +402,15 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
                             report.last_failure.as_deref().unwrap_or("not connected yet"),
                         ));
                     }
+                    if !dialer.nodes().any_up() {
+                        return Err(format!("every broker node is down\n{details}"));
+                    }
                     Ok(details)
                 })
+            };
+            let upstream_report = {
+                let dialer = context.dialer.clone();
+                Arc::new(move || dialer.nodes().report())
             };
             let sessions = config
                 .admin
@@ -412,6 +420,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             let state = AdminState {
                 metrics: metrics.clone(),
                 ready,
+                upstream_report,
                 sessions,
             };
             let address = listener.local_addr().map_err(|source| StartError::Bind {

@@ -210,8 +210,9 @@ async fn a_broker_closing_during_connect_is_reported_and_redialled_with_backoff(
                 let at = Instant::now();
                 let mut buf = [0u8; 512];
                 let read = stream.read(&mut buf).await.unwrap_or(0);
-                // The probe's connections are not the control connection's redials.
-                if !buf[..read].windows(6).any(|w| w == b"-probe") {
+                // The probe's connections are not the control connection's redials, and neither
+                // are the dialer's node probes (a TCP connect that sends nothing).
+                if read > 0 && !buf[..read].windows(6).any(|w| w == b"-probe") {
                     accepted.lock().expect("not poisoned").push(at);
                 }
                 drop(stream);

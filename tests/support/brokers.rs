@@ -391,3 +391,197 @@ impl RabbitNode {
         );
     }
 }
+
+/// How long a NATS cluster node waits for an MQTT subscriber's PUBACK before the message is
+/// delivered again (`mqtt.ack_wait`, 30 s by default). A QoS 1 delivery that was on its way
+/// through a node when it died is delivered again only then, so the tests shorten it.
+pub const NATS_CLUSTER_ACK_WAIT: &str = "3s";
+
+/// A NATS cluster of the test's own: `size` nodes on free loopback ports, routed to each other,
+/// JetStream clustered (so MQTT sessions and QoS 1 messages are replicated: NATS makes its MQTT
+/// streams with as many replicas as nodes, up to 3), MQTT on each node, and each node's
+/// monitoring port for [`NatsCluster::mqtt_client_node`]. Started once JetStream has a meta
+/// leader and every node has answered an MQTT client, so the test's first clients do not race
+/// the cluster's forming.
+pub struct NatsCluster {
+    /// Which NATS server.
+    pub kind: BrokerKind,
+    /// The nodes, in the order of [`NatsCluster::addresses`].
+    pub nodes: Vec<NatsNode>,
+    _dir: TempDir,
+}
+
+/// One node of a [`NatsCluster`].
+pub struct NatsNode {
+    /// Its `server_name`.
+    pub name: String,
+    /// Its MQTT port on 127.0.0.1.
+    pub mqtt_port: u16,
+    /// Its monitoring (HTTP) port on 127.0.0.1.
+    pub monitor_port: u16,
+    child: Option<Child>,
+}
+
+impl NatsCluster {
+    /// Starts a cluster of `size` nodes of `kind` (`Nats29` or `Nats`) and waits until it has
+    /// formed.
+    pub async fn start(kind: BrokerKind, size: usize) -> NatsCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports: Vec<(u16, u16, u16)> = (0..size)
+            .map(|_| (free_port(), free_port(), free_port()))
+            .collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, _, cluster)| format!("nats-route://127.0.0.1:{cluster}"))
+            .collect();
+        let mut nodes = Vec::with_capacity(size);
+        for (index, &(mqtt_port, monitor_port, cluster_port)) in ports.iter().enumerate() {
+            let name = format!("n{index}");
+            let conf = dir.path().join(format!("{name}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: {name}\nlisten: 127.0.0.1:-1\nhttp: 127.0.0.1:{monitor_port}\n\
+                     jetstream {{ store_dir: \"{store}\" }}\n\
+                     cluster {{ name: warden_test, listen: 127.0.0.1:{cluster_port}, routes: [{routes}] }}\n\
+                     mqtt {{ listen: 127.0.0.1:{mqtt_port}, ack_wait: \"{ack_wait}\" }}\n",
+                    ack_wait = NATS_CLUSTER_ACK_WAIT,
+                    store = dir.path().join(&name).display(),
+                    routes = routes.join(", "),
+                ),
+            )
+            .expect("write the node's config");
+            let child = Command::new(nats_binary(kind))
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("nats-server is installed (scripts/test.sh installs it)");
+            nodes.push(NatsNode {
+                name,
+                mqtt_port,
+                monitor_port,
+                child: Some(child),
+            });
+        }
+        let cluster = NatsCluster {
+            kind,
+            nodes,
+            _dir: dir,
+        };
+        for node in &cluster.nodes {
+            assert!(
+                wait_for_port(node.mqtt_port, WAIT).await,
+                "NATS node {} did not open its MQTT port",
+                node.name
+            );
+        }
+        // Every node must know the JetStream meta leader: MQTT needs JetStream.
+        super::poll_until(
+            Duration::from_secs(20),
+            "the NATS cluster forms",
+            || async {
+                for node in &cluster.nodes {
+                    let jsz = http_get(node.monitor_port, "/jsz").await?;
+                    let leader = jsz
+                        .get("meta_cluster")
+                        .and_then(|meta| meta.get("leader"))
+                        .and_then(|leader| leader.as_str())
+                        .unwrap_or_default();
+                    if leader.is_empty() {
+                        return None;
+                    }
+                }
+                Some(())
+            },
+        )
+        .await;
+        // The first MQTT client of a cluster has it make its MQTT streams (replicated): each
+        // node takes one before the test's clients come.
+        for index in 0..cluster.nodes.len() {
+            super::poll_until(
+                Duration::from_secs(20),
+                "MQTT is up on every NATS node",
+                || {
+                    let options = cluster.client_options(index, &format!("warden_ready_{index}"));
+                    async move {
+                        let client = super::v4::connect_with(options).await.ok()?;
+                        client.disconnect().await;
+                        Some(())
+                    }
+                },
+            )
+            .await;
+        }
+        cluster
+    }
+
+    /// The nodes' MQTT addresses, for `upstream.addresses`.
+    pub fn addresses(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.mqtt_port))
+            .collect()
+    }
+
+    /// rumqttc options for a client of the test's own on node `index`.
+    pub fn client_options(&self, index: usize, client_id: &str) -> MqttOptions {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", self.nodes[index].mqtt_port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options
+    }
+
+    /// The live node that holds the MQTT connection of `client_id` (the broker's view).
+    pub async fn mqtt_client_node(&self, client_id: &str) -> Option<usize> {
+        for (index, node) in self.nodes.iter().enumerate() {
+            if node.child.is_none() {
+                continue;
+            }
+            let path = format!("/connz?mqtt_client={client_id}");
+            let Some(connz) = http_get(node.monitor_port, &path).await else {
+                continue;
+            };
+            let connected = connz
+                .get("connections")
+                .and_then(|list| list.as_array())
+                .is_some_and(|list| {
+                    list.iter()
+                        .any(|c| c.get("mqtt_client").and_then(|id| id.as_str()) == Some(client_id))
+                });
+            if connected {
+                return Some(index);
+            }
+        }
+        None
+    }
+
+    /// Kills node `index` with SIGKILL, as a crash would.
+    pub async fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.nodes[index].child.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    }
+}
+
+/// GETs `path` from the HTTP server on 127.0.0.1:`port` and parses the body as JSON; `None`
+/// when the server does not answer, or not with JSON.
+async fn http_get(port: u16, path: &str) -> Option<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        // HTTP/1.0: the body comes whole (never chunked) and the server closes after it.
+        let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let response = String::from_utf8_lossy(&response);
+        let (_, body) = response.split_once("\r\n\r\n")?;
+        serde_json::from_str(body).ok()
+    };
+    tokio::time::timeout(WAIT, exchange).await.ok().flatten()
+}

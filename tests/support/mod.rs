@@ -897,6 +897,35 @@ impl Warden {
         }
     }
 
+    /// Starts the proxy in front of a broker cluster: `upstream.addresses` lists `nodes`;
+    /// `upstream_extra` holds more `upstream:` keys (each indented by two spaces, ending in a
+    /// newline).
+    pub async fn start_nodes(
+        nodes: &[String],
+        policy: &str,
+        upstream_extra: &str,
+        extra_config: &str,
+    ) -> Warden {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("policy.yaml"), policy).expect("write policy");
+        let config_path = dir.path().join("warden.yaml");
+        let addresses: String = nodes
+            .iter()
+            .map(|node| format!("    - \"{node}\"\n"))
+            .collect();
+        let text = format!(
+            "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  addresses:\n{addresses}  topic_prefix: \"{{org}}/\"\n{upstream_extra}\npolicies: policy.yaml\n{extra_config}\n"
+        );
+        std::fs::write(&config_path, &text).expect("write config");
+        let config = WardenConfig::from_yaml(&text, &config_path).expect("valid config");
+        let running = proxy::start(config).await.expect("proxy starts");
+        Warden {
+            addr: running.listen_addrs[0],
+            running,
+            dir,
+        }
+    }
+
     /// Starts the proxy with a plain listener (`addr`) and a TLS listener ([`Warden::tls_addr`])
     /// that asks for client certificates signed by `pki`'s CA.
     pub async fn start_tls(
