@@ -162,6 +162,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metrics: Arc::new(Metrics::default()),
         limits: ProcessLimits::default(),
         shutting_down: Arc::new(AtomicBool::new(false)),
+        capabilities: Default::default(),
     });
     let (mut client, session_end) = duplex(PIPE_BYTES);
     let info = ConnectionInfo {

@@ -316,6 +316,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         shutting_down: shutting_down.clone(),
+        capabilities: config.upstream.capabilities,
     });
 
     // HTTP messaging requests publish through pooled broker connections of their own, named

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::bridge::{Bridge, Negotiated};
+use super::downgrade;
 use super::{protocol_label, ClientStream, Context, FAREWELL_TIMEOUT};
 use crate::codec::{
     decode_frame_header, encode_connack, encode_connect, parse_connack, parse_connect, property,
@@ -255,8 +256,12 @@ pub async fn establish<P: Profile, D: Dial, S: ClientStream>(
         &broker_connack,
         &negotiated,
         &session_limits,
-        announced_keep_alive,
-        terms.assigned_client_id.as_deref(),
+        ClientConnackTerms {
+            server_keep_alive: announced_keep_alive,
+            assigned_client_id: terms.assigned_client_id.as_deref(),
+            max_qos: session_limits.max_qos.min(context.capabilities.max_qos),
+            downgraded: version.is_v5() && !context.capabilities.mqtt5,
+        },
     );
     encode_connack(&mut out, version, &connack);
     let written =
@@ -562,15 +567,17 @@ async fn dial_broker<P: Profile, D: Dial>(
         client_id.to_string()
     };
     let dialer = &*context.dialer;
+    let version = upstream_version(connect.version, context.capabilities.mqtt5);
+    // Towards a 3.1.1 broker an MQTT 5 CONNECT loses its properties and its will's (the
+    // encoder writes none below MQTT 5); Clean Start and Session Expiry become Clean Session.
+    let clean_start = if version == connect.version {
+        connect.clean_start
+    } else {
+        downgrade::clean_session(connect)
+    };
     let upstream_connect = Connect {
-        // MQTT 3.1 limits client IDs to 23 bytes at many brokers; 3.1.1 has the same wire format
-        // for everything a 3.1 client sends, so the proxy speaks 3.1.1 upstream for it.
-        version: if connect.version == ProtocolVersion::V31 {
-            ProtocolVersion::V311
-        } else {
-            connect.version
-        },
-        clean_start: connect.clean_start || terms.force_clean_start || unique,
+        version,
+        clean_start: clean_start || terms.force_clean_start || unique,
         keep_alive: upstream_keep_alive(keep_alive),
         properties,
         client_id: &upstream_client_id,
@@ -594,6 +601,20 @@ async fn dial_broker<P: Profile, D: Dial>(
     let frame = buf.split_to(header.frame_len());
     let parsed = parse_connack(&frame[header.header_len..], upstream_connect.version)
         .map_err(|_| unavailable("invalid CONNACK from broker"))?;
+    // A broker that does not speak the version answers CONNACK 1 (3.1.1 brokers answer an
+    // MQTT 5 CONNECT in 3.1.1 form) or 0x84. Clients told "server unavailable" would retry
+    // forever; this is the operator's to fix.
+    if matches!(parsed.code, 0x01 | 0x84) {
+        warn!(
+            code = parsed.code,
+            version = upstream_connect.version.level(),
+            "the broker refused the protocol version: if it does not speak MQTT 5, set upstream.capabilities.mqtt5: false"
+        );
+        return Err(Refusal::unsupported_protocol(format!(
+            "the broker refused MQTT protocol level {}",
+            upstream_connect.version.level()
+        )));
+    }
     if parsed.code != 0 {
         warn!(code = parsed.code, "broker refused the upstream connection");
         return Err(Refusal::with_detail(
@@ -629,6 +650,17 @@ async fn dial_broker<P: Profile, D: Dial>(
             .push((prop.id, OwnedValue::from_value(&prop.value)));
     }
     Ok((stream, buf, connack))
+}
+
+/// The protocol version the proxy speaks to the broker for a client of `client` version.
+/// MQTT 3.1 limits client IDs to 23 bytes at many brokers; 3.1.1 has the same wire format for
+/// everything a 3.1 client sends, so the proxy speaks 3.1.1 upstream for it. An MQTT 5 client is
+/// downgraded to 3.1.1 when the broker does not speak MQTT 5.
+pub fn upstream_version(client: ProtocolVersion, broker_mqtt5: bool) -> ProtocolVersion {
+    match client {
+        ProtocolVersion::V5 if broker_mqtt5 => ProtocolVersion::V5,
+        _ => ProtocolVersion::V311,
+    }
 }
 
 /// The keep-alive the proxy enforces: the client's, held to the profile's range, then to the
@@ -679,7 +711,12 @@ fn negotiate<P: Profile, D: Dial>(
     Negotiated {
         max_packet_bytes,
         client_max_packet,
-        topic_alias_maximum: broker.topic_alias_maximum,
+        // Downgraded, the proxy resolves the client's aliases itself.
+        topic_alias_maximum: if connect.version.is_v5() && !context.capabilities.mqtt5 {
+            downgrade::TOPIC_ALIAS_MAXIMUM
+        } else {
+            broker.topic_alias_maximum
+        },
         max_inflight: usize::from(
             broker
                 .receive_maximum
@@ -693,14 +730,31 @@ fn negotiate<P: Profile, D: Dial>(
     }
 }
 
+/// What the client's CONNACK says beyond the broker's.
+struct ClientConnackTerms<'a> {
+    /// The keep-alive the proxy enforces, when it is not the client's.
+    server_keep_alive: Option<u16>,
+    /// The client ID the profile assigned.
+    assigned_client_id: Option<&'a str>,
+    /// The highest QoS the session delivers as such: the profile's and the broker's.
+    max_qos: u8,
+    /// An MQTT 5 client over a 3.1.1 broker ([`downgrade`]).
+    downgraded: bool,
+}
+
 /// The CONNACK the client sees: the broker's, with the limits the proxy enforces.
 fn client_connack<'a>(
     broker: &'a BrokerConnack,
     negotiated: &Negotiated,
     limits: &SessionLimits,
-    server_keep_alive: Option<u16>,
-    assigned_client_id: Option<&'a str>,
+    terms: ClientConnackTerms<'a>,
 ) -> Connack<'a> {
+    let ClientConnackTerms {
+        server_keep_alive,
+        assigned_client_id,
+        max_qos,
+        downgraded,
+    } = terms;
     let mut properties = Vec::with_capacity(broker.properties.len() + 4);
     for (id, value) in &broker.properties {
         match *id {
@@ -709,7 +763,7 @@ fn client_connack<'a>(
             | property::ASSIGNED_CLIENT_IDENTIFIER
             | property::SERVER_KEEP_ALIVE => {}
             property::RETAIN_AVAILABLE if limits.strip_retained || limits.refuse_retained => {}
-            property::MAXIMUM_QOS if limits.max_qos < 2 => {}
+            property::MAXIMUM_QOS if max_qos < 2 => {}
             _ => properties.push(Property {
                 id: *id,
                 value: value.as_value(),
@@ -742,11 +796,14 @@ fn client_connack<'a>(
             value: PropertyValue::Str(client_id),
         });
     }
-    if limits.max_qos < 2 {
+    if max_qos < 2 {
         properties.push(Property {
             id: property::MAXIMUM_QOS,
-            value: PropertyValue::Byte(limits.max_qos),
+            value: PropertyValue::Byte(max_qos),
         });
+    }
+    if downgraded {
+        properties.extend(downgrade::connack_properties());
     }
     Connack {
         session_present: broker.session_present,

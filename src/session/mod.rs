@@ -10,6 +10,7 @@
 
 pub mod bridge;
 pub mod connect;
+pub mod downgrade;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::{info, Instrument};
 
+use crate::broker::Capabilities;
 use crate::codec::{encode_disconnect_v5, ProtocolVersion};
 use crate::config::ProcessLimits;
 use crate::coord::{Admission, ProcessSlots, Reporter, SessionControl, TenantBuckets};
@@ -61,6 +63,8 @@ pub struct Context<P: Profile, D: Dial> {
     pub limits: ProcessLimits,
     /// Set once shutdown begins: new sessions are refused.
     pub shutting_down: Arc<AtomicBool>,
+    /// What the broker supports (`upstream.broker`, `upstream.capabilities`).
+    pub capabilities: Capabilities,
 }
 
 impl<P: Profile, D: Dial> Context<P, D> {
