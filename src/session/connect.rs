@@ -28,7 +28,7 @@ use crate::metrics::limit_name;
 use crate::profile::{ConnectTerms, Counters, Profile, SessionLimits};
 use crate::refusal::{Cause, Refusal};
 use crate::transport::{write_flushed, ConnectionInfo};
-use crate::upstream::{handshake, Dial, READ_BUFFER_BYTES};
+use crate::upstream::{handshake, Dial, UpstreamError, READ_BUFFER_BYTES};
 
 /// An established session, ready for the bridge loop.
 pub struct Established<P: Profile, D: Dial, S> {
@@ -592,12 +592,26 @@ async fn dial_broker<P: Profile, D: Dial>(
         unavailable("broker unreachable")
     })?;
     let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
-    let header = handshake(&mut stream, &encoded, &mut buf)
-        .await
-        .map_err(|error| {
+    let header = match handshake(&mut stream, &encoded, &mut buf).await {
+        Ok(header) => header,
+        // Brokers without MQTT 5 (RabbitMQ 3) close the connection on an MQTT 5 CONNECT
+        // without a word. Whether that is what happened, a 3.1.1 CONNECT of the proxy's own
+        // tells, so that a broker that is only going away is still "server unavailable".
+        Err(UpstreamError::Closed | UpstreamError::Handshake(_))
+            if upstream_connect.version.is_v5() && speaks_only_v311(dialer, control).await =>
+        {
+            warn!(
+                "the broker closed an MQTT 5 connection and accepts MQTT 3.1.1: it does not speak MQTT 5; set upstream.capabilities.mqtt5: false"
+            );
+            return Err(Refusal::unsupported_protocol(
+                "the broker does not speak MQTT 5",
+            ));
+        }
+        Err(error) => {
             warn!(%error, "broker handshake failed");
-            unavailable("broker handshake failed")
-        })?;
+            return Err(unavailable("broker handshake failed"));
+        }
+    };
     let frame = buf.split_to(header.frame_len());
     let parsed = parse_connack(&frame[header.header_len..], upstream_connect.version)
         .map_err(|_| unavailable("invalid CONNACK from broker"))?;
@@ -650,6 +664,41 @@ async fn dial_broker<P: Profile, D: Dial>(
             .push((prop.id, OwnedValue::from_value(&prop.value)));
     }
     Ok((stream, buf, connack))
+}
+
+/// Whether the broker accepts an MQTT 3.1.1 connection of the proxy's own (a clean session
+/// under a probe client ID, closed at once), after it closed an MQTT 5 one.
+async fn speaks_only_v311<D: Dial>(dialer: &D, control: &SessionControl) -> bool {
+    let client_id = format!("mqtt-warden-probe-{}", control.id());
+    let probe = Connect {
+        version: ProtocolVersion::V311,
+        clean_start: true,
+        keep_alive: 0,
+        properties: Vec::new(),
+        client_id: &client_id,
+        will: None,
+        username: dialer.username(),
+        password: dialer.password(),
+    };
+    let mut encoded = BytesMut::new();
+    encode_connect(&mut encoded, &probe);
+    let Ok(mut stream) = dialer.dial().await else {
+        return false;
+    };
+    let mut buf = BytesMut::new();
+    let Ok(header) = handshake(&mut stream, &encoded, &mut buf).await else {
+        return false;
+    };
+    let accepted = parse_connack(
+        &buf[header.header_len..header.frame_len()],
+        ProtocolVersion::V311,
+    )
+    .is_ok_and(|connack| connack.code == 0);
+    if accepted {
+        let _ =
+            tokio::time::timeout(FAREWELL_TIMEOUT, write_flushed(&mut stream, &[0xE0, 0x00])).await;
+    }
+    accepted
 }
 
 /// The protocol version the proxy speaks to the broker for a client of `client` version.

@@ -1216,3 +1216,38 @@ async fn a_broker_that_refuses_the_protocol_version_is_not_server_unavailable() 
         assert_eq!(read_frame(&mut client).await, None, "then closed");
     }
 }
+
+/// A broker that closes the connection on an MQTT 5 CONNECT (RabbitMQ 3) and accepts the
+/// proxy's 3.1.1 probe does not speak MQTT 5: 0x84. One that closes the probe too is only
+/// unavailable: 0x88.
+#[tokio::test(start_paused = true)]
+async fn a_broker_that_closes_an_mqtt5_connect_is_probed_before_the_answer() {
+    for (probe_accepted, expected) in [(true, 0x84), (false, 0x88)] {
+        let mut harness = harness(limits());
+        let (mut client, _task) = harness.spawn_session();
+        client
+            .write_all(&connect_packet(ProtocolVersion::V5, 60))
+            .await
+            .unwrap();
+        let mut broker = harness.brokers.recv().await.expect("the session dials");
+        read_frame(&mut broker).await.expect("CONNECT");
+        drop(broker);
+        let mut probe = harness.brokers.recv().await.expect("the probe dials");
+        let connect = read_frame(&mut probe).await.expect("the probe's CONNECT");
+        let connect = parse_connect(connect[0], body_of(&connect)).expect("a valid CONNECT");
+        assert_eq!(connect.version, ProtocolVersion::V311);
+        assert!(connect.client_id.starts_with("mqtt-warden-probe-"));
+        if probe_accepted {
+            probe.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+            assert_eq!(
+                read_frame(&mut probe).await.expect("DISCONNECT"),
+                [0xE0, 0x00]
+            );
+        } else {
+            drop(probe);
+        }
+        let connack = read_frame(&mut client).await.expect("CONNACK");
+        let connack = parse_connack(body_of(&connack), ProtocolVersion::V5).expect("CONNACK");
+        assert_eq!(connack.code, expected, "probe accepted: {probe_accepted}");
+    }
+}
