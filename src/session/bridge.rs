@@ -1309,6 +1309,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                     downgrade::check_subscription(subscription_identifier, filter.options)
                 {
                     verdicts.push(Some(code));
+                    self.context.metrics.denial(&self.tenant, words);
                     if first_reason.is_none() && self.negotiated.problem_information {
                         first_reason = Some(words.to_owned());
                     }
@@ -1627,14 +1628,20 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                     check_ack(kind, body, self.upstream_version).map_err(broker_fault)?;
                 if kind == PacketType::Puback && self.qos2_at_broker.remove(&packet_id) {
                     // The broker has the client's QoS 2 message: the client gets its PUBREC,
-                    // and the flow ends with the client's PUBREL, answered here.
-                    self.client_local_qos2.insert(packet_id);
+                    // and the flow ends with the client's PUBREL, answered here. An MQTT 5
+                    // broker's refusal (0x80 or more) is passed on and ends the flow at once.
+                    let code = body.get(2).copied().unwrap_or(0);
+                    if code < 0x80 {
+                        self.client_local_qos2.insert(packet_id);
+                    } else {
+                        self.inflight.remove(&packet_id);
+                    }
                     encode_ack(
                         &mut self.to_client.buf,
                         PacketType::Pubrec,
                         self.version,
                         packet_id,
-                        0,
+                        code,
                         None,
                     );
                     return Ok(());
