@@ -1626,7 +1626,11 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 // The broker completed (or refused) one of the client's QoS 1/2 PUBLISHes.
                 let packet_id =
                     check_ack(kind, body, self.upstream_version).map_err(broker_fault)?;
-                if kind == PacketType::Puback && self.qos2_at_broker.remove(&packet_id) {
+                // Checked for emptiness first: hashing the id costs the hot path of every QoS 1 PUBACK.
+                if kind == PacketType::Puback
+                    && !self.qos2_at_broker.is_empty()
+                    && self.qos2_at_broker.remove(&packet_id)
+                {
                     // The broker has the client's QoS 2 message: the client gets its PUBREC,
                     // and the flow ends with the client's PUBREL, answered here. An MQTT 5
                     // broker's refusal (0x80 or more) is passed on and ends the flow at once.
