@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command. On a fresh Debian machine with the Rust toolchain, Python 3 and git, it
-# installs what the tests need (Mosquitto and its clients, openssl, redis-server, Node.js with MQTT.js from
+# installs what the tests need (Mosquitto and its clients, openssl, redis-server and redis-cli, Node.js with MQTT.js from
 # tests/js, and wiotp-sdk with paho-mqtt in a private Python environment, target/test-venv), checks
 # every shipped config and policy, then runs the whole suite. Arguments go to `cargo test`.
 set -euo pipefail
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 say "checking test prerequisites"
 need_cargo
 need_commands mosquitto:mosquitto mosquitto_pub:mosquitto-clients mosquitto_sub:mosquitto-clients \
-    openssl:openssl curl:curl redis-server:redis-server \
+    openssl:openssl curl:curl redis-server:redis-server redis-cli:redis-tools \
     nats-server:nats-server /usr/lib/rabbitmq/bin/rabbitmq-server:rabbitmq-server
 need_mqtt_js
 need_test_venv

@@ -54,20 +54,47 @@ pub struct WardenConfig {
 #[derive(Clone)]
 pub struct CoordinationConfig {
     /// Where Redis (or Valkey) is, with the password from `redis_password_env` applied.
-    pub redis: redis::ConnectionInfo,
+    pub redis: RedisEndpoint,
+    /// CA certificates (PEM) that sign the certificate of a `rediss://` server; without it, the
+    /// system's trust store.
+    pub redis_ca: Option<PathBuf>,
     /// This instance's name among the others: unique and stable across restarts.
     pub instance_id: String,
 }
 
+/// One Redis server, or a Redis Cluster (`coordination.redis` / `coordination.redis_cluster`).
+#[derive(Clone)]
+pub enum RedisEndpoint {
+    /// One server (boxed: the cluster's list is far smaller).
+    Node(Box<redis::ConnectionInfo>),
+    /// Seed nodes of a Redis Cluster: the rest of the cluster is found from any of them.
+    Cluster(Vec<redis::ConnectionInfo>),
+}
+
+impl RedisEndpoint {
+    /// The node, or the seed nodes.
+    pub fn nodes(&self) -> &[redis::ConnectionInfo] {
+        match self {
+            RedisEndpoint::Node(node) => std::slice::from_ref(&**node),
+            RedisEndpoint::Cluster(seeds) => seeds,
+        }
+    }
+}
+
 impl std::fmt::Debug for CoordinationConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nodes = self.redis.nodes();
+        let addrs: Vec<String> = nodes.iter().map(|n| n.addr().to_string()).collect();
+        let first = nodes.first().map(|n| n.redis_settings());
         f.debug_struct("CoordinationConfig")
-            .field("redis", &self.redis.addr())
-            .field("db", &self.redis.redis_settings().db())
+            .field("redis", &addrs)
+            .field("cluster", &matches!(self.redis, RedisEndpoint::Cluster(_)))
+            .field("db", &first.map(|s| s.db()))
             .field(
                 "password",
-                &self.redis.redis_settings().password().map(|_| "<hidden>"),
+                &first.and_then(|s| s.password()).map(|_| "<hidden>"),
             )
+            .field("redis_ca", &self.redis_ca)
             .field("instance_id", &self.instance_id)
             .finish()
     }
@@ -580,26 +607,47 @@ impl Check<'_> {
         listeners: &[ListenerConfig],
     ) -> Option<CoordinationConfig> {
         use redis::IntoConnectionInfo;
-        // The URL itself is never repeated in a message: it may hold a password.
-        let scheme_ok = ["redis://", "rediss://"]
-            .iter()
-            .any(|scheme| coordination.redis.starts_with(scheme));
-        let parsed = if scheme_ok {
-            coordination.redis.as_str().into_connection_info().ok()
-        } else {
-            None
+        // A URL is never repeated in a message: it may hold a password.
+        let parse = |field: &str, url: &str| {
+            let scheme_ok = ["redis://", "rediss://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme));
+            let parsed = scheme_ok.then(|| url.into_connection_info().ok()).flatten();
+            if parsed.is_none() {
+                self.error(
+                    field,
+                    "must be a redis:// or rediss:// URL, for example redis://127.0.0.1:6379/0",
+                );
+            }
+            parsed
         };
-        if parsed.is_none() {
-            self.error(
-                "coordination.redis",
-                "must be a redis:// or rediss:// URL, for example redis://127.0.0.1:6379/0",
-            );
-        }
+        let endpoint = match (coordination.redis, coordination.redis_cluster) {
+            (Some(url), None) => {
+                parse("coordination.redis", &url).map(|node| RedisEndpoint::Node(Box::new(node)))
+            }
+            (None, Some(urls)) => self.cluster_seeds(&urls, parse),
+            (Some(_), Some(_)) => {
+                self.error(
+                    "coordination.redis_cluster",
+                    "set redis (one server) or redis_cluster (the seed nodes of a Redis Cluster), not both",
+                );
+                None
+            }
+            (None, None) => {
+                self.error(
+                    "coordination",
+                    "needs redis (one server) or redis_cluster (the seed nodes of a Redis Cluster)",
+                );
+                None
+            }
+        };
         let password = coordination.redis_password_env.as_deref().and_then(|var| {
-            if parsed
-                .as_ref()
-                .is_some_and(|info| info.redis_settings().password().is_some())
-            {
+            if endpoint.as_ref().is_some_and(|endpoint| {
+                endpoint
+                    .nodes()
+                    .iter()
+                    .any(|info| info.redis_settings().password().is_some())
+            }) {
                 self.error(
                     "coordination.redis_password_env",
                     "the redis URL holds a password already: set one or the other",
@@ -607,6 +655,18 @@ impl Check<'_> {
                 return None;
             }
             self.secret_from_env("coordination.redis_password_env", var)
+        });
+        let redis_ca = coordination.redis_ca.map(|ca| {
+            let is_tls = |info: &redis::ConnectionInfo| {
+                matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. })
+            };
+            if endpoint
+                .as_ref()
+                .is_some_and(|endpoint| !endpoint.nodes().iter().all(is_tls))
+            {
+                self.error("coordination.redis_ca", "is for rediss:// (TLS) URLs only");
+            }
+            self.non_empty_path("coordination.redis_ca", ca)
         });
         let instance_id = match coordination.instance_id {
             Some(id) => {
@@ -627,12 +687,63 @@ impl Check<'_> {
             }
             None => default_instance_id(listeners),
         };
-        let mut redis = parsed?;
-        if let Some(password) = password {
-            let settings = redis.redis_settings().clone().set_password(password);
-            redis = redis.set_redis_settings(settings);
+        let with_password = |info: redis::ConnectionInfo| match &password {
+            Some(password) => {
+                let settings = info.redis_settings().clone().set_password(password.clone());
+                info.set_redis_settings(settings)
+            }
+            None => info,
+        };
+        let redis = match endpoint? {
+            RedisEndpoint::Node(node) => RedisEndpoint::Node(Box::new(with_password(*node))),
+            RedisEndpoint::Cluster(seeds) => {
+                RedisEndpoint::Cluster(seeds.into_iter().map(with_password).collect())
+            }
+        };
+        Some(CoordinationConfig {
+            redis,
+            redis_ca,
+            instance_id,
+        })
+    }
+
+    /// The seed nodes of `coordination.redis_cluster`: one scheme, one password, database 0
+    /// (the only one a Redis Cluster has).
+    fn cluster_seeds(
+        &self,
+        urls: &[String],
+        parse: impl Fn(&str, &str) -> Option<redis::ConnectionInfo>,
+    ) -> Option<RedisEndpoint> {
+        let field = "coordination.redis_cluster";
+        if urls.is_empty() {
+            self.error(field, "needs at least one seed node");
+            return None;
         }
-        Some(CoordinationConfig { redis, instance_id })
+        let seeds: Vec<redis::ConnectionInfo> = urls
+            .iter()
+            .map(|url| parse(field, url))
+            .collect::<Option<_>>()?;
+        let tls = |info: &redis::ConnectionInfo| {
+            matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. })
+        };
+        let first = seeds.first()?;
+        let mut valid = true;
+        if seeds.iter().any(|seed| tls(seed) != tls(first)) {
+            self.error(field, "every seed node is redis:// or every one rediss://");
+            valid = false;
+        }
+        if seeds.iter().any(|seed| {
+            seed.redis_settings().password() != first.redis_settings().password()
+                || seed.redis_settings().username() != first.redis_settings().username()
+        }) {
+            self.error(field, "every seed node has the same user name and password");
+            valid = false;
+        }
+        if seeds.iter().any(|seed| seed.redis_settings().db() != 0) {
+            self.error(field, "a Redis Cluster has only database 0: leave /DB out");
+            valid = false;
+        }
+        valid.then_some(RedisEndpoint::Cluster(seeds))
     }
 
     fn listener(&self, index: usize, listener: ListenerFileConfig) -> ListenerConfig {
@@ -993,7 +1104,12 @@ struct ConfigFile {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CoordinationFileConfig {
-    redis: String,
+    #[serde(default)]
+    redis: Option<String>,
+    #[serde(default)]
+    redis_cluster: Option<Vec<String>>,
+    #[serde(default)]
+    redis_ca: Option<PathBuf>,
     #[serde(default)]
     instance_id: Option<String>,
     #[serde(default)]
@@ -1399,11 +1515,11 @@ limits:
         .unwrap();
         let coordination = config.coordination.unwrap();
         assert_eq!(coordination.instance_id, "warden-a");
-        assert_eq!(coordination.redis.redis_settings().db(), 2);
-        assert_eq!(
-            coordination.redis.redis_settings().password(),
-            Some("secret")
-        );
+        let RedisEndpoint::Node(node) = &coordination.redis else {
+            panic!("one server")
+        };
+        assert_eq!(node.redis_settings().db(), 2);
+        assert_eq!(node.redis_settings().password(), Some("secret"));
         let shown = format!("{coordination:?}");
         assert!(!shown.contains("secret"), "{shown}");
 
@@ -1427,7 +1543,65 @@ limits:
         .unwrap()
         .coordination
         .unwrap();
-        assert_eq!(from_env.redis.redis_settings().password(), Some("from-env"));
+        assert_eq!(
+            from_env.redis.nodes()[0].redis_settings().password(),
+            Some("from-env")
+        );
+    }
+
+    #[test]
+    fn a_redis_cluster_is_a_list_of_seed_nodes_sharing_one_password_and_scheme() {
+        std::env::set_var("WARDEN_TEST_CLUSTER_PASSWORD", "cluster-secret");
+        let config = parse(&format!(
+            "{MINIMAL}coordination:\n  redis_cluster: [\"rediss://10.0.0.1:7000\", \"rediss://10.0.0.2:7000\"]\n  redis_password_env: WARDEN_TEST_CLUSTER_PASSWORD\n  redis_ca: certs/redis-ca.pem\n"
+        ))
+        .unwrap();
+        let coordination = config.coordination.unwrap();
+        let RedisEndpoint::Cluster(seeds) = &coordination.redis else {
+            panic!("a cluster")
+        };
+        assert_eq!(seeds.len(), 2);
+        assert!(seeds
+            .iter()
+            .all(|seed| seed.redis_settings().password() == Some("cluster-secret")));
+        assert_eq!(
+            coordination.redis_ca.as_deref(),
+            Some(Path::new("/etc/warden/certs/redis-ca.pem"))
+        );
+        assert!(!format!("{coordination:?}").contains("cluster-secret"));
+
+        let errors = |section: &str| -> Vec<(Option<usize>, String)> {
+            all_invalid(&format!("{MINIMAL}coordination:\n{section}"))
+                .into_iter()
+                .map(|(line, field, _)| (line, field))
+                .collect()
+        };
+        let field = |line: usize, name: &str| (Some(line), name.to_owned());
+        assert_eq!(
+            errors("  redis: \"redis://h:1\"\n  redis_cluster: [\"redis://h:1\"]\n"),
+            vec![field(8, "coordination.redis_cluster")]
+        );
+        assert_eq!(
+            errors("  redis_cluster: [\"redis://h:1\", \"rediss://h:2\"]\n"),
+            vec![field(7, "coordination.redis_cluster")]
+        );
+        assert_eq!(
+            errors("  redis_cluster: [\"redis://:a@h:1\", \"redis://:b@h:2\"]\n"),
+            vec![field(7, "coordination.redis_cluster")]
+        );
+        assert_eq!(
+            errors("  redis_cluster: [\"redis://h:1/3\"]\n"),
+            vec![field(7, "coordination.redis_cluster")]
+        );
+        assert_eq!(
+            errors("  redis_cluster: []\n"),
+            vec![field(7, "coordination.redis_cluster")]
+        );
+        assert_eq!(
+            errors("  redis: \"redis://h:1\"\n  redis_ca: ca.pem\n"),
+            vec![field(8, "coordination.redis_ca")]
+        );
+        assert_eq!(errors("  instance_id: a\n"), vec![field(6, "coordination")]);
     }
 
     #[test]

@@ -35,6 +35,13 @@ use crate::refusal::{Cause, Code, Refusal};
 use crate::rewrite::TopicMap;
 use crate::transport::ConnectionInfo;
 
+/// How a session is closed when a later start of its own process settles it, after the process
+/// died without closing it (the ledger's recovery, or coordination's settlement of an earlier
+/// process of the same instance): [`Profile::settle`]'s close.
+pub fn settled_after_restart() -> Refusal {
+    Refusal::with_detail(Cause::ServerClosed, "settled after a proxy restart")
+}
+
 /// One PUBLISH the proxy sends itself (a status message, a notification, a ledger entry), at
 /// QoS 0 over the control connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -324,7 +331,7 @@ pub trait Profile: Send + Sync + 'static {
     /// that is not this profile's or cannot be read (it is then only cleared).
     fn settle(&self, entry: &[u8]) -> Option<Settlement>;
 
-    /// As [`Profile::settle`], closed with `refusal` instead of the crash-recovery close: another
+    /// As [`Profile::settle`], closed with `refusal` instead of [`settled_after_restart`]: another
     /// proxy instance publishes the Disconnect of a session whose own instance did not answer
     /// (a takeover's 288, an instance that stopped).
     fn settle_as(&self, entry: &[u8], refusal: &Refusal) -> Option<Settlement> {

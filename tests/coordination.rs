@@ -453,6 +453,55 @@ async fn a_redis_restart_under_traffic_loses_no_acknowledged_message() {
 }
 
 #[tokio::test]
+async fn when_redis_loses_its_data_only_the_clients_it_held_are_closed() {
+    let (broker, redis, _a, b) = two_instances(&standard_policy()).await;
+    let mut conn = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let dev1 = "org1/iot-2/type/sensor/id/dev1/mon";
+    let mut watcher = broker_watcher(&broker, dev1).await;
+    let mut before = v4::org1_device(b.addr, "dev1").await;
+    assert_eq!(next_status(&mut watcher, dev1).await["Action"], "Connect");
+
+    // Redis loses its data (as a restart without persistence does), and dev2 connects through
+    // b before b's next renewal notices: dev2's claim is in the new data.
+    let mut after = None;
+    for _ in 0..3 {
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+        let client = v4::org1_device(b.addr, "dev2").await;
+        let noticed: bool = redis::cmd("EXISTS")
+            .arg("warden:mark:{b}")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !noticed {
+            after = Some(client);
+            break;
+        }
+        // b renewed in between: try again, in the next renewal period.
+        client.disconnect().await;
+    }
+    let mut after = after.expect("dev2 claimed between the loss and b's next renewal");
+
+    // b's renewal notices: dev1, whose record was lost, is closed (92) and its Disconnect
+    // published by b; dev2 goes on.
+    before.closed().await;
+    let lost = next_status(&mut watcher, dev1).await;
+    assert_eq!(
+        (lost["Action"].as_str(), lost["CloseCode"].as_i64()),
+        (Some("Disconnect"), Some(92))
+    );
+    assert!(
+        after
+            .publish_acked("iot-2/evt/e/fmt/txt", b"still here".to_vec())
+            .await
+    );
+    assert_eq!(b.running.admission.sessions().len(), 1);
+}
+
+#[tokio::test]
 async fn a_redis_stall_closes_the_clients_and_gives_their_places_back_afterwards() {
     let broker = Broker::start().await;
     let redis = Redis::start().await;

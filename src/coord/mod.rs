@@ -11,6 +11,7 @@
 pub mod ids;
 pub mod local;
 pub mod redis;
+pub mod redis_link;
 pub mod redis_rate;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};

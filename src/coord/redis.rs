@@ -21,6 +21,10 @@
 //!   holding the ID of the process that holds it; `warden:instances`: every instance that may
 //!   hold sessions; `warden:{i:INSTANCE}:held`: `ORG \0 SESSION` of each session it claimed.
 //!
+//! How Redis is reached, one server or a Redis Cluster, plain or TLS, is
+//! [`super::redis_link`]'s; the rest of this module does not tell them apart, except for the
+//! CONNECT's round trips (one pipeline on one server, two steps on a cluster).
+//!
 //! Signalling between instances is Redis pub/sub, one channel per instance
 //! (`warden:chan:INSTANCE`): a takeover asks the holder to close its session (`close`), the holder
 //! closes it with 288, waits until its Disconnect status is confirmed by the broker, and answers
@@ -46,7 +50,6 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use thiserror::Error;
 use tokio::sync::{oneshot, watch, Notify, Semaphore};
@@ -54,6 +57,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::local::count_down;
+use super::redis_link::{LinkError, RedisConn, RedisLink};
 use super::redis_rate::SharedRateBuckets;
 use super::{
     closed_by_administrator, Admission, ClaimError, ClaimRequest, Ownership, Release, Released,
@@ -104,6 +108,9 @@ pub enum CoordError {
     /// Redis answered with an error or the connection failed.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The link to Redis could not be set up (its URLs, its CA).
+    #[error(transparent)]
+    Link(#[from] LinkError),
     /// Redis did not answer in time.
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
@@ -297,6 +304,31 @@ return 1
 "#,
     )
 });
+
+/// One round trip to one server for a CONNECT: the session recorded in the instance's held set
+/// and the claim script, pipelined; the server runs them in that order, so a claim is never
+/// without its record, as when they are sent one after the other.
+async fn record_and_claim(
+    conn: &mut RedisConn,
+    held: &str,
+    member: &str,
+    claim: &redis::ScriptInvocation<'_>,
+) -> redis::RedisResult<Vec<String>> {
+    let mut pipe = redis::pipe();
+    pipe.sadd(held, member).ignore().invoke_script(claim);
+    match pipe.query_async::<(Vec<String>,)>(conn).await {
+        // The script is not loaded yet (a new or restarted server): load it and run both again
+        // (the record is a set member, so recording it twice is harmless).
+        Err(error)
+            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
+            claim.load_async(conn).await?;
+            pipe.query_async::<(Vec<String>,)>(conn).await
+        }
+        answer => answer,
+    }
+    .map(|(answer,)| answer)
+}
 
 /// The keys of one org.
 struct OrgKeys {
@@ -497,7 +529,8 @@ enum Outcome {
 
 /// The part of the coordinator that background tasks and releases share.
 struct Shared {
-    conn: ConnectionManager,
+    conn: RedisConn,
+    link: RedisLink,
     instance: String,
     /// This start of the instance: the lease's value.
     boot: String,
@@ -578,17 +611,10 @@ impl Coordinator {
         metrics: CoordinationMetrics,
     ) -> Result<Arc<Coordinator>, CoordError> {
         let (stop, shutdown) = watch::channel(false);
-        let client = redis::Client::open(config.redis.clone())?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(REDIS_TIMEOUT))
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_max_delay(Duration::from_secs(1));
-        let mut conn = tokio::time::timeout(
-            LEASE_ACQUIRE_WAIT,
-            ConnectionManager::new_with_config(client.clone(), manager_config),
-        )
-        .await
-        .map_err(|_| CoordError::Timeout(LEASE_ACQUIRE_WAIT))??;
+        let link = RedisLink::new(config, REDIS_TIMEOUT)?;
+        let mut conn = tokio::time::timeout(LEASE_ACQUIRE_WAIT, link.connect())
+            .await
+            .map_err(|_| CoordError::Timeout(LEASE_ACQUIRE_WAIT))??;
         let instance = config.instance_id.clone();
         // Per start, not per process: two instances in one test process are two holders.
         let boot = format!("{:016x}", rand::random::<u64>());
@@ -618,6 +644,7 @@ impl Coordinator {
         let _: () = bounded(conn.sadd(INSTANCES_KEY, &instance)).await?;
         let shared = Arc::new(Shared {
             conn,
+            link,
             instance,
             boot,
             local: Mutex::new(Local::default()),
@@ -636,15 +663,12 @@ impl Coordinator {
             orphaned: Mutex::new(HashSet::new()),
         });
         shared.set_healthy(true);
-        let pubsub = subscribe(&client, &shared.instance).await?;
-        tokio::spawn(shared.clone().listen(client, pubsub, shutdown.clone()));
+        let (pubsub, node) = shared.link.subscribe(&channel(&shared.instance), 0).await?;
+        tokio::spawn(shared.clone().listen(pubsub, node, shutdown.clone()));
         tokio::spawn(shared.clone().work());
         let own = shared.instance.clone();
         let settled = shared
-            .settle_instance(
-                &own,
-                Refusal::with_detail(Cause::ServerClosed, "settled after a proxy restart"),
-            )
+            .settle_instance(&own, crate::profile::settled_after_restart())
             .await?;
         if settled > 0 {
             warn!(
@@ -698,15 +722,6 @@ impl Coordinator {
         )
         .await;
     }
-}
-
-async fn subscribe(
-    client: &redis::Client,
-    instance: &str,
-) -> Result<redis::aio::PubSub, CoordError> {
-    let mut pubsub = bounded(client.get_async_pubsub()).await?;
-    bounded(pubsub.subscribe(channel(instance))).await?;
-    Ok(pubsub)
 }
 
 impl Shared {
@@ -778,15 +793,22 @@ impl Shared {
                     }
                 }
                 Ok(3) => {
-                    // Redis restarted without its data: nobody can settle this instance's
-                    // sessions from their records, so their Disconnects go out from here.
-                    warn!("the coordination store lost its data; closing every client");
-                    {
-                        let sessions: Vec<String> =
-                            lock(&self.local).sessions.keys().cloned().collect();
-                        lock(&self.orphaned).extend(sessions);
+                    // Redis restarted without its data: nobody can settle the sessions whose
+                    // records went with it, so they are closed and their Disconnects go out
+                    // from here. Sessions claimed since then (in the time until this renewal)
+                    // have their records in the new data, and go on.
+                    let lost = self.sessions_without_records().await;
+                    warn!(
+                        sessions = lost.len(),
+                        "the coordination store lost its data; closing the clients it held"
+                    );
+                    lock(&self.orphaned).extend(lost.iter().map(|(id, _)| id.clone()));
+                    for (_, handle) in lost {
+                        handle.close(Refusal::with_detail(
+                            Cause::ServerClosed,
+                            "the coordination store lost its data",
+                        ));
                     }
-                    self.close_all("the coordination store lost its data");
                     *lock(&self.renewed) = Instant::now();
                     let _ = bounded(conn.sadd::<_, _, ()>(INSTANCES_KEY, &self.instance)).await;
                     self.set_healthy(true);
@@ -812,6 +834,27 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// This instance's sessions whose records are not in Redis (or could not be checked).
+    async fn sessions_without_records(&self) -> Vec<(String, SessionHandle)> {
+        let sessions: Vec<(String, Box<str>, SessionHandle)> = lock(&self.local)
+            .sessions
+            .iter()
+            .map(|(id, s)| (id.clone(), s.tenant.clone(), s.handle.clone()))
+            .collect();
+        let checks =
+            futures_util::future::join_all(sessions.iter().map(|(id, tenant, _)| async move {
+                let mut conn = self.conn.clone();
+                bounded(conn.hexists::<_, _, bool>(OrgKeys::new(tenant).sessions, id)).await
+            }))
+            .await;
+        sessions
+            .into_iter()
+            .zip(checks)
+            .filter(|(_, kept)| !matches!(kept, Ok(true)))
+            .map(|((id, _, handle), _)| (id, handle))
+            .collect()
     }
 
     async fn settle_dead_instances(&self) -> Result<(), CoordError> {
@@ -1102,8 +1145,8 @@ impl Shared {
     /// Listens on this instance's channel, resubscribing after a broken connection.
     async fn listen(
         self: Arc<Self>,
-        client: redis::Client,
         mut pubsub: redis::aio::PubSub,
+        mut node: usize,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut wait = Duration::from_millis(100);
@@ -1127,8 +1170,14 @@ impl Shared {
                     _ = shutdown.wait_for(|stop| *stop) => return,
                 }
                 wait = (wait * 2).min(Duration::from_secs(2));
-                if let Ok(again) = subscribe(&client, &self.instance).await {
+                // From the next node on: in a cluster, the one it had may be the one that is gone.
+                let again = self
+                    .link
+                    .subscribe(&channel(&self.instance), node + 1)
+                    .await;
+                if let Ok((again, on)) = again {
                     pubsub = again;
+                    node = on;
                     break;
                 }
             }
@@ -1221,7 +1270,7 @@ impl Shared {
                 .push(answered);
             let mut conn = self.conn.clone();
             let request = format!("close\0{displaced}\0{}", self.instance);
-            let listeners: i64 = bounded(conn.publish(channel(holder), request))
+            let listeners = bounded(self.link.publish(&mut conn, &channel(holder), &request))
                 .await
                 .unwrap_or(0);
             let mut wait = std::pin::pin!(wait);
@@ -1271,29 +1320,33 @@ impl Shared {
         let keys = OrgKeys::new(&tenant);
         let mut conn = self.conn.clone();
         let member = held_member(&tenant, &id);
-        // Recorded first, so that a crash between the two leaves nothing unsettled.
-        bounded(conn.sadd::<_, _, ()>(held_key(&self.instance), &member))
-            .await
-            .map_err(|_| ClaimError::Unavailable)?;
-        let answer: Result<Vec<String>, _> = bounded(
-            CLAIM
-                .key(&keys.owner)
-                .key(&keys.sessions)
-                .key(&keys.count)
-                .key(&keys.presence)
-                .arg(&client_id)
-                .arg(if takeover { "1" } else { "0" })
-                .arg(limit)
-                .arg(&presence)
-                .arg(&id)
-                .arg(&self.instance)
-                .invoke_async(&mut conn),
-        )
-        .await;
+        let mut claim = CLAIM.key(&keys.owner);
+        claim
+            .key(&keys.sessions)
+            .key(&keys.count)
+            .key(&keys.presence)
+            .arg(&client_id)
+            .arg(if takeover { "1" } else { "0" })
+            .arg(limit)
+            .arg(&presence)
+            .arg(&id)
+            .arg(&self.instance);
+        let held = held_key(&self.instance);
+        let answer: Result<Vec<String>, _> = if self.link.is_cluster() {
+            // The held set and the org's keys are in different slots, on nodes that nothing
+            // orders: the session is recorded first, so that a crash between the two leaves
+            // nothing unsettled.
+            bounded(conn.sadd::<_, _, ()>(&held, &member))
+                .await
+                .map_err(|_| ClaimError::Unavailable)?;
+            bounded(claim.invoke_async(&mut conn)).await
+        } else {
+            bounded(record_and_claim(&mut conn, &held, &member, &claim)).await
+        };
         let answer = match answer {
             Ok(answer) if answer.first().map(String::as_str) == Some("ok") => answer,
             other => {
-                let _ = bounded(conn.srem::<_, _, ()>(held_key(&self.instance), &member)).await;
+                let _ = bounded(conn.srem::<_, _, ()>(&held, &member)).await;
                 return Err(match other {
                     Ok(_) => ClaimError::TenantFull,
                     Err(error) => {
@@ -1378,9 +1431,12 @@ impl Shared {
             }
             let mut conn = self.conn.clone();
             let request = format!("admin\0{}", info.session);
-            let heard: i64 = bounded(conn.publish(channel(&info.instance), request))
-                .await
-                .map_err(|_| ClaimError::Unavailable)?;
+            let heard = bounded(
+                self.link
+                    .publish(&mut conn, &channel(&info.instance), &request),
+            )
+            .await
+            .map_err(|_| ClaimError::Unavailable)?;
             closed += usize::from(heard > 0);
         }
         Ok(closed)

@@ -20,12 +20,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::Script;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::debug;
 
+use super::redis_link::RedisConn;
 use super::{TenantBucket, TenantBuckets};
 use crate::limits::Rate;
 
@@ -120,7 +120,7 @@ impl TenantBucket for SharedRateBucket {
 
 /// The org rate buckets of one instance.
 pub struct SharedRateBuckets {
-    conn: ConnectionManager,
+    conn: RedisConn,
     buckets: Mutex<HashMap<Box<str>, Arc<SharedRateBucket>>>,
 }
 
@@ -132,7 +132,7 @@ impl std::fmt::Debug for SharedRateBuckets {
 
 impl SharedRateBuckets {
     /// Buckets whose batches come from Redis over `conn`.
-    pub fn new(conn: ConnectionManager) -> SharedRateBuckets {
+    pub fn new(conn: RedisConn) -> SharedRateBuckets {
         SharedRateBuckets {
             conn,
             buckets: Mutex::new(HashMap::new()),
@@ -183,7 +183,7 @@ impl TenantBuckets for SharedRateBuckets {
 
 struct Refill {
     bucket: Weak<SharedRateBucket>,
-    conn: ConnectionManager,
+    conn: RedisConn,
     key: String,
     interval_us: u64,
     burst_us: u64,

@@ -27,7 +27,8 @@ use crate::codec::{Connect, ProtocolVersion};
 use crate::policy::rules::{self, Action, Applicable, Decision, Subject};
 use crate::policy::{OnRateExceeded, OnViolation, PolicyStore, Retained, Tenant, TenantUser};
 use crate::profile::{
-    ConnectTerms, Counters, Profile, Publication, RateAction, SessionLimits, Settlement,
+    settled_after_restart, ConnectTerms, Counters, Profile, Publication, RateAction, SessionLimits,
+    Settlement,
 };
 use crate::refusal::{Cause, Code, Refusal};
 use crate::rewrite::TopicMap;
@@ -548,8 +549,13 @@ impl Profile for Generic {
     }
 
     fn settlement(&self, client: &Client, counters: Counters) -> Vec<u8> {
-        let settled = Refusal::with_detail(Cause::ServerClosed, "settled after a proxy restart");
-        let owed = self.event(client, "Disconnect", Some(&settled), counters);
+        // Its close, reason and time are filled in when it is settled (`settle_as`).
+        let owed = self.event(
+            client,
+            "Disconnect",
+            Some(&settled_after_restart()),
+            counters,
+        );
         let entry = Entry {
             generic: client.broker_client_id(),
             topic: owed.as_ref().map(|p| p.topic.clone()),
@@ -559,13 +565,25 @@ impl Profile for Generic {
     }
 
     fn settle(&self, entry: &[u8]) -> Option<Settlement> {
+        self.settle_as(entry, &settled_after_restart())
+    }
+
+    /// The Disconnect event kept at connect time, closed with `refusal` now: a restart's
+    /// settlement, another instance's for a stopped one, or a takeover's 288.
+    fn settle_as(&self, entry: &[u8], refusal: &Refusal) -> Option<Settlement> {
         let entry: Entry = serde_json::from_slice(entry).ok()?;
         let publications = match (entry.topic, entry.event) {
-            (Some(topic), Some(event)) => vec![Publication {
-                topic,
-                payload: Bytes::from(serde_json::to_vec(&event).ok()?),
-                retain: false,
-            }],
+            (Some(topic), Some(mut event)) => {
+                let code = crate::wiotp::codes::code(refusal.cause);
+                event.close_code = code.number;
+                event.reason = code.reason_string(refusal);
+                event.time = iso_time(std::time::SystemTime::now());
+                vec![Publication {
+                    topic,
+                    payload: Bytes::from(serde_json::to_vec(&event).ok()?),
+                    retain: false,
+                }]
+            }
             _ => Vec::new(),
         };
         Some(Settlement {

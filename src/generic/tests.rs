@@ -350,6 +350,51 @@ async fn publishes_lifecycle_events_and_settles_them() {
     let settled = profile.settle(&entry).unwrap();
     assert_eq!(settled.presence, "lab/alice-1");
     assert_eq!(settled.publications[0].topic, "lab/$events/alice-1");
+    let event: serde_json::Value =
+        serde_json::from_slice(&settled.publications[0].payload).unwrap();
+    assert_eq!(
+        (event["Action"].as_str(), event["CloseCode"].as_u64()),
+        (Some("Disconnect"), Some(92))
+    );
+    assert!(
+        event["Reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("settled after a proxy restart"),
+        "{event}"
+    );
+    // The event's time is the settlement's, not the connect's that stored the entry.
+    let mut old: serde_json::Value = serde_json::from_slice(&entry).unwrap();
+    old["event"]["Time"] = "2000-01-01T00:00:00.000Z".into();
+    let settled = profile.settle(&serde_json::to_vec(&old).unwrap()).unwrap();
+    let event: serde_json::Value =
+        serde_json::from_slice(&settled.publications[0].payload).unwrap();
+    assert_ne!(event["Time"], "2000-01-01T00:00:00.000Z");
+    // Settled by another instance: closed as that instance says (a takeover here), not as a
+    // restart.
+    let taken_over = profile
+        .settle_as(&entry, &Refusal::new(Cause::TakenOver))
+        .unwrap();
+    let event: serde_json::Value =
+        serde_json::from_slice(&taken_over.publications[0].payload).unwrap();
+    assert_eq!(event["CloseCode"], 288);
+    assert!(
+        !event["Reason"].as_str().unwrap().contains("restart"),
+        "{event}"
+    );
+    let stopped = Refusal::with_detail(Cause::ServerClosed, "its proxy instance stopped");
+    let event: serde_json::Value = serde_json::from_slice(
+        &profile.settle_as(&entry, &stopped).unwrap().publications[0].payload,
+    )
+    .unwrap();
+    assert_eq!(event["CloseCode"], 92);
+    assert!(
+        event["Reason"]
+            .as_str()
+            .unwrap()
+            .ends_with("its proxy instance stopped"),
+        "{event}"
+    );
     // Shop has no events.
     let shop = login(&profile, "x", "alice@shop", b"shop-pw")
         .await

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::codes::code;
 use super::identity::{parse_client_id, ClientClass, Identity};
-use crate::profile::{Counters, Publication, Request, Settlement};
+use crate::profile::{settled_after_restart, Counters, Publication, Request, Settlement};
 use crate::refusal::{Cause, Refusal};
 
 /// The kind of monitoring message.
@@ -278,10 +278,7 @@ pub fn presence(identity: &Identity) -> String {
 
 /// The Disconnect (92, "settled after a proxy restart") owed for a ledger entry.
 pub fn settle(entry: &[u8]) -> Option<Settlement> {
-    settle_as(
-        entry,
-        &Refusal::with_detail(Cause::ServerClosed, "settled after a proxy restart"),
-    )
+    settle_as(entry, &settled_after_restart())
 }
 
 /// The Disconnect owed for a ledger entry, closed with `refusal`.

@@ -167,6 +167,8 @@ pub struct Redis {
     /// Its port on 127.0.0.1.
     pub port: u16,
     _dir: TempDir,
+    /// Whether it serves TLS only ([`Redis::start_tls`]).
+    tls: bool,
 }
 
 impl Redis {
@@ -182,54 +184,47 @@ impl Redis {
 
     /// Starts `redis-server` on `port` (used to restart it on the same port).
     pub async fn start_on(port: u16) -> Option<Redis> {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port"])
-            .arg(port.to_string())
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "yes",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server is installed (scripts/test.sh installs it)");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout piped")).lines();
-        let ready = tokio::time::timeout(WAIT, async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("Ready to accept connections") {
-                    return true;
-                }
-                if line.contains("Could not create server TCP listening socket") {
-                    return false;
-                }
-            }
-            false
-        })
-        .await
-        .unwrap_or(false);
-        if !ready {
-            let _ = child.kill().await;
-            return None;
-        }
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (child, dir) = spawn_redis_server(&["--port".into(), port.to_string()]).await?;
         Some(Redis {
             child,
             port,
             _dir: dir,
+            tls: false,
         })
+    }
+
+    /// Starts `redis-server` serving only TLS on a free loopback port, with the certificate of
+    /// `pki` (for 127.0.0.1), no client certificate asked for, and `password` required.
+    pub async fn start_tls(pki: &pki::TestPki, password: &str) -> Redis {
+        for _ in 0..5 {
+            let port = free_port();
+            let mut args: Vec<String> = vec!["--port".into(), "0".into()];
+            args.extend(["--tls-port".into(), port.to_string()]);
+            for (flag, path) in [
+                ("--tls-cert-file", &pki.server_cert),
+                ("--tls-key-file", &pki.server_key),
+                ("--tls-ca-cert-file", &pki.ca_path),
+            ] {
+                args.extend([flag.into(), path.display().to_string()]);
+            }
+            args.extend(["--tls-auth-clients".into(), "no".into()]);
+            args.extend(["--requirepass".into(), password.into()]);
+            if let Some((child, dir)) = spawn_redis_server(&args).await {
+                return Redis {
+                    child,
+                    port,
+                    _dir: dir,
+                    tls: true,
+                };
+            }
+        }
+        panic!("redis-server with TLS did not start");
     }
 
     /// The URL for `coordination.redis`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// The `coordination:` config section for an instance named `instance`.
@@ -244,6 +239,208 @@ impl Redis {
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
         let _ = self.child.wait().await;
+    }
+}
+
+/// Runs `redis-server` on loopback without persistence, with `args` (which name its ports), in a
+/// folder of its own; `None` when it could not listen (a port taken meanwhile).
+async fn spawn_redis_server(args: &[String]) -> Option<(Child, TempDir)> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1"])
+        .args(args)
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "yes",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server is installed (scripts/test.sh installs it)");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout piped")).lines();
+    let ready = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("Ready to accept connections") {
+                return true;
+            }
+            // "... server TCP listening socket", "... server TLS listening socket", and the
+            // cluster bus's "Could not bind ..." / "Failed listening on port ...".
+            if line.contains("Could not create server")
+                || line.contains("Failed listening")
+                || line.contains("Could not bind")
+            {
+                return false;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    if !ready {
+        let _ = child.kill().await;
+        return None;
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Some((child, dir))
+}
+
+/// A Redis Cluster of the test's own: three masters (no replicas) on free loopback ports, each
+/// with its cluster bus on its port + 10000, the slots spread by `redis-cli --cluster create`.
+pub struct RedisCluster {
+    /// The nodes, in the order they were started.
+    pub nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    /// Starts three cluster nodes, joins them into one cluster and waits until every node says
+    /// the cluster is ok.
+    pub async fn start() -> RedisCluster {
+        let mut nodes = Vec::new();
+        while nodes.len() < 3 {
+            nodes.push(start_cluster_node().await);
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port))
+            .collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .expect("redis-cli is installed (it comes with redis-server)");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        for node in &nodes {
+            wait_cluster_ok(node).await;
+        }
+        RedisCluster { nodes }
+    }
+
+    /// Starts one more node and joins it to the cluster as a master without slots: it holds no
+    /// keys, so the cluster stays ok when it stops, but it serves pub/sub like any node.
+    pub async fn add_empty_node(&self) -> Redis {
+        let node = start_cluster_node().await;
+        let added = Command::new("redis-cli")
+            .args(["--cluster", "add-node"])
+            .arg(format!("127.0.0.1:{}", node.port))
+            .arg(format!("127.0.0.1:{}", self.nodes[0].port))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .expect("redis-cli is installed (it comes with redis-server)");
+        assert!(added.success(), "redis-cli --cluster add-node failed");
+        wait_cluster_ok(&node).await;
+        node
+    }
+
+    /// How many subscribers `channel` has on the nodes of [`RedisCluster::start`].
+    pub async fn subscribers(&self, channel: &str) -> i64 {
+        let mut total = 0;
+        for node in &self.nodes {
+            let client = redis::Client::open(node.url()).expect("node URL");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("a cluster node answers");
+            let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg(channel)
+                .query_async(&mut conn)
+                .await
+                .expect("PUBSUB NUMSUB");
+            total += counts.iter().map(|(_, count)| count).sum::<i64>();
+        }
+        total
+    }
+
+    /// The `coordination:` config section for an instance named `instance`, with the seed
+    /// nodes listed from node `first` on (so that instances subscribe on different nodes),
+    /// after the URLs of `before` (seeds that may not answer).
+    pub fn coordination(&self, instance: &str, first: usize, before: &[String]) -> String {
+        let seeds: Vec<String> = before
+            .iter()
+            .cloned()
+            .chain((0..self.nodes.len()).map(|i| {
+                let node = &self.nodes[(first + i) % self.nodes.len()];
+                format!("redis://127.0.0.1:{}", node.port)
+            }))
+            .map(|url| format!("\"{url}\""))
+            .collect();
+        format!(
+            "coordination:\n  redis_cluster: [{}]\n  instance_id: {instance}\n",
+            seeds.join(", ")
+        )
+    }
+}
+
+/// A `redis-server` with cluster mode on, on a free port whose bus port is free too.
+async fn start_cluster_node() -> Redis {
+    for _ in 0..5 {
+        let port = free_cluster_port();
+        let args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+        ]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect();
+        if let Some((child, dir)) = spawn_redis_server(&args).await {
+            return Redis {
+                child,
+                port,
+                _dir: dir,
+                tls: false,
+            };
+        }
+    }
+    panic!("a redis-server cluster node did not start");
+}
+
+/// Waits until `node` says the cluster is ok (every slot served, as it sees it).
+async fn wait_cluster_ok(node: &Redis) {
+    let client = redis::Client::open(node.url()).expect("node URL");
+    poll_until(WAIT, "the cluster is ok on every node", || {
+        let client = client.clone();
+        async move {
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            info.contains("cluster_state:ok").then_some(())
+        }
+    })
+    .await;
+}
+
+/// A free loopback port whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= u16::MAX - 10_000
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
     }
 }
 
