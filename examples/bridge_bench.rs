@@ -163,6 +163,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         limits: ProcessLimits::default(),
         shutting_down: Arc::new(AtomicBool::new(false)),
         capabilities: Default::default(),
+        retained: None,
+        shares: None,
     });
     let (mut client, session_end) = duplex(PIPE_BYTES);
     let info = ConnectionInfo {

@@ -17,11 +17,32 @@ use tracing::{debug, info};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::broker::{BrokerKind, Capabilities};
 use crate::coord::{Admission, ClaimError};
 use crate::metrics::{Metrics, CONTENT_TYPE};
+use crate::monitor::BrokerReport;
 
-/// Whether the proxy is ready for clients (the broker is reachable, no shutdown under way).
-pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;
+/// Whether the proxy is ready for clients (the broker is reachable, no shutdown under way):
+/// `Ok` with what it knows of the broker, or `Err` with why not. Either goes in the body.
+pub type Readiness = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// The `/readyz` body's account of the broker: its kind, what is declared, what the last probe
+/// saw, and every mismatch, one per line.
+pub fn broker_details(kind: BrokerKind, declared: &Capabilities, report: &BrokerReport) -> String {
+    let escaped: String = declared.escaped.chars().collect();
+    let mut out = format!(
+        "broker: {kind}\ndeclared: mqtt5={} max_qos={} shared_subscriptions={} retained_to_wildcards={} escape={escaped:?}\n",
+        declared.mqtt5, declared.max_qos, declared.shared_subscriptions, declared.retained_to_wildcards,
+    );
+    match &report.probed {
+        Some(probed) => out.push_str(&format!("probed: {probed}\n")),
+        None => out.push_str("probed: not yet\n"),
+    }
+    for mismatch in &report.mismatches {
+        out.push_str(&format!("mismatch: {mismatch}\n"));
+    }
+    out
+}
 
 /// What the endpoint reports on.
 #[derive(Clone)]
@@ -228,12 +249,14 @@ async fn answer(mut stream: TcpStream, state: &AdminState) -> std::io::Result<()
             sessions_request(method, path, &head, state).await
         }
         (b"GET", b"/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
-        (b"GET", b"/readyz") if (state.ready)() => ("200 OK", "text/plain", "ready\n".to_string()),
-        (b"GET", b"/readyz") => (
-            "503 Service Unavailable",
-            "text/plain",
-            "not ready\n".to_string(),
-        ),
+        (b"GET", b"/readyz") => match (state.ready)() {
+            Ok(details) => ("200 OK", "text/plain", format!("ready\n{details}")),
+            Err(reason) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("not ready: {reason}\n"),
+            ),
+        },
         (b"GET", b"/metrics") => ("200 OK", CONTENT_TYPE, state.metrics.render()),
         (b"GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
         _ => (

@@ -31,8 +31,13 @@
 //! - [`limits`]: token buckets, CONNECT rates and the refusal log budget.
 //! - [`upstream`]: dialling the broker, over TCP or TLS.
 //! - [`broker`]: what the broker behind the proxy supports (`upstream.broker`, overrides).
+//! - [`names`]: the reversible escape of characters a broker rejects in topics and client IDs.
 //! - [`monitor`]: the control connection that publishes the proxy's own messages.
+//! - [`probe`]: what the broker does, checked against what its kind declares.
 //! - [`ledger`]: which sessions a process holds, kept on the broker for crash recovery.
+//! - [`retained`]: the retained statuses the proxy published, replayed to wildcard
+//!   subscribers on brokers that do not deliver retained messages to them.
+//! - [`share`]: shared subscriptions done by the proxy for brokers without them.
 //! - [`reload`]: live reloads of policy and TLS files.
 //! - [`metrics`] and [`admin`]: OpenMetrics, `/healthz`, `/readyz`.
 //! - [`telemetry`]: logging and traces.
@@ -53,13 +58,17 @@ pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod monitor;
+pub mod names;
 pub mod policy;
+pub mod probe;
 pub mod profile;
 pub mod proxy;
 pub mod refusal;
 pub mod reload;
+pub mod retained;
 pub mod rewrite;
 pub mod session;
+pub mod share;
 pub mod telemetry;
 pub mod transport;
 pub mod upstream;

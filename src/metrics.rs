@@ -47,6 +47,22 @@ struct HttpLabels {
     status: u16,
 }
 
+/// Labels of `warden_upstream_refusals_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `control` (the control connection and its probes) or `session` (a client's).
+    pub connection: &'static str,
+    /// The CONNACK code in hex, or `closed`, `io`, `timeout`, `tls`, `invalid`.
+    pub code: String,
+}
+
+/// Labels of the broker capability series: one of the five capability names.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapabilityLabels {
+    /// `mqtt5`, `max_qos`, `shared_subscriptions`, `retained_to_wildcards` or `escape`.
+    pub capability: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct LimitLabels {
     org: String,
@@ -62,6 +78,22 @@ pub struct MonitorMetrics {
     pub published: Counter,
     /// Status messages dropped because the queue was full.
     pub dropped: Counter,
+    /// Connections to the broker that it refused or that failed before CONNACK.
+    pub refusals: Family<RefusalLabels, Counter>,
+    /// 1 where the last probe of the broker contradicted the declared capability.
+    pub capability_mismatch: Family<CapabilityLabels, Gauge>,
+    /// What the last probe saw: 1 / 0, the highest QoS, or for `escape` 1 when the broker
+    /// rejects or rewrites `.`; -1 when the probe could not tell.
+    pub capability_probed: Family<CapabilityLabels, Gauge>,
+}
+
+impl MonitorMetrics {
+    /// Counts a refused or failed connection to the broker.
+    pub fn refusal(&self, connection: &'static str, code: String) {
+        self.refusals
+            .get_or_create(&RefusalLabels { connection, code })
+            .inc();
+    }
 }
 
 /// The coordination's series (`coordination:`; zero without it).
@@ -194,6 +226,21 @@ impl Default for Metrics {
             metrics.monitor.upstream_up.clone(),
         );
         registry.register(
+            "warden_upstream_refusals",
+            "Connections to the broker refused by it (CONNACK code) or failed before its CONNACK",
+            metrics.monitor.refusals.clone(),
+        );
+        registry.register(
+            "warden_broker_capability_mismatch",
+            "1 where the last probe of the broker contradicted upstream.broker / upstream.capabilities",
+            metrics.monitor.capability_mismatch.clone(),
+        );
+        registry.register(
+            "warden_broker_capability_probed",
+            "What the last probe of the broker saw (1/0, the highest QoS; -1 unknown)",
+            metrics.monitor.capability_probed.clone(),
+        );
+        registry.register(
             "warden_coordination_up",
             "Whether this instance holds its coordination lease",
             metrics.coordination.up.clone(),
@@ -224,6 +271,25 @@ impl Default for Metrics {
             "Time to authenticate a CONNECT",
             metrics.auth_seconds.clone(),
         );
+        // Series that dashboards rate() from zero: every failure that is not a CONNACK code,
+        // and every capability (unknown, no mismatch, until the first probe).
+        for connection in ["control", "session"] {
+            for code in ["io", "timeout", "closed", "tls", "invalid"] {
+                let _ = metrics.monitor.refusals.get_or_create(&RefusalLabels {
+                    connection,
+                    code: code.to_owned(),
+                });
+            }
+        }
+        for capability in crate::probe::CAPABILITIES {
+            let labels = CapabilityLabels { capability };
+            metrics
+                .monitor
+                .capability_probed
+                .get_or_create(&labels)
+                .set(-1);
+            let _ = metrics.monitor.capability_mismatch.get_or_create(&labels);
+        }
         Metrics {
             registry,
             ..metrics

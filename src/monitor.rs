@@ -11,26 +11,52 @@
 //! batch is written again: a duplicate is possible, a loss is not (short of the queue
 //! overflowing). Every write has a deadline ([`CONTROL_WRITE_TIMEOUT`]).
 //!
+//! The broker's refusals and every failure of the connection are logged in the broker's own
+//! words (the CONNACK code and its meaning, the I/O error), counted in
+//! `warden_upstream_refusals_total`, and kept for `/readyz` ([`Monitor::report`]). Redials back
+//! off from [`REDIAL_MIN`] to [`REDIAL_MAX`], and the wait starts again from the minimum only
+//! after a connection stayed up for [`STABLE_CONNECTION`], so a broker that accepts and then
+//! drops the connection at once is not dialled ten times a second.
+//!
+//! Each time the connection comes up, the broker is probed on connections of its own
+//! (`probe`), and what the probe contradicts in the declared capabilities is logged and
+//! counted.
+//!
+//! Topics go to the broker with the characters it cannot take escaped (`names`), and the
+//! topics a recovery reads back are unescaped, so the rest of the proxy never sees the escape.
+//!
 //! The task knows nothing of what it publishes. On its first connection it can run a
-//! [`Recovery`]: subscribe to a filter, collect the retained messages up to a sentinel, and queue
-//! what the recovery's closure makes of them (see `ledger`).
+//! [`Recovery`]: rounds of reading the retained messages of exact topics (subscribe, collect up
+//! to a sentinel, unsubscribe), each round's topics chosen by the recovery's closure from what
+//! the earlier rounds found, and then queue what the closure makes of them (see `ledger`). Only
+//! filters without wildcards are used, since some brokers (RabbitMQ 3.x) deliver retained
+//! messages to no other.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{watch, Notify};
-use tracing::{debug, warn};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
+use crate::broker::{Capabilities, EscapeSet};
 use crate::codec::{
     decode_frame_header, encode_connect, encode_publish, encode_subscribe, encode_unsubscribe,
     parse_publish, Connect, ProtocolVersion, Will,
 };
-use crate::metrics::MonitorMetrics;
+use crate::ledger::Step;
+use crate::metrics::{CapabilityLabels, MonitorMetrics};
+use crate::names::{escape, unescape};
+use crate::probe::{probe, Probed, CAPABILITIES};
 use crate::profile::Publication;
-use crate::upstream::{handshake, Dial, UpstreamError};
+use crate::retained::RetainedRecord;
+use crate::upstream::{
+    connack_label, connack_meaning, failure_label, handshake, Dial, UpstreamError,
+};
 
 /// Keep-alive of the control connection, in seconds.
 const CONTROL_KEEP_ALIVE_SECS: u16 = 30;
@@ -42,32 +68,39 @@ const MAX_BATCH: usize = 512;
 const RECOVERY_PACKET_ID: u16 = 1;
 /// Largest retained message read back by a recovery, in bytes.
 const MAX_RECOVERY_PACKET_BYTES: usize = 64 * 1024;
+/// Filters in one recovery SUBSCRIBE.
+const FILTERS_PER_SUBSCRIBE: usize = 64;
 /// Retained messages a recovery reads back, at most.
 const MAX_RECOVERED: usize = 1_000_000;
-/// How long a recovery may take before the connection is redialled and it starts again.
+/// How long a recovery (every round) may take before the connection is redialled and it starts again.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// First and longest wait between redials.
-const REDIAL_MIN: Duration = Duration::from_millis(100);
-const REDIAL_MAX: Duration = Duration::from_secs(5);
+pub const REDIAL_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between redials.
+pub const REDIAL_MAX: Duration = Duration::from_secs(5);
+/// How long a connection must stay up before the redial wait starts again from [`REDIAL_MIN`].
+pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+/// The same failure is logged as a warning at most this often (every time at debug level).
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(60);
 
-/// What a recovery makes of the retained messages it found (topic, payload).
-pub type Settle = Box<dyn FnOnce(&[(String, Vec<u8>)]) -> Vec<Publication> + Send>;
+/// A recovery's next step, given the round (from 0) and every retained message (topic,
+/// payload) found in the earlier rounds: more exact topics to read, or what to publish.
+pub type Settle = Box<dyn FnMut(usize, &[(String, Vec<u8>)]) -> Step + Send>;
 
 /// A one-time read of retained messages when the control connection first comes up.
 pub struct Recovery {
-    /// The filter to subscribe to.
-    pub filter: String,
-    /// A topic under the filter, published (not retained) after subscribing: the broker
-    /// delivers it after every retained message.
+    /// A topic of the proxy's own, subscribed with each round's topics and published (not
+    /// retained) once they are acknowledged: the broker delivers it after every retained
+    /// message of those subscriptions.
     pub sentinel: String,
-    /// What to publish for the retained messages found (topic, payload).
+    /// Chooses each round's topics, and finally what to publish. Called again from round 0 when
+    /// a recovery is interrupted and starts over on a new connection.
     pub settle: Settle,
 }
 
 impl std::fmt::Debug for Recovery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Recovery")
-            .field("filter", &self.filter)
             .field("sentinel", &self.sentinel)
             .finish_non_exhaustive()
     }
@@ -88,6 +121,29 @@ pub struct ControlConfig {
     pub queue_limit: usize,
     /// Bytes (topics and payloads) the intake queue holds, at most.
     pub queue_bytes: usize,
+    /// What the broker is declared to support: its escape set applies to every topic and to
+    /// the client ID, and the probe is checked against it.
+    pub capabilities: Capabilities,
+    /// Whether to probe the broker each time the connection comes up.
+    pub probe: bool,
+    /// Where the retained messages published are noted, for replay to wildcard subscribers
+    /// (only on brokers that do not deliver retained messages to them).
+    pub retained: Option<Arc<RetainedRecord>>,
+}
+
+/// What the control connection knows of the broker, for `/readyz`.
+#[derive(Debug, Clone, Default)]
+pub struct BrokerReport {
+    /// Whether the control connection is up.
+    pub up: bool,
+    /// The last failure, in the broker's words (kept after a reconnect, for the record).
+    pub last_failure: Option<String>,
+    /// Failed attempts since the connection was last up for [`STABLE_CONNECTION`].
+    pub failures_in_a_row: u64,
+    /// What the last probe saw.
+    pub probed: Option<Probed>,
+    /// Where the last probe contradicted the declaration.
+    pub mismatches: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -104,15 +160,24 @@ struct Intake {
     limit: usize,
     bytes_limit: usize,
     metrics: MonitorMetrics,
+    retained: Option<Arc<RetainedRecord>>,
     /// Messages accepted so far, and messages confirmed or dropped so far.
     accepted: watch::Sender<u64>,
     settled: watch::Sender<u64>,
+    report: Mutex<BrokerReport>,
 }
 
 impl Intake {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // Each update is a push or a pop with its byte count; a poisoned queue is consistent.
         self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn report(&self) -> MutexGuard<'_, BrokerReport> {
+        // Each update replaces fields whole; a poisoned report is consistent.
+        self.report
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -143,12 +208,34 @@ impl Monitor {
             limit: config.queue_limit.max(1),
             bytes_limit: config.queue_bytes.max(1),
             metrics,
+            retained: config.retained,
             accepted: watch::channel(0).0,
             settled: watch::channel(0).0,
+            report: Mutex::new(BrokerReport::default()),
+        });
+        let escaped = config.capabilities.escaped;
+        // The probe's own name: the client ID with anything but letters, digits, `-` and `_`
+        // replaced, as it is a topic level too.
+        let probe_name = config.probe.then(|| {
+            config
+                .client_id
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect()
         });
         let control = Control {
             dialer,
-            client_id: config.client_id,
+            client_id: escape(escaped, &config.client_id).into_owned(),
+            escaped,
+            capabilities: config.capabilities,
+            probe_name,
+            probing: Arc::new(AtomicBool::new(false)),
             will: config.will,
             greeting: config.greeting,
             recovery: config.recovery,
@@ -169,6 +256,9 @@ impl Monitor {
             let mut queue = intake.lock();
             if queue.closed {
                 return;
+            }
+            if let Some(record) = &intake.retained {
+                record.record(&publications);
             }
             accepted = publications.len() as u64;
             for publication in publications {
@@ -227,11 +317,32 @@ impl Monitor {
     pub fn is_connected(&self) -> bool {
         self.intake.metrics.upstream_up.get() == 1
     }
+
+    /// What the control connection knows of the broker: whether it is up, its last failure and
+    /// the last probe.
+    pub fn report(&self) -> BrokerReport {
+        self.intake.report().clone()
+    }
+}
+
+/// A failed attempt to bring the control connection up or keep it up.
+struct Failure {
+    /// The `code` label of `warden_upstream_refusals_total`, when the broker refused or failed
+    /// the CONNECT (not for a connection that broke later).
+    label: Option<String>,
+    /// What happened, in the broker's words.
+    words: String,
 }
 
 struct Control<D: Dial> {
     dialer: Arc<D>,
     client_id: String,
+    escaped: EscapeSet,
+    capabilities: Capabilities,
+    /// The probe's name, when probing.
+    probe_name: Option<String>,
+    /// A probe is under way (redials do not start a second one).
+    probing: Arc<AtomicBool>,
     will: Option<Publication>,
     greeting: Vec<Publication>,
     recovery: Option<Recovery>,
@@ -266,27 +377,67 @@ async fn write_all<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> Resul
 
 impl<D: Dial> Control<D> {
     async fn run(mut self) {
+        // The first probe does not wait for the control connection: when a wrong declaration
+        // keeps it from coming up, the probe is what says why.
+        self.start_probe();
+        let mut first = true;
         let mut wait = REDIAL_MIN;
+        // The last failure logged as a warning, and when.
+        let mut logged: Option<(String, Instant)> = None;
         loop {
-            match self.connect().await {
+            let failure = match self.connect().await {
                 Ok(stream) => {
-                    wait = REDIAL_MIN;
+                    let up_since = Instant::now();
                     self.intake.metrics.upstream_up.set(1);
+                    self.intake.report().up = true;
+                    if logged.take().is_some() {
+                        info!(client_id = %self.client_id, "control connection to the broker is up again");
+                    }
+                    if !std::mem::take(&mut first) {
+                        self.start_probe();
+                    }
                     let stop = self.serve(stream).await;
                     self.intake.metrics.upstream_up.set(0);
+                    self.intake.report().up = false;
+                    if up_since.elapsed() >= STABLE_CONNECTION {
+                        wait = REDIAL_MIN;
+                        self.intake.report().failures_in_a_row = 0;
+                    }
                     match stop {
                         Stop::Finished => return,
-                        Stop::ClosedByBroker => warn!(
-                            client_id = %self.client_id,
-                            "the broker closed the control connection; if this repeats, another \
-                             process may be using the same control client ID"
-                        ),
-                        Stop::Broken(reason) => {
-                            debug!(%reason, "control connection broken; redialling")
-                        }
+                        Stop::ClosedByBroker => Failure {
+                            label: None,
+                            words: format!(
+                                "the broker closed the control connection (client ID {}); if this \
+                                 repeats, the broker may refuse one of its topics, or another \
+                                 process may use the same control client ID",
+                                self.client_id
+                            ),
+                        },
+                        Stop::Broken(reason) => Failure {
+                            label: None,
+                            words: format!("control connection broken: {reason}"),
+                        },
                     }
                 }
-                Err(error) => debug!(%error, "control connection failed"),
+                Err(failure) => failure,
+            };
+            if let Some(label) = failure.label {
+                self.intake.metrics.refusal("control", label);
+            }
+            {
+                let mut report = self.intake.report();
+                report.last_failure = Some(failure.words.clone());
+                report.failures_in_a_row += 1;
+            }
+            let repeat = logged.as_ref().is_some_and(|(words, at)| {
+                *words == failure.words && at.elapsed() < FAILURE_LOG_EVERY
+            });
+            if repeat {
+                debug!(reason = %failure.words, retry_in = ?wait, "control connection to the broker failed");
+            } else {
+                warn!(reason = %failure.words, retry_in = ?wait, "control connection to the broker failed; status messages wait in the queue");
+                logged = Some((failure.words, Instant::now()));
             }
             if self.finished() {
                 return;
@@ -297,21 +448,97 @@ impl<D: Dial> Control<D> {
         }
     }
 
+    /// Probes the broker on connections of its own, unless a probe is under way.
+    fn start_probe(&self) {
+        let Some(name) = self.probe_name.clone() else {
+            return;
+        };
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (dialer, intake, probing, declared) = (
+            self.dialer.clone(),
+            self.intake.clone(),
+            self.probing.clone(),
+            self.capabilities,
+        );
+        tokio::spawn(async move {
+            let probed = probe(&*dialer, &name).await;
+            let mismatches = probed.mismatches(&declared);
+            let metrics = &intake.metrics;
+            for (capability, value) in probed.gauges() {
+                metrics
+                    .capability_probed
+                    .get_or_create(&CapabilityLabels { capability })
+                    .set(value);
+            }
+            for capability in CAPABILITIES {
+                let mismatch = mismatches.iter().any(|m| m.capability == capability);
+                metrics
+                    .capability_mismatch
+                    .get_or_create(&CapabilityLabels { capability })
+                    .set(i64::from(mismatch));
+            }
+            for mismatch in &mismatches {
+                let (capability, declared, probed, key) = (
+                    mismatch.capability,
+                    &mismatch.declared,
+                    &mismatch.probed,
+                    mismatch.key,
+                );
+                if mismatch.overstated {
+                    warn!(capability, %declared, %probed, key, "the broker does less than declared, and what relies on it will fail; correct upstream.broker or set {key}");
+                } else {
+                    info!(capability, %declared, %probed, key, "the broker does more than declared; {key} could say so");
+                }
+            }
+            info!(%probed, mismatches = mismatches.len(), "broker probed");
+            {
+                let mut report = intake.report();
+                report.probed = Some(probed);
+                report.mismatches = mismatches.iter().map(ToString::to_string).collect();
+            }
+            probing.store(false, Ordering::Release);
+        });
+    }
+
     /// The intake is closed and nothing is left to send.
     fn finished(&self) -> bool {
         let queue = self.intake.lock();
         queue.closed && queue.items.is_empty() && self.in_flight.is_empty()
     }
 
-    async fn connect(&mut self) -> Result<D::Stream, UpstreamError> {
-        let mut stream = self.dialer.dial().await?;
-        let will = self.will.as_ref().map(|will| Will {
-            properties: Vec::new(),
-            topic: &will.topic,
-            payload: &will.payload,
-            qos: 0,
-            retain: will.retain,
-        });
+    async fn connect(&mut self) -> Result<D::Stream, Failure> {
+        let failed = |error| {
+            let hint = match error {
+                UpstreamError::Closed => format!(
+                    " (a broker may do this over the client ID {}, the credentials or the will \
+                     topic)",
+                    self.client_id
+                ),
+                _ => String::new(),
+            };
+            Failure {
+                label: Some(failure_label(&error).to_owned()),
+                words: format!("control connection: {error}{hint}"),
+            }
+        };
+        let mut stream = self.dialer.dial().await.map_err(failed)?;
+        let will_topic = self
+            .will
+            .as_ref()
+            .map(|will| escape(self.escaped, &will.topic));
+        let will = self
+            .will
+            .as_ref()
+            .zip(will_topic.as_deref())
+            .map(|(will, topic)| Will {
+                properties: Vec::new(),
+                topic,
+                payload: &will.payload,
+                qos: 0,
+                retain: will.retain,
+            });
         let connect = Connect {
             version: ProtocolVersion::V311,
             clean_start: true,
@@ -325,11 +552,18 @@ impl<D: Dial> Control<D> {
         let mut out = BytesMut::new();
         encode_connect(&mut out, &connect);
         let mut buf = BytesMut::with_capacity(64);
-        let header = handshake(&mut stream, &out, &mut buf).await?;
+        let header = handshake(&mut stream, &out, &mut buf)
+            .await
+            .map_err(failed)?;
         let code = buf.get(header.header_len + 1).copied().unwrap_or(0xFF);
         if code != 0 {
-            warn!(code, "broker refused the control connection");
-            return Err(UpstreamError::NotConnack);
+            return Err(Failure {
+                label: Some(connack_label(code)),
+                words: format!(
+                    "the broker refused the control connection: CONNACK {code} ({})",
+                    connack_meaning(false, code)
+                ),
+            });
         }
         Ok(stream)
     }
@@ -351,7 +585,7 @@ impl<D: Dial> Control<D> {
             encode_publish(
                 &mut out,
                 0x30 | u8::from(publication.retain),
-                &[publication.topic.as_bytes()],
+                &[escape(self.escaped, &publication.topic).as_bytes()],
                 &publication.payload,
             );
         }
@@ -360,20 +594,17 @@ impl<D: Dial> Control<D> {
                 return stop;
             }
         }
-        if let Some(recovery) = self.recovery.take() {
+        if let Some(mut recovery) = self.recovery.take() {
             match tokio::time::timeout(
                 RECOVERY_TIMEOUT,
-                recover(
-                    &mut stream,
-                    &mut inbound,
-                    &recovery.filter,
-                    &recovery.sentinel,
-                ),
+                recover(&mut stream, &mut inbound, &mut recovery, self.escaped),
             )
             .await
             {
-                Ok(Ok(found)) => {
-                    let publications = (recovery.settle)(&found);
+                Ok(Ok(publications)) => {
+                    if let Some(record) = &self.intake.retained {
+                        record.record(&publications);
+                    }
                     // Recovery output goes before anything queued since: it is older news.
                     let mut queue = self.intake.lock();
                     let count = publications.len() as u64;
@@ -415,7 +646,7 @@ impl<D: Dial> Control<D> {
                     encode_publish(
                         &mut out,
                         0x30 | u8::from(publication.retain),
-                        &[publication.topic.as_bytes()],
+                        &[escape(self.escaped, &publication.topic).as_bytes()],
                         &publication.payload,
                     );
                 }
@@ -471,25 +702,59 @@ impl<D: Dial> Control<D> {
     }
 }
 
-/// Subscribes to `filter`, publishes `sentinel`, and collects every retained message delivered
-/// before the sentinel. Unsubscribes again afterwards.
+/// Runs `recovery`'s rounds on `stream` and returns what it finally publishes.
 async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     inbound: &mut BytesMut,
-    filter: &str,
-    sentinel: &str,
-) -> Result<Vec<(String, Vec<u8>)>, Stop> {
-    let mut out = BytesMut::new();
-    encode_subscribe(
-        &mut out,
-        ProtocolVersion::V311,
-        RECOVERY_PACKET_ID,
-        &[],
-        &[(&[filter.as_bytes()], 0)],
-    );
-    write_all(stream, &out).await?;
+    recovery: &mut Recovery,
+    escaped: EscapeSet,
+) -> Result<Vec<Publication>, Stop> {
+    // The broker sees escaped topics; the ledger only ever sees its own form.
+    let sentinel = escape(escaped, &recovery.sentinel).into_owned();
     let mut found = Vec::new();
-    let mut sentinel_sent = false;
+    for round in 0.. {
+        match (recovery.settle)(round, &found) {
+            Step::Done(publications) => return Ok(publications),
+            Step::Read(topics) => {
+                let topics: Vec<String> = topics
+                    .iter()
+                    .map(|topic| escape(escaped, topic).into_owned())
+                    .collect();
+                read_retained(stream, inbound, &topics, &sentinel, escaped, &mut found).await?;
+            }
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// Subscribes to `topics` and `sentinel` (exact topics, in SUBSCRIBEs of at most
+/// [`FILTERS_PER_SUBSCRIBE`]), publishes `sentinel` once every SUBACK is in, and adds every
+/// message delivered before it to `found`. Unsubscribes again afterwards.
+async fn read_retained<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    inbound: &mut BytesMut,
+    topics: &[String],
+    sentinel: &str,
+    escaped: EscapeSet,
+    found: &mut Vec<(String, Vec<u8>)>,
+) -> Result<(), Stop> {
+    let mut filters: Vec<&str> = topics.iter().map(String::as_str).collect();
+    filters.push(sentinel);
+    let chunks: Vec<&[&str]> = filters.chunks(FILTERS_PER_SUBSCRIBE).collect();
+    let mut out = BytesMut::new();
+    for chunk in &chunks {
+        let parts: Vec<[&[u8]; 1]> = chunk.iter().map(|filter| [filter.as_bytes()]).collect();
+        let request: Vec<(&[&[u8]], u8)> = parts.iter().map(|p| (&p[..], 0u8)).collect();
+        encode_subscribe(
+            &mut out,
+            ProtocolVersion::V311,
+            RECOVERY_PACKET_ID,
+            &[],
+            &request,
+        );
+    }
+    write_all(stream, &out).await?;
+    let mut subacks_missing = chunks.len();
     'read: loop {
         match stream.read_buf(inbound).await {
             Ok(0) => return Err(Stop::ClosedByBroker),
@@ -508,23 +773,28 @@ async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
             }
             let frame = inbound.split_to(header.frame_len());
             match header.first_byte >> 4 {
-                // SUBACK: the subscription is in place; the sentinel follows the retained ones.
-                9 if !sentinel_sent => {
-                    out.clear();
-                    encode_publish(&mut out, 0x30, &[sentinel.as_bytes()], b"sentinel");
-                    write_all(stream, &out).await?;
-                    sentinel_sent = true;
+                // Every subscription is in place: the sentinel follows the retained messages.
+                9 if subacks_missing > 0 => {
+                    subacks_missing -= 1;
+                    if subacks_missing == 0 {
+                        out.clear();
+                        encode_publish(&mut out, 0x30, &[sentinel.as_bytes()], b"sentinel");
+                        write_all(stream, &out).await?;
+                    }
                 }
                 3 => {
                     let body = &frame[header.header_len..];
                     if let Ok(publish) =
                         parse_publish(header.first_byte, body, ProtocolVersion::V311, false)
                     {
-                        if publish.topic == sentinel {
+                        if publish.topic == sentinel && subacks_missing == 0 {
                             break 'read;
                         }
-                        if found.len() < MAX_RECOVERED {
-                            found.push((publish.topic.to_owned(), body[publish.payload].to_vec()));
+                        if found.len() < MAX_RECOVERED && publish.topic != sentinel {
+                            found.push((
+                                unescape(escaped, publish.topic).into_owned(),
+                                body[publish.payload].to_vec(),
+                            ));
                         }
                     }
                 }
@@ -533,15 +803,18 @@ async fn recover<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     out.clear();
-    encode_unsubscribe(
-        &mut out,
-        ProtocolVersion::V311,
-        RECOVERY_PACKET_ID,
-        &[],
-        &[&[filter.as_bytes()]],
-    );
-    write_all(stream, &out).await?;
-    Ok(found)
+    for chunk in &chunks {
+        let parts: Vec<[&[u8]; 1]> = chunk.iter().map(|filter| [filter.as_bytes()]).collect();
+        let request: Vec<&[&[u8]]> = parts.iter().map(|p| &p[..]).collect();
+        encode_unsubscribe(
+            &mut out,
+            ProtocolVersion::V311,
+            RECOVERY_PACKET_ID,
+            &[],
+            &request,
+        );
+    }
+    write_all(stream, &out).await
 }
 
 #[cfg(test)]
@@ -567,6 +840,9 @@ mod tests {
             recovery: None,
             queue_limit,
             queue_bytes,
+            capabilities: Capabilities::default(),
+            probe: false,
+            retained: None,
         }
     }
 
@@ -628,5 +904,112 @@ mod tests {
             second.read_buf(&mut seen).await.unwrap();
         }
         drop(first);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn topics_and_the_client_id_go_out_escaped() {
+        let (brokers, mut dialled) = mpsc::unbounded_channel();
+        let mut config = config(100, 100_000);
+        config.client_id = "warden-127.0.0.1".into();
+        config.capabilities.escaped = EscapeSet::DOT;
+        let monitor = Monitor::spawn(
+            Arc::new(DuplexDialer {
+                brokers,
+                pipe_bytes: 64 * 1024,
+            }),
+            config,
+            MonitorMetrics::default(),
+        );
+        monitor.send(vec![Publication {
+            topic: "org1/iot-2/type/t.1/id/d.1/mon".into(),
+            payload: b"x".to_vec().into(),
+            retain: false,
+        }]);
+        let mut broker = dialled.recv().await.unwrap();
+        let mut seen = BytesMut::new();
+        broker.read_buf(&mut seen).await.unwrap();
+        assert!(
+            seen.windows(18).any(|w| w == b"warden-127%2E0%2E0"),
+            "{seen:?}"
+        );
+        broker.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+        let escaped = b"org1/iot-2/type/t%2E1/id/d%2E1/mon";
+        while !seen.windows(escaped.len()).any(|w| w == escaped) {
+            broker.read_buf(&mut seen).await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_broker_that_drops_every_connection_at_once_is_redialled_ever_more_slowly() {
+        let (brokers, mut dialled) = mpsc::unbounded_channel();
+        let metrics = MonitorMetrics::default();
+        let monitor = Monitor::spawn(
+            Arc::new(DuplexDialer {
+                brokers,
+                pipe_bytes: 64 * 1024,
+            }),
+            config(100, 100_000),
+            metrics.clone(),
+        );
+        let mut dials = Vec::new();
+        for _ in 0..8 {
+            let mut broker = tokio::time::timeout(Duration::from_secs(60), dialled.recv())
+                .await
+                .expect("redialled")
+                .unwrap();
+            dials.push(Instant::now());
+            let mut buf = BytesMut::new();
+            broker.read_buf(&mut buf).await.unwrap();
+            // Accepted, then dropped at once, as NATS 2.9 did with a topic it refused.
+            broker.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+            drop(broker);
+        }
+        let gaps: Vec<Duration> = dials.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|w| w[1] >= w[0]), "{gaps:?}");
+        assert!(gaps[gaps.len() - 1] >= REDIAL_MAX, "{gaps:?}");
+        let report = monitor.report();
+        assert!(!report.up);
+        assert!(report.failures_in_a_row >= 6, "{report:?}");
+        assert!(
+            report
+                .last_failure
+                .as_deref()
+                .is_some_and(|why| why.contains("the broker closed the control connection")),
+            "{report:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_reported_in_the_brokers_words_and_counted() {
+        let (brokers, mut dialled) = mpsc::unbounded_channel();
+        let metrics = MonitorMetrics::default();
+        let monitor = Monitor::spawn(
+            Arc::new(DuplexDialer {
+                brokers,
+                pipe_bytes: 64 * 1024,
+            }),
+            config(100, 100_000),
+            metrics.clone(),
+        );
+        for _ in 0..2 {
+            let mut broker = dialled.recv().await.unwrap();
+            let mut buf = BytesMut::new();
+            broker.read_buf(&mut buf).await.unwrap();
+            broker.write_all(&[0x20, 0x02, 0x00, 0x05]).await.unwrap();
+        }
+        let _third = dialled.recv().await.unwrap();
+        let report = monitor.report();
+        assert_eq!(
+            report.last_failure.as_deref(),
+            Some("the broker refused the control connection: CONNACK 5 (not authorized)")
+        );
+        let refusals = metrics
+            .refusals
+            .get_or_create(&crate::metrics::RefusalLabels {
+                connection: "control",
+                code: "0x05".into(),
+            })
+            .get();
+        assert_eq!(refusals, 2);
     }
 }

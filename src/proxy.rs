@@ -23,7 +23,7 @@ use crate::coord::redis::{CoordError, Coordinator};
 use crate::coord::{Admission, ProcessSlots, Reporter, TenantBuckets};
 use crate::dispatch::Dispatch;
 use crate::http::HttpFront;
-use crate::ledger::Ledger;
+use crate::ledger::{Ledger, Step, LEDGER_ROOT};
 use crate::limits::{refusal_log_budget, ConnectRates};
 use crate::metrics::Metrics;
 use crate::monitor::{ControlConfig, Monitor, Recovery};
@@ -31,7 +31,9 @@ use crate::policy::{check_isolation, load_policies, PolicyErrors, PolicyStore};
 use crate::profile::Profile;
 use crate::refusal::{Cause, Refusal};
 use crate::reload::Reloader;
+use crate::retained::RetainedRecord;
 use crate::session::{self, Context};
+use crate::share::Groups;
 use crate::transport::{
     self, ConnectionInfo, ListenerTransport, PeerCertificate, ServerTls, TlsError,
 };
@@ -232,25 +234,35 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         let (ledger, profile, admission) =
             (ledger.clone(), profile.clone(), local_admission.clone());
         Recovery {
-            filter: ledger.filter(),
             sentinel: ledger.sentinel_topic(),
-            settle: Box::new(move |found| {
-                let settled = ledger.recover(
+            settle: Box::new(move |round, found| {
+                let step = ledger.recover(
+                    round,
                     found,
                     |entry| profile.settle(entry),
                     |presence| admission.is_present(presence),
                 );
-                let clients = settled.iter().filter(|p| !p.payload.is_empty()).count();
-                if clients > 0 {
-                    warn!(
-                        statuses = clients,
-                        "settled clients of an earlier process that stopped without closing them"
-                    );
+                if let Step::Done(settled) = &step {
+                    let statuses = settled
+                        .iter()
+                        .filter(|p| !p.payload.is_empty() && !p.topic.starts_with(LEDGER_ROOT))
+                        .count();
+                    if statuses > 0 {
+                        warn!(
+                            statuses,
+                            "settled clients of an earlier process that stopped without closing them"
+                        );
+                    }
                 }
-                settled
+                step
             }),
         }
     });
+    // Statuses are replayed by the proxy where the broker would not deliver them to a new
+    // wildcard subscription.
+    let capabilities = config.upstream.capabilities;
+    let retained =
+        (!capabilities.retained_to_wildcards).then(|| Arc::new(RetainedRecord::default()));
     let monitor = Monitor::spawn(
         dialer.clone(),
         ControlConfig {
@@ -260,6 +272,9 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             recovery,
             queue_limit: config.limits.monitor_queue,
             queue_bytes: config.limits.monitor_queue_bytes,
+            capabilities: config.upstream.capabilities,
+            probe: true,
+            retained: retained.clone(),
         },
         metrics.monitor.clone(),
     );
@@ -301,6 +316,14 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         ),
     };
     let shutting_down = Arc::new(AtomicBool::new(false));
+    // Scalable applications' groups are distributed here when the broker cannot.
+    let shares = (!capabilities.shared_subscriptions).then(|| {
+        Arc::new(Groups::new(
+            dialer.clone(),
+            &format!("{namespace}-share-{boot}"),
+            &format!("{namespace}-{boot}"),
+        ))
+    });
     let connect_rates = Arc::new(ConnectRates::new(
         config.limits.connect_rate_per_client_id,
         config.limits.connect_rate_per_address,
@@ -316,7 +339,9 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
         metrics: metrics.clone(),
         limits: config.limits.clone(),
         shutting_down: shutting_down.clone(),
-        capabilities: config.upstream.capabilities,
+        capabilities,
+        retained: retained.clone(),
+        shares,
     });
 
     // HTTP messaging requests publish through pooled broker connections of their own, named
@@ -359,10 +384,24 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             let ready = {
                 let (monitor, shutting_down) = (monitor.clone(), shutting_down.clone());
                 let coordinator = coordinator.clone();
+                let (kind, declared) = (config.upstream.broker, config.upstream.capabilities);
                 Arc::new(move || {
-                    monitor.is_connected()
-                        && !shutting_down.load(Ordering::Relaxed)
-                        && coordinator.as_ref().is_none_or(|c| c.is_healthy())
+                    if shutting_down.load(Ordering::Relaxed) {
+                        return Err("shutting down".to_owned());
+                    }
+                    if coordinator.as_ref().is_some_and(|c| !c.is_healthy()) {
+                        return Err("this instance does not hold its coordination lease".to_owned());
+                    }
+                    let report = monitor.report();
+                    let details = crate::admin::broker_details(kind, &declared, &report);
+                    if !monitor.is_connected() {
+                        return Err(format!(
+                            "the control connection to the broker is down ({} failed attempts in a row): {}\n{details}",
+                            report.failures_in_a_row,
+                            report.last_failure.as_deref().unwrap_or("not connected yet"),
+                        ));
+                    }
+                    Ok(details)
                 })
             };
             let sessions = config

@@ -9,13 +9,24 @@
 //! A map made [`TopicMap::with_client_shares`] keeps a client's own `$share/GROUP/` in front of
 //! the broker prefix, so that a shared subscription's group lives inside the client's space.
 //!
+//! A map made [`TopicMap::escaping`] also escapes, in the broker form, the characters the broker
+//! rejects or rewrites (see [`crate::names`]): the broker prefix once, when the map is made, and
+//! the client's part of each topic on its way up; a delivery's topic is unescaped on its way
+//! back, so the client sees the topic as it was published.
+//!
 //! Rewriting is two or three slices written one after the other into the output buffer, never a
-//! `format!`. The broker form is checked against MQTT's limits, which the client form alone does
-//! not guarantee: at most 65,535 bytes and at most [`MAX_TOPIC_LEVELS`] levels.
+//! `format!`. Without escaping, or when a topic holds nothing to escape, the slices borrow from
+//! the map and the packet, so the data path does not allocate. The broker form is checked
+//! against MQTT's limits, which the client form alone does not guarantee: at most 65,535 bytes
+//! and at most [`MAX_TOPIC_LEVELS`] levels.
+
+use std::borrow::Cow;
 
 use thiserror::Error;
 
+use crate::broker::EscapeSet;
 use crate::codec::MAX_TOPIC_LEVELS;
+use crate::names::{escape, escaped_len, unescape};
 
 /// The longest topic name or filter MQTT can carry, in bytes (a two-byte length).
 pub const MAX_TOPIC_BYTES: usize = 65_535;
@@ -44,6 +55,23 @@ pub struct TopicMap {
     broker_add_separators: usize,
     /// A client filter's `$share/GROUP/` goes in front of the broker prefix.
     client_shares: bool,
+    /// Characters escaped in the broker form ([`crate::names`]).
+    escaped: EscapeSet,
+}
+
+/// A part of a broker topic: borrowed, unless it had to be escaped.
+pub type Part<'a> = Cow<'a, [u8]>;
+
+fn part(text: Cow<'_, str>) -> Part<'_> {
+    match text {
+        Cow::Borrowed(text) => Cow::Borrowed(text.as_bytes()),
+        Cow::Owned(text) => Cow::Owned(text.into_bytes()),
+    }
+}
+
+/// The parts as slices, as the encoders take them.
+pub fn slices<'a, const N: usize>(parts: &'a [Part<'_>; N]) -> [&'a [u8]; N] {
+    parts.each_ref().map(|part| &**part)
 }
 
 impl TopicMap {
@@ -56,7 +84,25 @@ impl TopicMap {
             filter_prefix: filter_prefix.into(),
             broker_add_separators: broker_add.bytes().filter(|&b| b == b'/').count(),
             client_shares: false,
+            escaped: EscapeSet::NONE,
         }
+    }
+
+    /// The same rewrite, escaping the characters of `set` in the broker form (the broker
+    /// prefix, a shared subscription's group, and the client's part of every topic).
+    pub fn escaping(mut self, set: EscapeSet) -> TopicMap {
+        if set.is_empty() {
+            return self;
+        }
+        self.broker_add = escape(set, &self.broker_add).into();
+        self.filter_prefix = escape(set, &self.filter_prefix).into();
+        self.escaped = set;
+        self
+    }
+
+    /// The characters escaped in the broker form.
+    pub fn escaped(&self) -> EscapeSet {
+        self.escaped
     }
 
     /// The same rewrite, keeping a client filter's `$share/GROUP/` in front of the broker prefix.
@@ -67,16 +113,19 @@ impl TopicMap {
 
     /// A client filter as its share part (`$share/GROUP/`, or the map's filter prefix) and the
     /// filter itself.
-    fn split_share<'a>(&'a self, client_filter: &'a str) -> (&'a str, &'a str) {
+    fn split_share<'a>(&'a self, client_filter: &'a str) -> (Cow<'a, str>, &'a str) {
         if self.client_shares {
             if let Some(rest) = client_filter.strip_prefix("$share/") {
                 if let Some(slash) = rest.find('/') {
                     let cut = "$share/".len() + slash + 1;
-                    return (&client_filter[..cut], &client_filter[cut..]);
+                    return (
+                        escape(self.escaped, &client_filter[..cut]),
+                        &client_filter[cut..],
+                    );
                 }
             }
         }
-        (&self.filter_prefix, client_filter)
+        (Cow::Borrowed(&self.filter_prefix), client_filter)
     }
 
     /// What the broker has in front of every topic of this client.
@@ -98,9 +147,12 @@ impl TopicMap {
     }
 
     /// The broker form of a client topic name as two parts.
-    pub fn to_broker<'a>(&'a self, client_topic: &'a str) -> Result<[&'a [u8]; 2], RewriteError> {
+    pub fn to_broker<'a>(&'a self, client_topic: &'a str) -> Result<[Part<'a>; 2], RewriteError> {
         let rest = self.rest_of(client_topic, 0)?;
-        Ok([self.broker_add.as_bytes(), rest.as_bytes()])
+        Ok([
+            Cow::Borrowed(self.broker_add.as_bytes()),
+            part(escape(self.escaped, rest)),
+        ])
     }
 
     /// The broker form of a client filter as three parts: the filter prefix, the broker prefix
@@ -108,13 +160,13 @@ impl TopicMap {
     pub fn filter_to_broker<'a>(
         &'a self,
         client_filter: &'a str,
-    ) -> Result<[&'a [u8]; 3], RewriteError> {
+    ) -> Result<[Part<'a>; 3], RewriteError> {
         let (share, client_filter) = self.split_share(client_filter);
         let rest = self.rest_of(client_filter, share.len())?;
         Ok([
-            share.as_bytes(),
-            self.broker_add.as_bytes(),
-            rest.as_bytes(),
+            part(share),
+            Cow::Borrowed(self.broker_add.as_bytes()),
+            part(escape(self.escaped, rest)),
         ])
     }
 
@@ -125,15 +177,15 @@ impl TopicMap {
     pub fn unsubscribe_to_broker<'a>(
         &'a self,
         client_filter: &'a str,
-    ) -> Result<[&'a [u8]; 3], RewriteError> {
+    ) -> Result<[Part<'a>; 3], RewriteError> {
         match self.filter_to_broker(client_filter) {
             Err(RewriteError::Outside) => {
                 let (share, client_filter) = self.split_share(client_filter);
                 self.check_fits(share.len(), client_filter)?;
                 Ok([
-                    share.as_bytes(),
-                    self.broker_add.as_bytes(),
-                    client_filter.as_bytes(),
+                    part(share),
+                    Cow::Borrowed(self.broker_add.as_bytes()),
+                    part(escape(self.escaped, client_filter)),
                 ])
             }
             other => other,
@@ -142,22 +194,34 @@ impl TopicMap {
 
     /// The broker form of a client topic as one string (CONNECT-time use, such as will topics).
     pub fn to_broker_string(&self, client_topic: &str) -> Result<String, RewriteError> {
-        let rest = self.rest_of(client_topic, 0)?;
+        let rest = escape(self.escaped, self.rest_of(client_topic, 0)?);
         let mut topic = String::with_capacity(self.broker_add.len() + rest.len());
         topic.push_str(&self.broker_add);
-        topic.push_str(rest);
+        topic.push_str(&rest);
         Ok(topic)
     }
 
     /// The client form of a broker topic as two parts, or `None` when the topic is not in this
     /// client's space or has no valid client form (it is then never delivered).
-    pub fn to_client<'a>(&'a self, broker_topic: &'a str) -> Option<[&'a [u8]; 2]> {
-        let rest = broker_topic.strip_prefix(&*self.broker_add)?;
+    pub fn to_client<'a>(&'a self, broker_topic: &'a str) -> Option<[Part<'a>; 2]> {
+        let rest = self.client_rest(broker_topic)?;
+        Some([Cow::Borrowed(self.client_strip.as_bytes()), part(rest)])
+    }
+
+    /// The part of a broker topic in this client's space that follows the broker prefix, in the
+    /// client's form (unescaped), or `None` as for [`TopicMap::to_client`].
+    pub fn client_rest<'a>(&'a self, broker_topic: &'a str) -> Option<Cow<'a, str>> {
+        let rest = unescape(self.escaped, broker_topic.strip_prefix(&*self.broker_add)?);
         // The bare prefix would be an empty topic for the client, which MQTT forbids.
         if rest.is_empty() || self.client_strip.len() + rest.len() > MAX_TOPIC_BYTES {
             return None;
         }
-        Some([self.client_strip.as_bytes(), rest.as_bytes()])
+        Some(rest)
+    }
+
+    /// What the client writes in front of its topics in place of the broker prefix.
+    pub fn client_strip(&self) -> &str {
+        &self.client_strip
     }
 
     /// The part of a client topic or filter that follows `client_strip`, once the broker form
@@ -172,7 +236,7 @@ impl TopicMap {
 
     /// Whether `extra` bytes, the broker prefix and `rest` make a topic within MQTT's limits.
     fn check_fits(&self, extra: usize, rest: &str) -> Result<(), RewriteError> {
-        if extra + self.broker_add.len() + rest.len() > MAX_TOPIC_BYTES {
+        if extra + self.broker_add.len() + escaped_len(self.escaped, rest) > MAX_TOPIC_BYTES {
             return Err(RewriteError::TooLong);
         }
         // A topic has at most one level more than it has bytes, so short topics need no count.
@@ -192,7 +256,7 @@ impl TopicMap {
 mod tests {
     use super::*;
 
-    fn joined<const N: usize>(parts: [&[u8]; N]) -> String {
+    fn joined<const N: usize>(parts: [Part<'_>; N]) -> String {
         String::from_utf8(parts.concat()).unwrap()
     }
 
@@ -235,6 +299,48 @@ mod tests {
             joined(plain.filter_to_broker("$share/g1/a").unwrap()),
             "lab/$share/g1/a"
         );
+    }
+
+    #[test]
+    fn escaping_is_reversed_on_the_way_back() {
+        let map = TopicMap::new("iot-2/", "org1/iot-2/type/t.1/id/d.1/", "$share/wiotp.a.b/")
+            .escaping(EscapeSet::DOT);
+        let broker = joined(map.to_broker("iot-2/evt/temp.c/fmt/json").unwrap());
+        assert_eq!(
+            broker,
+            "org1/iot-2/type/t%2E1/id/d%2E1/evt/temp%2Ec/fmt/json"
+        );
+        assert_eq!(
+            joined(map.to_client(&broker).unwrap()),
+            "iot-2/evt/temp.c/fmt/json"
+        );
+        assert_eq!(
+            joined(map.filter_to_broker("iot-2/cmd/+/fmt/a.b").unwrap()),
+            "$share/wiotp%2Ea%2Eb/org1/iot-2/type/t%2E1/id/d%2E1/cmd/+/fmt/a%2Eb"
+        );
+        // A client's own `%` survives the trip.
+        let broker = map.to_broker_string("iot-2/evt/100%/fmt/json").unwrap();
+        assert_eq!(broker, "org1/iot-2/type/t%2E1/id/d%2E1/evt/100%25/fmt/json");
+        assert_eq!(
+            joined(map.to_client(&broker).unwrap()),
+            "iot-2/evt/100%/fmt/json"
+        );
+        // Escaping counts against MQTT's length limit.
+        let dots = ".".repeat(MAX_TOPIC_BYTES / 3);
+        assert_eq!(
+            map.to_broker(&format!("iot-2/{dots}")),
+            Err(RewriteError::TooLong)
+        );
+    }
+
+    #[test]
+    fn without_escaping_every_part_is_borrowed() {
+        let map =
+            TopicMap::new("iot-2/", "org1/iot-2/type/t.1/id/d.1/", "").escaping(EscapeSet::NONE);
+        let parts = map.to_broker("iot-2/evt/temp.c/fmt/json").unwrap();
+        assert!(parts.iter().all(|part| matches!(part, Cow::Borrowed(_))));
+        let parts = map.to_client("org1/iot-2/type/t.1/id/d.1/evt/a.b").unwrap();
+        assert!(parts.iter().all(|part| matches!(part, Cow::Borrowed(_))));
     }
 
     #[test]

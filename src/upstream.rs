@@ -324,3 +324,57 @@ pub mod memory {
         }
     }
 }
+
+/// What a broker's CONNACK return code (MQTT 3.1.1) or reason code (MQTT 5) means, in the
+/// specification's words, for logs and `/readyz`.
+pub fn connack_meaning(v5: bool, code: u8) -> &'static str {
+    match (v5, code) {
+        (_, 0) => "accepted",
+        (false, 1) => "unacceptable protocol version",
+        (false, 2) => "identifier rejected",
+        (false, 3) => "server unavailable",
+        (false, 4) => "bad user name or password",
+        (false, 5) => "not authorized",
+        (true, 0x80) => "unspecified error",
+        (true, 0x81) => "malformed packet",
+        (true, 0x82) => "protocol error",
+        (true, 0x83) => "implementation specific error",
+        (true, 0x84) => "unsupported protocol version",
+        (true, 0x85) => "client identifier not valid",
+        (true, 0x86) => "bad user name or password",
+        (true, 0x87) => "not authorized",
+        (true, 0x88) => "server unavailable",
+        (true, 0x89) => "server busy",
+        (true, 0x8A) => "banned",
+        (true, 0x8C) => "bad authentication method",
+        (true, 0x90) => "topic name invalid",
+        (true, 0x95) => "packet too large",
+        (true, 0x97) => "quota exceeded",
+        (true, 0x99) => "payload format invalid",
+        (true, 0x9A) => "retain not supported",
+        (true, 0x9B) => "QoS not supported",
+        (true, 0x9C) => "use another server",
+        (true, 0x9D) => "server moved",
+        (true, 0x9F) => "connection rate exceeded",
+        _ => "unknown code",
+    }
+}
+
+/// The `code` label of `warden_upstream_refusals_total` for a failed dial or handshake: one of a
+/// few words, never the error text, so the series stay bounded.
+pub fn failure_label(error: &UpstreamError) -> &'static str {
+    match error {
+        UpstreamError::Io { .. } => "io",
+        UpstreamError::Timeout(_) => "timeout",
+        UpstreamError::Handshake(_) => "io",
+        UpstreamError::Closed => "closed",
+        UpstreamError::BadConnack(_) | UpstreamError::NotConnack => "invalid",
+        UpstreamError::Tls { .. } => "tls",
+    }
+}
+
+/// The `code` label of `warden_upstream_refusals_total` for a CONNACK that refused: the code in
+/// hex (at most 256 values).
+pub fn connack_label(code: u8) -> String {
+    format!("0x{code:02x}")
+}

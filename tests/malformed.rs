@@ -53,10 +53,12 @@ impl Rig {
             if seen.topic == "sentinel" {
                 return;
             }
-            // Monitoring messages and the proxy's session ledger are the proxy's own traffic.
+            // Monitoring messages, the proxy's session ledger and its broker probe are the
+            // proxy's own traffic.
             assert!(
                 seen.topic.ends_with("/mon")
-                    || seen.topic.starts_with(mqtt_warden::ledger::LEDGER_ROOT),
+                    || seen.topic.starts_with(mqtt_warden::ledger::LEDGER_ROOT)
+                    || seen.topic.starts_with(mqtt_warden::probe::PROBE_ROOT),
                 "forwarded to the broker: {} {:?}",
                 seen.topic,
                 seen.payload

@@ -272,15 +272,14 @@ impl Reporter for LocalReporter {
     ) {
         // The entry goes first and the broker handles one connection's packets in order, so a
         // crash at any point leaves an entry for every client anyone saw connected.
-        let mut batch = Vec::with_capacity(statuses.len() + 1);
-        batch.push(self.ledger.entry(client_id, session, entry));
+        let mut batch = self.ledger.entry(client_id, session, entry);
         batch.extend(statuses);
         self.monitor.send(batch);
     }
 
     fn disconnected(&self, session: SessionId, client_id: &str, statuses: Vec<Publication>) {
         let mut batch = statuses;
-        batch.push(self.ledger.clear(client_id, session));
+        batch.extend(self.ledger.clear(client_id, session));
         self.monitor.send(batch);
     }
 

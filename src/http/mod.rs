@@ -135,6 +135,10 @@ impl<P: Profile, D: Dial> HttpFront<P, D> {
     /// The front end over a proxy's context; its broker connections' client IDs start with
     /// `client_id_prefix`.
     pub fn new(context: Arc<Context<P, D>>, client_id_prefix: String) -> HttpFront<P, D> {
+        // The instance's name may hold characters the broker cannot take (the default one has
+        // the listener's dotted address).
+        let client_id_prefix =
+            crate::names::escape(context.capabilities.escaped, &client_id_prefix).into_owned();
         HttpFront {
             publisher: Publisher::new(context.dialer.clone(), client_id_prefix.clone()),
             mailboxes: Mailboxes::new(context.dialer.clone(), format!("{client_id_prefix}-cmd")),
@@ -534,7 +538,9 @@ impl<P: Profile, D: Dial> HttpFront<P, D> {
                 .tenant(tenant)
                 .retry_after(wait);
         }
-        let terms = self.context.profile.terms(principal);
+        let mut terms = self.context.profile.terms(principal);
+        terms.topics =
+            std::mem::take(&mut terms.topics).escaping(self.context.capabilities.escaped);
         let broker_topic = match terms.topics.to_broker_string(topic) {
             Ok(broker_topic) => broker_topic,
             Err(error) => {
@@ -574,7 +580,9 @@ impl<P: Profile, D: Dial> HttpFront<P, D> {
         principal: &P::Principal,
         filter: &str,
     ) -> Answer {
-        let terms = self.context.profile.terms(principal);
+        let mut terms = self.context.profile.terms(principal);
+        terms.topics =
+            std::mem::take(&mut terms.topics).escaping(self.context.capabilities.escaped);
         let broker_filter = match terms.topics.filter_to_broker(filter) {
             Ok(parts) => String::from_utf8_lossy(&parts.concat()).into_owned(),
             Err(error) => {
@@ -596,14 +604,13 @@ impl<P: Profile, D: Dial> HttpFront<P, D> {
                     return self.refused(&refusal, tenant, client_id);
                 }
             };
-            let rest = command
-                .topic
-                .get(terms.topics.broker_prefix().len()..)
-                .unwrap_or_default();
+            let Some(rest) = terms.topics.client_rest(&command.topic) else {
+                continue;
+            };
             if !self
                 .context
                 .profile
-                .may_deliver(principal, rest, &command.payload)
+                .may_deliver(principal, &rest, &command.payload)
             {
                 continue;
             }

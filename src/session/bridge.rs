@@ -12,6 +12,7 @@
 //! is simply not read from (back-pressure), so memory stays bounded, and a write that makes no
 //! progress for `limits.write_timeout` closes the session.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -34,14 +35,16 @@ use crate::codec::{
     encode_publish_parts, encode_publish_with_properties, encode_suback, encode_subscribe,
     encode_unsubscribe, filter_matches, for_each_property, packet_type, parse_properties,
     parse_publish, parse_suback, parse_subscribe, parse_unsubscribe, publish_properties,
-    varint_len, CodecError, PacketType, Property, PropertyContext, PropertyValue, ProtocolVersion,
-    PublishView,
+    put_varint, varint_len, CodecError, PacketType, Property, PropertyContext, PropertyValue,
+    ProtocolVersion, PublishView,
 };
 use crate::coord::{Command, SessionControl, TenantBucket};
 use crate::limits::{refusal_log_budget, TokenBucket};
+use crate::names::{escape, unescape};
 use crate::profile::{Counters, Profile, RateAction, Request, SessionLimits};
 use crate::refusal::{Cause, Refusal};
-use crate::rewrite::{RewriteError, TopicMap};
+use crate::rewrite::{slices, Part, RewriteError, TopicMap};
+use crate::share::{Member, ShareEvent};
 use crate::telemetry::TRACEPARENT;
 use crate::upstream::{Dial, READ_BUFFER_BYTES};
 
@@ -288,6 +291,13 @@ pub struct Bridge<P: Profile, D: Dial, C> {
     /// SUBSCRIBEs with filters the proxy refused itself, by packet id: the codes to merge into
     /// the broker's SUBACK (`None`: the broker's code).
     pending_subacks: HashMap<u16, Vec<Option<u8>>>,
+    /// Granted wildcard subscriptions owed a replay of the proxy's retained statuses once the
+    /// broker's SUBACK arrives (the broker does not deliver retained messages to wildcards), by
+    /// packet id: each filter's position among the forwarded ones, and its broker form.
+    pending_replays: HashMap<u16, Vec<(usize, String)>>,
+    /// This session's membership of its shared-subscription group, when the proxy distributes
+    /// the group's deliveries itself (see [`crate::share`]); joined at the first SUBSCRIBE.
+    share: Option<Member>,
     /// UNSUBSCRIBEs the proxy sent itself (a policy edit revoked a subscription), by packet id:
     /// their UNSUBACKs are not the client's.
     proxy_unsubscribes: HashSet<u16>,
@@ -394,6 +404,8 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             events_since_report: 0,
             aliases: HashMap::new(),
             pending_subacks: HashMap::new(),
+            pending_replays: HashMap::new(),
+            share: None,
             proxy_unsubscribes: HashSet::new(),
             client_unsubscribes: HashSet::new(),
             subscriptions: HashSet::new(),
@@ -481,6 +493,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         // fires: polling it again in the same turn would only cost time.
         let (mut upstream_write_waits, mut client_write_waits) = (false, false);
         let (mut client_read_waits, mut upstream_read_waits) = (false, false);
+        let mut share_waits = false;
         for _ in 0..ROUNDS_PER_TURN {
             let mut progress = false;
             let mut stall_started = false;
@@ -533,6 +546,23 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                     Poll::Ready(Ok(Flow::Disconnected)) => return Poll::Ready(Turn::Disconnected),
                     Poll::Ready(Err(refusal)) => return Poll::Ready(Turn::Failed(refusal)),
                     Poll::Pending => client_read_waits = true,
+                }
+            }
+            if room && !share_waits {
+                if let Some(member) = &mut self.share {
+                    match member.events.poll_recv(cx) {
+                        Poll::Ready(Some(event)) => {
+                            self.share_event(event);
+                            progress = true;
+                        }
+                        Poll::Ready(None) => {
+                            return Poll::Ready(Turn::Failed(Refusal::with_detail(
+                                Cause::ServerClosed,
+                                "the shared subscription's broker connection ended",
+                            )))
+                        }
+                        Poll::Pending => share_waits = true,
+                    }
                 }
             }
             if room && !upstream_read_waits {
@@ -918,7 +948,11 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             PacketType::Puback | PacketType::Pubrec | PacketType::Pubcomp => {
                 let packet_id = check_ack(kind, body, self.version)
                     .map_err(|e| Refusal::from_codec(&e, false))?;
-                self.ack_to_upstream(kind, packet_id, frame);
+                match &self.share {
+                    // Deliveries come from the group's distributor, and so go their acks.
+                    Some(member) if kind == PacketType::Puback => member.ack(packet_id),
+                    _ => self.ack_to_upstream(kind, packet_id, frame),
+                }
             }
             PacketType::Pubrel => {
                 let packet_id = check_ack(kind, body, self.version)
@@ -1123,13 +1157,14 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 self.qos2_at_broker.insert(packet_id);
             }
         }
-        let parts: [&[u8]; 2] = if alias_known_upstream {
-            [&[], &[]]
+        let broker_topic = if alias_known_upstream {
+            [Cow::Borrowed(&[][..]), Cow::Borrowed(&[][..])]
         } else {
             self.topics
                 .to_broker(topic)
                 .map_err(|error| rewrite_refusal(error, false))?
         };
+        let parts = slices(&broker_topic);
         if self.downgrade.is_some() {
             // MQTT 5 to 3.1.1: the same PUBLISH without its properties, the alias resolved.
             let packet_id = publish.packet_id.filter(|_| !downgrade);
@@ -1317,7 +1352,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                         info!(
                             request = "subscribe",
                             topic = filter.filter,
-                            code = code,
+                            reason_code = code,
                             reason = words,
                             suppressed,
                             "operation refused"
@@ -1326,11 +1361,12 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                     continue;
                 }
             }
-            match self
+            let checked = self
                 .context
                 .profile
                 .check_subscribe(&self.principal, filter.filter)
-            {
+                .and_then(|()| self.check_shared(filter.filter));
+            match checked {
                 Ok(()) => verdicts.push(None),
                 Err(refusal) => {
                     verdicts.push(Some(self.refusal(
@@ -1373,7 +1409,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             return Ok(());
         }
         let shared = self.topics.is_shared();
-        let mut rewritten: Vec<([&[u8]; 3], u8)> = Vec::with_capacity(verdicts.len());
+        let mut rewritten: Vec<([Part<'_>; 3], u8)> = Vec::with_capacity(verdicts.len());
         for filter in allowed() {
             let parts = self
                 .topics
@@ -1394,6 +1430,53 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 options &= !0x04;
             }
             rewritten.push((parts, options));
+        }
+        let rewritten: Vec<([&[u8]; 3], u8)> = rewritten
+            .iter()
+            .map(|(parts, options)| (slices(parts), *options))
+            .collect();
+        if self.distributed() {
+            let filters: Vec<(String, u8)> = rewritten
+                .iter()
+                .map(|(parts, options)| {
+                    (
+                        String::from_utf8_lossy(&parts[1..].concat()).into_owned(),
+                        options & 0x03,
+                    )
+                })
+                .collect();
+            let group = String::from_utf8_lossy(rewritten[0].0[0]).into_owned();
+            if let (None, Some(shares)) = (&self.share, &self.context.shares) {
+                self.share = Some(shares.join(&group));
+            }
+            if let Some(member) = &self.share {
+                member.subscribe(subscribe.packet_id, filters);
+            }
+            for filter in allowed() {
+                self.subscriptions.insert(filter.filter.into());
+            }
+            if verdicts.iter().any(Option::is_some) {
+                self.pending_subacks.insert(subscribe.packet_id, verdicts);
+            }
+            return Ok(());
+        }
+        if self.context.retained.is_some() {
+            let replays: Vec<(usize, String)> = rewritten
+                .iter()
+                .enumerate()
+                .map(|(at, (parts, _))| {
+                    let filter = String::from_utf8_lossy(&parts.concat()).into_owned();
+                    // Matched against the record, which holds the proxy's own (unescaped) form.
+                    (
+                        at,
+                        unescape(self.context.capabilities.escaped, &filter).into_owned(),
+                    )
+                })
+                .filter(|(_, filter)| filter.contains(['+', '#']))
+                .collect();
+            if !replays.is_empty() {
+                self.pending_replays.insert(subscribe.packet_id, replays);
+            }
         }
         let filters: Vec<(&[&[u8]], u8)> = rewritten
             .iter()
@@ -1424,13 +1507,37 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             u32::try_from(unsubscribe.filters.len()).unwrap_or(u32::MAX),
             Instant::now(),
         );
-        let mut rewritten: Vec<[&[u8]; 3]> = Vec::with_capacity(unsubscribe.filters.len());
+        let mut rewritten: Vec<[Part<'_>; 3]> = Vec::with_capacity(unsubscribe.filters.len());
         for filter in &unsubscribe.filters {
             rewritten.push(
                 self.topics
                     .unsubscribe_to_broker(filter)
                     .map_err(|error| rewrite_refusal(error, true))?,
             );
+        }
+        let rewritten: Vec<[&[u8]; 3]> = rewritten.iter().map(slices).collect();
+        if self.distributed() {
+            if let Some(member) = &self.share {
+                member.unsubscribe(
+                    rewritten
+                        .iter()
+                        .map(|parts| String::from_utf8_lossy(&parts[1..].concat()).into_owned())
+                        .collect(),
+                );
+            }
+            for filter in &unsubscribe.filters {
+                self.subscriptions.remove(*filter);
+            }
+            // The UNSUBACK is the proxy's: the broker never had these subscriptions.
+            let mut packet = BytesMut::from(&unsubscribe.packet_id.to_be_bytes()[..]);
+            if self.version.is_v5() {
+                // No properties, and Success for every filter.
+                packet.extend(std::iter::repeat_n(0u8, 1 + unsubscribe.filters.len()));
+            }
+            self.to_client.buf.extend_from_slice(&[0xB0]);
+            put_varint(&mut self.to_client.buf, packet.len());
+            self.to_client.buf.extend_from_slice(&packet);
+            return Ok(());
         }
         let filters: Vec<&[&[u8]]> = rewritten.iter().map(|parts| &parts[..]).collect();
         encode_unsubscribe(
@@ -1489,10 +1596,23 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         }) else {
             return Err(no_longer_allowed());
         };
-        let rewritten: Vec<[&[u8]; 3]> = revoked
+        let rewritten: Vec<[Part<'_>; 3]> = revoked
             .iter()
             .filter_map(|(filter, _)| self.topics.filter_to_broker(filter).ok())
             .collect();
+        let rewritten: Vec<[&[u8]; 3]> = rewritten.iter().map(slices).collect();
+        if let Some(member) = &self.share {
+            member.unsubscribe(
+                rewritten
+                    .iter()
+                    .map(|parts| String::from_utf8_lossy(&parts[1..].concat()).into_owned())
+                    .collect(),
+            );
+            for (filter, _) in &revoked {
+                self.subscriptions.remove(filter);
+            }
+            return Ok(());
+        }
         let filters: Vec<&[&[u8]]> = rewritten.iter().map(|parts| &parts[..]).collect();
         encode_unsubscribe(
             &mut self.to_upstream.buf,
@@ -1515,13 +1635,40 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         Ok(())
     }
 
-    /// A SUBACK from the broker: merged with the proxy's own refusals when some filters of that
-    /// SUBSCRIBE were answered here.
-    fn broker_suback(&mut self, frame: &[u8], body: &[u8]) -> Result<(), Refusal> {
-        if !self.pending_subacks.is_empty() {
-            let suback = parse_suback(body, self.upstream_version).map_err(broker_fault)?;
-            if let Some(verdicts) = self.pending_subacks.remove(&suback.packet_id) {
-                let mut from_broker = suback.codes.iter().copied();
+    /// Whether the proxy distributes this session's shared subscription itself: a scalable
+    /// application on a broker without shared subscriptions.
+    fn distributed(&self) -> bool {
+        self.topics.is_shared()
+            && !self.context.capabilities.shared_subscriptions
+            && self.context.shares.is_some()
+    }
+
+    /// A filter whose broker form is a shared subscription, on a broker without them and not
+    /// distributed by the proxy (a client's own `$share/GROUP/`): refused with a reason, since
+    /// the broker would accept it as a plain topic and deliver nothing.
+    fn check_shared(&self, filter: &str) -> Result<(), Refusal> {
+        if self.context.capabilities.shared_subscriptions
+            || self.distributed()
+            || !(self.topics.is_shared() || filter.starts_with("$share/"))
+        {
+            return Ok(());
+        }
+        Err(Refusal::with_detail(
+            Cause::NotAuthorized,
+            "shared subscriptions are not available: the broker behind the proxy has none \
+             (upstream.capabilities.shared_subscriptions is false)",
+        )
+        .keeping_connection(Some(0x9E))
+        .with_reason_on_ack())
+    }
+
+    /// The answer to a SUBSCRIBE: the broker's (or the distributor's) codes for the forwarded
+    /// filters, merged with the proxy's own refusals of that SUBSCRIBE.
+    fn answer_subscribe(&mut self, packet_id: u16, granted: &[u8], reason: Option<&str>) {
+        let reason = reason.filter(|_| self.version.is_v5() && self.negotiated.problem_information);
+        match self.pending_subacks.remove(&packet_id) {
+            Some(verdicts) => {
+                let mut from_broker = granted.iter().copied();
                 let codes: Vec<u8> = verdicts
                     .iter()
                     .map(|verdict| verdict.unwrap_or_else(|| from_broker.next().unwrap_or(0x80)))
@@ -1529,12 +1676,156 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 encode_suback(
                     &mut self.to_client.buf,
                     self.version,
-                    suback.packet_id,
+                    packet_id,
                     &codes,
+                    reason,
+                );
+            }
+            None => {
+                encode_suback(
+                    &mut self.to_client.buf,
+                    self.version,
+                    packet_id,
+                    granted,
+                    reason,
+                );
+            }
+        }
+    }
+
+    /// What the group's distributor sent this session.
+    fn share_event(&mut self, event: ShareEvent) {
+        match event {
+            ShareEvent::Suback {
+                packet_id,
+                codes,
+                reason,
+            } => {
+                if let Some(reason) = &reason {
+                    info!(packet_id, %reason, "shared subscription refused");
+                }
+                self.answer_subscribe(packet_id, &codes, reason.as_deref());
+            }
+            ShareEvent::Deliver {
+                topic,
+                payload,
+                packet_id,
+                dup,
+            } => {
+                let delivered = self.inject(&topic, &payload, packet_id, dup);
+                if let (false, Some(packet_id), Some(member)) = (delivered, packet_id, &self.share)
+                {
+                    // Not for this client after all: the flow ends here, as for a drop.
+                    member.ack(packet_id);
+                }
+            }
+        }
+    }
+
+    /// Writes a delivery of the proxy's own to the client; `false` when the client may not or
+    /// cannot receive it.
+    fn inject(&mut self, topic: &str, payload: &[u8], packet_id: Option<u16>, dup: bool) -> bool {
+        let (Some(parts), Some(rest)) =
+            (self.topics.to_client(topic), self.topics.client_rest(topic))
+        else {
+            return false;
+        };
+        if !self
+            .context
+            .profile
+            .may_deliver(&self.principal, &rest, payload)
+        {
+            return false;
+        }
+        let mut after_topic = Vec::with_capacity(payload.len() + 3);
+        if let Some(packet_id) = packet_id {
+            after_topic.extend_from_slice(&packet_id.to_be_bytes());
+        }
+        if self.version.is_v5() {
+            after_topic.push(0);
+        }
+        after_topic.extend_from_slice(payload);
+        let remaining = 2 + parts[0].len() + parts[1].len() + after_topic.len();
+        if !self.client_fits(1 + varint_len(remaining) + remaining) {
+            return false;
+        }
+        let first_byte = 0x30 | (u8::from(packet_id.is_some()) << 1) | (u8::from(dup) << 3);
+        encode_publish(
+            &mut self.to_client.buf,
+            first_byte,
+            &slices(&parts),
+            &after_topic,
+        );
+        self.counters.write_msg += 1;
+        true
+    }
+
+    /// The proxy's retained statuses matching the granted wildcard filters of a SUBSCRIBE, as
+    /// retained QoS 0 PUBLISHes after its SUBACK. `granted` holds the broker's codes.
+    fn replay_retained(&mut self, packet_id: u16, granted: &[u8]) {
+        let (Some(replays), Some(record)) = (
+            self.pending_replays.remove(&packet_id),
+            self.context.retained.clone(),
+        ) else {
+            return;
+        };
+        for (at, filter) in replays {
+            if granted.get(at).is_none_or(|code| *code >= 0x80) {
+                continue;
+            }
+            for (topic, payload) in record.matching(&filter) {
+                // The record holds the proxy's own form; the topic map expects the broker's.
+                let topic = escape(self.context.capabilities.escaped, &topic);
+                let (Some(parts), Some(rest)) = (
+                    self.topics.to_client(&topic),
+                    self.topics.client_rest(&topic),
+                ) else {
+                    continue;
+                };
+                if !self
+                    .context
+                    .profile
+                    .may_deliver(&self.principal, &rest, &payload)
+                {
+                    continue;
+                }
+                let mut after_topic = Vec::with_capacity(payload.len() + 1);
+                if self.version.is_v5() {
+                    after_topic.push(0);
+                }
+                after_topic.extend_from_slice(&payload);
+                let remaining = 2 + parts[0].len() + parts[1].len() + after_topic.len();
+                if !self.client_fits(1 + varint_len(remaining) + remaining) {
+                    continue;
+                }
+                encode_publish(&mut self.to_client.buf, 0x31, &slices(&parts), &after_topic);
+                self.counters.write_msg += 1;
+            }
+        }
+    }
+
+    /// A SUBACK from the broker: merged with the proxy's own refusals when some filters of that
+    /// SUBSCRIBE were answered here, and followed by the replay of retained statuses it is owed.
+    fn broker_suback(&mut self, frame: &[u8], body: &[u8]) -> Result<(), Refusal> {
+        if !self.pending_subacks.is_empty() || !self.pending_replays.is_empty() {
+            let suback = parse_suback(body, self.upstream_version).map_err(broker_fault)?;
+            let granted = suback.codes.to_vec();
+            let packet_id = suback.packet_id;
+            if self.pending_subacks.contains_key(&packet_id) {
+                self.answer_subscribe(packet_id, &granted, None);
+            } else if self.downgrade.is_some() {
+                encode_suback(
+                    &mut self.to_client.buf,
+                    self.version,
+                    packet_id,
+                    &granted,
                     None,
                 );
-                return Ok(());
+            } else {
+                self.to_client.buf.extend_from_slice(frame);
             }
+            self.replay_retained(packet_id, &granted);
+            return Ok(());
         }
         if self.downgrade.is_some() {
             // MQTT 3.1.1's return codes are MQTT 5's reason codes; only the form changes.
@@ -1690,20 +1981,17 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 "the broker used a topic alias",
             ));
         }
-        let Some(parts) = self.topics.to_client(publish.topic) else {
+        let Some(rest) = self.topics.client_rest(publish.topic) else {
             self.drop_delivery(&publish);
             return Ok(());
         };
-        let rest = publish
-            .topic
-            .get(self.topics.broker_prefix().len()..)
-            .unwrap_or_default();
+        let parts = [self.topics.client_strip().as_bytes(), rest.as_bytes()];
         // Under a prefix a client's `$` topic is an ordinary one at the broker, so a wildcard
         // subscription matches it there. [MQTT-4.7.2-1] says it must not: the delivery goes
         // ahead only if a subscription of the client matches it as a broker would.
         if parts[0].is_empty()
             && rest.starts_with('$')
-            && !self.subscriptions.iter().any(|f| filter_matches(f, rest))
+            && !self.subscriptions.iter().any(|f| filter_matches(f, &rest))
         {
             self.drop_delivery(&publish);
             return Ok(());
@@ -1712,7 +2000,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         if !self
             .context
             .profile
-            .may_deliver(&self.principal, rest, payload)
+            .may_deliver(&self.principal, &rest, payload)
         {
             self.drop_delivery(&publish);
             return Ok(());

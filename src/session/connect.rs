@@ -28,7 +28,10 @@ use crate::metrics::limit_name;
 use crate::profile::{ConnectTerms, Counters, Profile, SessionLimits};
 use crate::refusal::{Cause, Refusal};
 use crate::transport::{write_flushed, ConnectionInfo};
-use crate::upstream::{handshake, Dial, UpstreamError, READ_BUFFER_BYTES};
+use crate::upstream::{
+    connack_label, connack_meaning, failure_label, handshake, Dial, UpstreamError,
+    READ_BUFFER_BYTES,
+};
 
 /// An established session, ready for the bridge loop.
 pub struct Established<P: Profile, D: Dial, S> {
@@ -206,7 +209,8 @@ pub async fn establish<P: Profile, D: Dial, S: ClientStream>(
             return None;
         }
     };
-    let terms = profile.terms(&principal);
+    let mut terms = profile.terms(&principal);
+    terms.topics = std::mem::take(&mut terms.topics).escaping(context.capabilities.escaped);
     let session_limits = profile.limits(&principal);
 
     // Ownership: a session this one takes over finishes closing (and queues its Disconnect)
@@ -566,6 +570,8 @@ async fn dial_broker<P: Profile, D: Dial>(
     } else {
         client_id.to_string()
     };
+    let upstream_client_id =
+        crate::names::escape(context.capabilities.escaped, &upstream_client_id).into_owned();
     let dialer = &*context.dialer;
     let version = upstream_version(connect.version, context.capabilities.mqtt5);
     // Towards a 3.1.1 broker an MQTT 5 CONNECT loses its properties and its will's (the
@@ -587,7 +593,9 @@ async fn dial_broker<P: Profile, D: Dial>(
     };
     let mut encoded = BytesMut::new();
     encode_connect(&mut encoded, &upstream_connect);
+    let refusals = &context.metrics.monitor;
     let mut stream = dialer.dial().await.map_err(|error| {
+        refusals.refusal("session", failure_label(&error).to_owned());
         warn!(%error, "broker unreachable");
         unavailable("broker unreachable")
     })?;
@@ -597,9 +605,10 @@ async fn dial_broker<P: Profile, D: Dial>(
         // Brokers without MQTT 5 (RabbitMQ 3) close the connection on an MQTT 5 CONNECT
         // without a word. Whether that is what happened, a 3.1.1 CONNECT of the proxy's own
         // tells, so that a broker that is only going away is still "server unavailable".
-        Err(UpstreamError::Closed | UpstreamError::Handshake(_))
+        Err(error @ (UpstreamError::Closed | UpstreamError::Handshake(_)))
             if upstream_connect.version.is_v5() && speaks_only_v311(dialer, control).await =>
         {
+            refusals.refusal("session", failure_label(&error).to_owned());
             warn!(
                 "the broker closed an MQTT 5 connection and accepts MQTT 3.1.1: it does not speak MQTT 5; set upstream.capabilities.mqtt5: false"
             );
@@ -608,17 +617,23 @@ async fn dial_broker<P: Profile, D: Dial>(
             ));
         }
         Err(error) => {
+            refusals.refusal("session", failure_label(&error).to_owned());
             warn!(%error, "broker handshake failed");
             return Err(unavailable("broker handshake failed"));
         }
     };
     let frame = buf.split_to(header.frame_len());
-    let parsed = parse_connack(&frame[header.header_len..], upstream_connect.version)
-        .map_err(|_| unavailable("invalid CONNACK from broker"))?;
+    let parsed =
+        parse_connack(&frame[header.header_len..], upstream_connect.version).map_err(|error| {
+            refusals.refusal("session", "invalid".to_owned());
+            warn!(%error, "the broker's CONNACK is invalid");
+            unavailable("invalid CONNACK from broker")
+        })?;
     // A broker that does not speak the version answers CONNACK 1 (3.1.1 brokers answer an
     // MQTT 5 CONNECT in 3.1.1 form) or 0x84. Clients told "server unavailable" would retry
     // forever; this is the operator's to fix.
     if matches!(parsed.code, 0x01 | 0x84) {
+        refusals.refusal("session", connack_label(parsed.code));
         warn!(
             code = parsed.code,
             version = upstream_connect.version.level(),
@@ -630,7 +645,17 @@ async fn dial_broker<P: Profile, D: Dial>(
         )));
     }
     if parsed.code != 0 {
-        warn!(code = parsed.code, "broker refused the upstream connection");
+        refusals.refusal("session", connack_label(parsed.code));
+        let reason_string = parsed.properties.iter().find_map(|prop| match prop.value {
+            PropertyValue::Str(text) if prop.id == property::REASON_STRING => Some(text),
+            _ => None,
+        });
+        warn!(
+            code = parsed.code,
+            meaning = connack_meaning(upstream_connect.version.is_v5(), parsed.code),
+            reason = reason_string.unwrap_or_default(),
+            "broker refused the upstream connection"
+        );
         return Err(Refusal::with_detail(
             Cause::ServerUnavailable,
             format!("broker refused with code {}", parsed.code),

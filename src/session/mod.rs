@@ -29,6 +29,8 @@ use crate::limits::{refusal_log_budget, ConnectRates};
 use crate::metrics::{limit_name, Metrics};
 use crate::profile::Profile;
 use crate::refusal::{Cause, Refusal};
+use crate::retained::RetainedRecord;
+use crate::share::Groups;
 use crate::transport::{write_flushed, ConnectionInfo};
 use crate::upstream::Dial;
 
@@ -63,8 +65,14 @@ pub struct Context<P: Profile, D: Dial> {
     pub limits: ProcessLimits,
     /// Set once shutdown begins: new sessions are refused.
     pub shutting_down: Arc<AtomicBool>,
-    /// What the broker supports (`upstream.broker`, `upstream.capabilities`).
+    /// What the broker supports (`upstream.broker` and its overrides).
     pub capabilities: Capabilities,
+    /// The retained statuses the proxy published, replayed to a new wildcard subscription when
+    /// the broker does not deliver retained messages to wildcard filters.
+    pub retained: Option<Arc<RetainedRecord>>,
+    /// The shared-subscription groups the proxy distributes itself (brokers without shared
+    /// subscriptions); `None` where it does not.
+    pub shares: Option<Arc<Groups<D>>>,
 }
 
 impl<P: Profile, D: Dial> Context<P, D> {

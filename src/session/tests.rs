@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::{run, Context};
 use crate::auth::{hash_token_sha256, Verifier};
-use crate::broker::{BrokerKind, Capabilities};
+use crate::broker::{BrokerKind, Capabilities, EscapeSet};
 use crate::codec::{
     decode_frame_header, encode_connect, encode_publish, encode_publish_parts, encode_subscribe,
     encode_unsubscribe, parse_connack, parse_connect, parse_subscribe, parse_unsubscribe, Connect,
@@ -98,11 +98,11 @@ fn harness(limits: ProcessLimits) -> Harness {
 }
 
 fn harness_with(limits: ProcessLimits, policy: &str) -> Harness {
-    harness_before(limits, policy, Capabilities::default())
+    harness_escaping(limits, policy, EscapeSet::NONE)
 }
 
-/// A harness whose broker has these capabilities.
-fn harness_before(limits: ProcessLimits, policy: &str, capabilities: Capabilities) -> Harness {
+/// A harness in front of a broker whose topics need `escaped` escaped.
+fn harness_escaping(limits: ProcessLimits, policy: &str, escaped: EscapeSet) -> Harness {
     let policy = parse_policy(policy, Path::new("policy.yaml")).expect("policy");
     let store = Arc::new(PolicyStore::new(policy));
     let profile = Arc::new(Dispatch::new(store.clone(), Verifier::new(1, 1), "{org}/"));
@@ -126,7 +126,12 @@ fn harness_before(limits: ProcessLimits, policy: &str, capabilities: Capabilitie
         metrics: Arc::new(Metrics::default()),
         limits,
         shutting_down: Arc::new(AtomicBool::new(false)),
-        capabilities,
+        capabilities: Capabilities {
+            escaped,
+            ..Capabilities::default()
+        },
+        retained: None,
+        shares: None,
     });
     Harness {
         context,
@@ -664,9 +669,55 @@ fn forwarding_allocates_nothing_per_publish() {
     forwarding_allocates_nothing(
         &policy_text(true),
         connect,
+        EscapeSet::NONE,
         b"org1/",
         b"iot-2/type/sensor/id/d1/evt/e/fmt/t",
     );
+}
+
+/// In front of a broker that needs `.` escaped, a topic without one costs nothing either: only
+/// a topic that holds an escaped character is copied.
+#[test]
+fn forwarding_allocates_nothing_per_publish_when_escaping_finds_nothing() {
+    let connect = connect_as(ProtocolVersion::V311, 0, "a:org1:app", b"app-token");
+    forwarding_allocates_nothing(
+        &policy_text(true),
+        connect,
+        EscapeSet::DOT,
+        b"org1/",
+        b"iot-2/type/sensor/id/d1/evt/e/fmt/t",
+    );
+}
+
+/// With `.` escaped, a dotted event ID goes to the broker as `%2E` and comes back to the client
+/// as it was sent.
+#[tokio::test(start_paused = true)]
+async fn a_dotted_topic_is_escaped_at_the_broker_and_restored_for_the_client() {
+    let mut harness = harness_escaping(limits(), &policy_text(true), EscapeSet::DOT);
+    let connect = connect_as(ProtocolVersion::V311, 0, "a:org1:app", b"app-token");
+    let (mut client, mut broker, _task) = harness.connect_with(connect).await;
+    let mut publish = BytesMut::new();
+    encode_publish(
+        &mut publish,
+        0x30,
+        &[b"iot-2/type/sensor/id/d1/evt/temp.c/fmt/t"],
+        b"x",
+    );
+    client.write_all(&publish).await.unwrap();
+    let mut expected = BytesMut::new();
+    encode_publish(
+        &mut expected,
+        0x30,
+        &[b"org1/iot-2/type/sensor/id/d1/evt/temp%2Ec/fmt/t"],
+        b"x",
+    );
+    let mut forwarded = vec![0u8; expected.len()];
+    broker.read_exact(&mut forwarded).await.unwrap();
+    assert_eq!(forwarded, expected);
+    broker.write_all(&expected).await.unwrap();
+    let mut delivered = vec![0u8; publish.len()];
+    client.read_exact(&mut delivered).await.unwrap();
+    assert_eq!(delivered, publish);
 }
 
 /// The same for a client of a generic tenant with 50 rules: the rule trie, the receive check
@@ -699,19 +750,31 @@ fn generic_forwarding_allocates_nothing_per_publish() {
             password: Some(b"u-token"),
         },
     );
-    forwarding_allocates_nothing(&policy, connect, b"lab/", b"site/7/dev1/temp");
+    forwarding_allocates_nothing(
+        &policy,
+        connect,
+        EscapeSet::NONE,
+        b"lab/",
+        b"site/7/dev1/temp",
+    );
 }
 
 /// Connects with `connect` under `policy` and forwards PUBLISHes to `topic` (`prefix` in front
 /// at the broker) both ways at QoS 0 and 1, counting allocations once the buffers have grown.
-fn forwarding_allocates_nothing(policy: &str, connect: BytesMut, prefix: &[u8], topic: &[u8]) {
+fn forwarding_allocates_nothing(
+    policy: &str,
+    connect: BytesMut,
+    escaped: EscapeSet,
+    prefix: &[u8],
+    topic: &[u8],
+) {
     const MESSAGES: usize = 2_000;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     let (mut client, mut broker, mut harness) = runtime.block_on(async {
-        let mut harness = harness_with(limits(), policy);
+        let mut harness = harness_escaping(limits(), policy, escaped);
         let (client, broker, _task) = harness.connect_with(connect).await;
         (client, broker, harness)
     });
@@ -849,6 +912,104 @@ fn a_session_task_is_small() {
     });
 }
 
+/// A harness whose broker has the given capabilities and, optionally, a record of retained
+/// statuses.
+fn harness_for_broker(
+    capabilities: Capabilities,
+    retained: Option<Arc<crate::retained::RetainedRecord>>,
+) -> Harness {
+    let mut harness = harness(limits());
+    let context = Arc::get_mut(&mut harness.context).expect("nothing else holds the context yet");
+    context.capabilities = capabilities;
+    context.retained = retained;
+    harness
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shared_subscription_the_broker_cannot_serve_is_refused_with_a_reason() {
+    let capabilities = Capabilities {
+        shared_subscriptions: false,
+        ..Capabilities::default()
+    };
+    // No distributor either (as if the proxy could not serve the group itself).
+    let mut harness = harness_for_broker(capabilities, None);
+    let connect = connect_as(ProtocolVersion::V5, 60, "A:org1:app", b"app-token");
+    let (mut client, mut broker, _task) = harness.connect_with(connect).await;
+    let mut subscribe = BytesMut::new();
+    encode_subscribe(
+        &mut subscribe,
+        ProtocolVersion::V5,
+        3,
+        &[],
+        &[(&[b"iot-2/type/+/id/+/evt/+/fmt/+"], 0x01)],
+    );
+    client.write_all(&subscribe).await.unwrap();
+    let suback = read_frame(&mut client).await.expect("SUBACK");
+    assert_eq!(suback[0], 0x90);
+    assert_eq!(
+        suback.last(),
+        Some(&0x9E),
+        "Shared Subscriptions not supported"
+    );
+    let text = String::from_utf8_lossy(&suback);
+    assert!(
+        text.contains("shared subscriptions are not available"),
+        "{text}"
+    );
+    // Nothing reached the broker: a PINGREQ is the next thing it sees.
+    client.write_all(&[0xC0, 0x00]).await.unwrap();
+    assert_eq!(read_frame(&mut broker).await.expect("PINGREQ")[0], 0xC0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wildcard_subscription_gets_the_recorded_statuses_after_its_suback() {
+    let capabilities = Capabilities {
+        retained_to_wildcards: false,
+        ..Capabilities::default()
+    };
+    let record = Arc::new(crate::retained::RetainedRecord::default());
+    record.record(&[
+        Publication {
+            topic: "org1/iot-2/type/sensor/id/d1/mon".into(),
+            payload: "{\"Action\":\"Connect\"}".into(),
+            retain: true,
+        },
+        Publication {
+            topic: "org2/iot-2/type/sensor/id/d1/mon".into(),
+            payload: "another org".into(),
+            retain: true,
+        },
+    ]);
+    let mut harness = harness_for_broker(capabilities, Some(record));
+    let connect = connect_as(ProtocolVersion::V311, 60, "a:org1:app", b"app-token");
+    let (mut client, mut broker, _task) = harness.connect_with(connect).await;
+    let mut subscribe = BytesMut::new();
+    encode_subscribe(
+        &mut subscribe,
+        ProtocolVersion::V311,
+        4,
+        &[],
+        &[(&[b"iot-2/type/+/id/+/mon"], 0x00)],
+    );
+    client.write_all(&subscribe).await.unwrap();
+    assert_eq!(read_frame(&mut broker).await.expect("SUBSCRIBE")[0], 0x82);
+    broker
+        .write_all(&[0x90, 0x03, 0x00, 0x04, 0x00])
+        .await
+        .unwrap();
+    assert_eq!(read_frame(&mut client).await.expect("SUBACK")[0], 0x90);
+    let replayed = read_frame(&mut client).await.expect("the recorded status");
+    assert_eq!(replayed[0], 0x31, "QoS 0, retained");
+    let topic = b"iot-2/type/sensor/id/d1/mon";
+    assert_eq!(&replayed[4..4 + topic.len()], topic);
+    assert!(replayed.ends_with(b"{\"Action\":\"Connect\"}"));
+    // Only that one: the other org's status is not the client's.
+    client.write_all(&[0xC0, 0x00]).await.unwrap();
+    assert_eq!(read_frame(&mut broker).await.expect("PINGREQ")[0], 0xC0);
+    broker.write_all(&[0xD0, 0x00]).await.unwrap();
+    assert_eq!(read_frame(&mut client).await.expect("PINGRESP")[0], 0xD0);
+}
+
 /// The frame's body, after its fixed header.
 fn body_of(frame: &[u8]) -> &[u8] {
     let header = decode_frame_header(frame, usize::MAX)
@@ -904,11 +1065,7 @@ const D1_EVENT_AT_BROKER: &[u8] = b"org1/iot-2/type/sensor/id/d1/evt/temp/fmt/js
 #[tokio::test(start_paused = true)]
 async fn an_mqtt5_client_over_a_311_broker_is_translated_both_ways() {
     use crate::codec::property::*;
-    let mut harness = harness_before(
-        limits(),
-        &policy_text(true),
-        BrokerKind::Rabbitmq.declared(),
-    );
+    let mut harness = harness_for_broker(BrokerKind::Rabbitmq.declared(), None);
     let (mut client, task) = harness.spawn_session();
     // Resume and keep the session: the one case a 3.1.1 broker keeps it (Clean Session 0).
     let connect = connect_v5_with(vec![
@@ -1132,7 +1289,7 @@ async fn an_mqtt5_client_over_a_311_broker_is_translated_both_ways() {
 #[tokio::test(start_paused = true)]
 async fn qos2_is_completed_by_the_proxy_over_a_broker_with_qos1() {
     for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
-        let mut harness = harness_before(limits(), &policy_text(true), BrokerKind::Nats.declared());
+        let mut harness = harness_for_broker(BrokerKind::Nats.declared(), None);
         let (mut client, mut broker, _task) = harness.connect(version, 60).await;
         let v5_props: Option<&[Property<'_>]> = version.is_v5().then_some(&[]);
         let publish = publish_frame(0x34, D1_EVENT, Some(7), v5_props, b"{}");

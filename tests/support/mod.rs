@@ -872,7 +872,9 @@ impl Warden {
         .await
     }
 
-    async fn start_at(
+    /// Starts the proxy in front of `address` with extra `upstream:` keys (indented by two
+    /// spaces), for brokers the test plays itself or misconfigures on purpose.
+    pub async fn start_at(
         address: &str,
         policy: &str,
         listeners: &str,
