@@ -181,6 +181,9 @@ pub struct Refusal {
     /// For a refused request on a connection that stays: the MQTT 5 acknowledgement carries the
     /// reason string too (a profile whose details name the deciding rule asks for it).
     pub reason_on_ack: bool,
+    /// For a refused CONNECT: the MQTT 3 CONNACK return code, when the cause's is not precise
+    /// enough (1, unacceptable protocol version).
+    pub v3_connack_code: Option<u8>,
 }
 
 impl Refusal {
@@ -194,6 +197,17 @@ impl Refusal {
             keeps_connection: false,
             v5_ack: None,
             reason_on_ack: false,
+            v3_connack_code: None,
+        }
+    }
+
+    /// A protocol version that cannot be served (the client's, or the broker refused the one
+    /// the proxy speaks for this client): CONNACK 1 (MQTT 3) or 0x84 (MQTT 5), never "server
+    /// unavailable", which tells clients to retry forever.
+    pub fn unsupported_protocol(detail: impl Into<Cow<'static, str>>) -> Self {
+        Refusal {
+            v3_connack_code: Some(1),
+            ..Self::with_detail(Cause::InvalidData, detail).v5(0x84)
         }
     }
 
@@ -287,6 +301,9 @@ impl Refusal {
     pub fn v3_connack(&self) -> Option<u8> {
         if self.cause == Cause::NotAuthorized && self.bad_credentials {
             return Some(4);
+        }
+        if let Some(code) = self.v3_connack_code {
+            return Some(code);
         }
         match self.cause.answers().v3 {
             V3Answer::Connack(code) => Some(code),

@@ -754,6 +754,48 @@ pub fn encode_publish_with_properties(
     encode_publish(out, first_byte, topic, &after_topic);
 }
 
+/// Writes a PUBLISH from its pieces: topic parts, the packet id, and the payload, with an
+/// MQTT 5 property list (`Some`, empty for none) or none at all (`None`: MQTT 3). This is how a
+/// PUBLISH changes protocol version between the client and the broker; allocates nothing beyond
+/// growing `out`.
+pub fn encode_publish_parts(
+    out: &mut BytesMut,
+    first_byte: u8,
+    topic: &[&[u8]],
+    packet_id: Option<u16>,
+    properties: Option<&[Property<'_>]>,
+    payload: &[u8],
+) {
+    let props_len = properties.map(properties_len);
+    let len = 2
+        + parts_len(topic)
+        + packet_id.map_or(0, |_| 2)
+        + props_len.map_or(0, |len| varint_len(len) + len)
+        + payload.len();
+    out.reserve(1 + varint_len(len) + len);
+    out.put_u8(first_byte);
+    put_varint(out, len);
+    put_parts(out, topic);
+    if let Some(packet_id) = packet_id {
+        out.put_u16(packet_id);
+    }
+    if let Some(properties) = properties {
+        encode_properties(out, properties);
+    }
+    out.put_slice(payload);
+}
+
+/// Writes an MQTT 5 UNSUBACK with one reason code per filter.
+pub fn encode_unsuback_v5(out: &mut BytesMut, packet_id: u16, codes: &[u8]) {
+    let len = 2 + 1 + codes.len();
+    out.reserve(1 + varint_len(len) + len);
+    out.put_u8(0xB0);
+    put_varint(out, len);
+    out.put_u16(packet_id);
+    out.put_u8(0);
+    out.put_slice(codes);
+}
+
 /// The part SUBSCRIBE and UNSUBSCRIBE share: fixed-header flags 0010, a non-zero packet id and,
 /// for MQTT 5, properties. Returns the reader positioned at the first filter.
 fn subscription_header(

@@ -27,13 +27,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tracing::info;
 
+use super::connect::upstream_version;
+use super::downgrade::{self, Downgrade};
 use super::{ClientStream, Context};
 use crate::codec::{
     check_ack, check_disconnect, decode_frame_header, encode_ack, encode_publish,
-    encode_publish_with_properties, encode_suback, encode_subscribe, encode_unsubscribe,
-    filter_matches, for_each_property, packet_type, parse_properties, parse_publish, parse_suback,
-    parse_subscribe, parse_unsubscribe, publish_properties, put_varint, varint_len, CodecError,
-    PacketType, Property, PropertyContext, PropertyValue, ProtocolVersion, PublishView,
+    encode_publish_parts, encode_publish_with_properties, encode_suback, encode_subscribe,
+    encode_unsubscribe, filter_matches, for_each_property, packet_type, parse_properties,
+    parse_publish, parse_suback, parse_subscribe, parse_unsubscribe, publish_properties,
+    put_varint, varint_len, CodecError, PacketType, Property, PropertyContext, PropertyValue,
+    ProtocolVersion, PublishView,
 };
 use crate::coord::{Command, SessionControl, TenantBucket};
 use crate::limits::{refusal_log_budget, TokenBucket};
@@ -308,6 +311,11 @@ pub struct Bridge<P: Profile, D: Dial, C> {
     /// QoS 2 publishes the proxy acknowledged itself (a QoS downgrade); the client's PUBREL is
     /// answered here.
     client_local_qos2: HashSet<u16>,
+    /// The client's QoS 2 publishes forwarded at QoS 1 to a broker without QoS 2, until the
+    /// broker's PUBACK: then the client gets its PUBREC.
+    qos2_at_broker: HashSet<u16>,
+    /// An MQTT 5 client over a 3.1.1 broker: the translation's state (`None` otherwise).
+    downgrade: Option<Box<Downgrade>>,
 }
 
 /// The buckets of a connection's limits: publishes, payload bytes, the tenant's, subscriptions.
@@ -360,6 +368,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         let (mut client_in, mut upstream_in) = (client_in, upstream_in);
         release_when_empty(&mut client_in);
         release_when_empty(&mut upstream_in);
+        let broker_mqtt5 = context.capabilities.mqtt5;
         Bridge {
             context,
             client,
@@ -369,11 +378,9 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             to_upstream: Outgoing::default(),
             to_client: Outgoing::default(),
             version,
-            upstream_version: if version == ProtocolVersion::V31 {
-                ProtocolVersion::V311
-            } else {
-                version
-            },
+            upstream_version: upstream_version(version, broker_mqtt5),
+            downgrade: (version.is_v5() && !broker_mqtt5).then(|| Box::new(Downgrade::default())),
+            qos2_at_broker: HashSet::new(),
             principal,
             topics,
             tenant,
@@ -944,13 +951,15 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 match &self.share {
                     // Deliveries come from the group's distributor, and so go their acks.
                     Some(member) if kind == PacketType::Puback => member.ack(packet_id),
-                    _ => self.to_upstream.buf.extend_from_slice(frame),
+                    _ => self.ack_to_upstream(kind, packet_id, frame),
                 }
             }
             PacketType::Pubrel => {
                 let packet_id = check_ack(kind, body, self.version)
                     .map_err(|e| Refusal::from_codec(&e, false))?;
                 if self.client_local_qos2.remove(&packet_id) {
+                    // The QoS 2 flow ends here: its packet id is free again.
+                    self.inflight.remove(&packet_id);
                     encode_ack(
                         &mut self.to_client.buf,
                         PacketType::Pubcomp,
@@ -960,7 +969,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                         None,
                     );
                 } else {
-                    self.to_upstream.buf.extend_from_slice(frame);
+                    self.ack_to_upstream(kind, packet_id, frame);
                 }
             }
             PacketType::Pingreq => {
@@ -973,8 +982,15 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 self.to_upstream.buf.extend_from_slice(frame);
             }
             PacketType::Disconnect => {
-                check_disconnect(body, self.version).map_err(|e| Refusal::from_codec(&e, false))?;
-                self.to_upstream.buf.extend_from_slice(frame);
+                let code = check_disconnect(body, self.version)
+                    .map_err(|e| Refusal::from_codec(&e, false))?;
+                match (&self.downgrade, code) {
+                    (None, _) => self.to_upstream.buf.extend_from_slice(frame),
+                    // "Disconnect with Will Message": a 3.1.1 broker publishes the will when
+                    // the connection ends without DISCONNECT, so none is sent.
+                    (Some(_), 0x04) => {}
+                    (Some(_), _) => self.to_upstream.buf.extend_from_slice(&[0xE0, 0x00]),
+                }
                 return Ok(Flow::Disconnected);
             }
             PacketType::Connect => return Err(Refusal::protocol_error("second CONNECT")),
@@ -993,6 +1009,23 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// Forwards the client's acknowledgement of a delivery: as it is, or without its MQTT 5
+    /// reason code and properties to a 3.1.1 broker.
+    fn ack_to_upstream(&mut self, kind: PacketType, packet_id: u16, frame: &[u8]) {
+        if self.downgrade.is_some() {
+            encode_ack(
+                &mut self.to_upstream.buf,
+                kind,
+                self.upstream_version,
+                packet_id,
+                0,
+                None,
+            );
+        } else {
+            self.to_upstream.buf.extend_from_slice(frame);
+        }
     }
 
     fn client_publish(&mut self, first_byte: u8, body: &[u8]) -> Result<(), Refusal> {
@@ -1048,6 +1081,12 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             return self.refuse_publish(&publish, &topic, refusal);
         }
         span.record("decision", "allow");
+        if self.downgrade.is_some() {
+            if let Err(refusal) = downgrade::check_publish(body, &publish) {
+                let topic = topic.to_owned();
+                return self.refuse_publish(&publish, &topic, refusal);
+            }
+        }
         if self.limits.refuse_retained && first_byte & 0x01 != 0 {
             let refusal =
                 Refusal::with_detail(Cause::NotAuthorized, "retained messages are refused");
@@ -1064,14 +1103,40 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             first_byte &= !0x01;
         }
         let mut after_topic = &body[publish.after_topic.clone()];
-        let downgrade = publish.qos > self.limits.max_qos;
+        let broker_max_qos = self.context.capabilities.max_qos;
+        // Forwarded at QoS 0 and acknowledged here: above the profile's maximum of 0, or to a
+        // broker without acknowledgements.
+        let downgrade =
+            publish.qos > self.limits.max_qos || (publish.qos > 0 && broker_max_qos == 0);
         if downgrade {
-            if self.limits.max_qos > 0 {
+            if publish.qos > self.limits.max_qos && self.limits.max_qos > 0 {
                 return Err(Refusal::protocol_error("QoS above the maximum").v5(0x9B));
             }
             // Forwarded at QoS 0; the packet id in front of the rest goes away.
             first_byte &= 0b1111_0001;
             after_topic = &after_topic[2..];
+        }
+        // QoS 2 to a broker with QoS 1 only: forwarded at QoS 1, and the client's PUBREC waits
+        // for the broker's PUBACK, so nothing the client was told is received can be lost.
+        let via_qos1 = !downgrade && publish.qos == 2 && broker_max_qos < 2;
+        if let (true, Some(packet_id)) = (via_qos1, publish.packet_id) {
+            if self.client_local_qos2.contains(&packet_id) {
+                // A copy of a message the broker has: the client did not see its PUBREC yet.
+                encode_ack(
+                    &mut self.to_client.buf,
+                    PacketType::Pubrec,
+                    self.version,
+                    packet_id,
+                    0,
+                    None,
+                );
+                return Ok(());
+            }
+            if self.qos2_at_broker.contains(&packet_id) {
+                // A copy of a message on its way: its PUBREC follows the broker's PUBACK.
+                return Ok(());
+            }
+            first_byte = (first_byte & 0b1111_1001) | 0b0000_0010;
         }
         if let (Some(packet_id), false) = (publish.packet_id, downgrade) {
             if self.inflight.len() >= self.negotiated.max_inflight
@@ -1088,6 +1153,9 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 .v5(0x93));
             }
             self.inflight.insert(packet_id);
+            if via_qos1 {
+                self.qos2_at_broker.insert(packet_id);
+            }
         }
         let broker_topic = if alias_known_upstream {
             [Cow::Borrowed(&[][..]), Cow::Borrowed(&[][..])]
@@ -1097,6 +1165,23 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 .map_err(|error| rewrite_refusal(error, false))?
         };
         let parts = slices(&broker_topic);
+        if self.downgrade.is_some() {
+            // MQTT 5 to 3.1.1: the same PUBLISH without its properties, the alias resolved.
+            let packet_id = publish.packet_id.filter(|_| !downgrade);
+            let payload = body.get(publish.payload.clone()).unwrap_or_default();
+            encode_publish_parts(
+                &mut self.to_upstream.buf,
+                first_byte,
+                &parts,
+                packet_id,
+                None,
+                payload,
+            );
+            if downgrade {
+                self.acknowledge_here(&publish, 0, None);
+            }
+            return Ok(());
+        }
         // A W3C trace context from an MQTT 5 client continues through the proxy's own span.
         let traceparent =
             (self.version.is_v5() && !downgrade && crate::telemetry::tracing_enabled())
@@ -1251,7 +1336,31 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         // For each filter: None to forward it, or the code the proxy answers itself.
         let mut verdicts: Vec<Option<u8>> = Vec::with_capacity(subscribe.filters.len());
         let mut first_reason: Option<String> = None;
+        let subscription_identifier = self.downgrade.is_some()
+            && downgrade::has_subscription_identifier(&subscribe.properties);
         for filter in &subscribe.filters {
+            if self.downgrade.is_some() {
+                if let Some((code, words)) =
+                    downgrade::check_subscription(subscription_identifier, filter.options)
+                {
+                    verdicts.push(Some(code));
+                    self.context.metrics.denial(&self.tenant, words);
+                    if first_reason.is_none() && self.negotiated.problem_information {
+                        first_reason = Some(words.to_owned());
+                    }
+                    if let Some(suppressed) = refusal_log_budget() {
+                        info!(
+                            request = "subscribe",
+                            topic = filter.filter,
+                            reason_code = code,
+                            reason = words,
+                            suppressed,
+                            "operation refused"
+                        );
+                    }
+                    continue;
+                }
+            }
             let checked = self
                 .context
                 .profile
@@ -1307,8 +1416,13 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 .filter_to_broker(filter.filter)
                 .map_err(|error| rewrite_refusal(error, true))?;
             let mut options = filter.options;
-            if options & 0x03 > self.limits.max_qos {
-                options = (options & !0x03) | self.limits.max_qos;
+            // The client is granted what the profile and the broker deliver as such.
+            let max_qos = self.limits.max_qos.min(self.context.capabilities.max_qos);
+            if options & 0x03 > max_qos {
+                options = (options & !0x03) | max_qos;
+            }
+            if self.downgrade.is_some() {
+                options = downgrade::options_for_broker(options);
             }
             // No Local on a shared subscription is a protocol error [MQTT-3.8.3-4]; the client
             // did not ask for one, the proxy's mapping made it shared, so the flag goes.
@@ -1437,6 +1551,9 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             self.subscriptions.remove(*filter);
         }
         self.client_unsubscribes.insert(unsubscribe.packet_id);
+        if let Some(downgrade) = self.downgrade.as_deref_mut() {
+            downgrade.unsubscribed(unsubscribe.packet_id, unsubscribe.filters.len());
+        }
         Ok(())
     }
 
@@ -1696,10 +1813,30 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             let packet_id = suback.packet_id;
             if self.pending_subacks.contains_key(&packet_id) {
                 self.answer_subscribe(packet_id, &granted, None);
+            } else if self.downgrade.is_some() {
+                encode_suback(
+                    &mut self.to_client.buf,
+                    self.version,
+                    packet_id,
+                    &granted,
+                    None,
+                );
             } else {
                 self.to_client.buf.extend_from_slice(frame);
             }
             self.replay_retained(packet_id, &granted);
+            return Ok(());
+        }
+        if self.downgrade.is_some() {
+            // MQTT 3.1.1's return codes are MQTT 5's reason codes; only the form changes.
+            let suback = parse_suback(body, self.upstream_version).map_err(broker_fault)?;
+            encode_suback(
+                &mut self.to_client.buf,
+                self.version,
+                suback.packet_id,
+                suback.codes,
+                None,
+            );
             return Ok(());
         }
         self.to_client.buf.extend_from_slice(frame);
@@ -1769,7 +1906,10 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 let packet_id = leading_packet_id(body);
                 if !self.proxy_unsubscribes.remove(&packet_id) {
                     self.client_unsubscribes.remove(&packet_id);
-                    self.to_client.buf.extend_from_slice(frame);
+                    match self.downgrade.as_deref_mut() {
+                        Some(downgrade) => downgrade.unsuback(&mut self.to_client.buf, packet_id),
+                        None => self.to_client.buf.extend_from_slice(frame),
+                    }
                 }
                 Ok(())
             }
@@ -1777,6 +1917,30 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 // The broker completed (or refused) one of the client's QoS 1/2 PUBLISHes.
                 let packet_id =
                     check_ack(kind, body, self.upstream_version).map_err(broker_fault)?;
+                // Checked for emptiness first: hashing the id costs the hot path of every QoS 1 PUBACK.
+                if kind == PacketType::Puback
+                    && !self.qos2_at_broker.is_empty()
+                    && self.qos2_at_broker.remove(&packet_id)
+                {
+                    // The broker has the client's QoS 2 message: the client gets its PUBREC,
+                    // and the flow ends with the client's PUBREL, answered here. An MQTT 5
+                    // broker's refusal (0x80 or more) is passed on and ends the flow at once.
+                    let code = body.get(2).copied().unwrap_or(0);
+                    if code < 0x80 {
+                        self.client_local_qos2.insert(packet_id);
+                    } else {
+                        self.inflight.remove(&packet_id);
+                    }
+                    encode_ack(
+                        &mut self.to_client.buf,
+                        PacketType::Pubrec,
+                        self.version,
+                        packet_id,
+                        code,
+                        None,
+                    );
+                    return Ok(());
+                }
                 let refused = body.get(2).is_some_and(|code| *code >= 0x80);
                 if kind != PacketType::Pubrec || refused {
                     self.inflight.remove(&packet_id);
@@ -1842,12 +2006,25 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             return Ok(());
         }
         let after_topic = &body[publish.after_topic.clone()];
-        let remaining = 2 + parts[0].len() + parts[1].len() + after_topic.len();
+        // Downgraded, the delivery gains an empty property list (one byte).
+        let added = usize::from(self.downgrade.is_some());
+        let remaining = 2 + parts[0].len() + parts[1].len() + after_topic.len() + added;
         if !self.client_fits(1 + varint_len(remaining) + remaining) {
             self.drop_delivery(&publish);
             return Ok(());
         }
-        encode_publish(&mut self.to_client.buf, first_byte, &parts, after_topic);
+        if self.downgrade.is_some() {
+            encode_publish_parts(
+                &mut self.to_client.buf,
+                first_byte,
+                &parts,
+                publish.packet_id,
+                Some(&[]),
+                payload,
+            );
+        } else {
+            encode_publish(&mut self.to_client.buf, first_byte, &parts, after_topic);
+        }
         self.counters.write_msg += 1;
         Ok(())
     }

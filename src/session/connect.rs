@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::bridge::{Bridge, Negotiated};
+use super::downgrade;
 use super::{protocol_label, ClientStream, Context, FAREWELL_TIMEOUT};
 use crate::codec::{
     decode_frame_header, encode_connack, encode_connect, parse_connack, parse_connect, property,
@@ -28,7 +29,8 @@ use crate::profile::{ConnectTerms, Counters, Profile, SessionLimits};
 use crate::refusal::{Cause, Refusal};
 use crate::transport::{write_flushed, ConnectionInfo};
 use crate::upstream::{
-    connack_label, connack_meaning, failure_label, handshake, Dial, READ_BUFFER_BYTES,
+    connack_label, connack_meaning, failure_label, handshake, Dial, UpstreamError,
+    READ_BUFFER_BYTES,
 };
 
 /// An established session, ready for the bridge loop.
@@ -258,8 +260,12 @@ pub async fn establish<P: Profile, D: Dial, S: ClientStream>(
         &broker_connack,
         &negotiated,
         &session_limits,
-        announced_keep_alive,
-        terms.assigned_client_id.as_deref(),
+        ClientConnackTerms {
+            server_keep_alive: announced_keep_alive,
+            assigned_client_id: terms.assigned_client_id.as_deref(),
+            max_qos: session_limits.max_qos.min(context.capabilities.max_qos),
+            downgraded: version.is_v5() && !context.capabilities.mqtt5,
+        },
     );
     encode_connack(&mut out, version, &connack);
     let written =
@@ -567,15 +573,17 @@ async fn dial_broker<P: Profile, D: Dial>(
     let upstream_client_id =
         crate::names::escape(context.capabilities.escaped, &upstream_client_id).into_owned();
     let dialer = &*context.dialer;
+    let version = upstream_version(connect.version, context.capabilities.mqtt5);
+    // Towards a 3.1.1 broker an MQTT 5 CONNECT loses its properties and its will's (the
+    // encoder writes none below MQTT 5); Clean Start and Session Expiry become Clean Session.
+    let clean_start = if version == connect.version {
+        connect.clean_start
+    } else {
+        downgrade::clean_session(connect)
+    };
     let upstream_connect = Connect {
-        // MQTT 3.1 limits client IDs to 23 bytes at many brokers; 3.1.1 has the same wire format
-        // for everything a 3.1 client sends, so the proxy speaks 3.1.1 upstream for it.
-        version: if connect.version == ProtocolVersion::V31 {
-            ProtocolVersion::V311
-        } else {
-            connect.version
-        },
-        clean_start: connect.clean_start || terms.force_clean_start || unique,
+        version,
+        clean_start: clean_start || terms.force_clean_start || unique,
         keep_alive: upstream_keep_alive(keep_alive),
         properties,
         client_id: &upstream_client_id,
@@ -592,13 +600,28 @@ async fn dial_broker<P: Profile, D: Dial>(
         unavailable("broker unreachable")
     })?;
     let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES);
-    let header = handshake(&mut stream, &encoded, &mut buf)
-        .await
-        .map_err(|error| {
+    let header = match handshake(&mut stream, &encoded, &mut buf).await {
+        Ok(header) => header,
+        // Brokers without MQTT 5 (RabbitMQ 3) close the connection on an MQTT 5 CONNECT
+        // without a word. Whether that is what happened, a 3.1.1 CONNECT of the proxy's own
+        // tells, so that a broker that is only going away is still "server unavailable".
+        Err(error @ (UpstreamError::Closed | UpstreamError::Handshake(_)))
+            if upstream_connect.version.is_v5() && speaks_only_v311(dialer, control).await =>
+        {
+            refusals.refusal("session", failure_label(&error).to_owned());
+            warn!(
+                "the broker closed an MQTT 5 connection and accepts MQTT 3.1.1: it does not speak MQTT 5; set upstream.capabilities.mqtt5: false"
+            );
+            return Err(Refusal::unsupported_protocol(
+                "the broker does not speak MQTT 5",
+            ));
+        }
+        Err(error) => {
             refusals.refusal("session", failure_label(&error).to_owned());
             warn!(%error, "broker handshake failed");
-            unavailable("broker handshake failed")
-        })?;
+            return Err(unavailable("broker handshake failed"));
+        }
+    };
     let frame = buf.split_to(header.frame_len());
     let parsed =
         parse_connack(&frame[header.header_len..], upstream_connect.version).map_err(|error| {
@@ -606,6 +629,21 @@ async fn dial_broker<P: Profile, D: Dial>(
             warn!(%error, "the broker's CONNACK is invalid");
             unavailable("invalid CONNACK from broker")
         })?;
+    // A broker that does not speak the version answers CONNACK 1 (3.1.1 brokers answer an
+    // MQTT 5 CONNECT in 3.1.1 form) or 0x84. Clients told "server unavailable" would retry
+    // forever; this is the operator's to fix.
+    if matches!(parsed.code, 0x01 | 0x84) {
+        refusals.refusal("session", connack_label(parsed.code));
+        warn!(
+            code = parsed.code,
+            version = upstream_connect.version.level(),
+            "the broker refused the protocol version: if it does not speak MQTT 5, set upstream.capabilities.mqtt5: false"
+        );
+        return Err(Refusal::unsupported_protocol(format!(
+            "the broker refused MQTT protocol level {}",
+            upstream_connect.version.level()
+        )));
+    }
     if parsed.code != 0 {
         refusals.refusal("session", connack_label(parsed.code));
         let reason_string = parsed.properties.iter().find_map(|prop| match prop.value {
@@ -651,6 +689,52 @@ async fn dial_broker<P: Profile, D: Dial>(
             .push((prop.id, OwnedValue::from_value(&prop.value)));
     }
     Ok((stream, buf, connack))
+}
+
+/// Whether the broker accepts an MQTT 3.1.1 connection of the proxy's own (a clean session
+/// under a probe client ID, closed at once), after it closed an MQTT 5 one.
+async fn speaks_only_v311<D: Dial>(dialer: &D, control: &SessionControl) -> bool {
+    let client_id = format!("mqtt-warden-probe-{}", control.id());
+    let probe = Connect {
+        version: ProtocolVersion::V311,
+        clean_start: true,
+        keep_alive: 0,
+        properties: Vec::new(),
+        client_id: &client_id,
+        will: None,
+        username: dialer.username(),
+        password: dialer.password(),
+    };
+    let mut encoded = BytesMut::new();
+    encode_connect(&mut encoded, &probe);
+    let Ok(mut stream) = dialer.dial().await else {
+        return false;
+    };
+    let mut buf = BytesMut::new();
+    let Ok(header) = handshake(&mut stream, &encoded, &mut buf).await else {
+        return false;
+    };
+    let accepted = parse_connack(
+        &buf[header.header_len..header.frame_len()],
+        ProtocolVersion::V311,
+    )
+    .is_ok_and(|connack| connack.code == 0);
+    if accepted {
+        let _ =
+            tokio::time::timeout(FAREWELL_TIMEOUT, write_flushed(&mut stream, &[0xE0, 0x00])).await;
+    }
+    accepted
+}
+
+/// The protocol version the proxy speaks to the broker for a client of `client` version.
+/// MQTT 3.1 limits client IDs to 23 bytes at many brokers; 3.1.1 has the same wire format for
+/// everything a 3.1 client sends, so the proxy speaks 3.1.1 upstream for it. An MQTT 5 client is
+/// downgraded to 3.1.1 when the broker does not speak MQTT 5.
+pub fn upstream_version(client: ProtocolVersion, broker_mqtt5: bool) -> ProtocolVersion {
+    match client {
+        ProtocolVersion::V5 if broker_mqtt5 => ProtocolVersion::V5,
+        _ => ProtocolVersion::V311,
+    }
 }
 
 /// The keep-alive the proxy enforces: the client's, held to the profile's range, then to the
@@ -701,7 +785,12 @@ fn negotiate<P: Profile, D: Dial>(
     Negotiated {
         max_packet_bytes,
         client_max_packet,
-        topic_alias_maximum: broker.topic_alias_maximum,
+        // Downgraded, the proxy resolves the client's aliases itself.
+        topic_alias_maximum: if connect.version.is_v5() && !context.capabilities.mqtt5 {
+            downgrade::TOPIC_ALIAS_MAXIMUM
+        } else {
+            broker.topic_alias_maximum
+        },
         max_inflight: usize::from(
             broker
                 .receive_maximum
@@ -715,14 +804,31 @@ fn negotiate<P: Profile, D: Dial>(
     }
 }
 
+/// What the client's CONNACK says beyond the broker's.
+struct ClientConnackTerms<'a> {
+    /// The keep-alive the proxy enforces, when it is not the client's.
+    server_keep_alive: Option<u16>,
+    /// The client ID the profile assigned.
+    assigned_client_id: Option<&'a str>,
+    /// The highest QoS the session delivers as such: the profile's and the broker's.
+    max_qos: u8,
+    /// An MQTT 5 client over a 3.1.1 broker ([`downgrade`]).
+    downgraded: bool,
+}
+
 /// The CONNACK the client sees: the broker's, with the limits the proxy enforces.
 fn client_connack<'a>(
     broker: &'a BrokerConnack,
     negotiated: &Negotiated,
     limits: &SessionLimits,
-    server_keep_alive: Option<u16>,
-    assigned_client_id: Option<&'a str>,
+    terms: ClientConnackTerms<'a>,
 ) -> Connack<'a> {
+    let ClientConnackTerms {
+        server_keep_alive,
+        assigned_client_id,
+        max_qos,
+        downgraded,
+    } = terms;
     let mut properties = Vec::with_capacity(broker.properties.len() + 4);
     for (id, value) in &broker.properties {
         match *id {
@@ -731,7 +837,7 @@ fn client_connack<'a>(
             | property::ASSIGNED_CLIENT_IDENTIFIER
             | property::SERVER_KEEP_ALIVE => {}
             property::RETAIN_AVAILABLE if limits.strip_retained || limits.refuse_retained => {}
-            property::MAXIMUM_QOS if limits.max_qos < 2 => {}
+            property::MAXIMUM_QOS if max_qos < 2 => {}
             _ => properties.push(Property {
                 id: *id,
                 value: value.as_value(),
@@ -764,11 +870,14 @@ fn client_connack<'a>(
             value: PropertyValue::Str(client_id),
         });
     }
-    if limits.max_qos < 2 {
+    if max_qos < 2 {
         properties.push(Property {
             id: property::MAXIMUM_QOS,
-            value: PropertyValue::Byte(limits.max_qos),
+            value: PropertyValue::Byte(max_qos),
         });
+    }
+    if downgraded {
+        properties.extend(downgrade::connack_properties());
     }
     Connack {
         session_present: broker.session_present,

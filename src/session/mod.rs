@@ -10,6 +10,7 @@
 
 pub mod bridge;
 pub mod connect;
+pub mod downgrade;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

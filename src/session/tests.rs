@@ -16,9 +16,11 @@ use tokio::time::Instant;
 
 use super::{run, Context};
 use crate::auth::{hash_token_sha256, Verifier};
-use crate::broker::{Capabilities, EscapeSet};
+use crate::broker::{BrokerKind, Capabilities, EscapeSet};
 use crate::codec::{
-    decode_frame_header, encode_connect, encode_publish, encode_subscribe, Connect, ProtocolVersion,
+    decode_frame_header, encode_connect, encode_publish, encode_publish_parts, encode_subscribe,
+    encode_unsubscribe, parse_connack, parse_connect, parse_subscribe, parse_unsubscribe, Connect,
+    Property, PropertyValue, ProtocolVersion,
 };
 use crate::config::ProcessLimits;
 use crate::coord::local::{LocalAdmission, LocalTenantBuckets};
@@ -1006,4 +1008,403 @@ async fn a_wildcard_subscription_gets_the_recorded_statuses_after_its_suback() {
     assert_eq!(read_frame(&mut broker).await.expect("PINGREQ")[0], 0xC0);
     broker.write_all(&[0xD0, 0x00]).await.unwrap();
     assert_eq!(read_frame(&mut client).await.expect("PINGRESP")[0], 0xD0);
+}
+
+/// The frame's body, after its fixed header.
+fn body_of(frame: &[u8]) -> &[u8] {
+    let header = decode_frame_header(frame, usize::MAX)
+        .expect("a frame")
+        .expect("a whole header");
+    &frame[header.header_len..]
+}
+
+fn publish_frame(
+    first_byte: u8,
+    topic: &[u8],
+    packet_id: Option<u16>,
+    properties: Option<&[Property<'_>]>,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    encode_publish_parts(
+        &mut out,
+        first_byte,
+        &[topic],
+        packet_id,
+        properties,
+        payload,
+    );
+    out.to_vec()
+}
+
+/// Device d1's MQTT 5 CONNECT with these properties.
+fn connect_v5_with(properties: Vec<Property<'_>>) -> BytesMut {
+    let mut out = BytesMut::new();
+    encode_connect(
+        &mut out,
+        &Connect {
+            version: ProtocolVersion::V5,
+            clean_start: false,
+            keep_alive: 60,
+            properties,
+            client_id: "d:org1:sensor:d1",
+            will: None,
+            username: Some("use-token-auth"),
+            password: Some(b"d1-token"),
+        },
+    );
+    out
+}
+
+const D1_EVENT: &[u8] = b"iot-2/evt/temp/fmt/json";
+const D1_EVENT_AT_BROKER: &[u8] = b"org1/iot-2/type/sensor/id/d1/evt/temp/fmt/json";
+
+/// An MQTT 5 client in front of a 3.1.1 broker: the broker sees only MQTT 3.1.1, the client
+/// only MQTT 5, and what 3.1.1 cannot carry is dropped, resolved at the proxy or refused with
+/// the reason code of the table in docs/brokers.md.
+#[tokio::test(start_paused = true)]
+async fn an_mqtt5_client_over_a_311_broker_is_translated_both_ways() {
+    use crate::codec::property::*;
+    let mut harness = harness_for_broker(BrokerKind::Rabbitmq.declared(), None);
+    let (mut client, task) = harness.spawn_session();
+    // Resume and keep the session: the one case a 3.1.1 broker keeps it (Clean Session 0).
+    let connect = connect_v5_with(vec![
+        Property {
+            id: SESSION_EXPIRY_INTERVAL,
+            value: PropertyValue::U32(3600),
+        },
+        Property {
+            id: RECEIVE_MAXIMUM,
+            value: PropertyValue::U16(10),
+        },
+        Property {
+            id: USER_PROPERTY,
+            value: PropertyValue::Pair("k", "v"),
+        },
+    ]);
+    client.write_all(&connect).await.unwrap();
+    let mut broker = harness.brokers.recv().await.expect("the session dials");
+    let upstream = read_frame(&mut broker).await.expect("CONNECT");
+    let upstream = parse_connect(upstream[0], body_of(&upstream)).expect("a valid CONNECT");
+    assert_eq!(upstream.version, ProtocolVersion::V311);
+    assert!(!upstream.clean_start, "Clean Session 0");
+    broker.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+    let connack = read_frame(&mut client).await.expect("CONNACK");
+    let connack = parse_connack(body_of(&connack), ProtocolVersion::V5).expect("an MQTT 5 CONNACK");
+    assert_eq!(connack.code, 0);
+    let announced = |id| {
+        connack
+            .properties
+            .iter()
+            .find(|p| p.id == id)
+            .map(|p| p.value)
+    };
+    assert_eq!(announced(MAXIMUM_QOS), Some(PropertyValue::Byte(1)));
+    assert_eq!(announced(TOPIC_ALIAS_MAXIMUM), Some(PropertyValue::U16(64)));
+    assert_eq!(
+        announced(SUBSCRIPTION_IDENTIFIER_AVAILABLE),
+        Some(PropertyValue::Byte(0))
+    );
+    assert!(matches!(harness.report().await, Reported::Connected(_)));
+
+    // A PUBLISH that sets topic alias 1, with properties the broker cannot carry (dropped),
+    // then one that uses the alias: the broker gets both in full, without properties.
+    let alias = Property {
+        id: TOPIC_ALIAS,
+        value: PropertyValue::U16(1),
+    };
+    let dropped = [
+        alias,
+        Property {
+            id: CONTENT_TYPE,
+            value: PropertyValue::Str("application/json"),
+        },
+        Property {
+            id: USER_PROPERTY,
+            value: PropertyValue::Pair("k", "v"),
+        },
+        Property {
+            id: MESSAGE_EXPIRY_INTERVAL,
+            value: PropertyValue::U32(60),
+        },
+    ];
+    client
+        .write_all(&publish_frame(
+            0x32,
+            D1_EVENT,
+            Some(1),
+            Some(&dropped),
+            b"{}",
+        ))
+        .await
+        .unwrap();
+    client
+        .write_all(&publish_frame(0x32, b"", Some(2), Some(&[alias]), b"{}"))
+        .await
+        .unwrap();
+    for packet_id in [1, 2] {
+        assert_eq!(
+            read_frame(&mut broker).await.expect("PUBLISH"),
+            publish_frame(0x32, D1_EVENT_AT_BROKER, Some(packet_id), None, b"{}")
+        );
+        broker
+            .write_all(&[0x40, 0x02, 0x00, packet_id as u8])
+            .await
+            .unwrap();
+        assert_eq!(
+            read_frame(&mut client).await.expect("PUBACK"),
+            [0x40, 0x02, 0x00, packet_id as u8]
+        );
+    }
+
+    // A request whose answer could not find its way back is refused, and the broker gets
+    // nothing (the next thing it reads is the SUBSCRIBE below).
+    let response_topic = Property {
+        id: RESPONSE_TOPIC,
+        value: PropertyValue::Str("iot-2/evt/reply/fmt/json"),
+    };
+    client
+        .write_all(&publish_frame(
+            0x32,
+            D1_EVENT,
+            Some(3),
+            Some(&[response_topic]),
+            b"{}",
+        ))
+        .await
+        .unwrap();
+    let puback = read_frame(&mut client).await.expect("PUBACK");
+    assert_eq!((puback[0], &puback[2..5]), (0x40, &[0x00, 0x03, 0x83][..]));
+
+    // No Local and Subscription Identifiers are refused; Retain As Published and Retain
+    // Handling are dropped, and QoS 2 is granted 1.
+    let commands: &[&[u8]] = &[b"iot-2/cmd/+/fmt/+"];
+    let mut subscribe = BytesMut::new();
+    encode_subscribe(
+        &mut subscribe,
+        ProtocolVersion::V5,
+        4,
+        &[],
+        &[(commands, 0x05)],
+    );
+    encode_subscribe(
+        &mut subscribe,
+        ProtocolVersion::V5,
+        5,
+        &[Property {
+            id: SUBSCRIPTION_IDENTIFIER,
+            value: PropertyValue::Varint(7),
+        }],
+        &[(commands, 0x01)],
+    );
+    encode_subscribe(
+        &mut subscribe,
+        ProtocolVersion::V5,
+        6,
+        &[],
+        &[(commands, 0x2A)],
+    );
+    client.write_all(&subscribe).await.unwrap();
+    for (packet_id, code) in [(4u8, 0x83), (5, 0xA1)] {
+        let suback = read_frame(&mut client).await.expect("SUBACK");
+        assert_eq!((suback[0], suback[3]), (0x90, packet_id));
+        assert_eq!(suback.last(), Some(&code), "{suback:02X?}");
+    }
+    let forwarded = read_frame(&mut broker).await.expect("SUBSCRIBE");
+    let forwarded = parse_subscribe(forwarded[0], body_of(&forwarded), ProtocolVersion::V311)
+        .expect("an MQTT 3.1.1 SUBSCRIBE");
+    assert_eq!(forwarded.packet_id, 6);
+    assert_eq!(
+        forwarded.filters[0].filter,
+        "org1/iot-2/type/sensor/id/d1/cmd/+/fmt/+"
+    );
+    assert_eq!(forwarded.filters[0].options, 0x01);
+    broker
+        .write_all(&[0x90, 0x03, 0x00, 0x06, 0x01])
+        .await
+        .unwrap();
+    assert_eq!(
+        read_frame(&mut client).await.expect("SUBACK"),
+        [0x90, 0x04, 0x00, 0x06, 0x00, 0x01]
+    );
+
+    // A delivery gets an empty property list; the client's acknowledgement loses its reason
+    // code on the way up.
+    broker
+        .write_all(&publish_frame(
+            0x32,
+            b"org1/iot-2/type/sensor/id/d1/cmd/reboot/fmt/json",
+            Some(9),
+            None,
+            b"go",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_frame(&mut client).await.expect("PUBLISH"),
+        publish_frame(
+            0x32,
+            b"iot-2/cmd/reboot/fmt/json",
+            Some(9),
+            Some(&[]),
+            b"go"
+        )
+    );
+    client
+        .write_all(&[0x40, 0x03, 0x00, 0x09, 0x10])
+        .await
+        .unwrap();
+    assert_eq!(
+        read_frame(&mut broker).await.expect("PUBACK"),
+        [0x40, 0x02, 0x00, 0x09]
+    );
+
+    // UNSUBACK: one reason code per filter.
+    let mut unsubscribe = BytesMut::new();
+    encode_unsubscribe(&mut unsubscribe, ProtocolVersion::V5, 10, &[], &[commands]);
+    client.write_all(&unsubscribe).await.unwrap();
+    let forwarded = read_frame(&mut broker).await.expect("UNSUBSCRIBE");
+    parse_unsubscribe(forwarded[0], body_of(&forwarded), ProtocolVersion::V311)
+        .expect("an MQTT 3.1.1 UNSUBSCRIBE");
+    broker.write_all(&[0xB0, 0x02, 0x00, 0x0A]).await.unwrap();
+    assert_eq!(
+        read_frame(&mut client).await.expect("UNSUBACK"),
+        [0xB0, 0x04, 0x00, 0x0A, 0x00, 0x00]
+    );
+
+    // DISCONNECT with will: the broker connection ends without DISCONNECT, so that the broker
+    // publishes the will.
+    client.write_all(&[0xE0, 0x01, 0x04]).await.unwrap();
+    assert_eq!(
+        read_frame(&mut broker).await,
+        None,
+        "no DISCONNECT upstream"
+    );
+    task.await.unwrap();
+}
+
+/// QoS 2 to a broker with QoS 1 only: the proxy completes the client's flow, and the PUBREC
+/// comes only after the broker's PUBACK; a copy of the PUBLISH before the PUBREL is not
+/// forwarded again. A QoS 2 subscription is granted 1.
+#[tokio::test(start_paused = true)]
+async fn qos2_is_completed_by_the_proxy_over_a_broker_with_qos1() {
+    for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
+        let mut harness = harness_for_broker(BrokerKind::Nats.declared(), None);
+        let (mut client, mut broker, _task) = harness.connect(version, 60).await;
+        let v5_props: Option<&[Property<'_>]> = version.is_v5().then_some(&[]);
+        let publish = publish_frame(0x34, D1_EVENT, Some(7), v5_props, b"{}");
+        client.write_all(&publish).await.unwrap();
+        client.write_all(&[0xC0, 0x00]).await.unwrap();
+        assert_eq!(
+            read_frame(&mut broker).await.expect("PUBLISH"),
+            // MQTT 3.1.1 for both: NATS does not speak MQTT 5.
+            publish_frame(0x32, D1_EVENT_AT_BROKER, Some(7), None, b"{}"),
+            "{version:?}: forwarded at QoS 1"
+        );
+        assert_eq!(
+            read_frame(&mut broker).await.expect("PINGREQ"),
+            [0xC0, 0x00]
+        );
+        broker.write_all(&[0xD0, 0x00]).await.unwrap();
+        // Nothing before the broker's PUBACK: the PINGRESP comes first.
+        assert_eq!(
+            read_frame(&mut client).await.expect("PINGRESP"),
+            [0xD0, 0x00]
+        );
+        broker.write_all(&[0x40, 0x02, 0x00, 0x07]).await.unwrap();
+        assert_eq!(
+            read_frame(&mut client).await.expect("PUBREC"),
+            [0x50, 0x02, 0x00, 0x07],
+            "{version:?}"
+        );
+        // The client sends its PUBLISH again (DUP) before its PUBREL: PUBREC again, and the
+        // broker gets nothing more (the next thing it reads is the PINGREQ).
+        let mut again = publish.clone();
+        again[0] |= 0x08;
+        client.write_all(&again).await.unwrap();
+        assert_eq!(
+            read_frame(&mut client).await.expect("PUBREC"),
+            [0x50, 0x02, 0x00, 0x07]
+        );
+        client.write_all(&[0x62, 0x02, 0x00, 0x07]).await.unwrap();
+        assert_eq!(
+            read_frame(&mut client).await.expect("PUBCOMP"),
+            [0x70, 0x02, 0x00, 0x07]
+        );
+        client.write_all(&[0xC0, 0x00]).await.unwrap();
+        assert_eq!(
+            read_frame(&mut broker).await.expect("PINGREQ"),
+            [0xC0, 0x00]
+        );
+
+        let mut subscribe = BytesMut::new();
+        let commands: &[&[u8]] = &[b"iot-2/cmd/+/fmt/+"];
+        encode_subscribe(&mut subscribe, version, 8, &[], &[(commands, 0x02)]);
+        client.write_all(&subscribe).await.unwrap();
+        let forwarded = read_frame(&mut broker).await.expect("SUBSCRIBE");
+        let forwarded = parse_subscribe(forwarded[0], body_of(&forwarded), ProtocolVersion::V311)
+            .expect("a SUBSCRIBE");
+        assert_eq!(
+            forwarded.filters[0].options & 0x03,
+            1,
+            "{version:?}: granted 1"
+        );
+    }
+}
+
+/// A broker that refuses the protocol version the proxy speaks is reported to the client as
+/// CONNACK 1 (MQTT 3) or 0x84 (MQTT 5), never as "server unavailable", which makes clients
+/// retry forever.
+#[tokio::test(start_paused = true)]
+async fn a_broker_that_refuses_the_protocol_version_is_not_server_unavailable() {
+    for (version, expected) in [(ProtocolVersion::V311, 0x01), (ProtocolVersion::V5, 0x84)] {
+        let mut harness = harness(limits());
+        let (mut client, _task) = harness.spawn_session();
+        client
+            .write_all(&connect_packet(version, 60))
+            .await
+            .unwrap();
+        let mut broker = harness.brokers.recv().await.expect("the session dials");
+        read_frame(&mut broker).await.expect("CONNECT");
+        // A 3.1.1 broker answers an MQTT 5 CONNECT in 3.1.1 form.
+        broker.write_all(&[0x20, 0x02, 0x00, 0x01]).await.unwrap();
+        let connack = read_frame(&mut client).await.expect("CONNACK");
+        assert_eq!(connack[3], expected, "{version:?}: {connack:02X?}");
+        assert_eq!(read_frame(&mut client).await, None, "then closed");
+    }
+}
+
+/// A broker that closes the connection on an MQTT 5 CONNECT (RabbitMQ 3) and accepts the
+/// proxy's 3.1.1 probe does not speak MQTT 5: 0x84. One that closes the probe too is only
+/// unavailable: 0x88.
+#[tokio::test(start_paused = true)]
+async fn a_broker_that_closes_an_mqtt5_connect_is_probed_before_the_answer() {
+    for (probe_accepted, expected) in [(true, 0x84), (false, 0x88)] {
+        let mut harness = harness(limits());
+        let (mut client, _task) = harness.spawn_session();
+        client
+            .write_all(&connect_packet(ProtocolVersion::V5, 60))
+            .await
+            .unwrap();
+        let mut broker = harness.brokers.recv().await.expect("the session dials");
+        read_frame(&mut broker).await.expect("CONNECT");
+        drop(broker);
+        let mut probe = harness.brokers.recv().await.expect("the probe dials");
+        let connect = read_frame(&mut probe).await.expect("the probe's CONNECT");
+        let connect = parse_connect(connect[0], body_of(&connect)).expect("a valid CONNECT");
+        assert_eq!(connect.version, ProtocolVersion::V311);
+        assert!(connect.client_id.starts_with("mqtt-warden-probe-"));
+        if probe_accepted {
+            probe.write_all(&[0x20, 0x02, 0x00, 0x00]).await.unwrap();
+            assert_eq!(
+                read_frame(&mut probe).await.expect("DISCONNECT"),
+                [0xE0, 0x00]
+            );
+        } else {
+            drop(probe);
+        }
+        let connack = read_frame(&mut client).await.expect("CONNACK");
+        let connack = parse_connack(body_of(&connack), ProtocolVersion::V5).expect("CONNACK");
+        assert_eq!(connack.code, expected, "probe accepted: {probe_accepted}");
+    }
 }

@@ -245,7 +245,20 @@ fn rabbit_node() -> Result<&'static RabbitNode, String> {
 
 const RABBIT_BIN: &str = "/usr/lib/rabbitmq/bin";
 
+/// Starts the node, trying again with a fresh folder and ports when an attempt fails: under
+/// load, RabbitMQ 3.10 sometimes dies while it starts its MQTT plugin.
 fn start_rabbit() -> Result<RabbitNode, String> {
+    let mut failures = Vec::new();
+    for attempt in 0..3 {
+        match start_rabbit_once(attempt) {
+            Ok(node) => return Ok(node),
+            Err(why) => failures.push(format!("attempt {attempt}: {why}")),
+        }
+    }
+    Err(failures.join("\n"))
+}
+
+fn start_rabbit_once(attempt: u32) -> Result<RabbitNode, String> {
     // Leaked on purpose: the node's files must outlive every test of the binary.
     let dir = tempfile::Builder::new()
         .prefix("warden-rabbit")
@@ -258,7 +271,7 @@ fn start_rabbit() -> Result<RabbitNode, String> {
     let mqtt_port = free_port();
     let node_port = free_port();
     let dist_port = free_port();
-    let name = format!("warden-test-{}@localhost", std::process::id());
+    let name = format!("warden-test-{}-{attempt}@localhost", std::process::id());
     std::fs::write(
         dir.join("rabbitmq.conf"),
         format!(
@@ -269,6 +282,8 @@ fn start_rabbit() -> Result<RabbitNode, String> {
     std::fs::write(dir.join("enabled_plugins"), "[rabbitmq_mqtt].\n").map_err(|e| e.to_string())?;
     let env = rabbit_env(&name, &dir, node_port, dist_port);
     let (spawned_tx, spawned_rx) = std::sync::mpsc::channel();
+    let exited = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let exited_in_thread = exited.clone();
     // The thread that spawns the node must live as long as the test binary: the node gets
     // SIGKILL when it ends (PR_SET_PDEATHSIG), so it never outlives the tests.
     let log = dir.join("out.log");
@@ -306,6 +321,7 @@ fn start_rabbit() -> Result<RabbitNode, String> {
             Ok(mut child) => {
                 let _ = spawned_tx.send(Ok(()));
                 let _ = child.wait();
+                exited_in_thread.store(true, Ordering::Release);
                 // Keep the thread alive after an early exit, too: nothing more to do.
                 loop {
                     std::thread::park();
@@ -322,10 +338,16 @@ fn start_rabbit() -> Result<RabbitNode, String> {
         .map_err(|e| format!("{e} (scripts/test.sh installs rabbitmq-server)"))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", mqtt_port)).is_err() {
-        if Instant::now() > deadline {
+        let gone = exited.load(Ordering::Acquire);
+        if gone || Instant::now() > deadline {
             let log = std::fs::read_to_string(dir.join("out.log")).unwrap_or_default();
             let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
-            return Err(format!("no MQTT listener within 60 s; log tail:\n{tail}"));
+            let what = if gone {
+                "the node exited"
+            } else {
+                "no MQTT listener within 60 s"
+            };
+            return Err(format!("{what}; log tail:\n{tail}"));
         }
         // sleep-ok: the node says nothing to the test until its MQTT port is open.
         std::thread::sleep(Duration::from_millis(100));
