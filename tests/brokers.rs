@@ -35,10 +35,10 @@ async fn each_broker_starts_and_relays_a_message_between_direct_clients() {
     }
 }
 
-/// The proxy starts in front of each broker kind and relays a device event to an application.
-/// (What does not work yet on RabbitMQ and NATS is issue 11's work; this test grows with it.)
+/// The proxy in front of each broker kind: a device's events at QoS 0 and 1 reach an
+/// application, and the application's command reaches the device.
 #[tokio::test]
-async fn a_device_event_reaches_an_application_through_the_proxy_on_each_broker() {
+async fn events_and_commands_pass_through_the_proxy_on_each_broker() {
     for kind in BrokerKind::ALL {
         let broker = AnyBroker::start(kind).await;
         let warden =
@@ -47,6 +47,28 @@ async fn a_device_event_reaches_an_application_through_the_proxy_on_each_broker(
         app.subscribe("iot-2/type/sensor/id/dev1/evt/+/fmt/json", QoS::AtLeastOnce)
             .await;
         let mut device = support::v4::org1_device(warden.addr, "dev1").await;
+        device
+            .subscribe("iot-2/cmd/+/fmt/+", QoS::AtLeastOnce)
+            .await;
+
+        device
+            .client
+            .publish(
+                "iot-2/evt/fast/fmt/json",
+                QoS::AtMostOnce,
+                false,
+                b"{}".to_vec(),
+            )
+            .await
+            .expect("queued");
+        let message = tokio::time::timeout(WAIT, app.next_publish())
+            .await
+            .unwrap_or_else(|_| panic!("{kind:?}: no QoS 0 delivery"));
+        assert_eq!(
+            message.topic, "iot-2/type/sensor/id/dev1/evt/fast/fmt/json",
+            "{kind:?}"
+        );
+
         assert!(
             device
                 .publish_acked("iot-2/evt/temp/fmt/json", b"{\"t\":1}".to_vec())
@@ -55,11 +77,25 @@ async fn a_device_event_reaches_an_application_through_the_proxy_on_each_broker(
         );
         let message = tokio::time::timeout(WAIT, app.next_publish())
             .await
-            .unwrap_or_else(|_| panic!("{kind:?}: no delivery"));
+            .unwrap_or_else(|_| panic!("{kind:?}: no QoS 1 delivery"));
         assert_eq!(
             message.topic, "iot-2/type/sensor/id/dev1/evt/temp/fmt/json",
             "{kind:?}"
         );
+        assert_eq!(message.qos, QoS::AtLeastOnce, "{kind:?}");
+
+        assert!(
+            app.publish_acked(
+                "iot-2/type/sensor/id/dev1/cmd/reboot/fmt/json",
+                b"{}".to_vec()
+            )
+            .await,
+            "{kind:?}: command PUBACK"
+        );
+        let command = tokio::time::timeout(WAIT, device.next_publish())
+            .await
+            .unwrap_or_else(|_| panic!("{kind:?}: no command delivery"));
+        assert_eq!(command.topic, "iot-2/cmd/reboot/fmt/json", "{kind:?}");
         broker.stop().await;
     }
 }
