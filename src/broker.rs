@@ -8,6 +8,15 @@
 
 use std::fmt;
 
+/// The capability names, in the order of the docs, as metric labels.
+pub const CAPABILITIES: [&str; 5] = [
+    "mqtt5",
+    "max_qos",
+    "shared_subscriptions",
+    "retained_to_wildcards",
+    "escape",
+];
+
 /// The broker products the proxy knows, as named in `upstream.broker`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BrokerKind {

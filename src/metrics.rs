@@ -350,7 +350,7 @@ impl Default for Metrics {
                 });
             }
         }
-        for capability in crate::probe::CAPABILITIES {
+        for capability in crate::broker::CAPABILITIES {
             let labels = CapabilityLabels { capability };
             metrics
                 .monitor

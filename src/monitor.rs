@@ -43,6 +43,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::broker::CAPABILITIES;
 use crate::broker::{Capabilities, EscapeSet};
 use crate::codec::{
     decode_frame_header, encode_connect, encode_publish, encode_subscribe, encode_unsubscribe,
@@ -51,7 +52,7 @@ use crate::codec::{
 use crate::ledger::Step;
 use crate::metrics::{CapabilityLabels, MonitorMetrics};
 use crate::names::{escape, unescape};
-use crate::probe::{probe, Probed, CAPABILITIES};
+use crate::probe::{probe, Probed};
 use crate::profile::Publication;
 use crate::retained::RetainedRecord;
 use crate::upstream::{

@@ -80,15 +80,6 @@ impl fmt::Display for Mismatch {
     }
 }
 
-/// The capability names, in the order of the docs, as metric labels.
-pub const CAPABILITIES: [&str; 5] = [
-    "mqtt5",
-    "max_qos",
-    "shared_subscriptions",
-    "retained_to_wildcards",
-    "escape",
-];
-
 impl Probed {
     /// Each capability's probed value as a gauge: 1 / 0, the QoS, -1 when unknown.
     pub fn gauges(&self) -> [(&'static str, i64); 5] {

@@ -3,41 +3,17 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rumqttc::QoS;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
 
 use support::brokers::{AnyBroker, BrokerKind};
+use support::http_get;
 use support::{mon, poll_until, v4, Warden, WAIT};
 
 const ADMIN: &str = "admin: { bind: \"127.0.0.1:0\" }\n";
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("admin endpoint");
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .expect("request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("response");
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (status, body)
-}
 
 /// What each broker's probe must find, as `/readyz` writes it.
 fn expected_probe(kind: BrokerKind) -> &'static str {

@@ -15,10 +15,9 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
 use rumqttc::v5::{AsyncClient as AsyncClient5, Event as Event5, MqttOptions as MqttOptions5};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use support::brokers::{BrokerKind, NatsCluster};
+use support::http_get;
 use support::{poll_until, standard_policy, v4, Broker, Warden, WAIT};
 
 const ADMIN: &str = "admin: { bind: \"127.0.0.1:0\" }\n";
@@ -38,27 +37,6 @@ fn policy() -> String {
     let anchor = "      edge-gw/gw1:";
     assert!(policy.contains(anchor));
     policy.replacen(anchor, &format!("{more}{anchor}"), 1)
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    (status, body)
 }
 
 /// The value of the series `name{labels}` in the proxy's metrics (0 when absent).

@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 use tracing::info;
 
-use super::connect::upstream_version;
+use super::downgrade::upstream_version;
 use super::downgrade::{self, Downgrade};
 use super::{ClientStream, Context};
 use crate::codec::{

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::bridge::{Bridge, Negotiated};
-use super::downgrade;
+use super::downgrade::{self, upstream_version};
 use super::{protocol_label, ClientStream, Context, FAREWELL_TIMEOUT};
 use crate::codec::{
     decode_frame_header, encode_connack, encode_connect, parse_connack, parse_connect, property,
@@ -727,16 +727,6 @@ async fn speaks_only_v311<D: Dial>(dialer: &D, control: &SessionControl) -> bool
 }
 
 /// The protocol version the proxy speaks to the broker for a client of `client` version.
-/// MQTT 3.1 limits client IDs to 23 bytes at many brokers; 3.1.1 has the same wire format for
-/// everything a 3.1 client sends, so the proxy speaks 3.1.1 upstream for it. An MQTT 5 client is
-/// downgraded to 3.1.1 when the broker does not speak MQTT 5.
-pub fn upstream_version(client: ProtocolVersion, broker_mqtt5: bool) -> ProtocolVersion {
-    match client {
-        ProtocolVersion::V5 if broker_mqtt5 => ProtocolVersion::V5,
-        _ => ProtocolVersion::V311,
-    }
-}
-
 /// The keep-alive the proxy enforces: the client's, held to the profile's range, then to the
 /// proxy-wide maximum (`limits.max_keep_alive_secs`). MQTT 5 clients are told with Server Keep
 /// Alive; MQTT 3 clients above the maximum were refused before.

@@ -23,9 +23,19 @@ use bytes::BytesMut;
 
 use crate::codec::{
     encode_unsuback_v5, for_each_property, property, publish_properties, Connect, Property,
-    PropertyContext, PropertyValue, PublishView,
+    PropertyContext, PropertyValue, ProtocolVersion, PublishView,
 };
 use crate::refusal::{Cause, Refusal};
+
+/// MQTT 3.1 limits client IDs to 23 bytes at many brokers; 3.1.1 has the same wire format for
+/// everything a 3.1 client sends, so the proxy speaks 3.1.1 upstream for it. An MQTT 5 client is
+/// downgraded to 3.1.1 when the broker does not speak MQTT 5.
+pub fn upstream_version(client: ProtocolVersion, broker_mqtt5: bool) -> ProtocolVersion {
+    match client {
+        ProtocolVersion::V5 if broker_mqtt5 => ProtocolVersion::V5,
+        _ => ProtocolVersion::V311,
+    }
+}
 
 /// The Topic Alias Maximum the proxy offers an MQTT 5 client of a downgraded session: aliases
 /// are resolved at the proxy (the broker never sees one), and each costs one topic string.
