@@ -480,6 +480,10 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
     /// frames handled at once, so that their output goes out in the same turn) until nothing
     /// moves, then the timer. Everything that returned `Pending` has registered the task's
     /// waker, so the turn is woken by whatever comes first.
+    // Out of line, as are the rare paths below (subscribe, re-evaluation, shared groups,
+    // replays): inlined into `run`, the loop cost about 290 more instructions per forwarded
+    // PUBLISH under callgrind (BENCHMARKS.md, "Issue 11's merges").
+    #[inline(never)]
     fn poll_turn(
         &mut self,
         cx: &mut TaskContext<'_>,
@@ -1313,6 +1317,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         })
     }
 
+    #[inline(never)]
     fn client_subscribe(&mut self, first_byte: u8, body: &[u8]) -> Result<(), Refusal> {
         let subscribe = parse_subscribe(first_byte, body, self.version)
             .map_err(|e| Refusal::from_filter_error(&e))?;
@@ -1500,6 +1505,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         Ok(())
     }
 
+    #[inline(never)]
     fn client_unsubscribe(&mut self, first_byte: u8, body: &[u8]) -> Result<(), Refusal> {
         let unsubscribe = parse_unsubscribe(first_byte, body, self.version)
             .map_err(|e| Refusal::from_filter_error(&e))?;
@@ -1559,6 +1565,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
 
     /// The policy changed: is this session still allowed, and are its subscriptions? Limits of
     /// the new policy apply from here on.
+    #[inline(never)]
     fn reevaluate(&mut self) -> Result<(), Refusal> {
         let profile = self.context.profile.clone();
         self.principal = profile.reevaluate(&self.principal)?;
@@ -1694,6 +1701,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
     }
 
     /// What the group's distributor sent this session.
+    #[inline(never)]
     fn share_event(&mut self, event: ShareEvent) {
         match event {
             ShareEvent::Suback {
@@ -1724,6 +1732,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
 
     /// Writes a delivery of the proxy's own to the client; `false` when the client may not or
     /// cannot receive it.
+    #[inline(never)]
     fn inject(&mut self, topic: &str, payload: &[u8], packet_id: Option<u16>, dup: bool) -> bool {
         let (Some(parts), Some(rest)) =
             (self.topics.to_client(topic), self.topics.client_rest(topic))
@@ -1762,6 +1771,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
 
     /// The proxy's retained statuses matching the granted wildcard filters of a SUBSCRIBE, as
     /// retained QoS 0 PUBLISHes after its SUBACK. `granted` holds the broker's codes.
+    #[inline(never)]
     fn replay_retained(&mut self, packet_id: u16, granted: &[u8]) {
         let (Some(replays), Some(record)) = (
             self.pending_replays.remove(&packet_id),
@@ -1806,6 +1816,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
 
     /// A SUBACK from the broker: merged with the proxy's own refusals when some filters of that
     /// SUBSCRIBE were answered here, and followed by the replay of retained statuses it is owed.
+    #[inline(never)]
     fn broker_suback(&mut self, frame: &[u8], body: &[u8]) -> Result<(), Refusal> {
         if !self.pending_subacks.is_empty() || !self.pending_replays.is_empty() {
             let suback = parse_suback(body, self.upstream_version).map_err(broker_fault)?;
