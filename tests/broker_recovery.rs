@@ -98,7 +98,6 @@ async fn proxy_process(dir: &std::path::Path, broker: &AnyBroker, instance: &str
 #[tokio::test]
 async fn a_proxy_killed_and_restarted_publishes_the_disconnect_of_its_devices_on_each_broker() {
     for kind in BrokerKind::ALL {
-        eprintln!("== {kind:?}");
         let broker = AnyBroker::start(kind).await;
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("policy.yaml"), standard_policy()).unwrap();

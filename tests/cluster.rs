@@ -337,8 +337,7 @@ async fn publish_in_a_loop(
             Ok(device) => device,
             Err(_) => {
                 log.lock().unwrap().refused += 1;
-                // sleep-ok: a client's pause before it retries a refused CONNECT.
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(200)).await; // sleep-ok: a client's pause before it retries a refused CONNECT
                 continue;
             }
         };
@@ -396,8 +395,7 @@ async fn subscribe_persistently(addr: SocketAddr, received: Arc<Mutex<BTreeSet<u
                 }
                 Ok(_) => {}
                 // rumqttc reconnects on the next poll, with the same persistent session.
-                // sleep-ok: a client's pause before it reconnects.
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await, // sleep-ok: a client's pause before it reconnects
             }
         }
     });
@@ -513,8 +511,7 @@ async fn a_nats_node_killed_under_qos1_traffic_loses_no_acknowledged_message() {
     };
     let result = tokio::time::timeout(Duration::from_secs(20), async {
         while !missing().is_empty() {
-            // sleep-ok: deliveries arrive on the application's own task.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await; // sleep-ok: deliveries arrive on the application's own task
         }
     })
     .await;

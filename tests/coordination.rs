@@ -762,8 +762,7 @@ async fn a_holder_that_cannot_hear_is_settled_for_and_its_late_disconnect_is_fen
             if let Some(first_cut) = first_cut.take() {
                 let _ = first_cut.send(());
             }
-            // sleep-ok: the pace of an adversary that keeps cutting a's channel, not a wait.
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await; // sleep-ok: the pace of an adversary that keeps cutting a's channel, not a wait
         }
     });
     cut.await.expect("a's channel is cut");
