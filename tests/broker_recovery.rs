@@ -115,9 +115,25 @@ async fn a_proxy_killed_and_restarted_publishes_the_disconnect_of_its_devices_on
         assert_eq!(status["ClientID"], "d:org1:sensor:dev1", "{kind:?}");
         assert_eq!(status["CloseCode"], 92, "{kind:?}");
 
-        let mut late = v4::org1_app(restarted.addr, "a:org1:late").await;
-        late.subscribe(MON_FILTER, QoS::AtMostOnce).await;
-        let replayed = late.next_publish().await;
+        // NATS keeps retained messages in a JetStream stream that each server reads back
+        // asynchronously: under load a subscriber right after the publish can come too early,
+        // so a late subscriber that got nothing tries again, within WAIT in all.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let replayed = loop {
+            let mut late = v4::org1_app(restarted.addr, "a:org1:late").await;
+            late.subscribe(MON_FILTER, QoS::AtMostOnce).await;
+            if let Some(replayed) = late
+                .next_publish_within(std::time::Duration::from_secs(2))
+                .await
+            {
+                break replayed;
+            }
+            late.disconnect().await;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{kind:?}: no retained status for a late subscriber"
+            );
+        };
         assert!(replayed.retain, "{kind:?}");
         let status = mon::parse(&replayed.payload);
         assert_eq!(
