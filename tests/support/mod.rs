@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -566,7 +567,12 @@ pub struct ProxyProcess {
     pub child: Child,
     /// The client-facing address.
     pub addr: SocketAddr,
+    /// The last lines the process logged (at most [`KEPT_LOG_LINES`]), for a failing test to show.
+    pub log: Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
 }
+
+/// How many of a proxy process's last log lines a test keeps.
+pub const KEPT_LOG_LINES: usize = 400;
 
 impl ProxyProcess {
     /// Writes `config` (which must set `telemetry.log_format: json`) as `NAME.yaml` in `dir`,
@@ -589,8 +595,21 @@ impl ProxyProcess {
             .spawn()
             .expect("the binary runs");
         let mut lines = BufReader::new(child.stdout.take().expect("stdout piped")).lines();
+        let log = Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+        let keep = {
+            let log = log.clone();
+            move |line: &str| {
+                if let Ok(mut kept) = log.lock() {
+                    if kept.len() == KEPT_LOG_LINES {
+                        kept.pop_front();
+                    }
+                    kept.push_back(line.to_owned());
+                }
+            }
+        };
         let addr = tokio::time::timeout(WAIT, async {
             while let Ok(Some(line)) = lines.next_line().await {
+                keep(&line);
                 let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
                     continue;
                 };
@@ -606,8 +625,20 @@ impl ProxyProcess {
         .await
         .expect("the proxy starts");
         // Keep draining the log so the child never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        ProxyProcess { child, addr }
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                keep(&line);
+            }
+        });
+        ProxyProcess { child, addr, log }
+    }
+
+    /// The kept log lines, one per line, for a failure message.
+    pub fn kept_log(&self) -> String {
+        self.log
+            .lock()
+            .map(|kept| kept.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
     }
 }
 
@@ -725,6 +756,23 @@ pub mod v4 {
             self.next_publish_within(WAIT)
                 .await
                 .expect("a publish arrives")
+        }
+
+        /// The next PUBLISH received within `limit`, or why none came: the connection's error,
+        /// or the time out.
+        pub async fn next_publish_or_why(&mut self, limit: Duration) -> Result<Publish, String> {
+            tokio::time::timeout(limit, async {
+                loop {
+                    match self.events.recv().await {
+                        Some(Ok(Packet::Publish(publish))) => return Ok(publish),
+                        Some(Ok(_)) => {}
+                        Some(Err(error)) => return Err(format!("connection ended: {error}")),
+                        None => return Err("connection ended".to_owned()),
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| Err(format!("nothing within {limit:?}")))
         }
 
         /// The next PUBLISH received within `limit`, or `None`.
