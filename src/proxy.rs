@@ -274,7 +274,9 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
             queue_bytes: config.limits.monitor_queue_bytes,
             capabilities: config.upstream.capabilities,
             probe: true,
-            retained: retained.clone(),
+            // With coordination, the coordinator records them, in the order every instance
+            // agrees on, and shares the record with the others.
+            retained: retained.clone().filter(|_| coordination.is_none()),
         },
         metrics.monitor.clone(),
     );
@@ -292,6 +294,7 @@ pub async fn start(config: WardenConfig) -> Result<RunningProxy, StartError> {
                     settle,
                     config.limits.monitor_queue,
                     metrics.coordination.clone(),
+                    retained.clone(),
                 )
                 .await?,
             )

@@ -8,6 +8,10 @@
 //! the subscription ([`RetainedRecord::matching`]) and sends them to the client as retained
 //! QoS 0 PUBLISHes, as a broker would have. The record holds at most [`MAX_RECORD_BYTES`];
 //! beyond that, new topics are not recorded (counted and logged once), updates still are.
+//!
+//! With several instances (`coordination:`), each instance's record also takes the others'
+//! statuses (through Redis, `coord::redis_retained`), which can arrive late. Those carry an
+//! order ([`Order`]): an update never replaces a newer one of the same topic.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,8 +38,19 @@ pub struct RetainedRecord {
 
 #[derive(Debug, Default)]
 struct Inner {
-    by_topic: BTreeMap<String, Bytes>,
+    by_topic: BTreeMap<String, (Order, Bytes)>,
     bytes: usize,
+}
+
+/// Where a retained status stands among its topic's statuses: the `Sequence` of the client ID
+/// that published it (its epoch's Connect or Disconnect), or 0 when it has none (a shared
+/// client ID, or a single instance), which neither replaces in order nor is kept from replacing.
+pub type Order = u64;
+
+/// Whether an update of order `new` may replace one of order `old`: unless both are ordered
+/// and the old one is newer. (The same rule runs in Redis's script.)
+pub fn replaces(old: Order, new: Order) -> bool {
+    old == 0 || new == 0 || new >= old
 }
 
 impl Default for RetainedRecord {
@@ -63,34 +78,53 @@ impl RetainedRecord {
 
     /// Takes note of publications on their way to the broker, in order.
     pub fn record(&self, publications: &[Publication]) {
+        self.record_in_order(publications, 0);
+    }
+
+    /// Takes note of publications of order `order` (see [`Order`]).
+    pub fn record_in_order(&self, publications: &[Publication], order: Order) {
         let mut inner = self.lock();
         for publication in publications {
-            if !publication.retain || publication.topic.starts_with(LEDGER_ROOT) {
-                continue;
+            if is_recorded(publication) {
+                self.apply_locked(&mut inner, &publication.topic, order, &publication.payload);
             }
-            let topic = &publication.topic;
-            if let Some(old) = inner.by_topic.remove(topic) {
-                inner.bytes -= topic.len() + old.len();
-            }
-            if publication.payload.is_empty() {
-                continue;
-            }
-            let size = topic.len() + publication.payload.len();
-            if inner.bytes + size > self.limit {
-                if self.refused.fetch_add(1, Ordering::Relaxed) == 0 {
-                    warn!(
-                        limit = self.limit,
-                        "the record of retained statuses is full: wildcard subscribers will not \
-                         get the retained status of newer clients replayed"
-                    );
-                }
-                continue;
-            }
-            inner.bytes += size;
-            inner
-                .by_topic
-                .insert(topic.clone(), publication.payload.clone());
         }
+    }
+
+    /// Applies one update (an empty payload clears the topic) unless the topic holds a newer
+    /// one; answers whether it did.
+    pub fn apply(&self, topic: &str, order: Order, payload: &Bytes) -> bool {
+        let mut inner = self.lock();
+        self.apply_locked(&mut inner, topic, order, payload)
+    }
+
+    fn apply_locked(&self, inner: &mut Inner, topic: &str, order: Order, payload: &Bytes) -> bool {
+        if let Some((old_order, old)) = inner.by_topic.get(topic) {
+            if !replaces(*old_order, order) {
+                return false;
+            }
+            inner.bytes -= topic.len() + old.len();
+            inner.by_topic.remove(topic);
+        }
+        if payload.is_empty() {
+            return true;
+        }
+        let size = topic.len() + payload.len();
+        if inner.bytes + size > self.limit {
+            if self.refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                warn!(
+                    limit = self.limit,
+                    "the record of retained statuses is full: wildcard subscribers will not \
+                     get the retained status of newer clients replayed"
+                );
+            }
+            return false;
+        }
+        inner.bytes += size;
+        inner
+            .by_topic
+            .insert(topic.to_owned(), (order, payload.clone()));
+        true
     }
 
     /// The recorded messages (broker topic, payload) that `filter` (a broker filter) matches.
@@ -109,9 +143,14 @@ impl RetainedRecord {
             ))
             .take_while(|(topic, _)| topic.starts_with(literal))
             .filter(|(topic, _)| filter_matches(filter, topic))
-            .map(|(topic, payload)| (topic.clone(), payload.clone()))
+            .map(|(topic, (_, payload))| (topic.clone(), payload.clone()))
             .collect()
     }
+}
+
+/// Whether the record keeps `publication`: a retained one that is not the ledger's.
+pub fn is_recorded(publication: &Publication) -> bool {
+    publication.retain && !publication.topic.starts_with(LEDGER_ROOT)
 }
 
 #[cfg(test)]
@@ -160,6 +199,25 @@ mod tests {
         // An empty retained message clears the topic.
         record.record(&[retained("org1/iot-2/type/t/id/b/mon", "")]);
         assert_eq!(record.matching("org1/#").len(), 1);
+    }
+
+    #[test]
+    fn an_ordered_update_never_replaces_a_newer_one() {
+        let record = RetainedRecord::default();
+        let topic = "org1/iot-2/type/t/id/a/mon";
+        let bytes = |text: &str| Bytes::copy_from_slice(text.as_bytes());
+        assert!(record.apply(topic, 3, &bytes("Connect 3")));
+        // The Disconnect of the epoch before comes late, from another instance.
+        assert!(!record.apply(topic, 2, &bytes("Disconnect 2")));
+        assert_eq!(&record.matching(topic)[0].1[..], b"Connect 3");
+        assert!(record.apply(topic, 4, &bytes("Disconnect 4")));
+        // A status without an order replaces any, and any replaces it.
+        assert!(record.apply(topic, 0, &bytes("unordered")));
+        assert!(record.apply(topic, 1, &bytes("Connect 1")));
+        assert_eq!(&record.matching(topic)[0].1[..], b"Connect 1");
+        // Clearing follows the same rule.
+        assert!(record.apply(topic, 2, &Bytes::new()));
+        assert!(record.matching(topic).is_empty());
     }
 
     #[test]

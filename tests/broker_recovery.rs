@@ -8,7 +8,7 @@ mod support;
 
 use rumqttc::QoS;
 use support::brokers::{AnyBroker, BrokerKind};
-use support::{mon, standard_policy, v4, ProxyProcess, WAIT};
+use support::{mon, poll_until, standard_policy, v4, ProxyProcess, Redis, Warden, WAIT};
 
 /// The monitoring filter of a late subscriber, as the application writes it.
 const MON_FILTER: &str = "iot-2/type/+/id/+/mon";
@@ -85,6 +85,86 @@ async fn a_late_wildcard_subscriber_gets_the_current_statuses_on_each_broker() {
         warden.running.shutdown(WAIT).await;
         broker.stop().await;
     }
+}
+
+/// What a new wildcard subscriber through `addr` gets replayed for `device`: its status's
+/// `Action` and `Sequence`, once `wanted` accepts them (statuses of other instances reach this
+/// one's record through Redis, a moment after they were published).
+async fn replayed_until(
+    addr: std::net::SocketAddr,
+    device: &str,
+    wanted: impl Fn(&str, u64) -> bool,
+) -> (String, u64) {
+    static LATE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let client_id = format!("d:org1:sensor:{device}");
+    poll_until(WAIT, &format!("a replayed status of {device}"), || {
+        let attempt = LATE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let app = format!("a:org1:late{attempt}");
+        let client_id = client_id.clone();
+        let wanted = &wanted;
+        async move {
+            let mut late = v4::org1_app(addr, &app).await;
+            late.subscribe(MON_FILTER, QoS::AtMostOnce).await;
+            let mut found = None;
+            while let Some(replayed) = late
+                .next_publish_within(std::time::Duration::from_millis(300))
+                .await
+            {
+                let status = mon::parse(&replayed.payload);
+                if replayed.retain && status["ClientID"] == client_id.as_str() {
+                    let action = status["Action"].as_str().unwrap_or_default().to_owned();
+                    let sequence = status["Sequence"].as_u64().unwrap_or(0);
+                    found = Some((action, sequence));
+                }
+            }
+            late.disconnect().await;
+            found.filter(|(action, sequence)| wanted(action, *sequence))
+        }
+    })
+    .await
+}
+
+/// Two instances sharing Redis in front of RabbitMQ, which replays retained messages only to
+/// filters without wildcards: a late wildcard subscriber on either instance gets the statuses
+/// the other one published, in their true order after a takeover between them (a late
+/// Disconnect never replaces the newer Connect), and an instance started later gets them too.
+#[tokio::test]
+async fn with_several_instances_a_late_wildcard_subscriber_gets_every_instances_statuses() {
+    let broker = AnyBroker::start(BrokerKind::RabbitMq).await;
+    let redis = Redis::start().await;
+    let policy = standard_policy();
+    let a = Warden::start_in_front(&broker, &policy, "", &redis.coordination("a")).await;
+    let b = Warden::start_in_front(&broker, &policy, "", &redis.coordination("b")).await;
+    let mut spy = status_spy(&broker, "spy", "dev1").await;
+
+    let first = v4::org1_device(a.addr, "dev1").await;
+    next_status(&mut spy, "Connect", BrokerKind::RabbitMq).await;
+    let (_, connect_1) = replayed_until(b.addr, "dev1", |action, _| action == "Connect").await;
+    assert!(
+        connect_1 > 0,
+        "statuses of coordinated instances are ordered"
+    );
+
+    // A takeover through b: a's Disconnect (288), then b's Connect, both replayed in order on a.
+    let _second = v4::org1_device(b.addr, "dev1").await;
+    let disconnect = next_status(&mut spy, "Disconnect", BrokerKind::RabbitMq).await;
+    assert_eq!(disconnect["CloseCode"], 288);
+    let connect = next_status(&mut spy, "Connect", BrokerKind::RabbitMq).await;
+    let connect_2 = connect["Sequence"].as_u64().unwrap_or(0);
+    assert!(connect_2 > connect_1 + 1, "{connect_2} after {connect_1}");
+    drop(first);
+    let on_a = replayed_until(a.addr, "dev1", |_, sequence| sequence >= connect_2).await;
+    assert_eq!(on_a, ("Connect".to_owned(), connect_2));
+
+    // An instance that starts now loads what the others published.
+    let c = Warden::start_in_front(&broker, &policy, "", &redis.coordination("c")).await;
+    let on_c = replayed_until(c.addr, "dev1", |_, _| true).await;
+    assert_eq!(on_c, ("Connect".to_owned(), connect_2));
+
+    c.running.shutdown(WAIT).await;
+    b.running.shutdown(WAIT).await;
+    a.running.shutdown(WAIT).await;
+    broker.stop().await;
 }
 
 /// The proxy as a process of the real binary, named `instance` on the broker.

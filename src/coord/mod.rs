@@ -13,6 +13,7 @@ pub mod local;
 pub mod redis;
 pub mod redis_link;
 pub mod redis_rate;
+pub mod redis_retained;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};

@@ -59,6 +59,7 @@ use tracing::{debug, info, warn};
 use super::local::count_down;
 use super::redis_link::{LinkError, RedisConn, RedisLink};
 use super::redis_rate::SharedRateBuckets;
+use super::redis_retained::{self, RetainedMirror};
 use super::{
     closed_by_administrator, Admission, ClaimError, ClaimRequest, Ownership, Release, Released,
     Reporter, SessionHandle, SessionId, SessionInfo,
@@ -68,6 +69,7 @@ use crate::metrics::CoordinationMetrics;
 use crate::monitor::Monitor;
 use crate::profile::{Publication, Settlement};
 use crate::refusal::{Cause, Refusal};
+use crate::retained::{Order, RetainedRecord};
 
 /// How long an instance's lease lasts without renewal.
 pub const LEASE: Duration = Duration::from_secs(10);
@@ -391,9 +393,10 @@ enum Stamp {
 /// Adds the client ID's `Epoch`, and a `Sequence` that orders its statuses (the Connect of epoch
 /// E is 2E-1, its Disconnect 2E), to every status that is a JSON object, so that consumers of a
 /// broker cluster can order them. Shared client IDs (epoch 0) have no order and get neither.
-fn stamp(publications: &mut [Publication], epoch: u64, which: Stamp) {
+/// Answers the `Sequence` (0 for none), which also orders the record of retained statuses.
+fn stamp(publications: &mut [Publication], epoch: u64, which: Stamp) -> Order {
     if epoch == 0 {
-        return;
+        return 0;
     }
     let sequence = match which {
         Stamp::Connect => 2 * epoch - 1,
@@ -418,6 +421,7 @@ fn stamp(publications: &mut [Publication], epoch: u64, which: Stamp) {
             .extend_from_slice(format!("\"Epoch\":{epoch},\"Sequence\":{sequence}}}").as_bytes());
         publication.payload = stamped.into();
     }
+    sequence
 }
 
 /// Drops the publications that clear a retained message (retained, empty payload): the
@@ -464,8 +468,9 @@ enum Job {
         session: String,
         statuses: Vec<Publication>,
     },
-    /// Publications of no session (refused connects, notifications, settlements).
-    Publish(Vec<Publication>),
+    /// Publications of no session (refused connects, notifications, settlements), with their
+    /// order (a settlement's `Sequence`; 0 for the others).
+    Publish(Vec<Publication>, Order),
     /// Resolves once every earlier job was handed to the control connection.
     Barrier(oneshot::Sender<()>),
 }
@@ -484,9 +489,9 @@ impl Jobs {
         {
             let mut guard = lock(&self.queue);
             let (queue, publishes) = &mut *guard;
-            if matches!(job, Job::Publish(_)) {
+            if matches!(job, Job::Publish(..)) {
                 if *publishes >= self.limit {
-                    if let Some(oldest) = queue.iter().position(|j| matches!(j, Job::Publish(_))) {
+                    if let Some(oldest) = queue.iter().position(|j| matches!(j, Job::Publish(..))) {
                         queue.remove(oldest);
                         *publishes -= 1;
                         warn!("status queue full while Redis is slow: oldest messages dropped");
@@ -548,6 +553,9 @@ struct Shared {
     metrics: CoordinationMetrics,
     /// Sessions whose records Redis lost: their Disconnects are this instance's to publish.
     orphaned: Mutex<HashSet<String>>,
+    /// The record of retained statuses shared with the other instances, when the broker does
+    /// not replay retained messages to wildcard subscribers.
+    retained: Option<Arc<RetainedMirror>>,
 }
 
 /// The Redis-backed admission and reporter of one instance.
@@ -609,6 +617,7 @@ impl Coordinator {
         settle: SettleFn,
         queue_limit: usize,
         metrics: CoordinationMetrics,
+        retained: Option<Arc<RetainedRecord>>,
     ) -> Result<Arc<Coordinator>, CoordError> {
         let (stop, shutdown) = watch::channel(false);
         let link = RedisLink::new(config, REDIS_TIMEOUT)?;
@@ -661,9 +670,17 @@ impl Coordinator {
             answers: Arc::new(Semaphore::new(MAX_ANSWERS)),
             metrics,
             orphaned: Mutex::new(HashSet::new()),
+            retained: retained.map(|record| Arc::new(RetainedMirror::new(record))),
         });
         shared.set_healthy(true);
-        let (pubsub, node) = shared.link.subscribe(&channel(&shared.instance), 0).await?;
+        let (pubsub, node) = shared.link.subscribe(&shared.channels(), 0).await?;
+        if let Some(mirror) = &shared.retained {
+            // After the subscription, so that no update falls between the load and the channel.
+            let mut conn = shared.conn.clone();
+            let loaded = mirror.load(&mut conn).await?;
+            debug!(loaded, "retained statuses loaded from Redis");
+            tokio::spawn(mirror.clone().write(shared.conn.clone(), shutdown.clone()));
+        }
         tokio::spawn(shared.clone().listen(pubsub, node, shutdown.clone()));
         tokio::spawn(shared.clone().work());
         let own = shared.instance.clone();
@@ -941,8 +958,8 @@ impl Shared {
         if presence_left > 0 {
             keep_retained_status(&mut publications);
         }
-        stamp(&mut publications, epoch, Stamp::Disconnect);
-        self.jobs.push(Job::Publish(publications));
+        let order = stamp(&mut publications, epoch, Stamp::Disconnect);
+        self.jobs.push(Job::Publish(publications, order));
         if instance != self.instance {
             self.metrics.settled.inc();
         }
@@ -1072,13 +1089,14 @@ impl Shared {
                     epoch,
                     ..
                 } => {
-                    stamp(&mut statuses, epoch, Stamp::Connect);
-                    self.monitor.send(statuses)
+                    let order = stamp(&mut statuses, epoch, Stamp::Connect);
+                    self.hand_over(statuses, order);
                 }
                 Job::Disconnected {
                     session,
                     mut statuses,
                 } => {
+                    let mut order = 0;
                     let orphaned = lock(&self.orphaned).remove(&session);
                     match outcomes.remove(&session).map(|(outcome, _)| outcome) {
                         Some(Outcome::Gone) if orphaned => {
@@ -1095,18 +1113,27 @@ impl Shared {
                             if presence_left > 0 {
                                 keep_retained_status(&mut statuses);
                             }
-                            stamp(&mut statuses, epoch, Stamp::Disconnect);
+                            order = stamp(&mut statuses, epoch, Stamp::Disconnect);
                         }
                         _ => {}
                     }
-                    self.monitor.send(statuses);
+                    self.hand_over(statuses, order);
                 }
-                Job::Publish(publications) => self.monitor.send(publications),
+                Job::Publish(publications, order) => self.hand_over(publications, order),
                 Job::Barrier(done) => {
                     let _ = done.send(());
                 }
             }
         }
+    }
+
+    /// Hands statuses of order `order` to the control connection, and their retained ones to
+    /// the record that every instance shares, if there is one.
+    fn hand_over(&self, statuses: Vec<Publication>, order: Order) {
+        if let Some(mirror) = &self.retained {
+            mirror.note(&statuses, order);
+        }
+        self.monitor.send(statuses);
     }
 
     async fn release(&self, tenant: &str, session: &str) -> Result<Outcome, CoordError> {
@@ -1142,6 +1169,15 @@ impl Shared {
         kept
     }
 
+    /// The channels this instance listens to: its own, and the retained statuses' if shared.
+    fn channels(&self) -> Vec<String> {
+        let mut channels = vec![channel(&self.instance)];
+        if self.retained.is_some() {
+            channels.push(redis_retained::CHANNEL.to_owned());
+        }
+        channels
+    }
+
     /// Listens on this instance's channel, resubscribing after a broken connection.
     async fn listen(
         self: Arc<Self>,
@@ -1159,7 +1195,12 @@ impl Shared {
                         _ = shutdown.wait_for(|stop| *stop) => return,
                     };
                     let Some(message) = message else { break };
-                    self.clone().handle(message.get_payload_bytes());
+                    match &self.retained {
+                        Some(mirror) if message.get_channel_name() == redis_retained::CHANNEL => {
+                            mirror.receive(message.get_payload_bytes());
+                        }
+                        _ => self.clone().handle(message.get_payload_bytes()),
+                    }
                     wait = Duration::from_millis(100);
                 }
             }
@@ -1171,13 +1212,19 @@ impl Shared {
                 }
                 wait = (wait * 2).min(Duration::from_secs(2));
                 // From the next node on: in a cluster, the one it had may be the one that is gone.
-                let again = self
-                    .link
-                    .subscribe(&channel(&self.instance), node + 1)
-                    .await;
+                let again = self.link.subscribe(&self.channels(), node + 1).await;
                 if let Ok((again, on)) = again {
                     pubsub = again;
                     node = on;
+                    // Updates announced while the channel was lost are in the hash.
+                    if let Some(mirror) = self.retained.clone() {
+                        let mut conn = self.conn.clone();
+                        tokio::spawn(async move {
+                            if let Err(error) = mirror.load(&mut conn).await {
+                                debug!(%error, "reloading the retained statuses failed");
+                            }
+                        });
+                    }
                     break;
                 }
             }
@@ -1534,7 +1581,7 @@ impl Reporter for Coordinator {
     }
 
     fn publish(&self, publications: Vec<Publication>) {
-        self.shared.jobs.push(Job::Publish(publications));
+        self.shared.jobs.push(Job::Publish(publications, 0));
     }
 }
 

@@ -152,17 +152,21 @@ impl RedisLink {
         }
     }
 
-    /// A pub/sub connection subscribed to `channel`, on the first node that answers, trying
+    /// A pub/sub connection subscribed to `channels`, on the first node that answers, trying
     /// them in turn from node `from` (the seed nodes of a cluster, in the configured order), and
     /// which node that is: a subscriber whose node went away moves on from the next one.
-    pub async fn subscribe(&self, channel: &str, from: usize) -> RedisResult<(PubSub, usize)> {
+    pub async fn subscribe(
+        &self,
+        channels: &[String],
+        from: usize,
+    ) -> RedisResult<(PubSub, usize)> {
         let count = self.nodes.len();
         let mut last = redis::RedisError::from((redis::ErrorKind::InvalidClientConfig, "no node"));
         for index in (from..from + count).map(|i| i % count) {
             let node = &self.nodes[index];
             let subscribed = tokio::time::timeout(self.timeout, async {
                 let mut pubsub = node.get_async_pubsub().await?;
-                pubsub.subscribe(channel).await?;
+                pubsub.subscribe(channels).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             })
             .await;
