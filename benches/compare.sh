@@ -167,6 +167,10 @@ ctx_switches() {
   cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'
 }
 
+# Read- and write-kind system calls (read, recvmsg, write, writev, sendmsg…) of a process so far;
+# epoll_wait and the like are not counted.
+io_calls() { awk '/^sysc[rw]:/ {n += $2} END {print n + 0}' "/proc/$1/io" 2>/dev/null || echo 0; }
+
 run_one() {
   local scenario=$1 target=$2 rep=$3 port=${PORT[$2]} proxy_pid=${PID[$2]} mode=warden args
   [[ "$target" == direct || "$target" == haproxy ]] && mode=direct
@@ -178,16 +182,16 @@ run_one() {
     fan10-qos0) args=(--publishers "$FANOUT" --subscribers "$FANOUT" --sub-filter all --qos 0
                       --rate 0 --duration "$DURATION" --max-lag "$FANOUT_MAX_LAG") ;;
   esac
-  local b0 p0=0 c0=0 b1 p1=0 c1=0 line
+  local b0 p0=0 c0=0 b1 p1=0 c1=0 bs0 bs1 ps0=0 ps1=0 line
   wait_quiet
-  b0=$(cpu_s "$BROKER_PID")
-  [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); }
+  b0=$(cpu_s "$BROKER_PID"); bs0=$(io_calls "$BROKER_PID")
+  [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); ps0=$(io_calls "$proxy_pid"); }
   line=$(timeout 120 taskset -c "$GEN_CPUS" "$LOADGEN" --target "127.0.0.1:$port" --mode "$mode" \
     --org "$ORG" --payload "$PAYLOAD" --warmup "$WARMUP" \
     "${args[@]}" --json --label "$scenario/$target/$rep") || { log "loadgen failed: $scenario $target"; return 1; }
-  b1=$(cpu_s "$BROKER_PID")
-  [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); }
-  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_cs\":$((c1 - c0)),\"idle_before\":$IDLE_BEFORE}"
+  b1=$(cpu_s "$BROKER_PID"); bs1=$(io_calls "$BROKER_PID")
+  [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); ps1=$(io_calls "$proxy_pid"); }
+  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_cs\":$((c1 - c0)),\"proxy_sys\":$((ps1 - ps0)),\"broker_sys\":$((bs1 - bs0)),\"idle_before\":$IDLE_BEFORE}"
   echo "$line" >>"$WORK/results.jsonl"
   log "$(awk -v l="$line" 'BEGIN{
       n=split("throughput p50_us p99_us loss proxy_cpu_s idle_before",k," "); s="";
@@ -224,7 +228,7 @@ summarize() {
     }
     {
       s = field($0, "scenario"); v = field($0, "via"); r = field($0, "rep")
-      split("throughput p50_us p99_us p999_us loss proxy_cpu_s broker_cpu_s sent_total subscribers proxy_cs", ks, " ")
+      split("throughput p50_us p99_us p999_us loss proxy_cpu_s broker_cpu_s sent_total subscribers proxy_cs proxy_sys broker_sys", ks, " ")
       for (k in ks) {
         x = field($0, ks[k]); vals[s "|" v "|" ks[k]] = vals[s "|" v "|" ks[k]] " " x
         per[s "|" v "|" ks[k] "|" r] = x
@@ -297,6 +301,22 @@ summarize() {
         for (i = 1; i <= nt; i++) {
           d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
           line = line sprintf(" %s %.2f", (i == 1 ? "direct" : "via " short(t[i])), 1e6 * median(s "|" t[i] "|broker_cpu_s") / d)
+        }
+        print line
+      }
+      print ""
+      print "Read and write system calls per delivered message (/proc/PID/io syscr + syscw, median over"
+      print "the repetitions, whole run):"
+      for (j = 1; j <= ns; j++) {
+        s = ss[j]; line = "  " s ": proxy"
+        for (i = 2; i <= nt; i++) {
+          d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
+          line = line sprintf(" %s %.3f", short(t[i]), median(s "|" t[i] "|proxy_sys") / d)
+        }
+        line = line "; broker"
+        for (i = 1; i <= nt; i++) {
+          d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
+          line = line sprintf(" %s %.3f", (i == 1 ? "direct" : "via " short(t[i])), median(s "|" t[i] "|broker_sys") / d)
         }
         print line
       }
