@@ -83,6 +83,10 @@ pub struct Negotiated {
     /// The client did not set Request Problem Information to 0: acknowledgements may carry a
     /// reason string [MQTT-3.1.2-29].
     pub problem_information: bool,
+    /// The client's own Receive Maximum (MQTT 5; 65,535 when it set none): its QoS 1/2
+    /// deliveries not yet completed. An MQTT 5 broker keeps to it; for a 3.1.1 broker the proxy
+    /// does ([`Downgrade`]).
+    pub client_receive_maximum: u16,
 }
 
 /// A client topic alias.
@@ -268,6 +272,9 @@ pub struct Bridge<P: Profile, D: Dial, C> {
     resume_at: Option<Instant>,
     /// Whether the client is left unread because output is full.
     client_held: bool,
+    /// Deliveries from the broker wait, unread, for the client's Receive Maximum to have room
+    /// (downgraded sessions only).
+    upstream_held: bool,
     /// A deadline may have moved earlier than the armed timer.
     deadlines_moved: bool,
     /// Publishes per second of this connection.
@@ -379,7 +386,8 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             to_client: Outgoing::default(),
             version,
             upstream_version: upstream_version(version, broker_mqtt5),
-            downgrade: (version.is_v5() && !broker_mqtt5).then(|| Box::new(Downgrade::default())),
+            downgrade: (version.is_v5() && !broker_mqtt5)
+                .then(|| Box::new(Downgrade::new(negotiated.client_receive_maximum))),
             qos2_at_broker: HashSet::new(),
             principal,
             topics,
@@ -393,6 +401,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             partial_since: None,
             resume_at: None,
             client_held: false,
+            upstream_held: false,
             deadlines_moved: false,
             publish_bucket,
             byte_bucket,
@@ -569,7 +578,15 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                     }
                 }
             }
-            if room && !upstream_read_waits {
+            if self.upstream_held && !self.downgrade.as_ref().is_some_and(|d| d.window_full()) {
+                // The client acknowledged a delivery: what waited behind a full window goes on.
+                self.upstream_held = false;
+                if let Err(refusal) = self.process_upstream() {
+                    return Poll::Ready(Turn::Failed(refusal));
+                }
+                progress = true;
+            }
+            if room && !upstream_read_waits && !self.upstream_held {
                 match self.poll_upstream_read(cx) {
                     Poll::Ready(Ok(())) => progress = true,
                     Poll::Ready(Err(refusal)) => return Poll::Ready(Turn::Failed(refusal)),
@@ -952,6 +969,14 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             PacketType::Puback | PacketType::Pubrec | PacketType::Pubcomp => {
                 let packet_id = check_ack(kind, body, self.version)
                     .map_err(|e| Refusal::from_codec(&e, false))?;
+                if let Some(downgrade) = self.downgrade.as_deref_mut() {
+                    // A PUBREC goes on to PUBCOMP, unless its reason code refuses the message.
+                    let ends =
+                        kind != PacketType::Pubrec || body.get(2).is_some_and(|&c| c >= 0x80);
+                    if ends {
+                        downgrade.completed(packet_id);
+                    }
+                }
                 match &self.share {
                     // Deliveries come from the group's distributor, and so go their acks.
                     Some(member) if kind == PacketType::Puback => member.ack(packet_id),
@@ -1876,6 +1901,15 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             let Some(frame) = rest.get(..header.frame_len()) else {
                 break Ok(());
             };
+            // A QoS 1/2 PUBLISH (type 3, QoS bits set) beyond a downgraded client's Receive
+            // Maximum waits, and so does everything behind it, to keep the order.
+            if header.first_byte >> 4 == 3
+                && header.first_byte & 0x06 != 0
+                && self.downgrade.as_ref().is_some_and(|d| d.window_full())
+            {
+                self.upstream_held = true;
+                break Ok(());
+            }
             consumed += frame.len();
             if let Err(refusal) = self.upstream_packet(header.first_byte, frame, header.header_len)
             {
@@ -2024,7 +2058,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             self.drop_delivery(&publish);
             return Ok(());
         }
-        if self.downgrade.is_some() {
+        if let Some(downgrade) = self.downgrade.as_deref_mut() {
             encode_publish_parts(
                 &mut self.to_client.buf,
                 first_byte,
@@ -2033,6 +2067,9 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 Some(&[]),
                 payload,
             );
+            if let Some(packet_id) = publish.packet_id {
+                downgrade.delivered(packet_id);
+            }
         } else {
             encode_publish(&mut self.to_client.buf, first_byte, &parts, after_topic);
         }

@@ -791,6 +791,14 @@ fn negotiate<P: Profile, D: Dial>(
             p.id == property::REQUEST_PROBLEM_INFORMATION
                 && matches!(p.value, PropertyValue::Byte(0))
         }),
+        client_receive_maximum: connect
+            .properties
+            .iter()
+            .find_map(|p| match (p.id, p.value) {
+                (property::RECEIVE_MAXIMUM, PropertyValue::U16(v)) => Some(v),
+                _ => None,
+            })
+            .unwrap_or(u16::MAX),
     }
 }
 

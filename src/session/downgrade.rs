@@ -7,7 +7,10 @@
 //! [`Option`] that stays `None` in front of an MQTT 5 broker), so that path costs nothing.
 //!
 //! - Reason codes, Receive Maximum, Server Keep Alive, Maximum Packet Size and topic aliases
-//!   from the client end at the proxy, which enforces or resolves them itself.
+//!   from the client end at the proxy, which enforces or resolves them itself. The client's
+//!   Receive Maximum is kept by holding back the broker's deliveries: once that many QoS 1/2
+//!   deliveries wait for the client's acknowledgement, the bridge stops taking packets from the
+//!   broker (they wait in the socket, then at the broker) until one completes.
 //! - PUBLISH loses its properties on the way up (Response Topic and Correlation Data refuse the
 //!   message instead: a request whose answer could never find its way back must not look
 //!   delivered) and gains an empty property list on the way down.
@@ -17,7 +20,7 @@
 //!   client's acknowledgements and DISCONNECT lose their reason codes; DISCONNECT 0x04 (with
 //!   will) becomes a close without DISCONNECT, so that the broker publishes the will.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use bytes::BytesMut;
 
@@ -56,9 +59,37 @@ pub struct Downgrade {
     /// each had, for the one reason code per filter of the MQTT 5 UNSUBACK. Bounded by the
     /// packet id space, and emptied as the broker answers.
     unsubscribes: HashMap<u16, usize>,
+    /// The client's Receive Maximum.
+    receive_maximum: u16,
+    /// QoS 1/2 deliveries the client has not completed (PUBACK; PUBCOMP, or a PUBREC that
+    /// refuses), by packet id: at most `receive_maximum`.
+    unacknowledged: HashSet<u16>,
 }
 
 impl Downgrade {
+    /// The state of a session whose client set Receive Maximum `receive_maximum`.
+    pub fn new(receive_maximum: u16) -> Downgrade {
+        Downgrade {
+            receive_maximum,
+            ..Downgrade::default()
+        }
+    }
+
+    /// Whether the client takes no more QoS 1/2 deliveries until one completes.
+    pub fn window_full(&self) -> bool {
+        self.unacknowledged.len() >= usize::from(self.receive_maximum)
+    }
+
+    /// A QoS 1/2 delivery went to the client.
+    pub fn delivered(&mut self, packet_id: u16) {
+        self.unacknowledged.insert(packet_id);
+    }
+
+    /// The client completed (or refused) the delivery `packet_id`.
+    pub fn completed(&mut self, packet_id: u16) {
+        self.unacknowledged.remove(&packet_id);
+    }
+
     /// A client UNSUBSCRIBE with `filters` filters was forwarded.
     pub fn unsubscribed(&mut self, packet_id: u16, filters: usize) {
         self.unsubscribes.insert(packet_id, filters);

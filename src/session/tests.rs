@@ -1408,3 +1408,76 @@ async fn a_broker_that_closes_an_mqtt5_connect_is_probed_before_the_answer() {
         assert_eq!(connack.code, expected, "probe accepted: {probe_accepted}");
     }
 }
+
+/// A 3.1.1 QoS 1 PUBLISH from the broker to org1's app: device d1's event `e`, packet id `id`.
+fn broker_event_qos1(id: u16) -> Vec<u8> {
+    let topic = b"org1/iot-2/type/sensor/id/d1/evt/e/fmt/txt";
+    let mut frame = vec![0x32, (2 + topic.len() + 2 + 1) as u8];
+    frame.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    frame.extend_from_slice(topic);
+    frame.extend_from_slice(&id.to_be_bytes());
+    frame.push(b'x');
+    frame
+}
+
+/// The packet id of a QoS 1 PUBLISH frame with a one-byte remaining length.
+fn delivered_id(frame: &[u8]) -> u16 {
+    assert_eq!(frame[0] & 0xF6, 0x32, "a QoS 1 PUBLISH: {frame:?}");
+    let topic_len = usize::from(u16::from_be_bytes([frame[2], frame[3]]));
+    u16::from_be_bytes([frame[4 + topic_len], frame[5 + topic_len]])
+}
+
+/// An MQTT 5 client of a 3.1.1 broker gets no more QoS 1 deliveries at once than its Receive
+/// Maximum: the third waits, with everything behind it, until the client acknowledges one.
+#[tokio::test(start_paused = true)]
+async fn a_downgraded_client_gets_no_more_deliveries_in_flight_than_its_receive_maximum() {
+    let capabilities = Capabilities {
+        mqtt5: false,
+        ..Capabilities::default()
+    };
+    let mut harness = harness_for_broker(capabilities, None);
+    let mut connect = BytesMut::new();
+    encode_connect(
+        &mut connect,
+        &Connect {
+            version: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive: 60,
+            properties: vec![Property {
+                id: crate::codec::property::RECEIVE_MAXIMUM,
+                value: PropertyValue::U16(2),
+            }],
+            client_id: "a:org1:app",
+            will: None,
+            username: Some("a-org1-key0000001"),
+            password: Some(b"app-token"),
+        },
+    );
+    let (mut client, mut broker, _task) = harness.connect_with(connect).await;
+    let mut burst = Vec::new();
+    for id in 1..=3 {
+        burst.extend_from_slice(&broker_event_qos1(id));
+    }
+    // A QoS 0 delivery behind them keeps its place.
+    let mut qos0 = broker_event_qos1(0);
+    qos0[0] = 0x30;
+    qos0[1] -= 2;
+    let at = qos0.len() - 3;
+    qos0.drain(at..at + 2);
+    burst.extend_from_slice(&qos0);
+    broker.write_all(&burst).await.unwrap();
+
+    assert_eq!(delivered_id(&read_frame(&mut client).await.expect("1")), 1);
+    assert_eq!(delivered_id(&read_frame(&mut client).await.expect("2")), 2);
+    let early = tokio::time::timeout(Duration::from_secs(5), read_frame_now(&mut client)).await;
+    assert!(early.is_err(), "a third delivery in flight: {early:?}");
+
+    // The client acknowledges the first: the third and the QoS 0 one follow.
+    client.write_all(&[0x40, 0x02, 0x00, 0x01]).await.unwrap();
+    assert_eq!(
+        read_frame(&mut broker).await.expect("PUBACK"),
+        [0x40, 0x02, 0x00, 0x01]
+    );
+    assert_eq!(delivered_id(&read_frame(&mut client).await.expect("3")), 3);
+    assert_eq!(read_frame(&mut client).await.expect("QoS 0")[0], 0x30);
+}
