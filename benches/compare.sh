@@ -35,7 +35,8 @@
 # BASELINE_BIN (none), WARDEN_BIN (default: built from this checkout), QUIET_IDLE (90 %) and
 # QUIET_WAIT (10 s): how idle the machine should be before each run and how long to wait for it,
 # OUT (folder to keep configs, logs and results.jsonl; default none), CARGO_TARGET_DIR (where cargo
-# builds; the load generator always comes from this checkout).
+# builds; the load generator always comes from this checkout), SYSCALLS (0; 1 counts the system
+# calls of the broker and the proxy per delivered message with perf, which slows every target).
 # A run takes about 10 s (warm-up, window, drain, idle gate), so the script takes about 8 minutes
 # with REPS=3 and four targets (BASELINE_BIN set), 13 with REPS=5; three quarters of that without.
 # Related: benches/callgrind.sh (instructions per message), benches/idle_memory.sh (RSS per idle
@@ -167,9 +168,23 @@ ctx_switches() {
   cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'
 }
 
-# Read- and write-kind system calls (read, recvmsg, write, writev, sendmsg…) of a process so far;
-# epoll_wait and the like are not counted.
-io_calls() { awk '/^sysc[rw]:/ {n += $2} END {print n + 0}' "/proc/$1/io" 2>/dev/null || echo 0; }
+# With SYSCALLS=1: counts a process's system calls (all kinds, every thread) from now until
+# syscalls_stop, with perf's raw_syscalls:sys_enter tracepoint (counting only; it costs every
+# target alike, so keep it off for the figures that go into the tables).
+syscalls_start() { # pid name
+  [[ "${SYSCALLS:-0}" == 1 && -n "$1" ]] || return 0
+  perf stat -x, -e raw_syscalls:sys_enter -p "$1" -o "$WORK/syscalls.$2" 2>/dev/null &
+  SYSCALL_PERF[$2]=$!
+}
+syscalls_stop() { # name; sets SYSCALLS_COUNTED (not in a subshell: the perf process is a child of this one)
+  local pid=${SYSCALL_PERF[$1]:-}
+  SYSCALLS_COUNTED=0
+  [[ -n "$pid" ]] || return 0
+  kill -INT "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+  SYSCALL_PERF[$1]=
+  SYSCALLS_COUNTED=$(awk -F, '/raw_syscalls/ {n = $1 + 0} END {print n + 0}' "$WORK/syscalls.$1")
+}
+declare -A SYSCALL_PERF
 
 run_one() {
   local scenario=$1 target=$2 rep=$3 port=${PORT[$2]} proxy_pid=${PID[$2]} mode=warden args
@@ -182,15 +197,15 @@ run_one() {
     fan10-qos0) args=(--publishers "$FANOUT" --subscribers "$FANOUT" --sub-filter all --qos 0
                       --rate 0 --duration "$DURATION" --max-lag "$FANOUT_MAX_LAG") ;;
   esac
-  local b0 p0=0 c0=0 b1 p1=0 c1=0 bs0 bs1 ps0=0 ps1=0 line
+  local b0 p0=0 c0=0 b1 p1=0 c1=0 bs0=0 bs1 ps0=0 ps1=0 line
   wait_quiet
-  b0=$(cpu_s "$BROKER_PID"); bs0=$(io_calls "$BROKER_PID")
-  [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); ps0=$(io_calls "$proxy_pid"); }
+  b0=$(cpu_s "$BROKER_PID"); syscalls_start "$BROKER_PID" broker
+  [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); syscalls_start "$proxy_pid" proxy; }
   line=$(timeout 120 taskset -c "$GEN_CPUS" "$LOADGEN" --target "127.0.0.1:$port" --mode "$mode" \
     --org "$ORG" --payload "$PAYLOAD" --warmup "$WARMUP" \
     "${args[@]}" --json --label "$scenario/$target/$rep") || { log "loadgen failed: $scenario $target"; return 1; }
-  b1=$(cpu_s "$BROKER_PID"); bs1=$(io_calls "$BROKER_PID")
-  [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); ps1=$(io_calls "$proxy_pid"); }
+  b1=$(cpu_s "$BROKER_PID"); syscalls_stop broker; bs1=$SYSCALLS_COUNTED
+  [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); syscalls_stop proxy; ps1=$SYSCALLS_COUNTED; }
   line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_cs\":$((c1 - c0)),\"proxy_sys\":$((ps1 - ps0)),\"broker_sys\":$((bs1 - bs0)),\"idle_before\":$IDLE_BEFORE}"
   echo "$line" >>"$WORK/results.jsonl"
   log "$(awk -v l="$line" 'BEGIN{
@@ -217,7 +232,7 @@ log "runs took $(($(date +%s) - START)) s"
 # warden-baseline. The spread table: min–max of every target, and min–max of the ratio against
 # direct taken within each repetition.
 summarize() {
-  awk -v targets="${TARGETS[*]}" -v scenarios="$SCENARIOS" -v rate="$RATE" -v fanout="$FANOUT" "$AWK_HELPERS"'
+  awk -v targets="${TARGETS[*]}" -v scenarios="$SCENARIOS" -v rate="$RATE" -v fanout="$FANOUT" -v syscalls="${SYSCALLS:-0}" "$AWK_HELPERS"'
     function lo(key,   n, i, a, m) { n = split(vals[key], a, " "); m = a[1]; for (i = 2; i <= n; i++) if (a[i] + 0 < m + 0) m = a[i]; return m }
     function hi(key,   n, i, a, m) { n = split(vals[key], a, " "); m = a[1]; for (i = 2; i <= n; i++) if (a[i] + 0 > m + 0) m = a[i]; return m }
     function short(t) { return t == "haproxy" ? "HAProxy" : t == "warden-baseline" ? "baseline" : t }
@@ -304,9 +319,10 @@ summarize() {
         }
         print line
       }
+      if (!syscalls) exit
       print ""
-      print "Read and write system calls per delivered message (/proc/PID/io syscr + syscw, median over"
-      print "the repetitions, whole run):"
+      print "System calls per delivered message (SYSCALLS=1: perf raw_syscalls:sys_enter, every kind, median"
+      print "over the repetitions, whole run):"
       for (j = 1; j <= ns; j++) {
         s = ss[j]; line = "  " s ": proxy"
         for (i = 2; i <= nt; i++) {
