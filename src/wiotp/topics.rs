@@ -5,6 +5,7 @@
 //! path is two slice copies into the output buffer, never a `format!`.
 
 use super::identity::{ClientClass, Identity};
+use crate::codec::split_levels;
 use crate::rewrite::TopicMap;
 
 /// The first level of every WIoTP topic.
@@ -107,13 +108,9 @@ const MAX_IOT2_LEVELS: usize = 9;
 /// empty level, any `#`, anything after the last level, and `$` topics).
 pub fn parse_iot2(topic: &str) -> Option<Iot2Topic<'_>> {
     let mut levels = [""; MAX_IOT2_LEVELS];
-    let mut count = 0;
-    for level in topic.split('/') {
-        if count == MAX_IOT2_LEVELS || level.is_empty() || level.contains('#') {
-            return None;
-        }
-        levels[count] = level;
-        count += 1;
+    let (count, hash) = split_levels(topic, &mut levels)?;
+    if hash || levels[..count].iter().any(|level| level.is_empty()) {
+        return None;
     }
     let levels = &levels[..count];
     match levels {
@@ -252,6 +249,10 @@ mod tests {
             "iot-2/app/a/mon/",
             "/iot-2/evt/e/fmt/f",
             "IOT-2/evt/e/fmt/f",
+            "iot-2/evt/e#x/fmt/f",
+            "iot-2/evt/e/fmt/",
+            "iot-2/type/t/id/i/evt/e/fmt/f/x/y/z/w",
+            "iot-2/évt/e/fmt/f",
         ] {
             assert_eq!(parse_iot2(topic), None, "{topic:?}");
         }
