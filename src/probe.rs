@@ -25,10 +25,9 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::broker::Capabilities;
 use crate::codec::{
-    decode_frame_header, encode_connect, encode_publish, encode_subscribe, parse_publish, Connect,
-    ProtocolVersion,
+    decode_frame_header, encode_publish, encode_subscribe, parse_publish, ProtocolVersion,
 };
-use crate::upstream::{connack_meaning, handshake, Dial, UpstreamError};
+use crate::upstream::{connack_meaning, connect_own, Dial, UpstreamError};
 
 /// The first topic level of every probe topic (`:` cannot start an org or a tenant's mount).
 pub const PROBE_ROOT: &str = "warden:probe";
@@ -294,23 +293,8 @@ async fn open<D: Dial>(
     client_id: &str,
     version: ProtocolVersion,
 ) -> Result<Result<Line<D::Stream>, u8>, UpstreamError> {
-    let mut stream = dialer.dial().await?;
-    let connect = Connect {
-        version,
-        clean_start: true,
-        keep_alive: PROBE_KEEP_ALIVE_SECS,
-        properties: Vec::new(),
-        client_id,
-        will: None,
-        username: dialer.username(),
-        password: dialer.password(),
-    };
-    let mut out = BytesMut::new();
-    encode_connect(&mut out, &connect);
-    let mut inbound = BytesMut::with_capacity(64);
-    let header = handshake(&mut stream, &out, &mut inbound).await?;
-    let code = inbound.get(header.header_len + 1).copied().unwrap_or(0xFF);
-    let _ = inbound.split_to(header.frame_len());
+    let (stream, code, inbound) =
+        connect_own(dialer, client_id, version, PROBE_KEEP_ALIVE_SECS).await?;
     if code != 0 {
         return Ok(Err(code));
     }

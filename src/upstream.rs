@@ -529,6 +529,35 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|_| UpstreamError::Timeout(UPSTREAM_CONNECT_TIMEOUT))?
 }
 
+/// A connection of the proxy's own (probe, HTTP publisher): dials, sends a clean CONNECT as
+/// `client_id` with the dialer's credentials, and reads the CONNACK. Answers the stream, the
+/// CONNACK's return or reason code, and what came behind the CONNACK.
+pub async fn connect_own<D: Dial>(
+    dialer: &D,
+    client_id: &str,
+    version: crate::codec::ProtocolVersion,
+    keep_alive: u16,
+) -> Result<(D::Stream, u8, BytesMut), UpstreamError> {
+    let mut stream = dialer.dial().await?;
+    let connect = crate::codec::Connect {
+        version,
+        clean_start: true,
+        keep_alive,
+        properties: Vec::new(),
+        client_id,
+        will: None,
+        username: dialer.username(),
+        password: dialer.password(),
+    };
+    let mut out = BytesMut::new();
+    crate::codec::encode_connect(&mut out, &connect);
+    let mut inbound = BytesMut::with_capacity(64);
+    let header = handshake(&mut stream, &out, &mut inbound).await?;
+    let code = inbound.get(header.header_len + 1).copied().unwrap_or(0xFF);
+    let _ = inbound.split_to(header.frame_len());
+    Ok((stream, code, inbound))
+}
+
 /// A [`Dial`] over in-memory pipes: each dial hands the broker's end to whoever plays the broker
 /// (tests, and the in-process benchmark in `examples/bridge_bench.rs`).
 pub mod memory {

@@ -23,10 +23,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::codec::{
-    decode_frame_header, encode_connect, put_varint, Connect, FrameHeader, ProtocolVersion,
-};
-use crate::upstream::{handshake, Dial, UpstreamError};
+use crate::codec::{decode_frame_header, put_varint, FrameHeader, ProtocolVersion};
+use crate::upstream::{connect_own, Dial, UpstreamError};
 
 /// Broker connections per tenant.
 pub const CONNECTIONS_PER_TENANT: usize = 2;
@@ -191,22 +189,9 @@ pub(super) async fn connect<D: Dial>(
     client_id: &str,
     keep_alive: u16,
 ) -> Result<D::Stream, UpstreamError> {
-    let mut stream = dialer.dial().await?;
-    let connect = Connect {
-        version: ProtocolVersion::V311,
-        clean_start: true,
-        keep_alive,
-        properties: Vec::new(),
-        client_id,
-        will: None,
-        username: dialer.username(),
-        password: dialer.password(),
-    };
-    let mut out = BytesMut::new();
-    encode_connect(&mut out, &connect);
-    let mut buf = BytesMut::with_capacity(64);
-    let header = handshake(&mut stream, &out, &mut buf).await?;
-    if buf.get(header.header_len + 1).copied().unwrap_or(0xFF) != 0 {
+    let (stream, code, _) =
+        connect_own(dialer, client_id, ProtocolVersion::V311, keep_alive).await?;
+    if code != 0 {
         return Err(UpstreamError::NotConnack);
     }
     Ok(stream)
