@@ -163,6 +163,8 @@ log "mosquitto :$BROKER_PORT (cpu $BROKER_CPUS), loadgen cpu $GEN_CPUS, proxies 
 
 # CPU seconds a process has used so far (utime + stime of all its threads).
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+# The user-space part of it (utime).
+user_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", $14 / hz}' "/proc/$1/stat"; }
 # Context switches (voluntary and not) of all of a process's threads so far.
 ctx_switches() {
   cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'
@@ -197,16 +199,16 @@ run_one() {
     fan10-qos0) args=(--publishers "$FANOUT" --subscribers "$FANOUT" --sub-filter all --qos 0
                       --rate 0 --duration "$DURATION" --max-lag "$FANOUT_MAX_LAG") ;;
   esac
-  local b0 p0=0 c0=0 b1 p1=0 c1=0 bs0=0 bs1 ps0=0 ps1=0 line
+  local b0 p0=0 u0=0 c0=0 b1 p1=0 u1=0 c1=0 bs0=0 bs1 ps0=0 ps1=0 line
   wait_quiet
   b0=$(cpu_s "$BROKER_PID"); syscalls_start "$BROKER_PID" broker
-  [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); syscalls_start "$proxy_pid" proxy; }
+  [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); u0=$(user_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); syscalls_start "$proxy_pid" proxy; }
   line=$(timeout 120 taskset -c "$GEN_CPUS" "$LOADGEN" --target "127.0.0.1:$port" --mode "$mode" \
     --org "$ORG" --payload "$PAYLOAD" --warmup "$WARMUP" \
     "${args[@]}" --json --label "$scenario/$target/$rep") || { log "loadgen failed: $scenario $target"; return 1; }
   b1=$(cpu_s "$BROKER_PID"); syscalls_stop broker; bs1=$SYSCALLS_COUNTED
-  [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); syscalls_stop proxy; ps1=$SYSCALLS_COUNTED; }
-  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_cs\":$((c1 - c0)),\"proxy_sys\":$((ps1 - ps0)),\"broker_sys\":$((bs1 - bs0)),\"idle_before\":$IDLE_BEFORE}"
+  [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); u1=$(user_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); syscalls_stop proxy; ps1=$SYSCALLS_COUNTED; }
+  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_user_s\":$(awk "BEGIN{print $u1-$u0}"),\"proxy_cs\":$((c1 - c0)),\"proxy_sys\":$((ps1 - ps0)),\"broker_sys\":$((bs1 - bs0)),\"idle_before\":$IDLE_BEFORE}"
   echo "$line" >>"$WORK/results.jsonl"
   log "$(awk -v l="$line" 'BEGIN{
       n=split("throughput p50_us p99_us loss proxy_cpu_s idle_before",k," "); s="";
@@ -243,7 +245,7 @@ summarize() {
     }
     {
       s = field($0, "scenario"); v = field($0, "via"); r = field($0, "rep")
-      split("throughput p50_us p99_us p999_us loss proxy_cpu_s broker_cpu_s sent_total subscribers proxy_cs proxy_sys broker_sys", ks, " ")
+      split("throughput p50_us p99_us p999_us loss proxy_cpu_s proxy_user_s broker_cpu_s sent_total subscribers proxy_cs proxy_sys broker_sys", ks, " ")
       for (k in ks) {
         x = field($0, ks[k]); vals[s "|" v "|" ks[k]] = vals[s "|" v "|" ks[k]] " " x
         per[s "|" v "|" ks[k] "|" r] = x
@@ -303,14 +305,14 @@ summarize() {
       }
       print ""
       print "CPU per delivered message, µs (median CPU seconds of the process over the whole run / messages"
-      print "delivered in the whole run, published × subscribers), with the proxy'"'"'s context switches per"
-      print "delivered message in brackets:"
+      print "delivered in the whole run, published × subscribers), with the proxy'"'"'s user-space part and its"
+      print "context switches per delivered message in brackets:"
       ns = split(scenarios, ss, " ")
       for (j = 1; j <= ns; j++) {
         s = ss[j]; line = "  " s ": proxy"
         for (i = 2; i <= nt; i++) {
           d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
-          line = line sprintf(" %s %.2f (%.2f cs)", short(t[i]), 1e6 * median(s "|" t[i] "|proxy_cpu_s") / d, median(s "|" t[i] "|proxy_cs") / d)
+          line = line sprintf(" %s %.2f (%.2f user, %.2f cs)", short(t[i]), 1e6 * median(s "|" t[i] "|proxy_cpu_s") / d, 1e6 * median(s "|" t[i] "|proxy_user_s") / d, median(s "|" t[i] "|proxy_cs") / d)
         }
         line = line "; broker"
         for (i = 1; i <= nt; i++) {
