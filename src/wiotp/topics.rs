@@ -108,12 +108,26 @@ const MAX_IOT2_LEVELS: usize = 9;
 pub fn parse_iot2(topic: &str) -> Option<Iot2Topic<'_>> {
     let mut levels = [""; MAX_IOT2_LEVELS];
     let mut count = 0;
-    for level in topic.split('/') {
-        if count == MAX_IOT2_LEVELS || level.is_empty() || level.contains('#') {
+    // Byte searches: `str::split('/')` and a `contains('#')` per level cost about four times as
+    // much on every PUBLISH (callgrind). `/` is ASCII, so every cut is on a character boundary.
+    if topic.as_bytes().contains(&b'#') {
+        return None;
+    }
+    let mut rest = topic;
+    loop {
+        let (level, next) = match rest.bytes().position(|byte| byte == b'/') {
+            Some(at) => (rest.get(..at)?, rest.get(at + 1..)),
+            None => (rest, None),
+        };
+        if count == MAX_IOT2_LEVELS || level.is_empty() {
             return None;
         }
         levels[count] = level;
         count += 1;
+        match next {
+            Some(next) => rest = next,
+            None => break,
+        }
     }
     let levels = &levels[..count];
     match levels {
@@ -252,9 +266,30 @@ mod tests {
             "iot-2/app/a/mon/",
             "/iot-2/evt/e/fmt/f",
             "IOT-2/evt/e/fmt/f",
+            "iot-2/evt/e/fmt/f/",
+            "iot-2/evt/e#/fmt/f",
+            "iot-2//e/fmt/f",
+            "iot-2/type/t/id/i/evt/e/fmt/f/x/y",
         ] {
             assert_eq!(parse_iot2(topic), None, "{topic:?}");
         }
+    }
+
+    #[test]
+    fn levels_are_cut_at_every_slash_and_keep_other_characters() {
+        assert_eq!(
+            parse_iot2("iot-2/evt/é+ü/fmt/$x y"),
+            Some(Iot2Topic::OwnEvent {
+                event: "é+ü",
+                format: "$x y"
+            })
+        );
+        assert_eq!(
+            parse_iot2("iot-2/app/\u{1F600}/mon"),
+            Some(Iot2Topic::AppMon {
+                app_id: "\u{1F600}"
+            })
+        );
     }
 
     #[test]
