@@ -16,6 +16,7 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -67,6 +68,41 @@ thread_local! {
     /// idle session holds no read buffer. Only the bytes of an incomplete frame are copied into
     /// the session's buffer.
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_READ_CHUNK].into_boxed_slice());
+}
+
+/// A set of packet identifiers. Hashed with [`PacketIdHasher`]: with the default SipHash, the
+/// insert of a client's QoS 1 PUBLISH and the remove at the broker's PUBACK cost about 240
+/// instructions per message (callgrind).
+type PacketIds = HashSet<u16, BuildHasherDefault<PacketIdHasher>>;
+
+/// Hashes a packet identifier by a multiplication that spreads its bits over the whole word.
+/// Keys come from the client, but a set holds at most `max_inflight` of them out of 65,536, so
+/// the most that can be made to share a bucket is small: no need for a keyed hash.
+#[derive(Debug, Default, Clone, Copy)]
+struct PacketIdHasher(u64);
+
+impl Hasher for PacketIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    /// Only `u16` keys are hashed; any other input is mixed in byte by byte all the same.
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = fibonacci(self.0.rotate_left(8) ^ u64::from(byte));
+        }
+    }
+
+    fn write_u16(&mut self, id: u16) {
+        self.0 = fibonacci(u64::from(id));
+    }
+}
+
+/// Fibonacci hashing, with the high half folded down so that the bucket (the low bits) depends
+/// on every bit of the key.
+fn fibonacci(key: u64) -> u64 {
+    let mixed = key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    mixed ^ (mixed >> 32)
 }
 
 /// What the session agreed with the client and the broker at CONNECT.
@@ -281,7 +317,7 @@ pub struct Bridge<P: Profile, D: Dial, C> {
     /// Subscription filters per second of this connection.
     subscribe_bucket: TokenBucket,
     /// Packet ids of the client's QoS 1/2 PUBLISHes the broker has not completed yet.
-    inflight: HashSet<u16>,
+    inflight: PacketIds,
     /// When a rate limit was last logged (limit hits are logged at most once a second).
     last_limit_log: Option<Instant>,
     /// The counters already added to the process metrics.
@@ -302,20 +338,20 @@ pub struct Bridge<P: Profile, D: Dial, C> {
     share: Option<Member>,
     /// UNSUBSCRIBEs the proxy sent itself (a policy edit revoked a subscription), by packet id:
     /// their UNSUBACKs are not the client's.
-    proxy_unsubscribes: HashSet<u16>,
+    proxy_unsubscribes: PacketIds,
     /// The client's UNSUBSCRIBEs the broker has not answered yet, by packet id: the proxy never
     /// picks one of these for its own, so the broker's in-order answers can be told apart.
-    client_unsubscribes: HashSet<u16>,
+    client_unsubscribes: PacketIds,
     /// Active subscription filters, in client form.
     subscriptions: HashSet<Box<str>>,
     /// QoS 2 deliveries the proxy dropped and acknowledged itself; the broker's PUBREL is answered here.
-    upstream_local_qos2: HashSet<u16>,
+    upstream_local_qos2: PacketIds,
     /// QoS 2 publishes the proxy acknowledged itself (a QoS downgrade); the client's PUBREL is
     /// answered here.
-    client_local_qos2: HashSet<u16>,
+    client_local_qos2: PacketIds,
     /// The client's QoS 2 publishes forwarded at QoS 1 to a broker without QoS 2, until the
     /// broker's PUBACK: then the client gets its PUBREC.
-    qos2_at_broker: HashSet<u16>,
+    qos2_at_broker: PacketIds,
     /// An MQTT 5 client over a 3.1.1 broker: the translation's state (`None` otherwise).
     downgrade: Option<Box<Downgrade>>,
 }
@@ -382,7 +418,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             version,
             upstream_version: upstream_version(version, broker_mqtt5),
             downgrade: (version.is_v5() && !broker_mqtt5).then(|| Box::new(Downgrade::default())),
-            qos2_at_broker: HashSet::new(),
+            qos2_at_broker: PacketIds::default(),
             principal,
             topics,
             tenant,
@@ -401,7 +437,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             byte_bucket,
             tenant_bucket,
             subscribe_bucket,
-            inflight: HashSet::new(),
+            inflight: PacketIds::default(),
             last_limit_log: None,
             reported: Counters::default(),
             events_since_report: 0,
@@ -409,11 +445,11 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             pending_subacks: HashMap::new(),
             pending_replays: HashMap::new(),
             share: None,
-            proxy_unsubscribes: HashSet::new(),
-            client_unsubscribes: HashSet::new(),
+            proxy_unsubscribes: PacketIds::default(),
+            client_unsubscribes: PacketIds::default(),
             subscriptions: HashSet::new(),
-            upstream_local_qos2: HashSet::new(),
-            client_local_qos2: HashSet::new(),
+            upstream_local_qos2: PacketIds::default(),
+            client_local_qos2: PacketIds::default(),
         }
     }
 
