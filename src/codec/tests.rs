@@ -910,6 +910,25 @@ fn row35_deep_topics() {
     ));
     let shared = format!("$share/g/{}", levels(MAX_TOPIC_LEVELS));
     assert_eq!(check_topic_filter(&shared), Ok(()));
+
+    // Around the length from which a topic name could have too many levels (the quick check
+    // passes shorter ones): only slashes, MAX_TOPIC_LEVELS of them is one level too many.
+    let slashes = |n: usize| "/".repeat(n);
+    assert_eq!(check_topic_name(&slashes(MAX_TOPIC_LEVELS - 1)), Ok(()));
+    assert!(matches!(
+        check_topic_name(&slashes(MAX_TOPIC_LEVELS)),
+        Err(InvalidTopic(_))
+    ));
+    for n in [MAX_TOPIC_LEVELS - 1, MAX_TOPIC_LEVELS] {
+        let mut frame = BytesMut::new();
+        encode_publish(&mut frame, 0x30, &[slashes(n).as_bytes()], b"x");
+        let (first, body) = split(&frame);
+        assert_eq!(
+            parse_publish(first, body, V311, true).is_ok(),
+            n < MAX_TOPIC_LEVELS,
+            "{n} slashes"
+        );
+    }
 }
 
 /// Row 37: packet identifier 0.
@@ -1653,6 +1672,21 @@ fn topic_name_checks() {
             matches!(check_topic_name(topic), Err(InvalidTopic(_))),
             "{topic}"
         );
+    }
+    // Parsed from a PUBLISH, each fails with the same error as on its own, wherever the
+    // offending byte is (the quick check is vectorised: start, middle and tail of a block).
+    for at in [0, 7, 15, 16, 31, 40] {
+        for bad in [b'+', b'#', 0] {
+            let mut topic = vec![b'a'; 41];
+            topic[at] = bad;
+            let mut frame = BytesMut::new();
+            encode_publish(&mut frame, 0x30, &[&topic], b"x");
+            let (first, body) = split(&frame);
+            assert!(
+                matches!(parse_publish(first, body, V311, true), Err(InvalidTopic(_))),
+                "{bad} at {at}"
+            );
+        }
     }
 }
 

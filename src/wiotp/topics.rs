@@ -253,9 +253,30 @@ mod tests {
             "iot-2/evt/e/fmt/",
             "iot-2/type/t/id/i/evt/e/fmt/f/x/y/z/w",
             "iot-2/évt/e/fmt/f",
+            "iot-2/evt/e/fmt/f/",
+            "iot-2/evt/e#/fmt/f",
+            "iot-2//e/fmt/f",
+            "iot-2/type/t/id/i/evt/e/fmt/f/x/y",
         ] {
             assert_eq!(parse_iot2(topic), None, "{topic:?}");
         }
+    }
+
+    #[test]
+    fn levels_are_cut_at_every_slash_and_keep_other_characters() {
+        assert_eq!(
+            parse_iot2("iot-2/evt/é+ü/fmt/$x y"),
+            Some(Iot2Topic::OwnEvent {
+                event: "é+ü",
+                format: "$x y"
+            })
+        );
+        assert_eq!(
+            parse_iot2("iot-2/app/\u{1F600}/mon"),
+            Some(Iot2Topic::AppMon {
+                app_id: "\u{1F600}"
+            })
+        );
     }
 
     #[test]
