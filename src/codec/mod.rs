@@ -665,10 +665,16 @@ pub fn parse_publish(
     }
     let retain = first_byte & 0x01 != 0;
     let mut r = Reader::new(body);
-    // U+0000 is refused by `check_topic_name` below, in the same pass as the wildcards (an
-    // empty topic has none).
-    let topic = std::str::from_utf8(r.binary("topic name")?)
-        .map_err(|_| CodecError::InvalidTopic("invalid UTF-8 in a topic"))?;
+    let topic_bytes = r.binary("topic name")?;
+    // The common topic passes every check in one vectorised pass; the others take the exact
+    // checks below, in their usual order, for the same error.
+    let plain = is_plain_topic_name(topic_bytes);
+    let topic = if plain {
+        std::str::from_utf8(topic_bytes)
+            .map_err(|_| CodecError::InvalidTopic("invalid UTF-8 in a topic"))?
+    } else {
+        topic_str(topic_bytes)?
+    };
     let topic_end = r.pos;
     let packet_id = if qos > 0 {
         let id = r.u16("packet identifier")?;
@@ -701,7 +707,7 @@ pub fn parse_publish(
                 "empty topic name without a topic alias",
             ));
         }
-    } else {
+    } else if !plain {
         check_topic_name(topic)?;
     }
     Ok(PublishView {
@@ -1223,31 +1229,20 @@ pub fn put_varint(out: &mut BytesMut, value: usize) {
 /// Checks a topic name (PUBLISH, will): UTF-8 already validated by the caller's `&str`; rejects
 /// empty, `+`, `#`, U+0000 and more than [`MAX_TOPIC_LEVELS`] levels.
 pub fn check_topic_name(topic: &str) -> Result<(), CodecError> {
+    if is_plain_topic_name(topic.as_bytes()) {
+        return Ok(());
+    }
     if topic.is_empty() {
         return Err(CodecError::InvalidTopic("empty topic name"));
     }
-    // Every forwarded PUBLISH comes through here: eight bytes at a time (a byte-at-a-time
-    // match cost about ten instructions per byte).
-    let bytes = topic.as_bytes();
     let mut levels = 1usize;
-    let mut refused = 0u64;
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        let word = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
-        levels += bytes_equal(word, b'/').count_ones() as usize;
-        refused |= bytes_equal(word, b'+') | bytes_equal(word, b'#') | zero_bytes(word);
-    }
-    let mut refused = refused != 0;
-    for &byte in words.remainder() {
-        levels += usize::from(byte == b'/');
-        refused |= matches!(byte, b'+' | b'#' | 0);
-    }
-    if refused {
-        return Err(if bytes.contains(&0) {
-            CodecError::InvalidTopic("U+0000 in a topic name")
-        } else {
-            CodecError::InvalidTopic("wildcard in a topic name")
-        });
+    for &byte in topic.as_bytes() {
+        match byte {
+            b'/' => levels += 1,
+            b'+' | b'#' => return Err(CodecError::InvalidTopic("wildcard in a topic name")),
+            0 => return Err(CodecError::InvalidTopic("U+0000 in a topic name")),
+            _ => {}
+        }
     }
     if levels > MAX_TOPIC_LEVELS {
         return Err(CodecError::InvalidTopic("too many topic levels"));
@@ -1255,60 +1250,31 @@ pub fn check_topic_name(topic: &str) -> Result<(), CodecError> {
     Ok(())
 }
 
-/// `0x80` in each byte of `word` that is zero, `0x00` in every other (exact: no carry crosses a
-/// byte, unlike the shorter `(w - 0x01…) & !w & 0x80…`).
-#[inline]
-fn zero_bytes(word: u64) -> u64 {
-    const LOW7: u64 = 0x7F7F_7F7F_7F7F_7F7F;
-    !(((word & LOW7) + LOW7) | word | LOW7)
-}
-
-/// `0x80` in each byte of `word` equal to `byte`.
-#[inline]
-fn bytes_equal(word: u64, byte: u8) -> u64 {
-    zero_bytes(word ^ (0x0101_0101_0101_0101 * u64::from(byte)))
-}
-
-/// Splits a topic or filter at `/` into `levels`, eight bytes at a time; answers how many
-/// levels there are and whether any holds a `#`, or `None` when there are more levels than
-/// `levels` holds. Allocates nothing.
-pub fn split_levels<'a>(topic: &'a str, levels: &mut [&'a str]) -> Option<(usize, bool)> {
-    let bytes = topic.as_bytes();
-    let mut count = 0;
-    let mut start = 0;
-    let mut hash = false;
-    // Ends the level before the `/` at `at`.
-    let mut cut = |at: usize, count: &mut usize, start: &mut usize| -> Option<()> {
-        // `/` is ASCII, so both ends are character boundaries.
-        *levels.get_mut(*count)? = topic.get(*start..at)?;
-        *count += 1;
-        *start = at + 1;
-        Some(())
-    };
-    let mut words = bytes.chunks_exact(8);
-    let mut base = 0;
-    for word in &mut words {
-        let word = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
-        hash |= bytes_equal(word, b'#') != 0;
-        let mut slashes = bytes_equal(word, b'/');
-        while slashes != 0 {
-            cut(
-                base + (slashes.trailing_zeros() / 8) as usize,
-                &mut count,
-                &mut start,
-            )?;
-            slashes &= slashes - 1;
-        }
-        base += 8;
+/// Whether a topic name is certainly valid but for its UTF-8: not empty, no `+`, `#` or U+0000,
+/// and too short to have more than [`MAX_TOPIC_LEVELS`] levels. On every PUBLISH this replaces a
+/// byte-by-byte match and a search for U+0000 (three times the instructions, callgrind): eight
+/// bytes are checked at once. `false` says nothing: check in full.
+fn is_plain_topic_name(topic: &[u8]) -> bool {
+    /// A byte of 1 in every lane.
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    /// The top bit of every lane.
+    const TOPS: u64 = u64::from_le_bytes([0x80; 8]);
+    /// Top bits set in the lanes of `word` that are 0 (and only if there is one).
+    fn zero_lanes(word: u64) -> u64 {
+        word.wrapping_sub(ONES) & !word & TOPS
     }
-    for (offset, &byte) in words.remainder().iter().enumerate() {
-        hash |= byte == b'#';
-        if byte == b'/' {
-            cut(base + offset, &mut count, &mut start)?;
-        }
+    if topic.is_empty() || topic.len() >= MAX_TOPIC_LEVELS {
+        return false;
     }
-    cut(bytes.len(), &mut count, &mut start)?;
-    Some((count, hash))
+    let (words, tail) = topic.as_chunks::<8>();
+    let mut found = 0;
+    for word in words {
+        let word = u64::from_le_bytes(*word);
+        found |= zero_lanes(word)
+            | zero_lanes(word ^ (ONES * u64::from(b'+')))
+            | zero_lanes(word ^ (ONES * u64::from(b'#')));
+    }
+    found == 0 && !tail.iter().any(|byte| matches!(byte, 0 | b'+' | b'#'))
 }
 
 /// Whether a topic name matches a filter, as a broker decides it: `+` is one level, `#` the rest

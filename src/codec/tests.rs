@@ -1888,10 +1888,10 @@ fn filters_match_topics_as_a_broker_does() {
     assert!(!filter_matches("$share/g", "g"));
 }
 
-/// The word-at-a-time topic scans agree with the obvious byte-at-a-time ones on every topic
+/// The word-at-a-time topic check agrees with the obvious byte-at-a-time one on every topic
 /// built from a small alphabet, at every length up to three words and then some.
 #[test]
-fn the_word_at_a_time_topic_scans_agree_with_a_byte_at_a_time_reading() {
+fn the_word_at_a_time_topic_check_agrees_with_a_byte_at_a_time_reading() {
     let alphabet: [&str; 7] = ["a", "/", "+", "#", "\0", "é", "bc"];
     let mut state = 0x9E37_79B9_7F4A_7C15u64;
     for _ in 0..20_000 {
@@ -1907,11 +1907,13 @@ fn the_word_at_a_time_topic_scans_agree_with_a_byte_at_a_time_reading() {
             topic.push_str(alphabet[(pick >> 60) as usize % alphabet.len()]);
         }
         let naive_levels = topic.split('/').count();
+        // The first offending byte decides, as a reading from the start finds it.
+        let first_bad = topic.bytes().find(|b| matches!(b, b'+' | b'#' | 0));
         let naive = if topic.is_empty() {
             Err("empty")
-        } else if topic.contains('\0') {
+        } else if first_bad == Some(0) {
             Err("nul")
-        } else if topic.contains(['+', '#']) {
+        } else if first_bad.is_some() {
             Err("wildcard")
         } else if naive_levels > MAX_TOPIC_LEVELS {
             Err("levels")
@@ -1926,19 +1928,5 @@ fn the_word_at_a_time_topic_scans_agree_with_a_byte_at_a_time_reading() {
             _ => "other",
         });
         assert_eq!(fast, naive, "{topic:?}");
-
-        let mut levels = [""; 6];
-        let split = split_levels(&topic, &mut levels);
-        let expected: Vec<&str> = topic.split('/').collect();
-        if expected.len() > levels.len() {
-            assert_eq!(split, None, "{topic:?}");
-        } else {
-            assert_eq!(
-                split,
-                Some((expected.len(), topic.contains('#'))),
-                "{topic:?}"
-            );
-            assert_eq!(&levels[..expected.len()], &expected[..], "{topic:?}");
-        }
     }
 }

@@ -5,7 +5,6 @@
 //! path is two slice copies into the output buffer, never a `format!`.
 
 use super::identity::{ClientClass, Identity};
-use crate::codec::split_levels;
 use crate::rewrite::TopicMap;
 
 /// The first level of every WIoTP topic.
@@ -108,9 +107,27 @@ const MAX_IOT2_LEVELS: usize = 9;
 /// empty level, any `#`, anything after the last level, and `$` topics).
 pub fn parse_iot2(topic: &str) -> Option<Iot2Topic<'_>> {
     let mut levels = [""; MAX_IOT2_LEVELS];
-    let (count, hash) = split_levels(topic, &mut levels)?;
-    if hash || levels[..count].iter().any(|level| level.is_empty()) {
+    let mut count = 0;
+    // Byte searches: `str::split('/')` and a `contains('#')` per level cost about four times as
+    // much on every PUBLISH (callgrind). `/` is ASCII, so every cut is on a character boundary.
+    if topic.as_bytes().contains(&b'#') {
         return None;
+    }
+    let mut rest = topic;
+    loop {
+        let (level, next) = match rest.bytes().position(|byte| byte == b'/') {
+            Some(at) => (rest.get(..at)?, rest.get(at + 1..)),
+            None => (rest, None),
+        };
+        if count == MAX_IOT2_LEVELS || level.is_empty() {
+            return None;
+        }
+        levels[count] = level;
+        count += 1;
+        match next {
+            Some(next) => rest = next,
+            None => break,
+        }
     }
     let levels = &levels[..count];
     match levels {
