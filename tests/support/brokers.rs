@@ -459,6 +459,19 @@ impl NatsCluster {
     /// Starts a cluster of `size` nodes of `kind` (`Nats29` or `Nats`) and waits until it has
     /// formed.
     pub async fn start(kind: BrokerKind, size: usize) -> NatsCluster {
+        // A port picked free can be taken by someone else (an outgoing connection's ephemeral
+        // port) before the node binds it: a node that does not come up is a new try, on new ports.
+        let mut failures = Vec::new();
+        for attempt in 0..3 {
+            match Self::start_once(kind, size).await {
+                Ok(cluster) => return cluster,
+                Err(why) => failures.push(format!("attempt {attempt}: {why}")),
+            }
+        }
+        panic!("the NATS cluster did not start:\n{}", failures.join("\n"));
+    }
+
+    async fn start_once(kind: BrokerKind, size: usize) -> Result<NatsCluster, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let ports: Vec<(u16, u16, u16)> = (0..size)
             .map(|_| (free_port(), free_port(), free_port()))
@@ -484,11 +497,13 @@ impl NatsCluster {
                 ),
             )
             .expect("write the node's config");
+            let log = std::fs::File::create(dir.path().join(format!("{name}.log")))
+                .expect("create the node's log");
             let child = Command::new(nats_binary(kind))
                 .arg("-c")
                 .arg(&conf)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(Stdio::from(log))
                 .kill_on_drop(true)
                 .spawn()
                 .expect("nats-server is installed (scripts/test.sh installs it)");
@@ -505,11 +520,17 @@ impl NatsCluster {
             _dir: dir,
         };
         for node in &cluster.nodes {
-            assert!(
-                wait_for_port(node.mqtt_port, WAIT).await,
-                "NATS node {} did not open its MQTT port",
-                node.name
-            );
+            if !wait_for_port(node.mqtt_port, WAIT).await {
+                let log =
+                    std::fs::read_to_string(cluster._dir.path().join(format!("{}.log", node.name)))
+                        .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                return Err(format!(
+                    "NATS node {} did not open its MQTT port; its log ends:\n{}",
+                    node.name,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
+            }
         }
         // Every node must know the JetStream meta leader: MQTT needs JetStream.
         super::poll_until(
@@ -548,7 +569,7 @@ impl NatsCluster {
             )
             .await;
         }
-        cluster
+        Ok(cluster)
     }
 
     /// The nodes' MQTT addresses, for `upstream.addresses`.
