@@ -228,8 +228,7 @@ async fn wait_for_port(port: u16, limit: Duration) -> bool {
         {
             return true;
         }
-        // sleep-ok: a broker that is starting tells the test nothing until its port is open.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // sleep-ok: a starting broker says nothing until its port opens.
     }
     false
 }
@@ -360,8 +359,7 @@ fn start_rabbit_once(attempt: u32) -> Result<RabbitNode, String> {
             };
             return Err(format!("{what}; log tail:\n{tail}"));
         }
-        // sleep-ok: the node says nothing to the test until its MQTT port is open.
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100)); // sleep-ok: the node says nothing until its MQTT port opens.
     }
     Ok(RabbitNode {
         name,

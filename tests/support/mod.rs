@@ -39,8 +39,7 @@ where
             tokio::time::Instant::now() < deadline,
             "{what} within {limit:?}"
         );
-        // sleep-ok: a pause between polls of state that signals nothing to the test.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await; // sleep-ok: polled state signals nothing.
     }
 }
 
