@@ -23,6 +23,7 @@ use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use redis::Script;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, warn};
@@ -37,7 +38,7 @@ pub const HASH: &str = "warden:retained";
 pub const CHANNEL: &str = "warden:retained-updates";
 /// Topics whose writes may wait for Redis at once; beyond, new topics are not written.
 pub const MAX_PENDING: usize = 100_000;
-/// Writes sent to Redis at once (pipelined on the multiplexed connection).
+/// Writes in flight to Redis at once (pipelined on the multiplexed connection).
 const WRITES_AT_ONCE: usize = 256;
 /// Entries asked for per step when the hash is loaded.
 const LOAD_STEP: usize = 1_000;
@@ -105,23 +106,31 @@ impl RetainedMirror {
             let mut pending = self.pending();
             for publication in publications.iter().filter(|p| is_recorded(p)) {
                 let topic = &publication.topic;
-                if pending.len() >= MAX_PENDING && !pending.contains_key(topic) {
-                    if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
-                        warn!(
-                            limit = MAX_PENDING,
-                            "too many statuses wait for Redis: the other instances will not \
-                             replay some of them to wildcard subscribers"
-                        );
-                    }
-                    continue;
+                if self.has_room(&pending, topic) {
+                    pending.insert(topic.clone(), (order, publication.payload.clone()));
+                    queued = true;
                 }
-                pending.insert(topic.clone(), (order, publication.payload.clone()));
-                queued = true;
             }
         }
         if queued {
             self.wake.notify_one();
         }
+    }
+
+    /// Whether a write of `topic` may wait: it replaces one that waits, or there is room for
+    /// one more topic (else it is counted, and the first one logged).
+    fn has_room(&self, pending: &HashMap<String, (Order, Bytes)>, topic: &str) -> bool {
+        if pending.len() < MAX_PENDING || pending.contains_key(topic) {
+            return true;
+        }
+        if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+            warn!(
+                limit = MAX_PENDING,
+                "too many statuses wait for Redis: the other instances will not replay some of \
+                 them to wildcard subscribers"
+            );
+        }
+        false
     }
 
     /// Applies one announcement from the channel (`TOPIC \0 ORDER \0 PAYLOAD`).
@@ -184,52 +193,52 @@ impl RetainedMirror {
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
             loop {
-                let batch: Vec<(String, (Order, Bytes))> = {
-                    let mut pending = self.pending();
-                    let topics: Vec<String> =
-                        pending.keys().take(WRITES_AT_ONCE).cloned().collect();
-                    topics
-                        .into_iter()
-                        .filter_map(|topic| pending.remove_entry(&topic))
-                        .collect()
-                };
+                let batch = std::mem::take(&mut *self.pending());
                 if batch.is_empty() {
                     break;
                 }
-                let results = futures_util::future::join_all(batch.iter().map(
-                    |(topic, (order, payload))| {
+                let failed: Vec<(String, (Order, Bytes))> = futures_util::stream::iter(batch)
+                    .map(|(topic, update)| {
                         let mut conn = conn.clone();
                         async move {
-                            bounded(
+                            let written = bounded(
                                 WRITE
                                     .key(HASH)
-                                    .arg(topic)
-                                    .arg(*order)
-                                    .arg(&payload[..])
+                                    .arg(&topic)
+                                    .arg(update.0)
+                                    .arg(&update.1[..])
                                     .arg(CHANNEL)
                                     .invoke_async::<i64>(&mut conn),
                             )
-                            .await
+                            .await;
+                            match written {
+                                Ok(_) => None,
+                                Err(error) => {
+                                    debug!(%error, "writing a retained status to Redis failed");
+                                    Some((topic, update))
+                                }
+                            }
                         }
-                    },
-                ))
-                .await;
-                let mut failed = false;
+                    })
+                    .buffer_unordered(WRITES_AT_ONCE)
+                    .filter_map(std::future::ready)
+                    .collect()
+                    .await;
+                if failed.is_empty() {
+                    continue;
+                }
                 {
+                    // Kept unless a newer status of the topic came meanwhile.
                     let mut pending = self.pending();
-                    for ((topic, update), result) in batch.into_iter().zip(results) {
-                        if let Err(error) = result {
-                            debug!(%error, "writing a retained status to Redis failed");
-                            failed = true;
-                            pending.entry(topic).or_insert(update);
+                    for (topic, update) in failed {
+                        if !pending.contains_key(&topic) && self.has_room(&pending, &topic) {
+                            pending.insert(topic, update);
                         }
                     }
                 }
-                if failed {
-                    tokio::select! {
-                        _ = tokio::time::sleep(RETRY_AFTER) => {}
-                        _ = shutdown.wait_for(|stop| *stop) => return,
-                    }
+                tokio::select! {
+                    _ = tokio::time::sleep(RETRY_AFTER) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
                 }
             }
         }
