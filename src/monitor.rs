@@ -46,8 +46,8 @@ use tracing::{debug, info, warn};
 use crate::broker::CAPABILITIES;
 use crate::broker::{Capabilities, EscapeSet};
 use crate::codec::{
-    decode_frame_header, encode_connect, encode_publish, encode_subscribe, encode_unsubscribe,
-    parse_publish, Connect, ProtocolVersion, Will,
+    decode_frame_header, encode_publish, encode_subscribe, encode_unsubscribe, parse_publish,
+    ProtocolVersion, Will,
 };
 use crate::ledger::Step;
 use crate::metrics::{CapabilityLabels, MonitorMetrics};
@@ -56,7 +56,7 @@ use crate::probe::{probe, Probed};
 use crate::profile::Publication;
 use crate::retained::RetainedRecord;
 use crate::upstream::{
-    connack_label, connack_meaning, failure_label, handshake, Dial, UpstreamError,
+    connack_label, connack_meaning, connect_own, failure_label, Dial, UpstreamError,
 };
 
 /// Keep-alive of the control connection, in seconds.
@@ -524,7 +524,6 @@ impl<D: Dial> Control<D> {
                 words: format!("control connection: {error}{hint}"),
             }
         };
-        let mut stream = self.dialer.dial().await.map_err(failed)?;
         let will_topic = self
             .will
             .as_ref()
@@ -540,23 +539,15 @@ impl<D: Dial> Control<D> {
                 qos: 0,
                 retain: will.retain,
             });
-        let connect = Connect {
-            version: ProtocolVersion::V311,
-            clean_start: true,
-            keep_alive: CONTROL_KEEP_ALIVE_SECS,
-            properties: Vec::new(),
-            client_id: &self.client_id,
+        let (stream, code, _) = connect_own(
+            &*self.dialer,
+            &self.client_id,
+            ProtocolVersion::V311,
+            CONTROL_KEEP_ALIVE_SECS,
             will,
-            username: self.dialer.username(),
-            password: self.dialer.password(),
-        };
-        let mut out = BytesMut::new();
-        encode_connect(&mut out, &connect);
-        let mut buf = BytesMut::with_capacity(64);
-        let header = handshake(&mut stream, &out, &mut buf)
-            .await
-            .map_err(failed)?;
-        let code = buf.get(header.header_len + 1).copied().unwrap_or(0xFF);
+        )
+        .await
+        .map_err(failed)?;
         if code != 0 {
             return Err(Failure {
                 label: Some(connack_label(code)),

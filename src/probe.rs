@@ -294,7 +294,7 @@ async fn open<D: Dial>(
     version: ProtocolVersion,
 ) -> Result<Result<Line<D::Stream>, u8>, UpstreamError> {
     let (stream, code, inbound) =
-        connect_own(dialer, client_id, version, PROBE_KEEP_ALIVE_SECS).await?;
+        connect_own(dialer, client_id, version, PROBE_KEEP_ALIVE_SECS, None).await?;
     if code != 0 {
         return Ok(Err(code));
     }

@@ -39,10 +39,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::codec::{
-    decode_frame_header, encode_connect, encode_publish, encode_subscribe, encode_unsubscribe,
-    filter_matches, parse_publish, parse_suback, Connect, ProtocolVersion, Will,
+    decode_frame_header, encode_publish, encode_subscribe, encode_unsubscribe, filter_matches,
+    parse_publish, parse_suback, ProtocolVersion, Will,
 };
-use crate::upstream::{handshake, Dial};
+use crate::upstream::{connect_own, Dial};
 
 /// Deliveries and answers waiting for one member's session, at most.
 pub const MEMBER_MAILBOX: usize = 64;
@@ -374,34 +374,22 @@ impl<D: Dial> Distributor<D> {
     }
 
     async fn connect(&mut self) -> Result<D::Stream, Broken> {
-        let mut stream = self
-            .dialer
-            .dial()
-            .await
-            .map_err(|e| Broken(e.to_string()))?;
-        let connect = Connect {
-            version: ProtocolVersion::V311,
-            clean_start: true,
-            keep_alive: KEEP_ALIVE_SECS,
+        let will = Will {
             properties: Vec::new(),
-            client_id: &self.client_id,
-            will: Some(Will {
-                properties: Vec::new(),
-                topic: &self.claim_topic,
-                payload: b"",
-                qos: 0,
-                retain: true,
-            }),
-            username: self.dialer.username(),
-            password: self.dialer.password(),
+            topic: &self.claim_topic,
+            payload: b"",
+            qos: 0,
+            retain: true,
         };
-        let mut out = BytesMut::new();
-        encode_connect(&mut out, &connect);
-        let mut buf = BytesMut::with_capacity(64);
-        let header = handshake(&mut stream, &out, &mut buf)
-            .await
-            .map_err(|e| Broken(e.to_string()))?;
-        let code = buf.get(header.header_len + 1).copied().unwrap_or(0xFF);
+        let (stream, code, _) = connect_own(
+            &*self.dialer,
+            &self.client_id,
+            ProtocolVersion::V311,
+            KEEP_ALIVE_SECS,
+            Some(will),
+        )
+        .await
+        .map_err(|e| Broken(e.to_string()))?;
         if code != 0 {
             return Err(Broken(format!(
                 "the broker refused the connection (CONNACK {code})"

@@ -529,14 +529,16 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|_| UpstreamError::Timeout(UPSTREAM_CONNECT_TIMEOUT))?
 }
 
-/// A connection of the proxy's own (probe, HTTP publisher): dials, sends a clean CONNECT as
-/// `client_id` with the dialer's credentials, and reads the CONNACK. Answers the stream, the
-/// CONNACK's return or reason code, and what came behind the CONNACK.
+/// A connection of the proxy's own (control connection, probe, HTTP publisher, shared-group
+/// distributor): dials, sends a clean CONNECT as `client_id` with the dialer's credentials and
+/// `will`, and reads the CONNACK. Answers the stream, the CONNACK's return or reason code, and
+/// what came behind the CONNACK.
 pub async fn connect_own<D: Dial>(
     dialer: &D,
     client_id: &str,
     version: crate::codec::ProtocolVersion,
     keep_alive: u16,
+    will: Option<crate::codec::Will<'_>>,
 ) -> Result<(D::Stream, u8, BytesMut), UpstreamError> {
     let mut stream = dialer.dial().await?;
     let connect = crate::codec::Connect {
@@ -545,7 +547,7 @@ pub async fn connect_own<D: Dial>(
         keep_alive,
         properties: Vec::new(),
         client_id,
-        will: None,
+        will,
         username: dialer.username(),
         password: dialer.password(),
     };

@@ -190,7 +190,7 @@ pub(super) async fn connect<D: Dial>(
     keep_alive: u16,
 ) -> Result<D::Stream, UpstreamError> {
     let (stream, code, _) =
-        connect_own(dialer, client_id, ProtocolVersion::V311, keep_alive).await?;
+        connect_own(dialer, client_id, ProtocolVersion::V311, keep_alive, None).await?;
     if code != 0 {
         return Err(UpstreamError::NotConnack);
     }
