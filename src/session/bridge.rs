@@ -1100,18 +1100,24 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
         Ok(Flow::Continue)
     }
 
+    /// Writes a plain acknowledgement (no reason code) to the broker: one the proxy answers
+    /// itself, or a client's that a 3.1.1 broker takes without its MQTT 5 parts.
+    fn ack_upstream(&mut self, kind: PacketType, packet_id: u16) {
+        encode_ack(
+            &mut self.to_upstream.buf,
+            kind,
+            self.upstream_version,
+            packet_id,
+            0,
+            None,
+        );
+    }
+
     /// Forwards the client's acknowledgement of a delivery: as it is, or without its MQTT 5
     /// reason code and properties to a 3.1.1 broker.
     fn ack_to_upstream(&mut self, kind: PacketType, packet_id: u16, frame: &[u8]) {
         if self.downgrade.is_some() {
-            encode_ack(
-                &mut self.to_upstream.buf,
-                kind,
-                self.upstream_version,
-                packet_id,
-                0,
-                None,
-            );
+            self.ack_upstream(kind, packet_id);
         } else {
             self.to_upstream.buf.extend_from_slice(frame);
         }
@@ -1993,14 +1999,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
                 let packet_id =
                     check_ack(kind, body, self.upstream_version).map_err(broker_fault)?;
                 if self.upstream_local_qos2.remove(&packet_id) {
-                    encode_ack(
-                        &mut self.to_upstream.buf,
-                        PacketType::Pubcomp,
-                        self.upstream_version,
-                        packet_id,
-                        0,
-                        None,
-                    );
+                    self.ack_upstream(PacketType::Pubcomp, packet_id);
                 } else {
                     self.to_client.buf.extend_from_slice(frame);
                 }
@@ -2147,14 +2146,7 @@ impl<P: Profile, D: Dial, C: ClientStream> Bridge<P, D, C> {
             self.upstream_local_qos2.insert(packet_id);
             PacketType::Pubrec
         };
-        encode_ack(
-            &mut self.to_upstream.buf,
-            kind,
-            self.upstream_version,
-            packet_id,
-            0,
-            None,
-        );
+        self.ack_upstream(kind, packet_id);
     }
 }
 
