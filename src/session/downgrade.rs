@@ -20,10 +20,11 @@
 //!   client's acknowledgements and DISCONNECT lose their reason codes; DISCONNECT 0x04 (with
 //!   will) becomes a close without DISCONNECT, so that the broker publishes the will.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use bytes::BytesMut;
 
+use super::packet_ids::PacketIds;
 use crate::codec::{
     encode_unsuback_v5, for_each_property, property, publish_properties, Connect, Property,
     PropertyContext, PropertyValue, ProtocolVersion, PublishView,
@@ -63,7 +64,7 @@ pub struct Downgrade {
     receive_maximum: u16,
     /// QoS 1/2 deliveries the client has not completed (PUBACK; PUBCOMP, or a PUBREC that
     /// refuses), by packet id: at most `receive_maximum`.
-    unacknowledged: HashSet<u16>,
+    unacknowledged: PacketIds,
 }
 
 impl Downgrade {

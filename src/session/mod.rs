@@ -11,6 +11,7 @@
 pub mod bridge;
 pub mod connect;
 pub mod downgrade;
+pub mod packet_ids;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
