@@ -776,18 +776,7 @@ pub mod v4 {
 
         /// The next PUBLISH received within `limit`, or `None`.
         pub async fn next_publish_within(&mut self, limit: Duration) -> Option<Publish> {
-            tokio::time::timeout(limit, async {
-                loop {
-                    match self.events.recv().await {
-                        Some(Ok(Packet::Publish(publish))) => return Some(publish),
-                        Some(Ok(_)) => {}
-                        Some(Err(_)) | None => return None,
-                    }
-                }
-            })
-            .await
-            .ok()
-            .flatten()
+            self.next_publish_or_why(limit).await.ok()
         }
 
         /// Publishes `payload` at QoS 1 and waits for its PUBACK (one message in flight):
