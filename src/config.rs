@@ -111,6 +111,23 @@ pub const MAX_INSTANCE_ID_BYTES: usize = 64;
 pub struct RuntimeConfig {
     /// Worker threads; `None`: one per CPU the process may run on.
     pub worker_threads: Option<usize>,
+    /// How the kernel schedules the proxy's threads.
+    pub scheduling: Scheduling,
+}
+
+/// How the kernel schedules the proxy's threads (`runtime.scheduling`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduling {
+    /// Linux `SCHED_BATCH`: the same share of CPU as any other thread, but a thread woken by
+    /// new bytes does not preempt the one running. Beside a broker on the same core the proxy
+    /// then handles bytes in larger batches, with fewer system calls and context switches per
+    /// message (BENCHMARKS.md, "CPU scheduling").
+    #[default]
+    Batch,
+    /// The policy the process was started with (for most, `SCHED_OTHER`; a proxy started under
+    /// `chrt` keeps what `chrt` set).
+    Inherit,
 }
 
 /// One listener.
@@ -557,14 +574,16 @@ impl Check<'_> {
         });
         let telemetry = self.telemetry(file.telemetry.unwrap_or_default());
         let limits = self.limits(file.limits.unwrap_or_default());
+        let runtime_file = file.runtime.unwrap_or_default();
         let runtime = RuntimeConfig {
-            worker_threads: match file.runtime.unwrap_or_default().worker_threads {
+            worker_threads: match runtime_file.worker_threads {
                 Some(0) => {
                     self.error("runtime.worker_threads", "must be at least 1");
                     None
                 }
                 threads => threads,
             },
+            scheduling: runtime_file.scheduling.unwrap_or_default(),
         };
         let coordination = file
             .coordination
@@ -1175,6 +1194,8 @@ struct CoordinationFileConfig {
 struct RuntimeFileConfig {
     #[serde(default)]
     worker_threads: Option<usize>,
+    #[serde(default)]
+    scheduling: Option<Scheduling>,
 }
 
 #[derive(Deserialize)]
@@ -1336,6 +1357,22 @@ mod tests {
         assert_eq!(parse(&two).unwrap().runtime.worker_threads, Some(2));
         let (_, field, _) = invalid(&format!("{MINIMAL}runtime: {{ worker_threads: 0 }}\n"));
         assert_eq!(field, "runtime.worker_threads");
+    }
+
+    #[test]
+    fn runtime_scheduling_is_batch_unless_told_to_inherit() {
+        assert_eq!(
+            parse(MINIMAL).unwrap().runtime.scheduling,
+            Scheduling::Batch
+        );
+        let inherit = format!("{MINIMAL}runtime: {{ scheduling: inherit }}\n");
+        assert_eq!(
+            parse(&inherit).unwrap().runtime.scheduling,
+            Scheduling::Inherit
+        );
+        let (line, _, message) = invalid(&format!("{MINIMAL}runtime:\n  scheduling: fifo\n"));
+        assert!(line.is_some(), "{message}");
+        assert!(message.contains("fifo"), "{message}");
     }
 
     /// Found by fuzzing the rewrite: a `$share/{org}/` prefix made every filter a shared

@@ -41,8 +41,10 @@
 //! - [`reload`]: live reloads of policy and TLS files.
 //! - [`metrics`] and [`admin`]: OpenMetrics, `/healthz`, `/readyz`.
 //! - [`telemetry`]: logging and traces.
+//! - [`runtime`]: the async runtime's workers and the CPU scheduling policy of its threads.
 
-#![forbid(unsafe_code)]
+// One function calls the C library (`runtime`: the CPU scheduling policy); nothing else may.
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -67,6 +69,7 @@ pub mod refusal;
 pub mod reload;
 pub mod retained;
 pub mod rewrite;
+pub mod runtime;
 pub mod session;
 pub mod share;
 pub mod telemetry;

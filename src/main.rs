@@ -12,7 +12,7 @@ use mqtt_warden::config::{MissingSecrets, WardenConfig};
 use mqtt_warden::generic::explain::{explain, Question};
 use mqtt_warden::generic::import::import_mosquitto;
 use mqtt_warden::policy::rules::Action;
-use mqtt_warden::{auth, policy, proxy, telemetry, transport, upstream};
+use mqtt_warden::{auth, policy, proxy, runtime, telemetry, transport, upstream};
 
 #[derive(Parser)]
 #[command(
@@ -159,18 +159,17 @@ const FAST_SHUTDOWN: Duration = Duration::from_secs(1);
 
 fn run(config_path: PathBuf, grace: Duration) -> anyhow::Result<ExitCode> {
     let config = WardenConfig::load(&config_path)?;
+    // Before any thread starts, so that every thread inherits the policy.
+    let scheduling = runtime::apply_scheduling(config.runtime.scheduling);
     let _telemetry = telemetry::init(
         config.telemetry.log_format,
         config.telemetry.otlp_endpoint.as_deref(),
     )?;
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(threads) = config.runtime.worker_threads {
-        runtime.worker_threads(threads);
+    match scheduling {
+        Ok(()) => tracing::info!(policy = runtime::current_policy(), "CPU scheduling"),
+        Err(error) => tracing::warn!(%error, "CPU scheduling"),
     }
-    let runtime = runtime
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let runtime = runtime::build(&config.runtime)?;
     runtime.block_on(async move {
         let running = proxy::start(config).await?;
         let grace = wait_for_shutdown_signal(grace).await?;

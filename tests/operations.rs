@@ -8,7 +8,7 @@ use rumqttc::QoS;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::http_get;
-use support::{mon, standard_policy, v4, Broker, Warden, WAIT};
+use support::{mon, standard_policy, v4, Broker, ProxyProcess, Warden, WAIT};
 
 const ADMIN: &str = "admin: { bind: \"127.0.0.1:0\" }\n";
 
@@ -398,4 +398,71 @@ async fn bytes_written_to_clients_are_counted_once() {
         )
     })
     .expect("the session closes");
+}
+
+/// The scheduling policy of every thread of process `pid`, by name, from `/proc`.
+fn thread_policies(pid: u32) -> Vec<&'static str> {
+    let mut policies = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads") {
+        let stat = std::fs::read_to_string(task.expect("a thread").path().join("stat"))
+            .expect("the thread's stat");
+        // The command name (field 2) may hold spaces; the fields after its ')' are plain.
+        let after_name = &stat[stat.rfind(')').expect("stat has a name") + 2..];
+        // `policy` is field 41; `after_name` starts at field 3.
+        let policy: i32 = after_name
+            .split(' ')
+            .nth(41 - 3)
+            .and_then(|field| field.parse().ok())
+            .expect("stat has a policy");
+        policies.push(mqtt_warden::runtime::policy_name(policy));
+    }
+    policies
+}
+
+#[tokio::test]
+async fn every_thread_of_the_proxy_runs_under_sched_batch_unless_told_to_inherit() {
+    let broker = Broker::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), standard_policy()).unwrap();
+    let config = |runtime: &str| {
+        format!(
+            "listeners:\n  - bind: \"127.0.0.1:0\"\nupstream:\n  address: \"{}\"\npolicies: policy.yaml\ntelemetry: {{ log_format: json }}\n{runtime}",
+            broker.addr()
+        )
+    };
+    let batch = ProxyProcess::start(dir.path(), "batch", &config(""), &[]).await;
+    let inherit = ProxyProcess::start(
+        dir.path(),
+        "inherit",
+        &config("runtime: { scheduling: inherit, worker_threads: 2 }\n"),
+        &[],
+    )
+    .await;
+    // A session makes the runtime start what it starts lazily (blocking-pool threads).
+    let mut device = v4::org1_device(batch.addr, "dev1").await;
+    assert!(
+        device
+            .publish_acked("iot-2/evt/t/fmt/json", b"{}".to_vec())
+            .await
+    );
+    let batch_threads = thread_policies(batch.child.id().expect("running"));
+    assert!(batch_threads.len() >= 2, "{batch_threads:?}");
+    assert!(
+        batch_threads.iter().all(|policy| *policy == "SCHED_BATCH"),
+        "{batch_threads:?}\n{}",
+        batch.kept_log()
+    );
+    assert!(
+        batch.kept_log().contains("SCHED_BATCH"),
+        "{}",
+        batch.kept_log()
+    );
+    let inherit_threads = thread_policies(inherit.child.id().expect("running"));
+    assert!(inherit_threads.len() >= 3, "{inherit_threads:?}");
+    assert!(
+        inherit_threads
+            .iter()
+            .all(|policy| *policy == "SCHED_OTHER"),
+        "{inherit_threads:?}"
+    );
 }
