@@ -32,7 +32,8 @@
 # Environment: REPS (3), DURATION (5 s, saturation), LAT_DURATION (8 s), WARMUP (2 s),
 # PAYLOAD (64), INFLIGHT (100), RATE (10000), FANOUT (10), FANOUT_MAX_LAG (2000 messages per
 # subscriber that the fan-out publishers may run ahead), LAYOUT (shared), SCENARIOS (all four),
-# BASELINE_BIN (none), WARDEN_BIN (default: built from this checkout), QUIET_IDLE (90 %) and
+# BASELINE_BIN (none), WARDEN_BIN (default: built from this checkout), HAPROXY_SCHED (batch: HAProxy
+# under SCHED_BATCH, as the warden runs by default; for reference), QUIET_IDLE (90 %) and
 # QUIET_WAIT (10 s): how idle the machine should be before each run and how long to wait for it,
 # OUT (folder to keep configs, logs and results.jsonl; default none), CARGO_TARGET_DIR (where cargo
 # builds; the load generator always comes from this checkout), SYSCALLS (0; 1 counts the system
@@ -119,7 +120,11 @@ frontend mqtt
 backend broker
   server mosquitto 127.0.0.1:$BROKER_PORT
 EOF
-taskset -c "$PROXY_CPUS" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+# HAPROXY_SCHED=batch runs HAProxy under SCHED_BATCH (chrt -b 0), the warden's default policy,
+# for reference: users run HAProxy as it starts.
+haproxy_sched=()
+[[ "${HAPROXY_SCHED:-}" != batch ]] || haproxy_sched=(chrt -b 0)
+taskset -c "$PROXY_CPUS" "${haproxy_sched[@]}" haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
 HAPROXY_PID=$!; PIDS+=("$HAPROXY_PID")
 wait_port "$HAPROXY_PORT" "$HAPROXY_PID"
 
