@@ -583,7 +583,7 @@ impl Check<'_> {
                 }
                 threads => threads,
             },
-            scheduling: runtime_file.scheduling.unwrap_or_default(),
+            scheduling: runtime_file.scheduling,
         };
         let coordination = file
             .coordination
@@ -1195,7 +1195,7 @@ struct RuntimeFileConfig {
     #[serde(default)]
     worker_threads: Option<usize>,
     #[serde(default)]
-    scheduling: Option<Scheduling>,
+    scheduling: Scheduling,
 }
 
 #[derive(Deserialize)]
