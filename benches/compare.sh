@@ -32,8 +32,8 @@
 # Environment: REPS (3), DURATION (5 s, saturation), LAT_DURATION (8 s), WARMUP (2 s),
 # PAYLOAD (64), INFLIGHT (100), RATE (10000), FANOUT (10), FANOUT_MAX_LAG (2000 messages per
 # subscriber that the fan-out publishers may run ahead), LAYOUT (shared), SCENARIOS (all four),
-# BASELINE_BIN (none), WARDEN_BIN (default: built from this checkout), HAPROXY_SCHED (batch: HAProxy
-# under SCHED_BATCH, as the warden runs by default; for reference), QUIET_IDLE (90 %) and
+# BASELINE_BIN (none), WARDEN_BIN (default: built from this checkout), HAPROXY_SCHED (unset; batch
+# runs HAProxy under SCHED_BATCH, as the warden runs by default, for reference), QUIET_IDLE (90 %) and
 # QUIET_WAIT (10 s): how idle the machine should be before each run and how long to wait for it,
 # OUT (folder to keep configs, logs and results.jsonl; default none), CARGO_TARGET_DIR (where cargo
 # builds; the load generator always comes from this checkout), SYSCALLS (0; 1 counts the system
