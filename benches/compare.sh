@@ -192,6 +192,8 @@ syscalls_stop() { # name; sets SYSCALLS_COUNTED (not in a subshell: the perf pro
   SYSCALLS_COUNTED=$(awk -F, '/raw_syscalls/ {n = $1 + 0} END {print n + 0}' "$WORK/syscalls.$1")
 }
 declare -A SYSCALL_PERF
+# Idle and total jiffies of the whole machine so far (/proc/stat), "idle total".
+machine_jiffies() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t}' /proc/stat; }
 
 run_one() {
   local scenario=$1 target=$2 rep=$3 port=${PORT[$2]} proxy_pid=${PID[$2]} mode=warden args
@@ -204,16 +206,16 @@ run_one() {
     fan10-qos0) args=(--publishers "$FANOUT" --subscribers "$FANOUT" --sub-filter all --qos 0
                       --rate 0 --duration "$DURATION" --max-lag "$FANOUT_MAX_LAG") ;;
   esac
-  local b0 p0=0 u0=0 c0=0 b1 p1=0 u1=0 c1=0 bs0=0 bs1 ps0=0 ps1=0 line
+  local b0 p0=0 u0=0 c0=0 b1 p1=0 u1=0 c1=0 bs0=0 bs1 ps0=0 ps1=0 bc0 bc1 j0 j1 line
   wait_quiet
-  b0=$(cpu_s "$BROKER_PID"); syscalls_start "$BROKER_PID" broker
+  b0=$(cpu_s "$BROKER_PID"); bc0=$(ctx_switches "$BROKER_PID"); j0=$(machine_jiffies); syscalls_start "$BROKER_PID" broker
   [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); u0=$(user_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); syscalls_start "$proxy_pid" proxy; }
   line=$(timeout 120 taskset -c "$GEN_CPUS" "$LOADGEN" --target "127.0.0.1:$port" --mode "$mode" \
     --org "$ORG" --payload "$PAYLOAD" --warmup "$WARMUP" \
     "${args[@]}" --json --label "$scenario/$target/$rep") || { log "loadgen failed: $scenario $target"; return 1; }
-  b1=$(cpu_s "$BROKER_PID"); syscalls_stop broker; bs1=$SYSCALLS_COUNTED
+  b1=$(cpu_s "$BROKER_PID"); bc1=$(ctx_switches "$BROKER_PID"); j1=$(machine_jiffies); syscalls_stop broker; bs1=$SYSCALLS_COUNTED
   [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); u1=$(user_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); syscalls_stop proxy; ps1=$SYSCALLS_COUNTED; }
-  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_user_s\":$(awk "BEGIN{print $u1-$u0}"),\"proxy_cs\":$((c1 - c0)),\"proxy_sys\":$((ps1 - ps0)),\"broker_sys\":$((bs1 - bs0)),\"idle_before\":$IDLE_BEFORE}"
+  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_user_s\":$(awk "BEGIN{print $u1-$u0}"),\"proxy_cs\":$((c1 - c0)),\"proxy_sys\":$((ps1 - ps0)),\"broker_sys\":$((bs1 - bs0)),\"broker_cs\":$((bc1 - bc0)),\"machine_idle\":$(awk -v a="$j0" -v b="$j1" 'BEGIN{split(a,x," ");split(b,y," ");print (y[2]>x[2]) ? (y[1]-x[1])/(y[2]-x[2]) : 0}'),\"idle_before\":$IDLE_BEFORE}"
   echo "$line" >>"$WORK/results.jsonl"
   log "$(awk -v l="$line" 'BEGIN{
       n=split("throughput p50_us p99_us loss proxy_cpu_s idle_before",k," "); s="";
@@ -250,7 +252,7 @@ summarize() {
     }
     {
       s = field($0, "scenario"); v = field($0, "via"); r = field($0, "rep")
-      split("throughput p50_us p99_us p999_us loss proxy_cpu_s proxy_user_s broker_cpu_s sent_total subscribers proxy_cs proxy_sys broker_sys", ks, " ")
+      split("throughput p50_us p99_us p999_us loss proxy_cpu_s proxy_user_s broker_cpu_s sent_total subscribers proxy_cs proxy_sys broker_sys broker_cs machine_idle", ks, " ")
       for (k in ks) {
         x = field($0, ks[k]); vals[s "|" v "|" ks[k]] = vals[s "|" v "|" ks[k]] " " x
         per[s "|" v "|" ks[k] "|" r] = x
@@ -322,8 +324,15 @@ summarize() {
         line = line "; broker"
         for (i = 1; i <= nt; i++) {
           d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
-          line = line sprintf(" %s %.2f", (i == 1 ? "direct" : "via " short(t[i])), 1e6 * median(s "|" t[i] "|broker_cpu_s") / d)
+          line = line sprintf(" %s %.2f (%.2f cs)", (i == 1 ? "direct" : "via " short(t[i])), 1e6 * median(s "|" t[i] "|broker_cpu_s") / d, median(s "|" t[i] "|broker_cs") / d)
         }
+        print line
+      }
+      print ""
+      print "Machine idle during the run (all CPUs, /proc/stat, median share of the time, load generator included):"
+      for (j = 1; j <= ns; j++) {
+        s = ss[j]; line = "  " s ":"
+        for (i = 1; i <= nt; i++) line = line sprintf(" %s %.1f %%", short(t[i]), 100 * median(s "|" t[i] "|machine_idle"))
         print line
       }
       if (!syscalls) exit
