@@ -17,7 +17,10 @@
 # scenario runs against every target REPS times, the order rotating every repetition. The first
 # table shows medians and ratios: each proxy against direct and each warden against HAProxy (and
 # warden against warden-baseline); the second shows the spread: min–max of every target and of
-# the ratio against direct paired within each repetition.
+# the ratio against direct paired within each repetition. Below them: CPU per delivered message
+# (the proxy's and the broker's, with their context switches), how idle the whole machine was
+# during each run (a saturation run behind a proxy that leaves the machine idle was limited by
+# something other than CPU), and the raw runs.
 #
 # CPU layouts (this is written for a 2-core machine; LAYOUT picks one):
 #   shared  (default) Mosquitto and the proxy (HAProxy, each warden) share CPU 1, the load
