@@ -17,7 +17,8 @@
 # scenario runs against every target REPS times, the order rotating every repetition. The first
 # table shows medians and ratios: each proxy against direct and each warden against HAProxy (and
 # warden against warden-baseline); the second shows the spread: min–max of every target and of
-# the ratio against direct paired within each repetition. Below them: CPU per delivered message
+# the ratio against direct paired within each repetition; the third, each warden against HAProxy
+# paired within each repetition. Below them: CPU per delivered message
 # (the proxy's and the broker's, with their context switches), how idle the whole machine was
 # during each run (a saturation run behind a proxy that leaves the machine idle was limited by
 # something other than CPU), and the raw runs.
@@ -242,7 +243,9 @@ log "runs took $(($(date +%s) - START)) s"
 # --- summary -------------------------------------------------------------------------------
 # Ratio columns: every proxy against direct, each warden against HAProxy, and the warden against
 # warden-baseline. The spread table: min–max of every target, and min–max of the ratio against
-# direct taken within each repetition.
+# direct taken within each repetition. The paired table: each warden's ratio to HAProxy (and to
+# warden-baseline) taken within each repetition, median and min–max: the targets of one
+# repetition run back to back, so a pair shares most of the host's slow drifts.
 summarize() {
   awk -v targets="${TARGETS[*]}" -v scenarios="$SCENARIOS" -v rate="$RATE" -v fanout="$FANOUT" -v syscalls="${SYSCALLS:-0}" "$AWK_HELPERS"'
     function lo(key,   n, i, a, m) { n = split(vals[key], a, " "); m = a[1]; for (i = 2; i <= n; i++) if (a[i] + 0 < m + 0) m = a[i]; return m }
@@ -306,6 +309,30 @@ summarize() {
           line = line " " (mn == "" ? "–" : sprintf("%.2f–%.2f", mn, mx)) " |"
         }
         print line
+      }
+      if (nt > 2) {
+        print ""
+        print "Paired ratios: each warden against HAProxy (and the warden against warden-baseline), taken"
+        print "within each repetition, then the median over the repetitions (min–max in brackets)."
+        print ""
+        line = "| scenario |"; sep = "|---|"
+        for (c = 1; c <= nc; c++) if (cd[c] != "direct") { line = line " " short(cn[c]) "/" short(cd[c]) ", paired |"; sep = sep "---:|" }
+        print line; print sep
+        for (row = 1; row <= nrows; row++) {
+          s = rs[row]; key = rk[row]; line = "| " rl[row] " |"
+          for (c = 1; c <= nc; c++) {
+            if (cd[c] == "direct") continue
+            pk = "paired|" s "|" cn[c] "|" cd[c] "|" key; vals[pk] = ""; mn = ""; mx = ""
+            for (r in reps) {
+              a = per[s "|" cn[c] "|" key "|" r]; b = per[s "|" cd[c] "|" key "|" r]
+              if (a == "" || b == "" || b + 0 == 0) continue
+              q = a / b; vals[pk] = vals[pk] " " q
+              if (mn == "" || q < mn) mn = q; if (mx == "" || q > mx) mx = q
+            }
+            line = line " " (mn == "" ? "–" : sprintf("%.2f (%.2f–%.2f)", median(pk), mn, mx)) " |"
+          }
+          print line
+        }
       }
       if (seen["qos0-10k"]) {
         print ""
