@@ -18,10 +18,10 @@
 # table shows medians and ratios: each proxy against direct and each warden against HAProxy (and
 # warden against warden-baseline); the second shows the spread: min–max of every target and of
 # the ratio against direct paired within each repetition; the third, each warden against HAProxy
-# paired within each repetition. Below them: CPU per delivered message
-# (the proxy's and the broker's, with their context switches), how idle the whole machine was
-# during each run (a saturation run behind a proxy that leaves the machine idle was limited by
-# something other than CPU), and the raw runs.
+# paired within each repetition. Below them: CPU per delivered message (the proxy's, the broker's
+# and the load generator's, with context switches), how idle the whole machine was during each run
+# (a saturation run behind a proxy that leaves the machine idle was limited by something other
+# than CPU), and the raw runs.
 #
 # CPU layouts (this is written for a 2-core machine; LAYOUT picks one):
 #   shared  (default) Mosquitto and the proxy (HAProxy, each warden) share CPU 1, the load
@@ -196,6 +196,11 @@ syscalls_stop() { # name; sets SYSCALLS_COUNTED (not in a subshell: the perf pro
   SYSCALLS_COUNTED=$(awk -F, '/raw_syscalls/ {n = $1 + 0} END {print n + 0}' "$WORK/syscalls.$1")
 }
 declare -A SYSCALL_PERF
+# CPU seconds this shell's waited-for children have used so far, from the `times` builtin saved
+# to a file (in a subshell it would count the subshell's children only).
+children_cpu_s() { # file
+  awk 'NR == 2 { split($1, u, /[ms]/); split($2, y, /[ms]/); printf "%.3f", 60 * u[1] + u[2] + 60 * y[1] + y[2] }' "$1"
+}
 # Idle and total jiffies of the whole machine so far (/proc/stat), "idle total".
 machine_jiffies() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t}' /proc/stat; }
 
@@ -214,12 +219,14 @@ run_one() {
   wait_quiet
   b0=$(cpu_s "$BROKER_PID"); bc0=$(ctx_switches "$BROKER_PID"); j0=$(machine_jiffies); syscalls_start "$BROKER_PID" broker
   [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); u0=$(user_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); syscalls_start "$proxy_pid" proxy; }
+  times >"$WORK/times.before"
   line=$(timeout 120 taskset -c "$GEN_CPUS" "$LOADGEN" --target "127.0.0.1:$port" --mode "$mode" \
     --org "$ORG" --payload "$PAYLOAD" --warmup "$WARMUP" \
     "${args[@]}" --json --label "$scenario/$target/$rep") || { log "loadgen failed: $scenario $target"; return 1; }
+  times >"$WORK/times.after"
   b1=$(cpu_s "$BROKER_PID"); bc1=$(ctx_switches "$BROKER_PID"); j1=$(machine_jiffies); syscalls_stop broker; bs1=$SYSCALLS_COUNTED
   [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); u1=$(user_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); syscalls_stop proxy; ps1=$SYSCALLS_COUNTED; }
-  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_user_s\":$(awk "BEGIN{print $u1-$u0}"),\"proxy_cs\":$((c1 - c0)),\"proxy_sys\":$((ps1 - ps0)),\"broker_sys\":$((bs1 - bs0)),\"broker_cs\":$((bc1 - bc0)),\"machine_idle\":$(awk -v a="$j0" -v b="$j1" 'BEGIN{split(a,x," ");split(b,y," ");print (y[2]>x[2]) ? (y[1]-x[1])/(y[2]-x[2]) : 0}'),\"idle_before\":$IDLE_BEFORE}"
+  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_user_s\":$(awk "BEGIN{print $u1-$u0}"),\"proxy_cs\":$((c1 - c0)),\"proxy_sys\":$((ps1 - ps0)),\"broker_sys\":$((bs1 - bs0)),\"broker_cs\":$((bc1 - bc0)),\"loadgen_cpu_s\":$(awk -v a="$(children_cpu_s "$WORK/times.before")" -v b="$(children_cpu_s "$WORK/times.after")" 'BEGIN{print b-a}'),\"machine_idle\":$(awk -v a="$j0" -v b="$j1" 'BEGIN{split(a,x," ");split(b,y," ");print (y[2]>x[2]) ? (y[1]-x[1])/(y[2]-x[2]) : 0}'),\"idle_before\":$IDLE_BEFORE}"
   echo "$line" >>"$WORK/results.jsonl"
   log "$(awk -v l="$line" 'BEGIN{
       n=split("throughput p50_us p99_us loss proxy_cpu_s idle_before",k," "); s="";
@@ -258,7 +265,7 @@ summarize() {
     }
     {
       s = field($0, "scenario"); v = field($0, "via"); r = field($0, "rep")
-      split("throughput p50_us p99_us p999_us loss proxy_cpu_s proxy_user_s broker_cpu_s sent_total subscribers proxy_cs proxy_sys broker_sys broker_cs machine_idle", ks, " ")
+      split("throughput p50_us p99_us p999_us loss proxy_cpu_s proxy_user_s broker_cpu_s sent_total subscribers proxy_cs proxy_sys broker_sys broker_cs machine_idle loadgen_cpu_s", ks, " ")
       for (k in ks) {
         x = field($0, ks[k]); vals[s "|" v "|" ks[k]] = vals[s "|" v "|" ks[k]] " " x
         per[s "|" v "|" ks[k] "|" r] = x
@@ -355,6 +362,11 @@ summarize() {
         for (i = 1; i <= nt; i++) {
           d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
           line = line sprintf(" %s %.2f (%.2f cs)", (i == 1 ? "direct" : "via " short(t[i])), 1e6 * median(s "|" t[i] "|broker_cpu_s") / d, median(s "|" t[i] "|broker_cs") / d)
+        }
+        line = line "; load generator"
+        for (i = 1; i <= nt; i++) {
+          d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
+          line = line sprintf(" %s %.2f", (i == 1 ? "direct" : "via " short(t[i])), 1e6 * median(s "|" t[i] "|loadgen_cpu_s") / d)
         }
         print line
       }
