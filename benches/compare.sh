@@ -203,6 +203,10 @@ children_cpu_s() { # file
 }
 # Idle and total jiffies of the whole machine so far (/proc/stat), "idle total".
 machine_jiffies() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t}' /proc/stat; }
+# The share of the time between two machine_jiffies readings that the machine was idle.
+idle_share() { # before after
+  awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " "); print (y[2] > x[2]) ? (y[1] - x[1]) / (y[2] - x[2]) : 0 }'
+}
 
 run_one() {
   local scenario=$1 target=$2 rep=$3 port=${PORT[$2]} proxy_pid=${PID[$2]} mode=warden args
@@ -215,7 +219,7 @@ run_one() {
     fan10-qos0) args=(--publishers "$FANOUT" --subscribers "$FANOUT" --sub-filter all --qos 0
                       --rate 0 --duration "$DURATION" --max-lag "$FANOUT_MAX_LAG") ;;
   esac
-  local b0 p0=0 u0=0 c0=0 b1 p1=0 u1=0 c1=0 bs0=0 bs1 ps0=0 ps1=0 bc0 bc1 j0 j1 line
+  local b0 p0=0 u0=0 c0=0 b1 p1=0 u1=0 c1=0 bs0=0 bs1 ps0=0 ps1=0 bc0 bc1 j0 j1 loadgen_cpu line
   wait_quiet
   b0=$(cpu_s "$BROKER_PID"); bc0=$(ctx_switches "$BROKER_PID"); j0=$(machine_jiffies); syscalls_start "$BROKER_PID" broker
   [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); u0=$(user_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); syscalls_start "$proxy_pid" proxy; }
@@ -224,9 +228,10 @@ run_one() {
     --org "$ORG" --payload "$PAYLOAD" --warmup "$WARMUP" \
     "${args[@]}" --json --label "$scenario/$target/$rep") || { log "loadgen failed: $scenario $target"; return 1; }
   times >"$WORK/times.after"
+  loadgen_cpu=$(awk -v a="$(children_cpu_s "$WORK/times.before")" -v b="$(children_cpu_s "$WORK/times.after")" 'BEGIN{print b - a}')
   b1=$(cpu_s "$BROKER_PID"); bc1=$(ctx_switches "$BROKER_PID"); j1=$(machine_jiffies); syscalls_stop broker; bs1=$SYSCALLS_COUNTED
   [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); u1=$(user_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); syscalls_stop proxy; ps1=$SYSCALLS_COUNTED; }
-  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_user_s\":$(awk "BEGIN{print $u1-$u0}"),\"proxy_cs\":$((c1 - c0)),\"proxy_sys\":$((ps1 - ps0)),\"broker_sys\":$((bs1 - bs0)),\"broker_cs\":$((bc1 - bc0)),\"loadgen_cpu_s\":$(awk -v a="$(children_cpu_s "$WORK/times.before")" -v b="$(children_cpu_s "$WORK/times.after")" 'BEGIN{print b-a}'),\"machine_idle\":$(awk -v a="$j0" -v b="$j1" 'BEGIN{split(a,x," ");split(b,y," ");print (y[2]>x[2]) ? (y[1]-x[1])/(y[2]-x[2]) : 0}'),\"idle_before\":$IDLE_BEFORE}"
+  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_user_s\":$(awk "BEGIN{print $u1-$u0}"),\"proxy_cs\":$((c1 - c0)),\"proxy_sys\":$((ps1 - ps0)),\"broker_sys\":$((bs1 - bs0)),\"broker_cs\":$((bc1 - bc0)),\"loadgen_cpu_s\":$loadgen_cpu,\"machine_idle\":$(idle_share "$j0" "$j1"),\"idle_before\":$IDLE_BEFORE}"
   echo "$line" >>"$WORK/results.jsonl"
   log "$(awk -v l="$line" 'BEGIN{
       n=split("throughput p50_us p99_us loss proxy_cpu_s idle_before",k," "); s="";
@@ -260,6 +265,23 @@ summarize() {
     function short(t) { return t == "haproxy" ? "HAProxy" : t == "warden-baseline" ? "baseline" : t }
     function num(x, fmt) { return x == "" ? "–" : sprintf(fmt, x) }
     function ratio(a, b) { return b ? a / b : 0 }
+    # A per-run figure of target t in scenario s, over the messages delivered in the whole run.
+    function per_msg(s, t, key) {
+      return median(s "|" t "|" key) / (median(s "|" t "|sent_total") * median(s "|" t "|subscribers") + 1e-9)
+    }
+    function broker_label(i) { return i == 1 ? "direct" : "via " short(t[i]) }
+    # The ratio of target a to target b within each repetition, kept in vals[] under the returned
+    # key (for median()), with their range in pair_lo and pair_hi ("" when no repetition has both).
+    function pairs(s, a, b, key,   pk, r, x, y, q) {
+      pk = "paired|" s "|" a "|" b "|" key; vals[pk] = ""; pair_lo = ""; pair_hi = ""
+      for (r in reps) {
+        x = per[s "|" a "|" key "|" r]; y = per[s "|" b "|" key "|" r]
+        if (x == "" || y == "" || y + 0 == 0) continue
+        q = x / y; vals[pk] = vals[pk] " " q
+        if (pair_lo == "" || q < pair_lo) pair_lo = q; if (pair_hi == "" || q > pair_hi) pair_hi = q
+      }
+      return pk
+    }
     function addrow(label, s, key, fmt) {
       if (seen[s]) { nrows++; rl[nrows] = label; rs[nrows] = s; rk[nrows] = key; rf[nrows] = fmt }
     }
@@ -307,13 +329,8 @@ summarize() {
         s = rs[row]; key = rk[row]; line = "| " rl[row] " |"
         for (i = 1; i <= nt; i++) line = line " " num(lo(s "|" t[i] "|" key), rf[row]) "–" num(hi(s "|" t[i] "|" key), rf[row]) " |"
         for (i = 2; i <= nt; i++) {
-          mn = ""; mx = ""
-          for (r in reps) {
-            a = per[s "|" t[i] "|" key "|" r]; b = per[s "|direct|" key "|" r]
-            if (a == "" || b == "" || b + 0 == 0) continue
-            q = a / b; if (mn == "" || q < mn) mn = q; if (mx == "" || q > mx) mx = q
-          }
-          line = line " " (mn == "" ? "–" : sprintf("%.2f–%.2f", mn, mx)) " |"
+          pairs(s, t[i], "direct", key)
+          line = line " " (pair_lo == "" ? "–" : sprintf("%.2f–%.2f", pair_lo, pair_hi)) " |"
         }
         print line
       }
@@ -329,14 +346,8 @@ summarize() {
           s = rs[row]; key = rk[row]; line = "| " rl[row] " |"
           for (c = 1; c <= nc; c++) {
             if (cd[c] == "direct") continue
-            pk = "paired|" s "|" cn[c] "|" cd[c] "|" key; vals[pk] = ""; mn = ""; mx = ""
-            for (r in reps) {
-              a = per[s "|" cn[c] "|" key "|" r]; b = per[s "|" cd[c] "|" key "|" r]
-              if (a == "" || b == "" || b + 0 == 0) continue
-              q = a / b; vals[pk] = vals[pk] " " q
-              if (mn == "" || q < mn) mn = q; if (mx == "" || q > mx) mx = q
-            }
-            line = line " " (mn == "" ? "–" : sprintf("%.2f (%.2f–%.2f)", median(pk), mn, mx)) " |"
+            pk = pairs(s, cn[c], cd[c], key)
+            line = line " " (pair_lo == "" ? "–" : sprintf("%.2f (%.2f–%.2f)", median(pk), pair_lo, pair_hi)) " |"
           }
           print line
         }
@@ -354,20 +365,14 @@ summarize() {
       ns = split(scenarios, ss, " ")
       for (j = 1; j <= ns; j++) {
         s = ss[j]; line = "  " s ": proxy"
-        for (i = 2; i <= nt; i++) {
-          d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
-          line = line sprintf(" %s %.2f (%.2f user, %.2f cs)", short(t[i]), 1e6 * median(s "|" t[i] "|proxy_cpu_s") / d, 1e6 * median(s "|" t[i] "|proxy_user_s") / d, median(s "|" t[i] "|proxy_cs") / d)
-        }
+        for (i = 2; i <= nt; i++)
+          line = line sprintf(" %s %.2f (%.2f user, %.2f cs)", short(t[i]), 1e6 * per_msg(s, t[i], "proxy_cpu_s"), 1e6 * per_msg(s, t[i], "proxy_user_s"), per_msg(s, t[i], "proxy_cs"))
         line = line "; broker"
-        for (i = 1; i <= nt; i++) {
-          d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
-          line = line sprintf(" %s %.2f (%.2f cs)", (i == 1 ? "direct" : "via " short(t[i])), 1e6 * median(s "|" t[i] "|broker_cpu_s") / d, median(s "|" t[i] "|broker_cs") / d)
-        }
+        for (i = 1; i <= nt; i++)
+          line = line sprintf(" %s %.2f (%.2f cs)", broker_label(i), 1e6 * per_msg(s, t[i], "broker_cpu_s"), per_msg(s, t[i], "broker_cs"))
         line = line "; load generator"
-        for (i = 1; i <= nt; i++) {
-          d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
-          line = line sprintf(" %s %.2f", (i == 1 ? "direct" : "via " short(t[i])), 1e6 * median(s "|" t[i] "|loadgen_cpu_s") / d)
-        }
+        for (i = 1; i <= nt; i++)
+          line = line sprintf(" %s %.2f", broker_label(i), 1e6 * per_msg(s, t[i], "loadgen_cpu_s"))
         print line
       }
       print ""
@@ -383,15 +388,9 @@ summarize() {
       print "over the repetitions, whole run):"
       for (j = 1; j <= ns; j++) {
         s = ss[j]; line = "  " s ": proxy"
-        for (i = 2; i <= nt; i++) {
-          d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
-          line = line sprintf(" %s %.3f", short(t[i]), median(s "|" t[i] "|proxy_sys") / d)
-        }
+        for (i = 2; i <= nt; i++) line = line sprintf(" %s %.3f", short(t[i]), per_msg(s, t[i], "proxy_sys"))
         line = line "; broker"
-        for (i = 1; i <= nt; i++) {
-          d = median(s "|" t[i] "|sent_total") * median(s "|" t[i] "|subscribers") + 1e-9
-          line = line sprintf(" %s %.3f", (i == 1 ? "direct" : "via " short(t[i])), median(s "|" t[i] "|broker_sys") / d)
-        }
+        for (i = 1; i <= nt; i++) line = line sprintf(" %s %.3f", broker_label(i), per_msg(s, t[i], "broker_sys"))
         print line
       }
     }' "$WORK/results.jsonl"
