@@ -11,7 +11,7 @@
 //! | `mqtt5` | an MQTT 5 CONNECT: accepted, or refused / closed |
 //! | `max_qos` | a QoS 2 PUBLISH: PUBREC (2), PUBACK or a closed connection (1) |
 //! | `escape` | a PUBLISH to `ROOT/d/a.b` under a subscription to `ROOT/d/#`: back intact, or rewritten, or the connection closed |
-//! | `retained_to_wildcards` | a retained message, then a subscription to `ROOT/r/+`: the retained message comes before a later plain one, or not |
+//! | `retained_to_wildcards` | a retained message, then a subscription to `ROOT/r/+`: the retained message comes before a later plain one (asked again for up to a second, since NATS may send it after), or not |
 //! | `shared_subscriptions` | `$share/GROUP/ROOT/s`: its SUBACK, then whether a message to `ROOT/s` arrives before one to a plain subscription |
 //!
 //! A probe that gets no answer within [`PROBE_ANSWER_TIMEOUT`] says nothing ("unknown"), and
@@ -35,6 +35,11 @@ pub const PROBE_ROOT: &str = "warden:probe";
 pub const PROBE_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Keep-alive of the probe connections, in seconds.
 const PROBE_KEEP_ALIVE_SECS: u16 = 30;
+/// How long a retained message may lag behind a later plain one before the probe says the
+/// broker does not deliver retained messages to wildcard subscriptions.
+const RETAINED_GRACE: Duration = Duration::from_secs(1);
+/// The pause between two askings within [`RETAINED_GRACE`].
+const RETAINED_RETRY: Duration = Duration::from_millis(50);
 /// Largest packet a probe reads, in bytes.
 const MAX_PROBE_PACKET_BYTES: usize = 16 * 1024;
 
@@ -173,6 +178,7 @@ impl fmt::Display for Probed {
 }
 
 /// Why a probe connection ended before its questions were answered.
+#[derive(Debug, PartialEq, Eq)]
 enum Gone {
     /// The broker closed the connection (its answer to some questions).
     Closed,
@@ -357,8 +363,19 @@ async fn ask_retained<S: tokio::io::AsyncRead + AsyncWrite + Unpin>(
     line.publish(&retained, 1, true, 3, b"probe").await?;
     line.until(4).await?;
     line.subscribe(4, &[&format!("{root}/r/+")]).await?;
-    line.publish(&end, 0, false, 0, b"end").await?;
-    let seen = line.topics_until(&end).await?;
+    // NATS looks retained messages up after it has answered the SUBSCRIBE, so one may come
+    // after a later plain message: the question is asked again for a while before the answer
+    // is no.
+    let deadline = tokio::time::Instant::now() + RETAINED_GRACE;
+    let mut seen = Vec::new();
+    loop {
+        line.publish(&end, 0, false, 0, b"end").await?;
+        seen.extend(line.topics_until(&end).await?);
+        if seen.contains(&retained) || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(RETAINED_RETRY).await;
+    }
     // The probe's retained message is cleared again.
     line.publish(&retained, 1, true, 5, b"").await?;
     line.until(4).await?;
@@ -458,6 +475,80 @@ pub async fn probe<D: Dial>(dialer: &D, name: &str) -> Probed {
 mod tests {
     use super::*;
     use crate::broker::BrokerKind;
+
+    /// A broker that answers the retained question as NATS may: the retained message only after
+    /// the `lag`-th end marker (never, for `None`). Returns the probe's answer and how many end
+    /// markers it sent.
+    async fn ask_retained_of(lag: Option<usize>) -> (Result<bool, Gone>, usize) {
+        let (probe_side, mut broker) = tokio::io::duplex(4096);
+        let mut line = Line {
+            stream: probe_side,
+            inbound: BytesMut::new(),
+        };
+        let root = "warden:probe/t";
+        let broker_task = async move {
+            let mut inbound = BytesMut::new();
+            let mut ends = 0;
+            loop {
+                let header = match decode_frame_header(&inbound, MAX_PROBE_PACKET_BYTES) {
+                    Ok(Some(header)) if inbound.len() >= header.frame_len() => header,
+                    _ => match broker.read_buf(&mut inbound).await {
+                        Ok(0) | Err(_) => return ends,
+                        Ok(_) => continue,
+                    },
+                };
+                let frame = inbound.split_to(header.frame_len());
+                let body = &frame[header.header_len..];
+                let mut out = BytesMut::new();
+                match header.first_byte >> 4 {
+                    // PUBLISH: QoS 1 (the retained one and its clearing) gets its PUBACK; a plain
+                    // one is the end marker, echoed back behind the retained message once due.
+                    3 if header.first_byte & 0x06 != 0 => {
+                        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                        let id = &body[2 + topic_len..4 + topic_len];
+                        out.extend_from_slice(&[0x40, 2, id[0], id[1]]);
+                    }
+                    3 => {
+                        ends += 1;
+                        if lag.is_some_and(|lag| ends >= lag) {
+                            let topic = format!("{root}/r/x");
+                            encode_publish(&mut out, 0x31, &[topic.as_bytes()], b"probe");
+                        }
+                        out.extend_from_slice(&frame);
+                    }
+                    // SUBSCRIBE: granted at QoS 0.
+                    8 => out.extend_from_slice(&[0x90, 3, body[0], body[1], 0]),
+                    _ => {}
+                }
+                if broker.write_all(&out).await.is_err() {
+                    return ends;
+                }
+            }
+        };
+        let probe_task = async move {
+            let answer = ask_retained(&mut line, root).await;
+            drop(line);
+            answer
+        };
+        tokio::join!(probe_task, broker_task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retained_message_that_lags_behind_a_plain_one_still_counts() {
+        assert_eq!(ask_retained_of(Some(1)).await, (Ok(true), 1));
+        let (answer, ends) = ask_retained_of(Some(3)).await;
+        assert_eq!((answer, ends), (Ok(true), 3));
+        // Never: asked again until the grace ends, then no.
+        let started = tokio::time::Instant::now();
+        let (answer, ends) = ask_retained_of(None).await;
+        assert_eq!(answer, Ok(false));
+        assert!(
+            started.elapsed() >= RETAINED_GRACE,
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(ends > 3, "{ends} end markers");
+    }
 
     #[test]
     fn a_probe_that_agrees_has_no_mismatch_and_unknowns_are_not_compared() {
