@@ -41,7 +41,9 @@
 # QUIET_WAIT (10 s): how idle the machine should be before each run and how long to wait for it,
 # OUT (folder to keep configs, logs and results.jsonl; default none), CARGO_TARGET_DIR (where cargo
 # builds; the load generator always comes from this checkout), SYSCALLS (0; 1 counts the system
-# calls of the broker and the proxy per delivered message with perf, which slows every target).
+# calls of the broker and the proxy per delivered message with perf, which slows every target),
+# WARDEN_MODE and BASELINE_MODE (warden; direct gives that slot HAProxy's traffic, for a blind
+# forwarder such as examples/blind_forward.rs, started by a wrapper that reads the slot's config).
 # A run takes about 10 s (warm-up, window, drain, idle gate), so the script takes about 8 minutes
 # with REPS=3 and four targets (BASELINE_BIN set), 13 with REPS=5; three quarters of that without.
 # Related: benches/callgrind.sh (instructions per message), benches/idle_memory.sh (RSS per idle
@@ -178,6 +180,10 @@ user_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", $14 / hz}' "/proc/$1/
 ctx_switches() {
   cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'
 }
+# The involuntary ones among them: the process was preempted, not waiting.
+preemptions() {
+  cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^nonvoluntary_ctxt_switches/ {n += $2} END {print n + 0}'
+}
 
 # With SYSCALLS=1: counts a process's system calls (all kinds, every thread) from now until
 # syscalls_stop, with perf's raw_syscalls:sys_enter tracepoint (counting only; it costs every
@@ -211,6 +217,9 @@ idle_share() { # before after
 run_one() {
   local scenario=$1 target=$2 rep=$3 port=${PORT[$2]} proxy_pid=${PID[$2]} mode=warden args
   [[ "$target" == direct || "$target" == haproxy ]] && mode=direct
+  # A blind forwarder in a warden's slot (WARDEN_MODE/BASELINE_MODE=direct) gets HAProxy's traffic.
+  [[ "$target" == warden && "${WARDEN_MODE:-warden}" == direct ]] && mode=direct
+  [[ "$target" == warden-baseline && "${BASELINE_MODE:-warden}" == direct ]] && mode=direct
   case "$scenario" in
     qos0-sat) args=(--publishers 1 --subscribers 1 --qos 0 --rate 0 --duration "$DURATION") ;;
     qos1-sat) args=(--publishers 1 --subscribers 1 --qos 1 --rate 0 --duration "$DURATION"
@@ -219,10 +228,10 @@ run_one() {
     fan10-qos0) args=(--publishers "$FANOUT" --subscribers "$FANOUT" --sub-filter all --qos 0
                       --rate 0 --duration "$DURATION" --max-lag "$FANOUT_MAX_LAG") ;;
   esac
-  local b0 p0=0 u0=0 c0=0 b1 p1=0 u1=0 c1=0 bs0=0 bs1 ps0=0 ps1=0 bc0 bc1 j0 j1 loadgen_cpu line
+  local b0 p0=0 u0=0 c0=0 i0=0 b1 p1=0 u1=0 c1=0 i1=0 bs0=0 bs1 ps0=0 ps1=0 bc0 bc1 j0 j1 loadgen_cpu line
   wait_quiet
   b0=$(cpu_s "$BROKER_PID"); bc0=$(ctx_switches "$BROKER_PID"); j0=$(machine_jiffies); syscalls_start "$BROKER_PID" broker
-  [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); u0=$(user_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); syscalls_start "$proxy_pid" proxy; }
+  [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); u0=$(user_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); i0=$(preemptions "$proxy_pid"); syscalls_start "$proxy_pid" proxy; }
   times >"$WORK/times.before"
   line=$(timeout 120 taskset -c "$GEN_CPUS" "$LOADGEN" --target "127.0.0.1:$port" --mode "$mode" \
     --org "$ORG" --payload "$PAYLOAD" --warmup "$WARMUP" \
@@ -230,8 +239,8 @@ run_one() {
   times >"$WORK/times.after"
   loadgen_cpu=$(awk -v a="$(children_cpu_s "$WORK/times.before")" -v b="$(children_cpu_s "$WORK/times.after")" 'BEGIN{print b - a}')
   b1=$(cpu_s "$BROKER_PID"); bc1=$(ctx_switches "$BROKER_PID"); j1=$(machine_jiffies); syscalls_stop broker; bs1=$SYSCALLS_COUNTED
-  [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); u1=$(user_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); syscalls_stop proxy; ps1=$SYSCALLS_COUNTED; }
-  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_user_s\":$(awk "BEGIN{print $u1-$u0}"),\"proxy_cs\":$((c1 - c0)),\"proxy_sys\":$((ps1 - ps0)),\"broker_sys\":$((bs1 - bs0)),\"broker_cs\":$((bc1 - bc0)),\"loadgen_cpu_s\":$loadgen_cpu,\"machine_idle\":$(idle_share "$j0" "$j1"),\"idle_before\":$IDLE_BEFORE}"
+  [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); u1=$(user_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); i1=$(preemptions "$proxy_pid"); syscalls_stop proxy; ps1=$SYSCALLS_COUNTED; }
+  line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_user_s\":$(awk "BEGIN{print $u1-$u0}"),\"proxy_cs\":$((c1 - c0)),\"proxy_ics\":$((i1 - i0)),\"proxy_sys\":$((ps1 - ps0)),\"broker_sys\":$((bs1 - bs0)),\"broker_cs\":$((bc1 - bc0)),\"loadgen_cpu_s\":$loadgen_cpu,\"machine_idle\":$(idle_share "$j0" "$j1"),\"idle_before\":$IDLE_BEFORE}"
   echo "$line" >>"$WORK/results.jsonl"
   log "$(awk -v l="$line" 'BEGIN{
       n=split("throughput p50_us p99_us loss proxy_cpu_s idle_before",k," "); s="";
@@ -287,7 +296,7 @@ summarize() {
     }
     {
       s = field($0, "scenario"); v = field($0, "via"); r = field($0, "rep")
-      split("throughput p50_us p99_us p999_us loss proxy_cpu_s proxy_user_s broker_cpu_s sent_total subscribers proxy_cs proxy_sys broker_sys broker_cs machine_idle loadgen_cpu_s", ks, " ")
+      split("throughput p50_us p99_us p999_us loss proxy_cpu_s proxy_user_s broker_cpu_s sent_total subscribers proxy_cs proxy_ics proxy_sys broker_sys broker_cs machine_idle loadgen_cpu_s", ks, " ")
       for (k in ks) {
         x = field($0, ks[k]); vals[s "|" v "|" ks[k]] = vals[s "|" v "|" ks[k]] " " x
         per[s "|" v "|" ks[k] "|" r] = x
@@ -361,12 +370,12 @@ summarize() {
       print ""
       print "CPU per delivered message, µs (median CPU seconds of the process over the whole run / messages"
       print "delivered in the whole run, published × subscribers), with the proxy'"'"'s user-space part and its"
-      print "context switches per delivered message in brackets:"
+      print "context switches per delivered message (and how many of those were preemptions, involuntary) in brackets:"
       ns = split(scenarios, ss, " ")
       for (j = 1; j <= ns; j++) {
         s = ss[j]; line = "  " s ": proxy"
         for (i = 2; i <= nt; i++)
-          line = line sprintf(" %s %.2f (%.2f user, %.2f cs)", short(t[i]), 1e6 * per_msg(s, t[i], "proxy_cpu_s"), 1e6 * per_msg(s, t[i], "proxy_user_s"), per_msg(s, t[i], "proxy_cs"))
+          line = line sprintf(" %s %.2f (%.2f user, %.2f cs, %.2f of them preempted)", short(t[i]), 1e6 * per_msg(s, t[i], "proxy_cpu_s"), 1e6 * per_msg(s, t[i], "proxy_user_s"), per_msg(s, t[i], "proxy_cs"), per_msg(s, t[i], "proxy_ics"))
         line = line "; broker"
         for (i = 1; i <= nt; i++)
           line = line sprintf(" %s %.2f (%.2f cs)", broker_label(i), 1e6 * per_msg(s, t[i], "broker_cpu_s"), per_msg(s, t[i], "broker_cs"))
