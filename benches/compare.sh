@@ -43,7 +43,7 @@
 # builds; the load generator always comes from this checkout), SYSCALLS (0; 1 counts the system
 # calls of the broker and the proxy per delivered message with perf, which slows every target),
 # WARDEN_MODE and BASELINE_MODE (warden; direct gives that slot HAProxy's traffic, for a blind
-# forwarder such as examples/blind_forward.rs, started by a wrapper that reads the slot's config).
+# forwarder such as examples/blind_forward.rs, which benches/blind_forward.sh starts in a slot).
 # A run takes about 10 s (warm-up, window, drain, idle gate), so the script takes about 8 minutes
 # with REPS=3 and four targets (BASELINE_BIN set), 13 with REPS=5; three quarters of that without.
 # Related: benches/callgrind.sh (instructions per message), benches/idle_memory.sh (RSS per idle

@@ -13,9 +13,10 @@
 //!   completed poll's `recv` only when the loop next enters the ring, not as the bytes arrive, so
 //!   a `recv` takes everything that came meanwhile, as a readiness loop's does.
 //!
-//! `benches/compare.sh` can run it in place of a warden (see BENCHMARKS.md, "tenth session"):
-//! the pair tells whether an `io_uring` data path could put a proxy ahead of HAProxy where a
-//! readiness-based one is level with it.
+//! `benches/compare.sh` runs it in place of a warden through `benches/blind_forward.sh` (see
+//! BENCHMARKS.md, "tenth session"): the modes side by side tell whether an `io_uring` data path
+//! could put a proxy ahead of HAProxy where a readiness-based one is level with it. (It could not:
+//! both `io_uring` modes delivered less than the `epoll` one.)
 //!
 //! ```sh
 //! cargo build --release --example blind_forward
