@@ -176,13 +176,11 @@ log "mosquitto :$BROKER_PORT (cpu $BROKER_CPUS), loadgen cpu $GEN_CPUS, proxies 
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 # The user-space part of it (utime).
 user_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.3f", $14 / hz}' "/proc/$1/stat"; }
-# Context switches (voluntary and not) of all of a process's threads so far.
+# Context switches of all of a process's threads so far: voluntary and not, or with a second
+# argument "nonvoluntary_" only the involuntary ones (the process was preempted, not waiting).
 ctx_switches() {
-  cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ {n += $2} END {print n + 0}'
-}
-# The involuntary ones among them: the process was preempted, not waiting.
-preemptions() {
-  cat /proc/"$1"/task/*/status 2>/dev/null | awk '/^nonvoluntary_ctxt_switches/ {n += $2} END {print n + 0}'
+  cat /proc/"$1"/task/*/status 2>/dev/null |
+    awk -v kind="^${2:-.*}ctxt_switches" '$1 ~ kind {n += $2} END {print n + 0}'
 }
 
 # With SYSCALLS=1: counts a process's system calls (all kinds, every thread) from now until
@@ -231,7 +229,7 @@ run_one() {
   local b0 p0=0 u0=0 c0=0 i0=0 b1 p1=0 u1=0 c1=0 i1=0 bs0=0 bs1 ps0=0 ps1=0 bc0 bc1 j0 j1 loadgen_cpu line
   wait_quiet
   b0=$(cpu_s "$BROKER_PID"); bc0=$(ctx_switches "$BROKER_PID"); j0=$(machine_jiffies); syscalls_start "$BROKER_PID" broker
-  [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); u0=$(user_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); i0=$(preemptions "$proxy_pid"); syscalls_start "$proxy_pid" proxy; }
+  [[ -z "$proxy_pid" ]] || { p0=$(cpu_s "$proxy_pid"); u0=$(user_s "$proxy_pid"); c0=$(ctx_switches "$proxy_pid"); i0=$(ctx_switches "$proxy_pid" nonvoluntary_); syscalls_start "$proxy_pid" proxy; }
   times >"$WORK/times.before"
   line=$(timeout 120 taskset -c "$GEN_CPUS" "$LOADGEN" --target "127.0.0.1:$port" --mode "$mode" \
     --org "$ORG" --payload "$PAYLOAD" --warmup "$WARMUP" \
@@ -239,7 +237,7 @@ run_one() {
   times >"$WORK/times.after"
   loadgen_cpu=$(awk -v a="$(children_cpu_s "$WORK/times.before")" -v b="$(children_cpu_s "$WORK/times.after")" 'BEGIN{print b - a}')
   b1=$(cpu_s "$BROKER_PID"); bc1=$(ctx_switches "$BROKER_PID"); j1=$(machine_jiffies); syscalls_stop broker; bs1=$SYSCALLS_COUNTED
-  [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); u1=$(user_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); i1=$(preemptions "$proxy_pid"); syscalls_stop proxy; ps1=$SYSCALLS_COUNTED; }
+  [[ -z "$proxy_pid" ]] || { p1=$(cpu_s "$proxy_pid"); u1=$(user_s "$proxy_pid"); c1=$(ctx_switches "$proxy_pid"); i1=$(ctx_switches "$proxy_pid" nonvoluntary_); syscalls_stop proxy; ps1=$SYSCALLS_COUNTED; }
   line="${line%\}},\"scenario\":\"$scenario\",\"via\":\"$target\",\"rep\":$rep,\"broker_cpu_s\":$(awk "BEGIN{print $b1-$b0}"),\"proxy_cpu_s\":$(awk "BEGIN{print $p1-$p0}"),\"proxy_user_s\":$(awk "BEGIN{print $u1-$u0}"),\"proxy_cs\":$((c1 - c0)),\"proxy_ics\":$((i1 - i0)),\"proxy_sys\":$((ps1 - ps0)),\"broker_sys\":$((bs1 - bs0)),\"broker_cs\":$((bc1 - bc0)),\"loadgen_cpu_s\":$loadgen_cpu,\"machine_idle\":$(idle_share "$j0" "$j1"),\"idle_before\":$IDLE_BEFORE}"
   echo "$line" >>"$WORK/results.jsonl"
   log "$(awk -v l="$line" 'BEGIN{

@@ -1,7 +1,7 @@
 //! A blind TCP forwarder, for measuring what the I/O mechanism alone is worth.
 //!
 //! It forwards every accepted connection to one upstream address and never looks at the bytes,
-//! like HAProxy in `mode tcp`, in one thread, in one of two ways:
+//! like HAProxy in `mode tcp`, in one thread, in one of three ways:
 //!
 //! - `--mode epoll`: tokio's current-thread runtime and `copy_bidirectional` (readiness through
 //!   `epoll`, one `recv` or `send` system call per operation);
@@ -58,7 +58,8 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Connects to the upstream the way both modes do: blocking, with Nagle off on both sides.
+/// Connects to the upstream for the `io_uring` loop: blocking (the benchmark's clients connect
+/// before it measures), with Nagle off on both sides, as in the `epoll` mode.
 fn pair(client: &TcpStream, upstream: SocketAddr) -> io::Result<TcpStream> {
     client.set_nodelay(true)?;
     let server = TcpStream::connect(upstream)?;
@@ -78,20 +79,13 @@ mod epoll {
             loop {
                 let (client, _) = listener.accept().await?;
                 tokio::spawn(async move {
-                    let Ok(client) = client.into_std() else {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
                     };
-                    let Ok(server) = pair(&client, upstream) else {
+                    if client.set_nodelay(true).is_err() || server.set_nodelay(true).is_err() {
                         return;
-                    };
-                    let (Ok(mut client), Ok(mut server)) = (
-                        tokio::net::TcpStream::from_std(client),
-                        server
-                            .set_nonblocking(true)
-                            .and_then(|()| tokio::net::TcpStream::from_std(server)),
-                    ) else {
-                        return;
-                    };
+                    }
+                    let mut client = client;
                     let _ = tokio::io::copy_bidirectional_with_sizes(
                         &mut client,
                         &mut server,
@@ -143,6 +137,7 @@ mod uring {
         };
         let mut connections: Vec<Option<Connection>> = Vec::new();
         let mut queue: Vec<squeue::Entry> = Vec::new();
+        let mut completions: Vec<(u64, i32)> = Vec::new();
         queue.push(accept(&listener));
         loop {
             {
@@ -155,11 +150,9 @@ mod uring {
                 }
             }
             ring.submit_and_wait(1)?;
-            let completions: Vec<(u64, i32)> = ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (user_data, result) in completions {
+            completions.clear();
+            completions.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+            for &(user_data, result) in &completions {
                 if user_data == ACCEPT {
                     queue.push(accept(&listener));
                     if result < 0 {
